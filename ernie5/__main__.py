@@ -1,0 +1,5 @@
+import sys
+
+from ernie5.cli import main
+
+sys.exit(main())

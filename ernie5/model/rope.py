@@ -1,0 +1,63 @@
+"""Uni-RoPE: interleaved rotary embedding driven by (t, h, w) positions (SPEC §1).
+
+Frequency pair i has inverse frequency theta^(-2i/D). The pairs are split into t / h / w sections: t takes the
+last `t` pairs (lowest frequencies), the first h + w pairs alternate h, w, h, w, ... (ERNIE 4.5 VL layout).
+With t = h = w every pair sees the same position, which is exactly 1-D RoPE.
+Interleaved form: pair i is the channels (2i, 2i+1), as in ERNIE 4.5 checkpoints.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+
+
+def pair_axes(sections_thw: list[int]) -> np.ndarray:
+    """Axis (0=t, 1=h, 2=w) of each frequency pair."""
+    t, h, w = sections_thw
+    axes, nh, nw = [], h, w
+    while nh or nw:
+        if nh:
+            axes.append(1)
+            nh -= 1
+        if nw:
+            axes.append(2)
+            nw -= 1
+    return np.array(axes + [0] * t, dtype=np.int64)
+
+
+def frequency_table(head_dim: int, theta: float, sections_thw: list[int]) -> np.ndarray:
+    """[3, head_dim/2] matrix A with A[a, i] = inv_freq_i if pair i reads axis a, else 0; angles = pos_thw @ A."""
+    pairs = head_dim // 2
+    inv_freq = 1.0 / (theta ** (np.arange(pairs, dtype=np.float64) * 2.0 / head_dim))
+    table = np.zeros((3, pairs), dtype=np.float64)
+    table[pair_axes(sections_thw), np.arange(pairs)] = inv_freq
+    return table.astype(np.float32)
+
+
+def rope_cos_sin(pos_thw_BS3: paddle.Tensor, table_3P: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """cos, sin of shape [B, S, 1, P] for positions [B, S, 3]."""
+    angles_BSP = paddle.matmul(pos_thw_BS3.astype("float32"), table_3P)
+    return paddle.cos(angles_BSP).unsqueeze(2), paddle.sin(angles_BSP).unsqueeze(2)
+
+
+def apply_rope(x_BSND: paddle.Tensor, cos_BS1P: paddle.Tensor, sin_BS1P: paddle.Tensor) -> paddle.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of x [B, S, heads, D] by the angles."""
+    B, S, N, D = x_BSND.shape
+    x = x_BSND.reshape([B, S, N, D // 2, 2])
+    x0, x1 = x[..., 0], x[..., 1]
+    out0 = x0 * cos_BS1P - x1 * sin_BS1P
+    out1 = x0 * sin_BS1P + x1 * cos_BS1P
+    return paddle.stack([out0, out1], axis=-1).reshape([B, S, N, D])
+
+
+def text_positions(segment_ids_BS: np.ndarray) -> np.ndarray:
+    """(t, h, w) = (i, i, i) with i counting from 0 inside each document of a packed row: [B, S, 3] int64."""
+    B, S = segment_ids_BS.shape
+    idx = np.broadcast_to(np.arange(S), (B, S))
+    starts = np.zeros((B, S), dtype=bool)
+    starts[:, 0] = True
+    starts[:, 1:] = segment_ids_BS[:, 1:] != segment_ids_BS[:, :-1]
+    start_idx = np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+    pos = (idx - start_idx).astype(np.int64)
+    return np.repeat(pos[:, :, None], 3, axis=2)

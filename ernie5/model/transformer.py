@@ -1,0 +1,128 @@
+"""The decoder-only backbone: embeddings -> pre-norm blocks (attention + dense FFN or MoE) -> tied head; MTP."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+
+from ernie5.model.attention import Attention, document_causal_mask
+from ernie5.model.config import ModelConfig
+from ernie5.model.layers import RMSNorm, SwiGLU, linear
+from ernie5.model.moe import MoELayer
+from ernie5.model.rope import frequency_table, rope_cos_sin
+
+
+class Block(nn.Layer):
+    """x + attn(norm(x)), then + ffn(norm(x)); the FFN is dense or MoE. Returns (x, aux loss or None)."""
+
+    def __init__(self, cfg: ModelConfig, moe: bool):
+        super().__init__()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = moe
+        self.mlp = MoELayer(cfg) if moe else SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_std)
+
+    def forward(self, x_BSH, cos, sin, mask):
+        x_BSH = x_BSH + self.attn(self.input_norm(x_BSH), cos, sin, mask)
+        h = self.post_attn_norm(x_BSH)
+        if self.is_moe:
+            y, aux = self.mlp(h)
+            return x_BSH + y, aux
+        return x_BSH + self.mlp(h), None
+
+
+class MTPModule(nn.Layer):
+    """One multi-token-prediction depth: h' = Block(Linear_{2H->H}(concat(Norm(embed(x_{t+k})), Norm(h_t))))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.emb_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.proj = linear(2 * cfg.hidden_size, cfg.hidden_size, cfg.init_std)
+        self.block = Block(cfg, moe=False)
+
+    def forward(self, h_BSH, emb_BSH, cos, sin, mask):
+        x = self.proj(paddle.concat([self.emb_norm(emb_BSH), self.hidden_norm(h_BSH)], axis=-1))
+        return self.block(x, cos, sin, mask)[0]
+
+
+@dataclass
+class BackboneOut:
+    hidden_BSH: paddle.Tensor  # last block output, before the final norm
+    aux_loss: Optional[paddle.Tensor]
+    cos: paddle.Tensor
+    sin: paddle.Tensor
+    mask: paddle.Tensor
+
+
+class UnifiedModel(nn.Layer):
+    """The ernie5 transformer. `forward(input_ids)` returns text logits [B, S, V]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size must be resolved before building the model")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                  weight_attr=paddle.ParamAttr(initializer=nn.initializer.Normal(0.0, cfg.init_std)))
+        self.layers = nn.LayerList([Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else linear(cfg.hidden_size, cfg.vocab_size, cfg.init_std)
+        self.mtp = nn.LayerList([MTPModule(cfg) for _ in range(cfg.mtp.depth)])
+        table = frequency_table(cfg.dim_head, cfg.rope_theta, cfg.sections_thw)
+        self.register_buffer("rope_table", paddle.to_tensor(table), persistable=False)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.mlp for b in self.layers if b.is_moe]
+
+    def backbone(self, input_ids_BS, pos_thw_BS3=None, segment_ids_BS=None) -> BackboneOut:
+        B, S = input_ids_BS.shape
+        if pos_thw_BS3 is None:
+            pos_thw_BS3 = paddle.arange(S, dtype="int64").reshape([1, S, 1]).expand([B, S, 3])
+        if segment_ids_BS is None:
+            segment_ids_BS = paddle.zeros([B, S], dtype="int64")
+        cos, sin = rope_cos_sin(pos_thw_BS3, self.rope_table)
+        mask = document_causal_mask(segment_ids_BS)
+        x = self.embed(input_ids_BS)
+        aux_terms = []
+        for block in self.layers:
+            x, aux = block(x, cos, sin, mask)
+            if aux is not None:
+                aux_terms.append(aux)
+        aux_loss = paddle.add_n(aux_terms) if aux_terms else None
+        return BackboneOut(x, aux_loss, cos, sin, mask)
+
+    def logits(self, hidden_BSH: paddle.Tensor) -> paddle.Tensor:
+        """Final norm + output head (tied to the embedding unless tie_embeddings is false)."""
+        h = self.norm(hidden_BSH)
+        if self.lm_head is None:
+            return paddle.matmul(h, self.embed.weight, transpose_y=True)
+        return self.lm_head(h)
+
+    def mtp_hidden(self, depth: int, prev_BSH, next_ids_BS, out: BackboneOut) -> paddle.Tensor:
+        """Hidden state of MTP depth `depth` (1-based) from the previous depth's hidden and x_{t+depth}."""
+        return self.mtp[depth - 1](prev_BSH, self.embed(next_ids_BS), out.cos, out.sin, out.mask)
+
+    def forward(self, input_ids_BS, pos_thw_BS3=None, segment_ids_BS=None) -> paddle.Tensor:
+        return self.logits(self.backbone(input_ids_BS, pos_thw_BS3, segment_ids_BS).hidden_BSH)
+
+
+def build_model(cfg: ModelConfig, seed: Optional[int] = None) -> UnifiedModel:
+    """Build with a fixed parameter-init seed (paddle.seed) so runs are reproducible."""
+    if seed is not None:
+        paddle.seed(seed)
+    return UnifiedModel(cfg)
+
+
+def count_params(model: nn.Layer) -> int:
+    return int(sum(math.prod(p.shape) for p in model.parameters()))
+
+
+def to_tensor_batch(batch: dict[str, np.ndarray]) -> dict[str, paddle.Tensor]:
+    return {k: paddle.to_tensor(v) for k, v in batch.items()}

@@ -1,0 +1,75 @@
+"""Text objective: next-token prediction plus multi-token prediction (MTP), on packed rows.
+
+A packed row holds S + 1 tokens; inputs are the first S. Depth k (0 = NTP) at position t predicts token t+1+k;
+the target is masked when it lies past the row or in a different document than position t. MTP depth k >= 1
+embeds x_{t+k} (zero-padded past the row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from ernie5.model.rope import text_positions
+from ernie5.model.transformer import UnifiedModel
+
+IGNORE = -100
+
+
+def make_text_batch(tokens_BR: np.ndarray, segments_BR: np.ndarray, mtp_depth: int) -> dict[str, np.ndarray]:
+    """From rows of R = S + 1 tokens and document ids: inputs, positions and per-depth targets (numpy)."""
+    B, R = tokens_BR.shape
+    S = R - 1
+    batch = {"input_ids": tokens_BR[:, :S].astype(np.int64), "segment_ids": segments_BR[:, :S].astype(np.int64)}
+    batch["positions"] = text_positions(batch["segment_ids"])
+    for k in range(mtp_depth + 1):
+        tgt = np.full((B, S), IGNORE, dtype=np.int64)
+        n = S - k  # positions t with t + 1 + k <= S
+        if n > 0:
+            same = segments_BR[:, 1 + k:1 + k + n] == segments_BR[:, :n]
+            tgt[:, :n] = np.where(same, tokens_BR[:, 1 + k:1 + k + n], IGNORE)
+        batch[f"labels_{k}"] = tgt
+        if k >= 1:
+            nxt = np.zeros((B, S), dtype=np.int64)
+            nxt[:, :S - k + 1] = tokens_BR[:, k:S + 1]
+            batch[f"mtp_ids_{k}"] = nxt
+    return batch
+
+
+def masked_ce(logits_BSV: paddle.Tensor, labels_BS: paddle.Tensor) -> tuple[paddle.Tensor, int]:
+    """Mean cross-entropy over positions whose label is not IGNORE, and how many there were."""
+    V = logits_BSV.shape[-1]
+    loss_N = F.cross_entropy(logits_BSV.reshape([-1, V]).astype("float32"), labels_BS.reshape([-1, 1]),
+                             ignore_index=IGNORE, reduction="none").reshape([-1])
+    valid = (labels_BS.reshape([-1]) != IGNORE).astype("float32")
+    count = int(valid.sum())
+    return (loss_N * valid).sum() / max(count, 1), count
+
+
+@dataclass
+class TextLoss:
+    total: paddle.Tensor  # what backward() is called on
+    terms: dict[str, float]  # every loss term, logged separately
+    tokens: int
+
+
+def text_loss(model: UnifiedModel, batch: dict[str, paddle.Tensor], mtp_weight: float) -> TextLoss:
+    out = model.backbone(batch["input_ids"], batch["positions"], batch["segment_ids"])
+    ntp, tokens = masked_ce(model.logits(out.hidden_BSH), batch["labels_0"])
+    total, terms = ntp, {"loss_ntp": float(ntp)}
+    h = out.hidden_BSH
+    mtp_terms = []
+    for k in range(1, len(model.mtp) + 1):
+        h = model.mtp_hidden(k, h, batch[f"mtp_ids_{k}"], out)
+        loss_k, _ = masked_ce(model.logits(h), batch[f"labels_{k}"])
+        terms[f"loss_mtp_{k}"] = float(loss_k)
+        mtp_terms.append(loss_k)
+    if mtp_terms:
+        total = total + mtp_weight * paddle.add_n(mtp_terms) / len(mtp_terms)
+    if out.aux_loss is not None:
+        terms["loss_aux"] = float(out.aux_loss)
+        total = total + out.aux_loss
+    return TextLoss(total, terms, tokens)

@@ -1,0 +1,148 @@
+"""Cross-cutting training work as callbacks, run in list order after every optimizer step.
+
+A callback sees the trainer and the step's metrics dict (it may add keys before the logger writes them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import paddle
+
+from ernie5.errors import UserError
+
+if TYPE_CHECKING:
+    from ernie5.train.trainer import Trainer
+
+
+class Callback:
+    def on_step_end(self, tr: "Trainer", metrics: dict) -> None:
+        pass
+
+    def on_train_end(self, tr: "Trainer") -> None:
+        pass
+
+
+class AuxFreeBiasUpdate(Callback):
+    """b_i += u * sign(mean_load - load_i) from the loads of the whole step (all micro-batches, all ranks)."""
+
+    def on_step_end(self, tr, metrics):
+        rate = tr.cfg.model.moe.bias_update_rate
+        if rate > 0 and not metrics.get("skipped"):
+            for layer in tr.model.moe_layers():
+                layer.update_bias(rate, tr.reduce_counts(layer.step_counts))
+
+
+def orthogonal_loss(weight_HE: paddle.Tensor) -> paddle.Tensor:
+    """||W^ W^T - I||_F^2 / E^2 with W = weight^T (E x H) and W^ its row-normalised form (SPEC §4)."""
+    w_EH = weight_HE.transpose([1, 0])
+    w_hat = w_EH / paddle.clip(paddle.linalg.norm(w_EH, axis=1, keepdim=True), min=1e-12)
+    E = w_EH.shape[0]
+    gram = paddle.matmul(w_hat, w_hat, transpose_y=True)
+    return ((gram - paddle.eye(E)) ** 2).sum() / (E * E)
+
+
+class RouterOrthogonalStep(Callback):
+    """After each optimizer step, one gradient step on every router weight toward orthogonal expert rows."""
+
+    def on_step_end(self, tr, metrics):
+        coef = tr.cfg.model.moe.orthogonal_coef
+        if coef <= 0 or metrics.get("skipped"):
+            return
+        lr = metrics["lr"] * tr.cfg.optim.router_lr_ratio
+        total = 0.0
+        for layer in tr.model.moe_layers():
+            w = layer.router.weight
+            loss = orthogonal_loss(w)
+            (grad,) = paddle.grad([loss], [w])
+            with paddle.no_grad():
+                w.set_value(w - lr * coef * grad)
+            total += float(loss)
+        metrics["router_orthogonal_loss"] = total / max(len(tr.model.moe_layers()), 1)
+
+
+def routing_summary(counts_LE: np.ndarray) -> dict:
+    """Max/mean load and normalised load entropy (1 = perfectly balanced), per layer and averaged."""
+    frac = counts_LE / np.maximum(counts_LE.sum(1, keepdims=True), 1)
+    E = counts_LE.shape[1]
+    ent = -(np.where(frac > 0, frac * np.log(np.where(frac > 0, frac, 1)), 0)).sum(1) / math.log(E)
+    maxmean = counts_LE.max(1) / np.maximum(counts_LE.mean(1), 1e-9)
+    return {"max_over_mean": maxmean, "entropy": ent}
+
+
+class RoutingStats(Callback):
+    """Per-layer expert loads over each log window -> metrics (means) and routing.jsonl (per layer, per expert)."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / "routing.jsonl"
+        self.window = None
+
+    def on_step_end(self, tr, metrics):
+        layers = tr.model.moe_layers()
+        if not layers:
+            return
+        counts = np.stack([tr.reduce_counts(l.step_counts) for l in layers])
+        self.window = counts if self.window is None else self.window + counts
+        if not metrics.get("log"):
+            return
+        s = routing_summary(self.window)
+        metrics["moe_max_over_mean"] = float(s["max_over_mean"].mean())
+        metrics["moe_load_entropy"] = float(s["entropy"].mean())
+        if tr.is_main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": metrics["step"], "load": self.window.tolist(),
+                                    "max_over_mean": s["max_over_mean"].round(4).tolist(),
+                                    "entropy": s["entropy"].round(4).tolist()}) + "\n")
+        self.window = None
+
+
+class Evaluator(Callback):
+    """Held-out loss every `train.eval_interval` steps and at the end."""
+
+    def on_step_end(self, tr, metrics):
+        every = tr.cfg.train.eval_interval
+        if every and (metrics["step"] % every == 0 or metrics["step"] == tr.cfg.train.max_steps):
+            metrics["val_loss"] = tr.evaluate()
+
+
+class MetricsLogger(Callback):
+    """metrics.jsonl (rank 0), the progress bar or a plain log line, and optional VisualDL scalars."""
+
+    def __init__(self, out_dir: Path, visualdl: bool):
+        self.path = out_dir / "metrics.jsonl"
+        self.writer = None
+        if visualdl:
+            try:
+                from visualdl import LogWriter
+            except ImportError:
+                raise UserError("train.visualdl", "visualdl is not installed (pip install visualdl)") from None
+            self.writer = LogWriter(logdir=str(out_dir / "visualdl"))
+
+    def on_step_end(self, tr, metrics):
+        if not metrics.get("log") or not tr.is_main:
+            return
+        record = {k: v for k, v in metrics.items() if k != "log"}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.writer.add_scalar(tag=f"train/{k}", value=float(v), step=metrics["step"])
+        tr.report(metrics)
+
+    def on_train_end(self, tr):
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Checkpointer(Callback):
+    """Save every `checkpoint.interval` steps and at the end of training."""
+
+    def on_step_end(self, tr, metrics):
+        every = tr.cfg.checkpoint.interval
+        if (every and metrics["step"] % every == 0) or metrics["step"] == tr.cfg.train.max_steps:
+            tr.save_checkpoint()

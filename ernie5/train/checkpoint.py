@@ -1,0 +1,204 @@
+"""Atomic, self-describing step checkpoints.
+
+Layout: `checkpoints/step_XXXXXXXX/` holding `model.pdparams`, `optimizer.pdopt`, `trainer_state.json`,
+`rng.pkl`, the run's resolved `config.yaml`, and `manifest.json` (sha256 and size of every other file).
+A checkpoint is written into `.tmp-step_XXXXXXXX-PID/`, every file fsynced, then renamed into place, so a
+directory named `step_*` with a manifest is complete. On load the manifest is verified; a checkpoint that
+fails is skipped (with a warning) in favour of the previous one. Leftover temp dirs are removed at start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from ernie5.data.shards import sha256_file
+from ernie5.errors import UserError
+
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(ckpt_root: Path, step: int, writers: dict[str, Callable[[Path], None]],
+                     keep_last: int) -> Path:
+    """Write one checkpoint atomically. `writers` maps file name -> function writing that file."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / step_dir_name(step)
+    tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    files = {}
+    for name, write in writers.items():
+        path = tmp / name
+        write(path)
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        files[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    manifest = tmp / MANIFEST
+    with open(manifest, "w") as f:
+        json.dump({"format": 1, "step": step, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving a step (e.g. after a rollback): swap, never leave a gap with no checkpoint
+        old = ckpt_root / f".old-{final.name}-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync_dir(ckpt_root)
+    for stale in list_checkpoints(ckpt_root)[:-keep_last]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete-looking checkpoint dirs (named step_*, with a manifest), oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [p for p in ckpt_root.iterdir() if _STEP_DIR.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def clean_partial(ckpt_root: Path) -> list[Path]:
+    """Remove temp / swap dirs left by a crash mid-save."""
+    removed = []
+    if ckpt_root.is_dir():
+        for p in ckpt_root.iterdir():
+            if p.name.startswith((".tmp-", ".old-")) or (_STEP_DIR.match(p.name) and not (p / MANIFEST).is_file()):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def verify_checkpoint(path: Path) -> Optional[str]:
+    """None if every file matches the manifest, else the reason it does not."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable manifest ({e})"
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, manifest says {want['bytes']}"
+        if sha256_file(f) != want["sha256"]:
+            return f"{name} checksum mismatch"
+    return None
+
+
+def latest_valid_checkpoint(ckpt_root: Path, warn=lambda msg: print(msg, file=sys.stderr)) -> Optional[Path]:
+    """Newest checkpoint that verifies; corrupted ones are reported and skipped."""
+    for path in reversed(list_checkpoints(ckpt_root)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        warn(f"warning: skipping corrupted checkpoint {path}: {problem}")
+    return None
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A checkpoint dir, or a run dir (its newest valid checkpoint)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(str(p), "no such checkpoint or run directory")
+    if (p / MANIFEST).is_file():
+        problem = verify_checkpoint(p)
+        if problem:
+            raise UserError(str(p), f"corrupted checkpoint: {problem}")
+        return p
+    found = latest_valid_checkpoint(p / "checkpoints")
+    if found is None:
+        raise UserError(str(p), "no complete checkpoint found (expected manifest.json or checkpoints/step_*)")
+    return found
+
+
+def save_pickle(obj) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        with open(path, "wb") as f:
+            pickle.dump(obj, f)
+    return write
+
+
+def save_json(obj) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        path.write_text(json.dumps(obj, indent=1))
+    return write
+
+
+def save_text(text: str) -> Callable[[Path], None]:
+    return lambda path: path.write_text(text, encoding="utf-8")
+
+
+def save_paddle(state) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        import paddle
+
+        paddle.save(state, str(path))
+    return write
+
+
+def json_load(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(str(path), f"unreadable ({e})") from None
+
+
+def load_state(path: Path, name: str):
+    import paddle
+
+    try:
+        return paddle.load(str(path / name))
+    except Exception as e:  # paddle raises assorted types for bad files
+        raise UserError(str(path / name), f"cannot load ({type(e).__name__}: {str(e).splitlines()[0][:120]})") \
+            from None
+
+
+def apply_model_state(model, state: dict, where: str) -> None:
+    """Load weights after checking names and shapes, so an incompatible checkpoint is a clear error."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise UserError(where, f"checkpoint does not match the model config ({detail})")
+    for k, v in own.items():
+        if list(v.shape) != list(state[k].shape):
+            raise UserError(where, f"checkpoint does not match the model config ({k}: checkpoint "
+                                   f"{list(state[k].shape)} vs model {list(v.shape)})")
+    model.set_state_dict(state)
+
+
+def load_model(path: str):
+    """Build the model a checkpoint was trained with and load its weights; eval mode."""
+    from ernie5.config.run import load_config
+    from ernie5.model.transformer import build_model
+
+    ckpt = resolve_checkpoint(path)
+    cfg = load_config(ckpt / "config.yaml")
+    model = build_model(cfg.model)
+    apply_model_state(model, load_state(ckpt, "model.pdparams"), str(ckpt))
+    model.eval()
+    return model

@@ -1,0 +1,18 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ernie5",
+    version="0.1.0",
+    description="PaddlePaddle pretraining for unified multimodal MoE models in the style of ERNIE 5.0",
+    packages=find_packages(include=["ernie5", "ernie5.*"]),
+    python_requires=">=3.10",
+    install_requires=["numpy", "pyyaml", "sentencepiece", "tqdm", "safetensors"],
+    extras_require={
+        "cpu": ["paddlepaddle==3.3.1"],
+        "gpu": ["paddlepaddle-gpu"],
+        "demo": ["snownlp"],
+        "viz": ["visualdl"],
+        "test": ["pytest", "snownlp"],
+    },
+    entry_points={"console_scripts": ["ernie5=ernie5.cli:main"]},
+)
