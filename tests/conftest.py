@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny corpus, tokenizer and shard set built once per test session."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ernie5  # noqa: F401  (thread settings before paddle)
+from ernie5.config.run import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(tmp: Path, data_dir: Path, tok: Path) -> list[str]:
+    """A ~0.3M-parameter MoE with MTP on the session shards: fast enough for many tests."""
+    return [f"run.output_dir={tmp}", f"data.dir={data_dir}", f"tokenizer.model_path={tok}", "data.seq_len=32",
+            "model.hidden_size=32", "model.num_layers=3", "model.num_heads=4", "model.num_kv_heads=2",
+            "model.ffn_hidden_size=64", "model.moe.num_experts=4", "model.moe.top_k=2",
+            "model.moe.expert_ffn_size=32", "model.moe.num_shared_experts=1", "model.moe.layer_start=1",
+            "model.mtp.depth=1", "train.micro_batch_size=4", "train.grad_accum_steps=2", "train.log_interval=1",
+            "train.eval_interval=0", "train.progress_bar=false", "optim.lr=3e-3", "optim.warmup_steps=2",
+            "checkpoint.interval=0", "model.moe.bias_update_rate=1e-3"]
+
+
+@pytest.fixture(scope="session")
+def text_assets(tmp_path_factory):
+    """(corpus file, tokenizer model, shard dir) from CPython's pydoc topics plus a little Chinese."""
+    from ernie5.data.corpus import pydoc_documents
+    from ernie5.data.prepare import prepare_text
+    from ernie5.modality.text_tokenizer import train_text_tokenizer
+
+    root = tmp_path_factory.mktemp("text")
+    corpus = root / "corpus.txt"
+    docs = pydoc_documents()[:40] + ["人民日报一九九八年新年献词。今天是新年的第一天。"] * 5
+    corpus.write_text("\n".join(docs) + "\n", encoding="utf-8")
+    tok, shards = root / "tok.model", root / "shards"
+    cfg = load_config(None, [f"tokenizer.model_path={tok}", f"tokenizer.corpus=[{corpus}]",
+                             "tokenizer.vocab_size=600", f"data.dir={shards}", "data.val_fraction=0.1"])
+    train_text_tokenizer(cfg.tokenizer)
+    prepare_text(cfg, progress=False)
+    return corpus, tok, shards
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, text_assets):
+    _, tok, shards = text_assets
+
+    def make(*extra):
+        return load_config(None, tiny_overrides(tmp_path / "run", shards, tok) + list(extra))
+    return make
+
+
+def run_cli(*args, timeout=600, env=None):
+    """Run `python -m ernie5 ...` and return the CompletedProcess (text)."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "ernie5", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO, env=full_env)
