@@ -12,7 +12,9 @@ setup(
         "gpu": ["paddlepaddle-gpu"],
         "demo": ["snownlp"],
         "viz": ["visualdl"],
-        "test": ["pytest", "snownlp"],
+        # torch pinned: 2.13.0 resolves to the local CPU build (an unpinned torch pulls GBs of CUDA wheels);
+        # transformers 5.23 has Ernie4_5_MoeForCausalLM (tests/export check logits against it)
+        "test": ["pytest", "snownlp", "torch==2.13.0", "transformers==5.23.0"],
     },
     entry_points={"console_scripts": ["ernie5=ernie5.cli:main"]},
 )

@@ -15,6 +15,7 @@ import pickle
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -38,11 +39,22 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_checkpoint(ckpt_root: Path, step: int, writers: dict[str, Callable[[Path], None]],
-                     keep_last: int) -> Path:
-    """Write one checkpoint atomically. `writers` maps file name -> function writing that file."""
+                     keep_last: int, pause_s: float = 0.0) -> Path:
+    """Write one checkpoint atomically. `writers` maps file name -> function writing that file.
+
+    `pause_s` (fault injection, `faults.slow_checkpoint_s`) sleeps after each file to widen the kill-mid-save window.
+    """
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / step_dir_name(step)
-    tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
+    final = write_checkpoint_dir(ckpt_root / step_dir_name(step), step, writers, pause_s)
+    for stale in list_checkpoints(ckpt_root)[:-keep_last]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def write_checkpoint_dir(final: Path, step: int, writers: dict[str, Callable[[Path], None]],
+                         pause_s: float = 0.0) -> Path:
+    """Write the files and a manifest into a temp dir beside `final`, then rename it to `final`."""
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     files = {}
@@ -52,23 +64,28 @@ def write_checkpoint(ckpt_root: Path, step: int, writers: dict[str, Callable[[Pa
         with open(path, "rb") as f:
             os.fsync(f.fileno())
         files[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        if pause_s:
+            time.sleep(pause_s)
     manifest = tmp / MANIFEST
     with open(manifest, "w") as f:
         json.dump({"format": 1, "step": step, "files": files}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    publish_dir(tmp, final)
+    return final
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """fsync `tmp` and rename it to `final`; an existing `final` is swapped out, never left missing."""
     _fsync_dir(tmp)
     if final.exists():  # re-saving a step (e.g. after a rollback): swap, never leave a gap with no checkpoint
-        old = ckpt_root / f".old-{final.name}-{os.getpid()}"
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
-    _fsync_dir(ckpt_root)
-    for stale in list_checkpoints(ckpt_root)[:-keep_last]:
-        shutil.rmtree(stale, ignore_errors=True)
-    return final
+    _fsync_dir(final.parent)
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -119,7 +136,7 @@ def latest_valid_checkpoint(ckpt_root: Path, warn=lambda msg: print(msg, file=sy
 
 
 def resolve_checkpoint(path: str) -> Path:
-    """A checkpoint dir, or a run dir (its newest valid checkpoint)."""
+    """A checkpoint dir (or a native export, which has the same manifest), or a run dir (its newest valid one)."""
     p = Path(path)
     if not p.exists():
         raise UserError(str(p), "no such checkpoint or run directory")
@@ -176,6 +193,15 @@ def load_state(path: Path, name: str):
             from None
 
 
+def load_model_weights(ckpt: Path) -> dict:
+    """Model weights of a training checkpoint (model.pdparams) or of a native export (model.safetensors)."""
+    if not (ckpt / "model.pdparams").is_file() and (ckpt / "model.safetensors").is_file():
+        from ernie5.export.native import load_native_weights
+
+        return load_native_weights(ckpt)
+    return load_state(ckpt, "model.pdparams")
+
+
 def apply_model_state(model, state: dict, where: str) -> None:
     """Load weights after checking names and shapes, so an incompatible checkpoint is a clear error."""
     own = model.state_dict()
@@ -199,6 +225,6 @@ def load_model(path: str):
     ckpt = resolve_checkpoint(path)
     cfg = load_config(ckpt / "config.yaml")
     model = build_model(cfg.model)
-    apply_model_state(model, load_state(ckpt, "model.pdparams"), str(ckpt))
+    apply_model_state(model, load_model_weights(ckpt), str(ckpt))
     model.eval()
     return model

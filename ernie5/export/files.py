@@ -1,0 +1,132 @@
+"""File plumbing shared by the exporters: atomic output dirs, (sharded) safetensors, reading checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ernie5.errors import UserError
+from ernie5.train.checkpoint import publish_dir
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3  # 2 GiB per file, well under what loaders mmap comfortably
+
+
+def check_free(out_dir: Path) -> None:
+    """Refuse an existing non-empty `out_dir` rather than replace it: it may hold something the user wants."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(str(out_dir), "already exists and is not an empty directory")
+
+
+@contextlib.contextmanager
+def staging_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a temp dir beside `out_dir`; on success it becomes `out_dir` by one rename, on error it is removed."""
+    out_dir = Path(out_dir)
+    check_free(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        publish_dir(tmp, out_dir)  # swaps out an empty `out_dir` if there is one
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                      metadata: dict[str, str] | None = None) -> list[str]:
+    """Write `model.safetensors`, or shards plus `model.safetensors.index.json` when over `max_shard_bytes`."""
+    from safetensors.numpy import save_file
+
+    meta = {"format": "pt", **(metadata or {})}  # transformers checks format == "pt" for numpy-written files
+    total = sum(v.nbytes for v in tensors.values())
+    if total <= max_shard_bytes:
+        save_file(tensors, str(out_dir / SINGLE_FILE), metadata=meta)
+        return [SINGLE_FILE]
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, arr in tensors.items():  # in model order, so one layer's tensors mostly share a file
+        if shards[-1] and size + arr.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += arr.nbytes
+    files, weight_map = [], {}
+    for i, names in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: tensors[n] for n in names}, str(out_dir / fname), metadata=meta)
+        files.append(fname)
+        weight_map.update({n: fname for n in names})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    return files + [INDEX_FILE]
+
+
+def _read_file(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of one safetensors file as numpy; bf16/fp16 become fp32 (numpy has no bf16)."""
+    from safetensors import safe_open
+
+    out = {}
+    try:
+        # the paddle backend reads BF16 (public ERNIE 4.5 weights are bf16); the numpy one cannot
+        with safe_open(str(path), framework="paddle") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if t.is_floating_point():
+                    t = t.astype("float32")
+                out[name] = t.numpy()
+    except Exception as e:  # safetensors raises its own error types for bad headers / truncated files
+        raise UserError(str(path), f"not a readable safetensors file ({type(e).__name__}: {e})") from None
+    return out
+
+
+def read_safetensors_dir(src: Path) -> dict[str, np.ndarray]:
+    """Every tensor in `src` (one `model.safetensors` or the shards an index names)."""
+    index = src / INDEX_FILE
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise UserError(str(index), f"unreadable index ({e})") from None
+    elif (src / SINGLE_FILE).is_file():
+        files = [SINGLE_FILE]
+    else:
+        raise UserError(str(src), f"no {SINGLE_FILE} or {INDEX_FILE}")
+    tensors = {}
+    for name in files:
+        if not (src / name).is_file():
+            raise UserError(str(src / name), "shard named in the index is missing")
+        tensors.update(_read_file(src / name))
+    return tensors
+
+
+def state_to_numpy(state: dict) -> dict[str, np.ndarray]:
+    """A Paddle state dict as numpy; floating tensors as fp32 (CPU training is fp32; bf16 has no numpy dtype)."""
+    out = {}
+    for k, v in state.items():
+        if hasattr(v, "numpy"):
+            v = v.astype("float32") if v.is_floating_point() else v
+            v = v.numpy()
+        out[k] = np.asarray(v)
+    return out
+
+
+def read_checkpoint(path: str):
+    """(checkpoint dir, RunConfig, numpy state) of an ernie5 checkpoint, run dir or native export."""
+    from ernie5.config.run import load_config
+    from ernie5.train.checkpoint import load_model_weights, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    cfg = load_config(ckpt / "config.yaml")
+    return ckpt, cfg, state_to_numpy(load_model_weights(ckpt))

@@ -1,0 +1,53 @@
+"""Native export: the whole ernie5 model as safetensors (our names, Paddle layout) + its config.yaml.
+
+The directory carries the same `manifest.json` as a training checkpoint, so `ernie5.load_model(dir)` and
+`resolve_checkpoint` take it as they are; only the weights file differs (`model.safetensors` instead of
+`model.pdparams`, read by `load_native_weights`). The tokenizer is copied in and config.yaml points at the copy.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ernie5.errors import UserError
+from ernie5.export.files import SINGLE_FILE, check_free, read_checkpoint
+from ernie5.train.checkpoint import save_text, write_checkpoint_dir
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def export_native(ckpt_path: str, out_dir: str, tokenizer_model: str | None = None) -> Path:
+    """Write `out_dir` with model.safetensors, config.yaml, tokenizer.model and manifest.json; returns it."""
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir).resolve()
+    check_free(out)
+    ckpt, cfg, state = read_checkpoint(ckpt_path)
+    tok = Path(tokenizer_model or cfg.tokenizer.model_path)
+    writers = {SINGLE_FILE: lambda p: save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(p),
+                                                metadata={"format": "ernie5-native", "source": str(ckpt)})}
+    if tok.is_file():
+        writers[TOKENIZER_FILE] = lambda p: shutil.copyfile(tok, p)
+        cfg.tokenizer.model_path = str(out / TOKENIZER_FILE)
+    elif tokenizer_model is not None:
+        raise UserError(str(tok), "tokenizer model not found")
+    else:  # the model is still usable without it; say so instead of failing or skipping silently
+        print(f"warning: tokenizer {tok} not found; exported without it", file=sys.stderr)
+    writers["config.yaml"] = save_text(cfg.to_yaml())
+    # written like a checkpoint (temp dir, manifest, rename), so it loads through the checkpoint code path
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return write_checkpoint_dir(out, 0, writers)
+
+
+def load_native_weights(export_dir: Path) -> dict[str, np.ndarray]:
+    """State dict of a native export (numpy arrays, our names and layout)."""
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(Path(export_dir) / SINGLE_FILE))
+    except Exception as e:  # safetensors raises its own types for bad files
+        raise UserError(str(Path(export_dir) / SINGLE_FILE), f"cannot load ({type(e).__name__}: {e})") from None
