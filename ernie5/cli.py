@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ernie5.errors import UserError
+from ernie5.errors import TrainingError, UserError
 
 
 def _cmd_config(args) -> None:
@@ -24,10 +24,15 @@ def _cmd_train(args) -> None:
     if trainer.resumed_from is not None:
         print(f"resumed from {trainer.resumed_from}", file=sys.stderr)
     logged = trainer.train()
+    if trainer.stopped_by:
+        print(f"stopped by {trainer.stopped_by} at step {trainer.step}; checkpoint saved in {trainer.ckpt_root}; "
+              "run the same command again to resume")
+        return
     if logged:
         last = logged[-1]
         val = f", val_loss {last['val_loss']:.4f}" if last.get("val_loss") is not None else ""
-        print(f"done: step {last['step']}, loss {last['loss']:.4f}{val}; outputs in {cfg.run.output_dir}")
+        loss = "skipped" if last["loss"] is None else f"{last['loss']:.4f}"
+        print(f"done: step {last['step']}, loss {loss}{val}; outputs in {cfg.run.output_dir}")
     else:
         print(f"nothing to do: already at step {trainer.step} >= train.max_steps {cfg.train.max_steps}")
 
@@ -79,6 +84,39 @@ def _cmd_plan(args) -> None:
     print(f"training FLOPs per token at seq_len {cfg.data.seq_len}: {out['flops_per_token']:.4g}")
 
 
+def _byte_size(text: str) -> int:
+    """`2GB`, `500MB`, `64KB` or a plain byte count."""
+    units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4, "B": 1}
+    t = text.strip().upper()
+    try:
+        for suffix, scale in units.items():
+            if t.endswith(suffix):
+                return int(float(t[: -len(suffix)]) * scale)
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GB, 500MB)") from None
+
+
+def _cmd_export(args) -> None:
+    if args.format == "hf":
+        from ernie5.export.hf import export_hf
+
+        out = export_hf(args.ckpt, args.out, tokenizer_model=args.tokenizer, max_shard_bytes=args.max_shard_size)
+        print(f"exported {args.ckpt} as Hugging Face ERNIE 4.5 to {out}")
+    else:
+        from ernie5.export.native import export_native
+
+        out = export_native(args.ckpt, args.out, tokenizer_model=args.tokenizer)
+        print(f"exported {args.ckpt} (native safetensors) to {out}")
+
+
+def _cmd_import(args) -> None:
+    from ernie5.export.hf import import_hf
+
+    out = import_hf(args.hf_dir, args.out)
+    print(f"imported {args.hf_dir} as an ernie5 checkpoint: {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ernie5", description="Unified multimodal MoE pretraining (PaddlePaddle).")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -102,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl = with_config(sub.add_parser("plan", help="parameters and FLOPs on paper"))
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(fn=_cmd_plan)
+    ex = sub.add_parser("export", help="export a checkpoint: Hugging Face ERNIE 4.5 or native safetensors")
+    ex.add_argument("ckpt", help="checkpoint dir or run dir (its newest checkpoint)")
+    ex.add_argument("--format", choices=["hf", "native"], default="hf")
+    ex.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    ex.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's tokenizer.model_path)")
+    ex.add_argument("--max-shard-size", type=_byte_size, default="2GB", help="hf: split weights above this size")
+    ex.set_defaults(fn=_cmd_export)
+    im = sub.add_parser("import", help="turn a Hugging Face ERNIE 4.5 directory into an ernie5 checkpoint")
+    im.add_argument("hf_dir")
+    im.add_argument("--out", required=True, help="checkpoint directory to write")
+    im.set_defaults(fn=_cmd_import)
     return p
 
 
@@ -119,6 +168,9 @@ def main(argv=None) -> int:
     except UserError as e:
         print(e.line(), file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(e.line(), file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -21,3 +21,10 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A config value is wrong; `where` is the dotted key path."""
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. the loss stays non-finite). The CLI prints one line and exits 3."""
+
+    def line(self) -> str:
+        return f"error: training: {self}"

@@ -14,7 +14,7 @@ from ernie5.data.config import DataConfig
 from ernie5.errors import ConfigError, UserError
 from ernie5.model.config import ModelConfig
 from ernie5.modality.text_tokenizer import TextTokenizerConfig
-from ernie5.train.config import CheckpointConfig, OptimConfig, TrainConfig
+from ernie5.train.config import CheckpointConfig, FaultsConfig, OptimConfig, TrainConfig
 
 
 @dataclass
@@ -24,6 +24,7 @@ class RunSection:
     output_dir: str = "runs/default"
     seed: int = 0
     name: str = ""
+    deterministic: bool = False  # GPU: require deterministic cuDNN / embedding kernels (CPU runs are always)
 
 
 @dataclass
@@ -35,6 +36,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def validate(self, path: str) -> None:
         require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,19 @@ class TextTokenizerConfig:
         require(0 < self.character_coverage <= 1, join(path, "character_coverage"), "must be in (0, 1]")
 
 
+@contextlib.contextmanager
+def _stderr_fd_to(f):
+    """Send file descriptor 2 (where sentencepiece's C++ logger writes) to `f` for the duration."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        os.dup2(f.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def train_text_tokenizer(cfg: TextTokenizerConfig, seed: int = 0) -> Path:
     """Train the BPE model on `cfg.corpus`; write `cfg.model_path` (+ .vocab). Returns the model path."""
     import sentencepiece as spm
@@ -43,7 +58,7 @@ def train_text_tokenizer(cfg: TextTokenizerConfig, seed: int = 0) -> Path:
     prefix = str(out.with_suffix(""))
     spm.set_random_generator_seed(seed)  # input sampling is then reproducible
     try:
-        with open(prefix + ".train.log", "w") as log:
+        with open(prefix + ".train.log", "w") as log, _stderr_fd_to(log):
             spm.SentencePieceTrainer.train(
                 input=",".join(cfg.corpus), model_prefix=prefix, vocab_size=cfg.vocab_size, model_type="bpe",
                 byte_fallback=True, character_coverage=cfg.character_coverage,
@@ -51,7 +66,6 @@ def train_text_tokenizer(cfg: TextTokenizerConfig, seed: int = 0) -> Path:
                 shuffle_input_sentence=True, seed_sentencepiece_size=1000000,
                 pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, num_threads=os.cpu_count() or 1,
                 split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
-                logstream=log,
             )
     except RuntimeError as e:  # sentencepiece reports bad settings (e.g. vocab too large) as RuntimeError
         raise UserError("tokenizer", f"sentencepiece training failed: {str(e).strip().splitlines()[-1]}") from None

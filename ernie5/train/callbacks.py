@@ -144,5 +144,7 @@ class Checkpointer(Callback):
 
     def on_step_end(self, tr, metrics):
         every = tr.cfg.checkpoint.interval
+        if metrics.get("rolled_back"):
+            return
         if (every and metrics["step"] % every == 0) or metrics["step"] == tr.cfg.train.max_steps:
             tr.save_checkpoint()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from ernie5.config.schema import join, require
@@ -20,11 +20,22 @@ class TrainConfig:
     eval_batches: int = 4
     progress_bar: bool = True
     visualdl: bool = False  # also write VisualDL scalars to run.output_dir/visualdl
+    max_bad_steps: int = 3  # abort after this many consecutive steps with a non-finite loss or gradient
+    spike_window: int = 50  # loss-spike detection: z-score of the loss against the last N good steps
+    spike_zscore: float = 6.0
+    spike_rollback_after: int = 0  # > 0: after this many consecutive spikes, reload the last checkpoint and
+    #                                skip the data that caused them (0: only log spikes)
+    max_rollbacks: int = 5  # abort if the loss keeps spiking after this many rollbacks in one invocation
 
     def validate(self, path: str) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "log_interval", "eval_batches"):
             require(getattr(self, name) >= 1, join(path, name), f"{getattr(self, name)} must be >= 1")
         require(self.eval_interval >= 0, join(path, "eval_interval"), "must be >= 0")
+        require(self.max_bad_steps >= 1, join(path, "max_bad_steps"), "must be >= 1")
+        require(self.spike_window >= 2, join(path, "spike_window"), "must be >= 2")
+        require(self.spike_zscore > 0, join(path, "spike_zscore"), "must be > 0")
+        require(self.spike_rollback_after >= 0, join(path, "spike_rollback_after"), "must be >= 0")
+        require(self.max_rollbacks >= 1, join(path, "max_rollbacks"), "must be >= 1")
 
 
 @dataclass
@@ -66,3 +77,17 @@ class CheckpointConfig:
     def validate(self, path: str) -> None:
         require(self.interval >= 0, join(path, "interval"), "must be >= 0")
         require(self.keep_last >= 1, join(path, "keep_last"), "must be >= 1")
+
+
+@dataclass
+class FaultsConfig:
+    """Fault injection for reliability tests (leave empty in real runs)."""
+
+    nan_loss_steps: list[int] = field(default_factory=list)  # poison the loss of these steps (1-based) ...
+    nan_micro_batch: int = 0  # ... in this micro-batch
+    spike_loss_steps: list[int] = field(default_factory=list)  # multiply the loss of these steps by 50 (once each)
+    slow_checkpoint_s: float = 0.0  # sleep after each checkpoint file: widens the window for kill-mid-save tests
+
+    def validate(self, path: str) -> None:
+        require(self.nan_micro_batch >= 0, join(path, "nan_micro_batch"), "must be >= 0")
+        require(self.slow_checkpoint_s >= 0, join(path, "slow_checkpoint_s"), "must be >= 0")

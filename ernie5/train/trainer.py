@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import pickle
+import signal
 import sys
 import time
 from pathlib import Path
@@ -15,15 +19,44 @@ from tqdm import tqdm
 from ernie5.config.run import RunConfig
 from ernie5.data.loader import PackedLoader, SyntheticLoader
 from ernie5.data.shards import open_split, read_meta
-from ernie5.errors import UserError
+from ernie5.errors import TrainingError, UserError
 from ernie5.model.transformer import build_model, count_params, to_tensor_batch
 from ernie5.objectives.text import make_text_batch, text_loss
 from ernie5.plan import count_parameters, flops_per_token
 from ernie5.train import checkpoint as ckpt
 from ernie5.train.callbacks import (AuxFreeBiasUpdate, Callback, Checkpointer, Evaluator, MetricsLogger,
                                     RouterOrthogonalStep, RoutingStats)
+from ernie5.train.guards import SpikeDetector
 from ernie5.train.optim import build_optimizer, grad_global_norm, lr_at, scale_grads
 from ernie5.train.perf import measure_gemm_gflops
+
+
+_DETERMINISM_FLAGS = ("FLAGS_cudnn_deterministic", "FLAGS_embedding_deterministic")
+
+
+def check_determinism(cfg: RunConfig) -> None:
+    """`run.deterministic` on a CUDA build needs paddle's determinism flags, which paddle reads at import.
+
+    CPU kernels here are deterministic already (same config + seed -> bit-identical losses, tested).
+    """
+    if cfg.run.deterministic and paddle.is_compiled_with_cuda():
+        for flag in _DETERMINISM_FLAGS:
+            if os.environ.get(flag, "").lower() not in ("1", "true"):
+                raise UserError("run.deterministic", f"export {flag}=1 before launching (paddle reads it at import)")
+
+
+def finite_or_none(x: float):
+    return x if math.isfinite(x) else None
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop records past `last_step` (steps a resumed run will redo), atomically."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
 
 
 def resolve_vocab(cfg: RunConfig) -> None:
@@ -46,6 +79,7 @@ class Trainer:
         self.cfg, self.quiet = cfg, quiet
         self.rank, self.world = 0, 1
         self.is_main = self.rank == 0
+        check_determinism(cfg)
         resolve_vocab(cfg)
         self.out = Path(cfg.run.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -56,8 +90,15 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if not p.stop_gradient]
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.step = 0
+        self.bad_streak = 0
+        self.last_saved_step = -1
+        self.spikes = SpikeDetector(cfg.train.spike_window, cfg.train.spike_zscore)
         self.callbacks = callbacks if callbacks is not None else self.default_callbacks()
         self._bar = None
+        self._signal = None
+        self.stopped_by = None
+        self.rollbacks = 0
+        self._spiked: set[int] = set()
         self.resumed_from = self._maybe_resume()
         if self.is_main:
             tmp = self.out / "config.yaml.tmp"
@@ -89,33 +130,78 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        state = {"step": self.step, "loader": self.train_loader.state_dict(),
-                 "total_params": count_params(self.model)}
+        state = {"step": self.step, "loader": self.train_loader.state_dict(), "bad_streak": self.bad_streak,
+                 "spikes": self.spikes.state_dict(), "total_params": count_params(self.model)}
+        self.last_saved_step = self.step
         return ckpt.write_checkpoint(self.ckpt_root, self.step, {
             "model.pdparams": ckpt.save_paddle(self.model.state_dict()),
             "optimizer.pdopt": ckpt.save_paddle(self.optimizer.state_dict()),
             "trainer_state.json": ckpt.save_json(state),
             "rng.pkl": ckpt.save_pickle({"paddle": paddle.get_rng_state()}),
             "config.yaml": ckpt.save_text(self.cfg.to_yaml()),
-        }, self.cfg.checkpoint.keep_last)
+        }, self.cfg.checkpoint.keep_last, pause_s=self.cfg.faults.slow_checkpoint_s)
 
     def load_checkpoint(self, path: Path) -> None:
         ckpt.apply_model_state(self.model, ckpt.load_state(path, "model.pdparams"), str(path))
         self.optimizer.set_state_dict(ckpt.load_state(path, "optimizer.pdopt"))
         state = ckpt.json_load(path / "trainer_state.json")
-        self.step = int(state["step"])
+        self.step = self.last_saved_step = int(state["step"])
+        self.bad_streak = int(state.get("bad_streak", 0))
+        self.spikes.load_state_dict(state.get("spikes", {"history": [], "streak": 0}))
         self.train_loader.load_state_dict(state["loader"])
         with open(path / "rng.pkl", "rb") as f:
             paddle.set_rng_state(pickle.load(f)["paddle"])
 
     def _maybe_resume(self) -> Optional[Path]:
-        if not self.cfg.checkpoint.resume:
-            return None
-        ckpt.clean_partial(self.ckpt_root)
-        path = ckpt.latest_valid_checkpoint(self.ckpt_root)
-        if path is not None:
-            self.load_checkpoint(path)
+        """Load the newest valid checkpoint (if resuming); drop logged steps that will be redone."""
+        path = None
+        if self.cfg.checkpoint.resume:
+            ckpt.clean_partial(self.ckpt_root)
+            problems: list[str] = []
+            path = ckpt.latest_valid_checkpoint(self.ckpt_root, warn=problems.append)
+            existing = ckpt.list_checkpoints(self.ckpt_root)
+            if path is None and existing:
+                newest = ckpt.verify_checkpoint(existing[-1])
+                raise UserError(str(self.ckpt_root), f"all {len(existing)} checkpoints are corrupted (newest: "
+                                                     f"{newest}); refusing to start over on top of them (move them "
+                                                     "away, or use another run.output_dir)")
+            for line in problems:
+                print(line, file=sys.stderr)
+            if path is not None:
+                self.load_checkpoint(path)
+        if self.is_main:  # steps past the checkpoint (all of them on a fresh start) will be redone
+            for name in ("metrics.jsonl", "routing.jsonl"):
+                truncate_jsonl(self.out / name, self.step)
+            if path is not None:
+                self.event("resumed", checkpoint=str(path))
         return path
+
+    def event(self, kind: str, **fields) -> None:
+        """Record something a person should know about (skips, spikes, rollbacks, signals) in events.jsonl."""
+        record = {"step": self.step, "event": kind, **fields}
+        if self.is_main:
+            with open(self.out / "events.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if kind != "resumed" and not self.quiet:
+            detail = ", ".join(f"{k}={v}" for k, v in fields.items())
+            print(f"warning: step {self.step}: {kind}" + (f" ({detail})" if detail else ""), file=sys.stderr)
+
+    def rollback(self) -> None:
+        """Reload the newest checkpoint but keep the data position: the batches that spiked are skipped."""
+        path = ckpt.latest_valid_checkpoint(self.ckpt_root)
+        if path is None:
+            self.event("rollback_unavailable", reason="no checkpoint yet")
+            return
+        self.rollbacks += 1
+        if self.rollbacks > self.cfg.train.max_rollbacks:
+            raise TrainingError(f"the loss keeps spiking after {self.cfg.train.max_rollbacks} rollbacks "
+                                f"(last at step {self.step}); newest checkpoint: {path}")
+        position, from_step = self.train_loader.position, self.step
+        self.load_checkpoint(path)
+        skipped_rows = position - self.train_loader.position
+        self.train_loader.position = position
+        self.spikes.streak = 0
+        self.event("rollback", from_step=from_step, checkpoint=str(path), skipped_rows=skipped_rows)
 
     # ---- steps -------------------------------------------------------------------------------------------
     def _micro_batch(self, loader) -> dict:
@@ -123,31 +209,80 @@ class Trainer:
         return to_tensor_batch(make_text_batch(tokens, segments, self.cfg.model.mtp.depth))
 
     def train_step(self) -> dict:
-        """One optimizer step over `grad_accum_steps` micro-batches. Returns the step's metrics."""
+        """One optimizer step over `grad_accum_steps` micro-batches. Returns the step's metrics.
+
+        A non-finite loss or gradient skips the update (parameters, optimizer and router biases untouched);
+        the step's data is still consumed so the data order does not depend on where faults happened.
+        """
         cfg, accum = self.cfg, self.cfg.train.grad_accum_steps
         start = time.perf_counter()
         terms: dict[str, float] = {}
-        total = 0.0
-        for _ in range(accum):
-            out = text_loss(self.model, self._micro_batch(self.train_loader), cfg.model.mtp.loss_weight)
-            (out.total / accum).backward()
-            total += float(out.total) / accum
+        total, bad = 0.0, None
+        for mb in range(accum):
+            batch = self._micro_batch(self.train_loader)
+            if bad is not None:
+                continue
+            out = text_loss(self.model, batch, cfg.model.mtp.loss_weight)
+            loss = out.total
+            if self.step + 1 in cfg.faults.nan_loss_steps and mb == cfg.faults.nan_micro_batch:
+                loss = loss * float("nan")
+            if self.step + 1 in cfg.faults.spike_loss_steps and self.step + 1 not in self._spiked:
+                self._spiked.add(self.step + 1)  # once: a rollback replays the step number with other data
+                loss = loss * 50.0
+            value = float(loss)
+            if not math.isfinite(value):
+                bad = {"reason": "non-finite loss", "micro_batch": mb}
+                continue
+            (loss / accum).backward()
+            total += value / accum
             for k, v in out.terms.items():
                 terms[k] = terms.get(k, 0.0) + v / accum
-        grad_norm = grad_global_norm(self.params)
+        grad_norm = grad_global_norm(self.params) if bad is None else float("nan")
+        if bad is None and not math.isfinite(grad_norm):
+            bad = {"reason": "non-finite gradient"}
         self.step += 1
         lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)
-        if cfg.optim.grad_clip and grad_norm > cfg.optim.grad_clip:
-            scale_grads(self.params, cfg.optim.grad_clip / (grad_norm + 1e-6))
-        self.optimizer.set_lr(lr)
-        with paddle.utils.unique_name.guard():  # accumulators are named on the first step
-            self.optimizer.step()
+        if bad is None:
+            if cfg.optim.grad_clip and grad_norm > cfg.optim.grad_clip:
+                scale_grads(self.params, cfg.optim.grad_clip / (grad_norm + 1e-6))
+            self.optimizer.set_lr(lr)
+            with paddle.utils.unique_name.guard():  # accumulators are named on the first step
+                self.optimizer.step()
         self.optimizer.clear_grad(set_to_zero=False)
         elapsed = time.perf_counter() - start
         tokens = accum * cfg.train.micro_batch_size * cfg.data.seq_len * self.world
-        return {"step": self.step, "loss": total, **terms, "lr": lr, "grad_norm": grad_norm,
-                "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
-                "mfu": tokens / elapsed * self.flops_per_token / (self.peak_gflops * 1e9)}
+        metrics = {"step": self.step, "loss": total if bad is None else None, **terms, "lr": lr,
+                   "grad_norm": finite_or_none(grad_norm), "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
+                   "mfu": tokens / elapsed * self.flops_per_token / (self.peak_gflops * 1e9)}
+        if bad is not None:
+            metrics["skipped"] = True
+            self.event("skipped_step", **bad)
+        return metrics
+
+    def _guard(self, m: dict) -> None:
+        """Count bad steps (abort after too many in a row), detect loss spikes, roll back if configured."""
+        t = self.cfg.train
+        if m.get("skipped"):
+            self.bad_streak += 1
+            if self.bad_streak >= t.max_bad_steps:
+                raise TrainingError(f"{self.bad_streak} consecutive steps with non-finite loss or gradients "
+                                    f"(last: step {self.step}); last checkpoint: "
+                                    f"{ckpt.latest_valid_checkpoint(self.ckpt_root) or 'none'}")
+            return
+        self.bad_streak = 0
+        z = self.spikes.observe(m["loss"])
+        if z is None:
+            return
+        m["loss_spike_z"] = z
+        self.event("loss_spike", loss=round(m["loss"], 5), zscore=round(z, 2))
+        if t.spike_rollback_after and self.spikes.streak >= t.spike_rollback_after:
+            self.rollback()
+            m["skipped"] = m["rolled_back"] = True
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = signum
+        # a second Ctrl-C / SIGTERM acts at once; the checkpoint on disk is always complete
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
     @paddle.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -163,38 +298,53 @@ class Trainer:
 
     def report(self, m: dict) -> None:
         """Human-facing progress: the tqdm bar's postfix, or one line per log step when there is no bar."""
+        loss = "skipped" if m["loss"] is None else f"{m['loss']:.4f}"
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
+            self._bar.set_postfix(loss=loss, lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
         elif not self.quiet:
             val = f" val {m['val_loss']:.4f}" if m.get("val_loss") is not None else ""
-            print(f"step {m['step']:>6}/{self.cfg.train.max_steps} loss {m['loss']:.4f}{val} lr {m['lr']:.2e} "
-                  f"grad {m['grad_norm']:.3f} tok/s {m['tokens_per_s']:.0f} mfu {m['mfu']:.3f}", flush=True)
+            grad = "-" if m["grad_norm"] is None else f"{m['grad_norm']:.3f}"
+            print(f"step {m['step']:>6}/{self.cfg.train.max_steps} loss {loss}{val} lr {m['lr']:.2e} "
+                  f"grad {grad} tok/s {m['tokens_per_s']:.0f} mfu {m['mfu']:.3f}", flush=True)
 
     def train(self) -> list[dict]:
-        """Run to max_steps; returns the logged metrics of this invocation."""
+        """Run to max_steps (or until SIGTERM/SIGINT: then checkpoint and return); returns the logged metrics."""
         cfg = self.cfg
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_gflops = measure_gemm_gflops()
         self.model.train()
         show_bar = cfg.train.progress_bar and not self.quiet and sys.stderr.isatty()
-        self._bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", unit="step",
-                         disable=not show_bar) if show_bar else None
+        self._bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", unit="step") if show_bar else None
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         logged = []
-        while self.step < cfg.train.max_steps:
-            m = self.train_step()
-            m["log"] = m["step"] % cfg.train.log_interval == 0 or m["step"] == cfg.train.max_steps
+        try:
+            while self.step < cfg.train.max_steps and self._signal is None:
+                m = self.train_step()
+                self._guard(m)
+                if m.get("skipped"):
+                    for layer in self.model.moe_layers():
+                        layer.step_counts[:] = 0
+                m["log"] = m["step"] % cfg.train.log_interval == 0 or m["step"] == cfg.train.max_steps
+                for cb in self.callbacks:
+                    cb.on_step_end(self, m)
+                for layer in self.model.moe_layers():
+                    layer.step_counts[:] = 0
+                if m["log"]:
+                    logged.append({k: v for k, v in m.items() if k != "log"})
+                if self._bar is not None:
+                    self._bar.update(1)
+            if self._signal is not None:
+                self.stopped_by = signal.Signals(self._signal).name
+                if self.last_saved_step != self.step:
+                    self.save_checkpoint()
+                self.event("stopped", signal=self.stopped_by)
             for cb in self.callbacks:
-                cb.on_step_end(self, m)
-            for layer in self.model.moe_layers():
-                layer.step_counts[:] = 0
-            if m["log"]:
-                logged.append({k: v for k, v in m.items() if k != "log"})
+                cb.on_train_end(self)
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
             if self._bar is not None:
-                self._bar.update(1)
-        for cb in self.callbacks:
-            cb.on_train_end(self)
-        if self._bar is not None:
-            self._bar.close()
+                self._bar.close()
         return logged
 
 
