@@ -14,6 +14,8 @@ from ernie5.data.config import DataConfig
 from ernie5.errors import ConfigError, UserError
 from ernie5.model.config import ModelConfig
 from ernie5.modality.text_tokenizer import TextTokenizerConfig
+from ernie5.parallel.config import ParallelConfig
+from ernie5.precision.config import PrecisionConfig, RecomputeConfig
 from ernie5.train.config import CheckpointConfig, FaultsConfig, OptimConfig, TrainConfig
 
 
@@ -36,11 +38,20 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def validate(self, path: str) -> None:
         require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
                 f"{self.data.seq_len} > model.max_seq_len {self.model.max_seq_len}")
+        experts = self.model.moe.num_experts
+        require(experts == 0 or experts % self.parallel.expert == 0, "parallel.expert",
+                f"{self.parallel.expert} does not divide model.moe.num_experts {experts}")
+        if self.recompute.layers is not None:
+            bad = [i for i in self.recompute.layers if i >= self.model.num_layers]
+            require(not bad, "recompute.layers", f"{bad} past the last layer ({self.model.num_layers - 1})")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(to_dict(self), sort_keys=False, allow_unicode=True)

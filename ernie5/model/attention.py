@@ -35,7 +35,8 @@ class Attention(nn.Layer):
         self.v_proj = linear(H, self.num_kv_heads * self.head_dim, std)
         self.o_proj = linear(self.num_heads * self.head_dim, H, std / math.sqrt(2 * cfg.num_layers))
 
-    def forward(self, x_BSH, cos, sin, mask_B1SS):
+    def qkv(self, x_BSH, cos, sin):
+        """Projections with RoPE applied to q and k; k and v expanded to every query head (GQA)."""
         B, S, _ = x_BSH.shape
         q = apply_rope(self.q_proj(x_BSH).reshape([B, S, self.num_heads, self.head_dim]), cos, sin)
         k = apply_rope(self.k_proj(x_BSH).reshape([B, S, self.num_kv_heads, self.head_dim]), cos, sin)
@@ -44,5 +45,13 @@ class Attention(nn.Layer):
         if groups > 1:
             k = paddle.repeat_interleave(k, groups, axis=2)
             v = paddle.repeat_interleave(v, groups, axis=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_B1SS)
-        return self.o_proj(out.reshape([B, S, self.num_heads * self.head_dim]))
+        return q, k, v
+
+    def core(self, q_BSND, k_BSND, v_BSND, mask_B1SS):
+        """softmax(q k^T / sqrt(d) + mask) v, heads merged: [B, S, N * D]."""
+        B, S = q_BSND.shape[:2]
+        out = F.scaled_dot_product_attention(q_BSND, k_BSND, v_BSND, attn_mask=mask_B1SS)
+        return out.reshape([B, S, self.num_heads * self.head_dim])
+
+    def forward(self, x_BSH, cos, sin, mask_B1SS):
+        return self.o_proj(self.core(*self.qkv(x_BSH, cos, sin), mask_B1SS))

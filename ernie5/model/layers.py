@@ -7,6 +7,17 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 
+def checkpointed(fn, *args):
+    """fn(*args) without keeping its activations: backward re-runs it (Paddle's recompute).
+
+    Paddle runs the first pass under no_grad and the replay with grad enabled; code with side effects (MoE load
+    counting) therefore acts only when grad is enabled, so each micro-batch counts once either way.
+    """
+    from paddle.distributed.fleet.utils import recompute
+
+    return recompute(fn, *args)
+
+
 def linear(in_features: int, out_features: int, std: float) -> nn.Linear:
     """Bias-free Linear (weight [in, out], Paddle layout) with N(0, std) init."""
     attr = paddle.ParamAttr(initializer=nn.initializer.Normal(0.0, std))
@@ -28,14 +39,22 @@ class RMSNorm(nn.Layer):
 
 
 class SwiGLU(nn.Layer):
-    """down(silu(gate(x)) * up(x)); gate and up share one [H, 2F] GEMM (columns :F gate, F: up)."""
+    """down(silu(gate(x)) * up(x)); gate and up share one [H, 2F] GEMM (columns :F gate, F: up).
 
-    def __init__(self, hidden_size: int, ffn_size: int, std: float):
+    `recompute_gate_up`: the [N, 2F] intermediate is not kept for backward but recomputed (selective recompute).
+    """
+
+    def __init__(self, hidden_size: int, ffn_size: int, std: float, recompute_gate_up: bool = False):
         super().__init__()
         self.ffn_size = ffn_size
+        self.recompute_gate_up = recompute_gate_up
         self.gate_up = linear(hidden_size, 2 * ffn_size, std)
         self.down = linear(ffn_size, hidden_size, std)
 
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+    def activated(self, x: paddle.Tensor) -> paddle.Tensor:
         gate, up = paddle.split(self.gate_up(x), 2, axis=-1)
-        return self.down(F.silu(gate) * up)
+        return F.silu(gate) * up
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        h = checkpointed(self.activated, x) if self.recompute_gate_up and self.training else self.activated(x)
+        return self.down(h)

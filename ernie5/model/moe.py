@@ -70,17 +70,23 @@ def balance_losses(cfg: MoEConfig, r: Routing, counts_E: np.ndarray, batch_size:
 class MoELayer(nn.Layer):
     """Routed experts (+ shared experts). Keeps the step's per-expert token counts for balancing and stats."""
 
-    def __init__(self, cfg: ModelConfig, dispatcher=None):
+    def __init__(self, cfg: ModelConfig, dispatcher=None, recompute_gate_up: bool = False):
         super().__init__()
         m = cfg.moe
         self.cfg = m
         self.router = Router(cfg.hidden_size, m, cfg.init_std)
-        self.experts = nn.LayerList([SwiGLU(cfg.hidden_size, m.expert_ffn_size, cfg.init_std)
+        self.experts = nn.LayerList([SwiGLU(cfg.hidden_size, m.expert_ffn_size, cfg.init_std, recompute_gate_up)
                                      for _ in range(m.num_experts)])
-        self.shared = (SwiGLU(cfg.hidden_size, m.expert_ffn_size * m.num_shared_experts, cfg.init_std)
-                       if m.num_shared_experts else None)
+        self.shared = (SwiGLU(cfg.hidden_size, m.expert_ffn_size * m.num_shared_experts, cfg.init_std,
+                              recompute_gate_up) if m.num_shared_experts else None)
         self.dispatcher = dispatcher or LocalDispatcher()
         self.step_counts = np.zeros(m.num_experts, dtype=np.int64)
+
+    @property
+    def has_aux(self) -> bool:
+        """Whether training forward returns a balancing loss (some coefficient is > 0)."""
+        m = self.cfg
+        return m.aux_loss_coef > 0 or m.seq_aux_loss_coef > 0 or m.z_loss_coef > 0
 
     def forward(self, x_BSH: paddle.Tensor) -> tuple[paddle.Tensor, Optional[paddle.Tensor]]:
         B, S, H = x_BSH.shape
@@ -92,7 +98,8 @@ class MoELayer(nn.Layer):
             y_TH = y_TH + self.shared(x_TH)
         aux = None
         if self.training:
-            self.step_counts += counts_E
+            if paddle.is_grad_enabled():  # not in recompute's no-grad first pass: one count per micro-batch
+                self.step_counts += counts_E
             aux = balance_losses(self.cfg, r, counts_E, B)
         return y_TH.reshape([B, S, H]), aux
 

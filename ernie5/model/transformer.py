@@ -12,29 +12,62 @@ import paddle.nn as nn
 
 from ernie5.model.attention import Attention, document_causal_mask
 from ernie5.model.config import ModelConfig
-from ernie5.model.layers import RMSNorm, SwiGLU, linear
+from ernie5.model.layers import RMSNorm, SwiGLU, checkpointed, linear
 from ernie5.model.moe import MoELayer
 from ernie5.model.rope import frequency_table, rope_cos_sin
+from ernie5.precision.config import RecomputeConfig
 
 
 class Block(nn.Layer):
-    """x + attn(norm(x)), then + ffn(norm(x)); the FFN is dense or MoE. Returns (x, aux loss or None)."""
+    """x + attn(norm(x)), then + ffn(norm(x)); the FFN is dense or MoE. Returns (x, aux loss or None).
 
-    def __init__(self, cfg: ModelConfig, moe: bool):
+    Recompute (training only): `full` re-runs the whole block in backward; `selective` re-runs only the chosen
+    pieces: `norm_qkv` (input norm + q/k/v projections + RoPE), `attention` (the softmax(qk^T)v core),
+    `expert_gate_up` (routed and shared experts' gate/up GEMMs and activation).
+    """
+
+    def __init__(self, cfg: ModelConfig, moe: bool, recompute: Optional[RecomputeConfig] = None, index: int = 0):
         super().__init__()
+        on = recompute is not None and recompute.applies_to(index)
+        self.full_recompute = on and recompute.mode == "full"
+        self.selective = set(recompute.modules) if on and recompute.mode == "selective" else set()
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = Attention(cfg)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = moe
-        self.mlp = MoELayer(cfg) if moe else SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_std)
+        self.mlp = (MoELayer(cfg, recompute_gate_up="expert_gate_up" in self.selective) if moe
+                    else SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_std))
 
-    def forward(self, x_BSH, cos, sin, mask):
-        x_BSH = x_BSH + self.attn(self.input_norm(x_BSH), cos, sin, mask)
+    def _norm_qkv(self, x_BSH, cos, sin):
+        return self.attn.qkv(self.input_norm(x_BSH), cos, sin)
+
+    def _attention(self, x_BSH, cos, sin, mask):
+        replay = self.training
+        q, k, v = (checkpointed(self._norm_qkv, x_BSH, cos, sin) if replay and "norm_qkv" in self.selective
+                   else self._norm_qkv(x_BSH, cos, sin))
+        o = (checkpointed(self.attn.core, q, k, v, mask) if replay and "attention" in self.selective
+             else self.attn.core(q, k, v, mask))
+        return self.attn.o_proj(o)
+
+    def _forward(self, x_BSH, cos, sin, mask):
+        x_BSH = x_BSH + self._attention(x_BSH, cos, sin, mask)
         h = self.post_attn_norm(x_BSH)
         if self.is_moe:
             y, aux = self.mlp(h)
             return x_BSH + y, aux
         return x_BSH + self.mlp(h), None
+
+    def forward(self, x_BSH, cos, sin, mask):
+        if not (self.full_recompute and self.training):
+            return self._forward(x_BSH, cos, sin, mask)
+        has_aux = self.is_moe and self.mlp.has_aux
+
+        def run(x, c, s, m):  # recompute wants tensor outputs only
+            y, aux = self._forward(x, c, s, m)
+            return (y, aux) if has_aux else y
+
+        out = checkpointed(run, x_BSH, cos, sin, mask)
+        return out if has_aux else (out, None)
 
 
 class MTPModule(nn.Layer):
@@ -64,14 +97,14 @@ class BackboneOut:
 class UnifiedModel(nn.Layer):
     """The ernie5 transformer. `forward(input_ids)` returns text logits [B, S, V]."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, recompute: Optional[RecomputeConfig] = None):
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be resolved before building the model")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                   weight_attr=paddle.ParamAttr(initializer=nn.initializer.Normal(0.0, cfg.init_std)))
-        self.layers = nn.LayerList([Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.num_layers)])
+        self.layers = nn.LayerList([Block(cfg, cfg.is_moe_layer(i), recompute, i) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_embeddings else linear(cfg.hidden_size, cfg.vocab_size, cfg.init_std)
         self.mtp = nn.LayerList([MTPModule(cfg) for _ in range(cfg.mtp.depth)])
@@ -113,11 +146,12 @@ class UnifiedModel(nn.Layer):
         return self.logits(self.backbone(input_ids_BS, pos_thw_BS3, segment_ids_BS).hidden_BSH)
 
 
-def build_model(cfg: ModelConfig, seed: Optional[int] = None) -> UnifiedModel:
+def build_model(cfg: ModelConfig, seed: Optional[int] = None,
+                recompute: Optional[RecomputeConfig] = None) -> UnifiedModel:
     """Build with a fixed parameter-init seed (paddle.seed) so runs are reproducible."""
     if seed is not None:
         paddle.seed(seed)
-    return UnifiedModel(cfg)
+    return UnifiedModel(cfg, recompute)
 
 
 def count_params(model: nn.Layer) -> int:

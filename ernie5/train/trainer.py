@@ -86,7 +86,7 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.train_loader, self.val_loader = self._loaders()
         with paddle.utils.unique_name.guard():  # stable parameter names -> stable optimizer-state keys
-            self.model = build_model(cfg.model, seed=cfg.run.seed)
+            self.model = build_model(cfg.model, seed=cfg.run.seed, recompute=cfg.recompute)
         self.params = [p for p in self.model.parameters() if not p.stop_gradient]
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.step = 0
