@@ -6,7 +6,7 @@ setup(
     description="PaddlePaddle pretraining for unified multimodal MoE models in the style of ERNIE 5.0",
     packages=find_packages(include=["ernie5", "ernie5.*"]),
     python_requires=">=3.10",
-    install_requires=["numpy", "pyyaml", "sentencepiece", "tqdm", "safetensors"],
+    install_requires=["numpy", "pyyaml", "sentencepiece", "tqdm", "safetensors", "matplotlib"],
     extras_require={
         "cpu": ["paddlepaddle==3.3.1"],
         "gpu": ["paddlepaddle-gpu"],

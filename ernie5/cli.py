@@ -65,23 +65,41 @@ def _cmd_data(args) -> None:
 
 def _cmd_plan(args) -> None:
     from ernie5.config.run import load_config
-    from ernie5.plan import count_parameters, flops_per_token
+    from ernie5.plan import PlanOptions, format_plan, plan_report
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.model.vocab_size is None:
-        raise UserError("model.vocab_size", "must be set for `plan` (it is otherwise read from the data)")
-    pc = count_parameters(cfg.model)
-    out = {"total_params": pc.total_params, "active_params": pc.active_params,
-           "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len),
-           "params_by_component": pc.total, "active_by_component": pc.active}
-    if args.json:
-        print(json.dumps(out))
-        return
-    print(f"{'component':<16}{'total':>16}{'active':>16}")
-    for k in pc.total:
-        print(f"{k:<16}{pc.total[k]:>16,}{pc.active[k]:>16,}")
-    print(f"{'all':<16}{pc.total_params:>16,}{pc.active_params:>16,}")
-    print(f"training FLOPs per token at seq_len {cfg.data.seq_len}: {out['flops_per_token']:.4g}")
+    opts = PlanOptions(param_dtype=args.param_dtype, grad_dtype=args.grad_dtype, devices=args.devices,
+                       mfu=args.mfu, device_tflops=args.device_tflops, device_memory_gb=args.device_memory_gb)
+    for name in ("devices", "mfu", "device_tflops", "device_memory_gb"):
+        value = getattr(opts, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')}", f"{value} must be > 0")
+    rep = plan_report(cfg, opts)
+    print(json.dumps(rep) if args.json else format_plan(rep))
+
+
+def _cmd_bench(args) -> None:
+    from ernie5.bench import BenchOptions, format_report, run_bench
+    from ernie5.config.run import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    opts = BenchOptions(steps=args.steps, warmup=args.warmup, breakdown_steps=args.breakdown_steps,
+                        overhead_steps=args.overhead_steps, profile=args.profile)
+    result = run_bench(cfg, opts)
+    print(json.dumps(result) if args.json else format_report(result, args.config))
+
+
+def _count(minimum: int):
+    """argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
 
 
 def _byte_size(text: str) -> int:
@@ -98,7 +116,9 @@ def _byte_size(text: str) -> int:
 
 
 def _cmd_export(args) -> None:
-    if args.format == "hf":
+    if args.submodel is not None:
+        return _export_submodel(args)
+    if args.format in (None, "hf"):
         from ernie5.export.hf import export_hf
 
         out = export_hf(args.ckpt, args.out, tokenizer_model=args.tokenizer, max_shard_bytes=args.max_shard_size)
@@ -108,6 +128,37 @@ def _cmd_export(args) -> None:
 
         out = export_native(args.ckpt, args.out, tokenizer_model=args.tokenizer)
         print(f"exported {args.ckpt} (native safetensors) to {out}")
+
+
+def _export_submodel(args) -> None:
+    """`export CKPT --submodel depth=..,experts=..,top_k=..`: a standalone smaller model, native format."""
+    from ernie5.elastic.extract import extract, parse_submodel_spec, resolve_submodel
+    from ernie5.export.native import export_native
+
+    if args.format == "hf":
+        raise UserError("--format", "sub-models are exported in the native format (drop --format hf)")
+    spec = parse_submodel_spec(args.submodel)
+    chosen = {}
+
+    def cut(cfg, state):
+        sub = resolve_submodel(cfg.model, cfg.elastic, cfg.parallel.expert, spec)
+        chosen["sub"] = sub.describe(cfg.model.num_layers, cfg.model.moe.num_experts, cfg.model.moe.top_k)
+        return extract(cfg, state, sub)
+
+    out = export_native(args.ckpt, args.out, tokenizer_model=args.tokenizer, transform=cut)
+    print(f"exported sub-model {chosen['sub']} of {args.ckpt} (native safetensors) to {out}")
+
+
+def _cmd_eval(args) -> None:
+    from ernie5.elastic.evaluate import evaluate_elastic, markdown_table
+
+    rows, out = evaluate_elastic(args.ckpt, args.out, args.batches, args.overrides, grid=args.elastic)
+    if args.elastic:
+        print(markdown_table(rows, f"elastic sub-models of {args.ckpt}"), end="")
+        print(f"table, JSON and plot in {out}")
+    else:
+        print(f"held-out loss {rows[0]['loss']:.4f} ({rows[0]['active_params']:,} active / "
+              f"{rows[0]['total_params']:,} total params)")
 
 
 def _cmd_import(args) -> None:
@@ -137,16 +188,45 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default="data/raw")
     f.set_defaults(fn=_cmd_data)
     with_config(data.add_parser("prepare", help="tokenise the corpus into shards")).set_defaults(fn=_cmd_data)
-    pl = with_config(sub.add_parser("plan", help="parameters and FLOPs on paper"))
-    pl.add_argument("--json", action="store_true")
+    pl = with_config(sub.add_parser("plan", help="parameters, FLOPs, per-device memory and tokens/day on paper"))
+    pl.add_argument("--json", action="store_true", help="print one JSON object")
+    pl.add_argument("--param-dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                    help="weight and activation dtype on the device (default bf16; the router stays fp32)")
+    pl.add_argument("--grad-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                    help="gradient dtype (default fp32 main grads)")
+    pl.add_argument("--devices", type=int, help="devices for tokens/day (default: the layout's world size); "
+                    "with parallel.data null it also sets the data-parallel degree")
+    pl.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
+    pl.add_argument("--device-tflops", type=float, default=989.0,
+                    help="peak TFLOP/s per device (default 989: H100/H800 dense bf16)")
+    pl.add_argument("--device-memory-gb", type=float, default=80.0, help="device memory budget (default 80)")
     pl.set_defaults(fn=_cmd_plan)
+    be = with_config(sub.add_parser("bench", help="time training steps: tokens/s, MFU, phase breakdown"))
+    be.add_argument("--json", action="store_true", help="print one JSON object")
+    be.add_argument("--steps", type=_count(1), default=5, help="timed steps (median reported)")
+    be.add_argument("--warmup", type=_count(0), default=2, help="untimed steps first")
+    be.add_argument("--breakdown-steps", type=_count(0), default=2, help="instrumented steps for the breakdown")
+    be.add_argument("--overhead-steps", type=_count(0), default=3, help="train() steps for the loop overhead")
+    be.add_argument("--profile", action="store_true", help="op-level profile and backward split by phase")
+    be.set_defaults(fn=_cmd_bench)
     ex = sub.add_parser("export", help="export a checkpoint: Hugging Face ERNIE 4.5 or native safetensors")
     ex.add_argument("ckpt", help="checkpoint dir or run dir (its newest checkpoint)")
-    ex.add_argument("--format", choices=["hf", "native"], default="hf")
+    ex.add_argument("--format", choices=["hf", "native"], default=None, help="default hf (native with --submodel)")
+    ex.add_argument("--submodel", metavar="SPEC",
+                    help="elastic sub-model to cut out, e.g. depth=3,experts=4,top_k=1 (counts, or indices joined "
+                         "by '+': experts=0+1+4+5); writes a standalone native checkpoint")
     ex.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     ex.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's tokenizer.model_path)")
     ex.add_argument("--max-shard-size", type=_byte_size, default="2GB", help="hf: split weights above this size")
     ex.set_defaults(fn=_cmd_export)
+    ev = sub.add_parser("eval", help="held-out loss of a checkpoint (--elastic: and of its elastic sub-models)")
+    ev.add_argument("ckpt", help="checkpoint dir or run dir (its newest checkpoint)")
+    ev.add_argument("overrides", nargs="*", help="key.path=value overrides of the checkpoint's config")
+    ev.add_argument("--elastic", action="store_true",
+                    help="also evaluate the sub-model grid; write a table (markdown + JSON) and loss-vs-params plot")
+    ev.add_argument("--batches", type=_count(1), default=16, help="held-out micro-batches (default 16)")
+    ev.add_argument("--out", help="output dir (default: <run dir>/eval/<checkpoint>)")
+    ev.set_defaults(fn=_cmd_eval)
     im = sub.add_parser("import", help="turn a Hugging Face ERNIE 4.5 directory into an ernie5 checkpoint")
     im.add_argument("hf_dir")
     im.add_argument("--out", required=True, help="checkpoint directory to write")

@@ -11,6 +11,7 @@ import yaml
 
 from ernie5.config.schema import build, join, require, to_dict
 from ernie5.data.config import DataConfig
+from ernie5.elastic.config import ElasticConfig
 from ernie5.errors import ConfigError, UserError
 from ernie5.model.config import ModelConfig
 from ernie5.modality.text_tokenizer import TextTokenizerConfig
@@ -42,6 +43,7 @@ class RunConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
 
     def validate(self, path: str) -> None:
         require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
@@ -49,6 +51,7 @@ class RunConfig:
         experts = self.model.moe.num_experts
         require(experts == 0 or experts % self.parallel.expert == 0, "parallel.expert",
                 f"{self.parallel.expert} does not divide model.moe.num_experts {experts}")
+        self.elastic.check_model(self.model, self.parallel, "elastic")
         if self.recompute.layers is not None:
             bad = [i for i in self.recompute.layers if i >= self.model.num_layers]
             require(not bad, "recompute.layers", f"{bad} past the last layer ({self.model.num_layers - 1})")

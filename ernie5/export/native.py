@@ -20,13 +20,17 @@ from ernie5.train.checkpoint import save_text, write_checkpoint_dir
 TOKENIZER_FILE = "tokenizer.model"
 
 
-def export_native(ckpt_path: str, out_dir: str, tokenizer_model: str | None = None) -> Path:
-    """Write `out_dir` with model.safetensors, config.yaml, tokenizer.model and manifest.json; returns it."""
+def export_native(ckpt_path: str, out_dir: str, tokenizer_model: str | None = None, transform=None) -> Path:
+    """Write `out_dir` with model.safetensors, config.yaml, tokenizer.model and manifest.json; returns it.
+
+    `transform(cfg, state) -> (cfg, state)` rewrites the model first (the elastic sub-model export uses it)."""
     from safetensors.numpy import save_file
 
     out = Path(out_dir).resolve()
     check_free(out)
     ckpt, cfg, state = read_checkpoint(ckpt_path)
+    if transform is not None:
+        cfg, state = transform(cfg, state)
     tok = Path(tokenizer_model or cfg.tokenizer.model_path)
     writers = {SINGLE_FILE: lambda p: save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(p),
                                                 metadata={"format": "ernie5-native", "source": str(ckpt)})}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
@@ -18,9 +20,10 @@ def checkpointed(fn, *args):
     return recompute(fn, *args)
 
 
-def linear(in_features: int, out_features: int, std: float) -> nn.Linear:
-    """Bias-free Linear (weight [in, out], Paddle layout) with N(0, std) init."""
-    attr = paddle.ParamAttr(initializer=nn.initializer.Normal(0.0, std))
+def linear(in_features: int, out_features: int, std: Optional[float]) -> nn.Linear:
+    """Bias-free Linear (weight [in, out], Paddle layout) with N(0, std) init (std None: zeros, to be set later)."""
+    init = nn.initializer.Constant(0.0) if std is None else nn.initializer.Normal(0.0, std)
+    attr = paddle.ParamAttr(initializer=init)
     return nn.Linear(in_features, out_features, weight_attr=attr, bias_attr=False)
 
 
@@ -44,7 +47,7 @@ class SwiGLU(nn.Layer):
     `recompute_gate_up`: the [N, 2F] intermediate is not kept for backward but recomputed (selective recompute).
     """
 
-    def __init__(self, hidden_size: int, ffn_size: int, std: float, recompute_gate_up: bool = False):
+    def __init__(self, hidden_size: int, ffn_size: int, std: Optional[float], recompute_gate_up: bool = False):
         super().__init__()
         self.ffn_size = ffn_size
         self.recompute_gate_up = recompute_gate_up

@@ -13,7 +13,7 @@ import paddle.nn as nn
 from ernie5.model.attention import Attention, document_causal_mask
 from ernie5.model.config import ModelConfig
 from ernie5.model.layers import RMSNorm, SwiGLU, checkpointed, linear
-from ernie5.model.moe import MoELayer
+from ernie5.model.moe import ExpertPlacement, MoELayer
 from ernie5.model.rope import frequency_table, rope_cos_sin
 from ernie5.precision.config import RecomputeConfig
 
@@ -26,7 +26,8 @@ class Block(nn.Layer):
     `expert_gate_up` (routed and shared experts' gate/up GEMMs and activation).
     """
 
-    def __init__(self, cfg: ModelConfig, moe: bool, recompute: Optional[RecomputeConfig] = None, index: int = 0):
+    def __init__(self, cfg: ModelConfig, moe: bool, recompute: Optional[RecomputeConfig] = None, index: int = 0,
+                 placement: Optional[ExpertPlacement] = None, seed: int = 0):
         super().__init__()
         on = recompute is not None and recompute.applies_to(index)
         self.full_recompute = on and recompute.mode == "full"
@@ -35,7 +36,7 @@ class Block(nn.Layer):
         self.attn = Attention(cfg)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = moe
-        self.mlp = (MoELayer(cfg, recompute_gate_up="expert_gate_up" in self.selective) if moe
+        self.mlp = (MoELayer(cfg, placement, "expert_gate_up" in self.selective, index, seed) if moe
                     else SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_std))
 
     def _norm_qkv(self, x_BSH, cos, sin):
@@ -49,21 +50,22 @@ class Block(nn.Layer):
              else self.attn.core(q, k, v, mask))
         return self.attn.o_proj(o)
 
-    def _forward(self, x_BSH, cos, sin, mask):
+    def _forward(self, x_BSH, cos, sin, mask, submodel=None):
         x_BSH = x_BSH + self._attention(x_BSH, cos, sin, mask)
         h = self.post_attn_norm(x_BSH)
         if self.is_moe:
-            y, aux = self.mlp(h)
+            y, aux = self.mlp(h, submodel)
             return x_BSH + y, aux
         return x_BSH + self.mlp(h), None
 
-    def forward(self, x_BSH, cos, sin, mask):
+    def forward(self, x_BSH, cos, sin, mask, submodel=None):
+        """`submodel`: an elastic SubModel whose expert subset / top-k the MoE layer routes with (None: full)."""
         if not (self.full_recompute and self.training):
-            return self._forward(x_BSH, cos, sin, mask)
+            return self._forward(x_BSH, cos, sin, mask, submodel)
         has_aux = self.is_moe and self.mlp.has_aux
 
         def run(x, c, s, m):  # recompute wants tensor outputs only
-            y, aux = self._forward(x, c, s, m)
+            y, aux = self._forward(x, c, s, m, submodel)
             return (y, aux) if has_aux else y
 
         out = checkpointed(run, x_BSH, cos, sin, mask)
@@ -97,14 +99,16 @@ class BackboneOut:
 class UnifiedModel(nn.Layer):
     """The ernie5 transformer. `forward(input_ids)` returns text logits [B, S, V]."""
 
-    def __init__(self, cfg: ModelConfig, recompute: Optional[RecomputeConfig] = None):
+    def __init__(self, cfg: ModelConfig, recompute: Optional[RecomputeConfig] = None,
+                 placement: Optional[ExpertPlacement] = None, seed: int = 0):
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be resolved before building the model")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                   weight_attr=paddle.ParamAttr(initializer=nn.initializer.Normal(0.0, cfg.init_std)))
-        self.layers = nn.LayerList([Block(cfg, cfg.is_moe_layer(i), recompute, i) for i in range(cfg.num_layers)])
+        self.layers = nn.LayerList([Block(cfg, cfg.is_moe_layer(i), recompute, i, placement, seed)
+                                    for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_embeddings else linear(cfg.hidden_size, cfg.vocab_size, cfg.init_std)
         self.mtp = nn.LayerList([MTPModule(cfg) for _ in range(cfg.mtp.depth)])
@@ -114,7 +118,9 @@ class UnifiedModel(nn.Layer):
     def moe_layers(self) -> list[MoELayer]:
         return [b.mlp for b in self.layers if b.is_moe]
 
-    def backbone(self, input_ids_BS, pos_thw_BS3=None, segment_ids_BS=None) -> BackboneOut:
+    def backbone(self, input_ids_BS, pos_thw_BS3=None, segment_ids_BS=None, submodel=None) -> BackboneOut:
+        """`submodel` (elastic training): layers it does not keep are identities; MoE layers route with its
+        expert subset and top-k. None: the full model."""
         B, S = input_ids_BS.shape
         if pos_thw_BS3 is None:
             pos_thw_BS3 = paddle.arange(S, dtype="int64").reshape([1, S, 1]).expand([B, S, 3])
@@ -124,8 +130,10 @@ class UnifiedModel(nn.Layer):
         mask = document_causal_mask(segment_ids_BS)
         x = self.embed(input_ids_BS)
         aux_terms = []
-        for block in self.layers:
-            x, aux = block(x, cos, sin, mask)
+        for i, block in enumerate(self.layers):
+            if submodel is not None and not submodel.keeps_layer(i):
+                continue
+            x, aux = block(x, cos, sin, mask, submodel)
             if aux is not None:
                 aux_terms.append(aux)
         aux_loss = paddle.add_n(aux_terms) if aux_terms else None
@@ -142,16 +150,16 @@ class UnifiedModel(nn.Layer):
         """Hidden state of MTP depth `depth` (1-based) from the previous depth's hidden and x_{t+depth}."""
         return self.mtp[depth - 1](prev_BSH, self.embed(next_ids_BS), out.cos, out.sin, out.mask)
 
-    def forward(self, input_ids_BS, pos_thw_BS3=None, segment_ids_BS=None) -> paddle.Tensor:
-        return self.logits(self.backbone(input_ids_BS, pos_thw_BS3, segment_ids_BS).hidden_BSH)
+    def forward(self, input_ids_BS, pos_thw_BS3=None, segment_ids_BS=None, submodel=None) -> paddle.Tensor:
+        return self.logits(self.backbone(input_ids_BS, pos_thw_BS3, segment_ids_BS, submodel).hidden_BSH)
 
 
-def build_model(cfg: ModelConfig, seed: Optional[int] = None,
-                recompute: Optional[RecomputeConfig] = None) -> UnifiedModel:
+def build_model(cfg: ModelConfig, seed: Optional[int] = None, recompute: Optional[RecomputeConfig] = None,
+                placement: Optional[ExpertPlacement] = None) -> UnifiedModel:
     """Build with a fixed parameter-init seed (paddle.seed) so runs are reproducible."""
     if seed is not None:
         paddle.seed(seed)
-    return UnifiedModel(cfg, recompute)
+    return UnifiedModel(cfg, recompute, placement, seed or 0)
 
 
 def count_params(model: nn.Layer) -> int:

@@ -56,8 +56,9 @@ class TextLoss:
     tokens: int
 
 
-def text_loss(model: UnifiedModel, batch: dict[str, paddle.Tensor], mtp_weight: float) -> TextLoss:
-    out = model.backbone(batch["input_ids"], batch["positions"], batch["segment_ids"])
+def text_loss(model: UnifiedModel, batch: dict[str, paddle.Tensor], mtp_weight: float, submodel=None) -> TextLoss:
+    """NTP (+ MTP, + balancing aux) loss; `submodel` trains an elastic sub-model (None: the full model)."""
+    out = model.backbone(batch["input_ids"], batch["positions"], batch["segment_ids"], submodel)
     ntp, tokens = masked_ce(model.logits(out.hidden_BSH), batch["labels_0"])
     total, terms = ntp, {"loss_ntp": float(ntp)}
     h = out.hidden_BSH

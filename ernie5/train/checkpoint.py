@@ -46,9 +46,14 @@ def write_checkpoint(ckpt_root: Path, step: int, writers: dict[str, Callable[[Pa
     """
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = write_checkpoint_dir(ckpt_root / step_dir_name(step), step, writers, pause_s)
+    prune_checkpoints(ckpt_root, keep_last)
+    return final
+
+
+def prune_checkpoints(ckpt_root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints."""
     for stale in list_checkpoints(ckpt_root)[:-keep_last]:
         shutil.rmtree(stale, ignore_errors=True)
-    return final
 
 
 def write_checkpoint_dir(final: Path, step: int, writers: dict[str, Callable[[Path], None]],
@@ -57,22 +62,31 @@ def write_checkpoint_dir(final: Path, step: int, writers: dict[str, Callable[[Pa
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    files = {}
+    write_files(tmp, writers, pause_s)
+    finalize_checkpoint_dir(tmp, final, step)
+    return final
+
+
+def write_files(tmp: Path, writers: dict[str, Callable[[Path], None]], pause_s: float = 0.0) -> None:
+    """Each writer writes its file into `tmp`; every file is fsynced (a rank of a multi-rank save calls this)."""
     for name, write in writers.items():
         path = tmp / name
         write(path)
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-        files[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
         if pause_s:
             time.sleep(pause_s)
-    manifest = tmp / MANIFEST
-    with open(manifest, "w") as f:
+
+
+def finalize_checkpoint_dir(tmp: Path, final: Path, step: int) -> None:
+    """Manifest (size + sha256) over every file in `tmp`, then publish it as `final`."""
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+             for f in sorted(tmp.iterdir()) if f.is_file() and f.name != MANIFEST}
+    with open(tmp / MANIFEST, "w") as f:
         json.dump({"format": 1, "step": step, "files": files}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     publish_dir(tmp, final)
-    return final
 
 
 def publish_dir(tmp: Path, final: Path) -> None:
@@ -193,13 +207,26 @@ def load_state(path: Path, name: str):
             from None
 
 
+def rank_file(stem: str, suffix: str, rank: int) -> str:
+    """Per-rank file names: rank 0 keeps the plain name (`model.pdparams`), others `model.rank3.pdparams`."""
+    return f"{stem}{suffix}" if rank == 0 else f"{stem}.rank{rank}{suffix}"
+
+
+def load_merged(ckpt: Path, stem: str, suffix: str) -> dict:
+    """Union of `stem{suffix}` and every `stem.rankN{suffix}` (each holds a disjoint share, global names)."""
+    merged = dict(load_state(ckpt, stem + suffix))
+    for f in sorted(ckpt.glob(f"{stem}.rank*{suffix}")):
+        merged.update(load_state(ckpt, f.name))
+    return merged
+
+
 def load_model_weights(ckpt: Path) -> dict:
-    """Model weights of a training checkpoint (model.pdparams) or of a native export (model.safetensors)."""
+    """Model weights (global names) of a training checkpoint, single- or multi-rank, or of a native export."""
     if not (ckpt / "model.pdparams").is_file() and (ckpt / "model.safetensors").is_file():
         from ernie5.export.native import load_native_weights
 
         return load_native_weights(ckpt)
-    return load_state(ckpt, "model.pdparams")
+    return load_merged(ckpt, "model", ".pdparams")
 
 
 def apply_model_state(model, state: dict, where: str) -> None:

@@ -87,6 +87,8 @@ class FaultsConfig:
     nan_micro_batch: int = 0  # ... in this micro-batch
     spike_loss_steps: list[int] = field(default_factory=list)  # multiply the loss of these steps by 50 (once each)
     slow_checkpoint_s: float = 0.0  # sleep after each checkpoint file: widens the window for kill-mid-save tests
+    crash_rank: int = -1  # this rank dies (os._exit) at the start of step `crash_at_step` (rank-failure tests)
+    crash_at_step: int = 0
 
     def validate(self, path: str) -> None:
         require(self.nan_micro_batch >= 0, join(path, "nan_micro_batch"), "must be >= 0")

@@ -31,9 +31,10 @@ def _no_decay(param: paddle.Tensor) -> bool:
     return len(param.shape) == 1 or getattr(param, "is_router", False)
 
 
-def build_optimizer(model: paddle.nn.Layer, cfg: OptimConfig) -> paddle.optimizer.AdamW:
+def build_optimizer(model_or_params, cfg: OptimConfig) -> paddle.optimizer.AdamW:
     """AdamW (decoupled decay) with no decay on norms, biases and the router; router LR scaled by its ratio."""
-    params = [p for p in model.parameters() if not p.stop_gradient]
+    source = model_or_params.parameters() if isinstance(model_or_params, paddle.nn.Layer) else model_or_params
+    params = [p for p in source if not p.stop_gradient]
     no_decay = {p.name for p in params if _no_decay(p)}
     for p in params:
         if getattr(p, "is_router", False):
@@ -42,14 +43,6 @@ def build_optimizer(model: paddle.nn.Layer, cfg: OptimConfig) -> paddle.optimize
         learning_rate=cfg.lr, parameters=params, beta1=cfg.beta1, beta2=cfg.beta2, epsilon=cfg.eps,
         weight_decay=cfg.weight_decay, apply_decay_param_fun=lambda name: name not in no_decay,
     )
-
-
-@paddle.no_grad()
-def grad_global_norm(params: list[paddle.Tensor]) -> float:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(paddle.sqrt(paddle.add_n([(g.astype("float32") ** 2).sum() for g in grads])))
 
 
 @paddle.no_grad()

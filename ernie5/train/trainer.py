@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import signal
 import sys
 import time
@@ -19,15 +20,20 @@ from tqdm import tqdm
 from ernie5.config.run import RunConfig
 from ernie5.data.loader import PackedLoader, SyntheticLoader
 from ernie5.data.shards import open_split, read_meta
+from ernie5.elastic.sampler import build_sampler
 from ernie5.errors import TrainingError, UserError
+from ernie5.model.moe import ExpertPlacement
 from ernie5.model.transformer import build_model, count_params, to_tensor_batch
+from ernie5.parallel.expert_parallel import ExpertParallelDispatcher
+from ernie5.parallel.runtime import ParallelRuntime
+from ernie5.parallel.topology import init_topology
 from ernie5.objectives.text import make_text_batch, text_loss
 from ernie5.plan import count_parameters, flops_per_token
 from ernie5.train import checkpoint as ckpt
 from ernie5.train.callbacks import (AuxFreeBiasUpdate, Callback, Checkpointer, Evaluator, MetricsLogger,
                                     RouterOrthogonalStep, RoutingStats)
 from ernie5.train.guards import SpikeDetector
-from ernie5.train.optim import build_optimizer, grad_global_norm, lr_at, scale_grads
+from ernie5.train.optim import lr_at
 from ernie5.train.perf import measure_gemm_gflops
 
 
@@ -77,8 +83,9 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, callbacks: Optional[list[Callback]] = None, quiet: bool = False):
         self.cfg, self.quiet = cfg, quiet
-        self.rank, self.world = 0, 1
-        self.is_main = self.rank == 0
+        self.topo = init_topology(cfg.parallel)
+        self.rank, self.world = self.topo.dp_rank, self.topo.dp  # data sharding
+        self.is_main = self.topo.is_main
         check_determinism(cfg)
         resolve_vocab(cfg)
         self.out = Path(cfg.run.output_dir)
@@ -86,13 +93,14 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.train_loader, self.val_loader = self._loaders()
         with paddle.utils.unique_name.guard():  # stable parameter names -> stable optimizer-state keys
-            self.model = build_model(cfg.model, seed=cfg.run.seed, recompute=cfg.recompute)
-        self.params = [p for p in self.model.parameters() if not p.stop_gradient]
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+            self.model = build_model(cfg.model, seed=cfg.run.seed, recompute=cfg.recompute,
+                                     placement=self._expert_placement())
+        self.runtime = ParallelRuntime(self.model, cfg.optim, self.topo)
         self.step = 0
         self.bad_streak = 0
         self.last_saved_step = -1
         self.spikes = SpikeDetector(cfg.train.spike_window, cfg.train.spike_zscore)
+        self.elastic = build_sampler(cfg)  # None unless elastic.enabled: every micro-step trains the full model
         self.callbacks = callbacks if callbacks is not None else self.default_callbacks()
         self._bar = None
         self._signal = None
@@ -124,30 +132,59 @@ class Trainer:
         return [AuxFreeBiasUpdate(), RouterOrthogonalStep(), RoutingStats(self.out), Evaluator(),
                 MetricsLogger(self.out, self.cfg.train.visualdl), Checkpointer()]
 
+    def _expert_placement(self) -> Optional[ExpertPlacement]:
+        topo, E = self.topo, self.cfg.model.moe.num_experts
+        if topo.ep == 1 or E == 0:
+            return None
+        return ExpertPlacement(topo.local_experts(E),
+                               ExpertParallelDispatcher(E, topo.ep, topo.ep_rank, topo.ep_group,
+                                                        native_alltoall=topo.backend == "nccl"))
+
     def reduce_counts(self, counts: np.ndarray) -> np.ndarray:
-        """Sum expert loads over data-parallel ranks (identity in one process)."""
-        return counts
+        """Sum expert loads over the data-parallel ranks (identity in one process)."""
+        return self.topo.sum_array(counts)
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         state = {"step": self.step, "loader": self.train_loader.state_dict(), "bad_streak": self.bad_streak,
                  "spikes": self.spikes.state_dict(), "total_params": count_params(self.model)}
+        if self.elastic is not None:
+            state["elastic"] = self.elastic.state_dict()
         self.last_saved_step = self.step
-        return ckpt.write_checkpoint(self.ckpt_root, self.step, {
-            "model.pdparams": ckpt.save_paddle(self.model.state_dict()),
-            "optimizer.pdopt": ckpt.save_paddle(self.optimizer.state_dict()),
-            "trainer_state.json": ckpt.save_json(state),
-            "rng.pkl": ckpt.save_pickle({"paddle": paddle.get_rng_state()}),
-            "config.yaml": ckpt.save_text(self.cfg.to_yaml()),
-        }, self.cfg.checkpoint.keep_last, pause_s=self.cfg.faults.slow_checkpoint_s)
+        r, pause = self.topo.rank, self.cfg.faults.slow_checkpoint_s
+        writers = {ckpt.rank_file("model", ".pdparams", r): ckpt.save_paddle(self.runtime.model_state()),
+                   ckpt.rank_file("optimizer", ".pdopt", r): ckpt.save_paddle(self.runtime.optimizer_state())}
+        if self.is_main:
+            writers.update({"trainer_state.json": ckpt.save_json(state),
+                            "rng.pkl": ckpt.save_pickle({"paddle": paddle.get_rng_state()}),
+                            "config.yaml": ckpt.save_text(self.cfg.to_yaml())})
+        if not self.topo.distributed:
+            return ckpt.write_checkpoint(self.ckpt_root, self.step, writers, self.cfg.checkpoint.keep_last, pause)
+        # every rank writes its share into one temp dir; rank 0 adds the manifest and publishes it
+        final = self.ckpt_root / ckpt.step_dir_name(self.step)
+        tmp = self.ckpt_root / f".tmp-{final.name}-dist"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.topo.barrier()
+        ckpt.write_files(tmp, writers, pause)
+        self.topo.barrier()
+        if self.is_main:
+            ckpt.finalize_checkpoint_dir(tmp, final, self.step)
+            ckpt.prune_checkpoints(self.ckpt_root, self.cfg.checkpoint.keep_last)
+        self.topo.barrier()
+        return final
 
     def load_checkpoint(self, path: Path) -> None:
-        ckpt.apply_model_state(self.model, ckpt.load_state(path, "model.pdparams"), str(path))
-        self.optimizer.set_state_dict(ckpt.load_state(path, "optimizer.pdopt"))
+        weights = self.runtime.local_model_state(ckpt.load_model_weights(path), str(path))
+        ckpt.apply_model_state(self.model, weights, str(path))
+        self.runtime.load_optimizer_state(ckpt.load_merged(path, "optimizer", ".pdopt"))
         state = ckpt.json_load(path / "trainer_state.json")
         self.step = self.last_saved_step = int(state["step"])
         self.bad_streak = int(state.get("bad_streak", 0))
         self.spikes.load_state_dict(state.get("spikes", {"history": [], "streak": 0}))
+        if self.elastic is not None and "elastic" in state:
+            self.elastic.load_state_dict(state["elastic"])
         self.train_loader.load_state_dict(state["loader"])
         with open(path / "rng.pkl", "rb") as f:
             paddle.set_rng_state(pickle.load(f)["paddle"])
@@ -156,16 +193,20 @@ class Trainer:
         """Load the newest valid checkpoint (if resuming); drop logged steps that will be redone."""
         path = None
         if self.cfg.checkpoint.resume:
-            ckpt.clean_partial(self.ckpt_root)
+            if self.is_main:
+                ckpt.clean_partial(self.ckpt_root)
+            self.topo.barrier()
             problems: list[str] = []
             path = ckpt.latest_valid_checkpoint(self.ckpt_root, warn=problems.append)
+            chosen = self.topo.broadcast_int(int(path.name[5:]) if path is not None else -1)
+            path = self.ckpt_root / ckpt.step_dir_name(chosen) if chosen >= 0 else None  # rank 0's choice
             existing = ckpt.list_checkpoints(self.ckpt_root)
             if path is None and existing:
                 newest = ckpt.verify_checkpoint(existing[-1])
                 raise UserError(str(self.ckpt_root), f"all {len(existing)} checkpoints are corrupted (newest: "
                                                      f"{newest}); refusing to start over on top of them (move them "
                                                      "away, or use another run.output_dir)")
-            for line in problems:
+            for line in problems if self.is_main else []:
                 print(line, file=sys.stderr)
             if path is not None:
                 self.load_checkpoint(path)
@@ -182,7 +223,7 @@ class Trainer:
         if self.is_main:
             with open(self.out / "events.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-        if kind != "resumed" and not self.quiet:
+        if kind != "resumed" and not self.quiet and self.is_main:
             detail = ", ".join(f"{k}={v}" for k, v in fields.items())
             print(f"warning: step {self.step}: {kind}" + (f" ({detail})" if detail else ""), file=sys.stderr)
 
@@ -215,14 +256,17 @@ class Trainer:
         the step's data is still consumed so the data order does not depend on where faults happened.
         """
         cfg, accum = self.cfg, self.cfg.train.grad_accum_steps
+        if cfg.faults.crash_rank == self.topo.rank and cfg.faults.crash_at_step == self.step + 1:
+            os._exit(17)  # fault injection: a rank dies without cleanup, as on a hardware fault
         start = time.perf_counter()
         terms: dict[str, float] = {}
         total, bad = 0.0, None
         for mb in range(accum):
             batch = self._micro_batch(self.train_loader)
-            if bad is not None:
-                continue
-            out = text_loss(self.model, batch, cfg.model.mtp.loss_weight)
+            if bad is not None and not self.topo.distributed:
+                continue  # (with several ranks every micro-batch runs: forward may hold collectives)
+            sub = self.elastic.sample(self.step + 1, mb) if self.elastic is not None else None
+            out = text_loss(self.model, batch, cfg.model.mtp.loss_weight, submodel=sub)
             loss = out.total
             if self.step + 1 in cfg.faults.nan_loss_steps and mb == cfg.faults.nan_micro_batch:
                 loss = loss * float("nan")
@@ -230,30 +274,40 @@ class Trainer:
                 self._spiked.add(self.step + 1)  # once: a rollback replays the step number with other data
                 loss = loss * 50.0
             value = float(loss)
-            if not math.isfinite(value):
-                bad = {"reason": "non-finite loss", "micro_batch": mb}
+            if self.topo.any(not math.isfinite(value) or bad is not None):  # every rank decides the same
+                bad = bad or {"reason": "non-finite loss" if not math.isfinite(value) else
+                              "non-finite loss on another rank", "micro_batch": mb}
                 continue
             (loss / accum).backward()
             total += value / accum
+            if self.elastic is not None:
+                self.elastic.record_loss(value)
             for k, v in out.terms.items():
                 terms[k] = terms.get(k, 0.0) + v / accum
-        grad_norm = grad_global_norm(self.params) if bad is None else float("nan")
-        if bad is None and not math.isfinite(grad_norm):
-            bad = {"reason": "non-finite gradient"}
+        grad_norm = float("nan")
+        if bad is None:
+            self.runtime.sync_grads()
+            grad_norm = self.runtime.grad_norm()  # after sync: identical on every rank
+            if not math.isfinite(grad_norm):
+                bad = {"reason": "non-finite gradient"}
         self.step += 1
         lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)
         if bad is None:
             if cfg.optim.grad_clip and grad_norm > cfg.optim.grad_clip:
-                scale_grads(self.params, cfg.optim.grad_clip / (grad_norm + 1e-6))
-            self.optimizer.set_lr(lr)
-            with paddle.utils.unique_name.guard():  # accumulators are named on the first step
-                self.optimizer.step()
-        self.optimizer.clear_grad(set_to_zero=False)
+                self.runtime.clip(cfg.optim.grad_clip / (grad_norm + 1e-6))
+            self.runtime.step(lr)
+        self.runtime.clear_grad()
+        if bad is None and self.topo.distributed:  # log the mean over data-parallel ranks
+            keys = sorted(terms)
+            means = self.topo.sum_array(np.array([total] + [terms[k] for k in keys])) / self.topo.dp
+            total, terms = float(means[0]), {k: float(v) for k, v in zip(keys, means[1:])}
         elapsed = time.perf_counter() - start
         tokens = accum * cfg.train.micro_batch_size * cfg.data.seq_len * self.world
         metrics = {"step": self.step, "loss": total if bad is None else None, **terms, "lr": lr,
                    "grad_norm": finite_or_none(grad_norm), "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
                    "mfu": tokens / elapsed * self.flops_per_token / (self.peak_gflops * 1e9)}
+        if self.elastic is not None:  # which sub-model each micro-step trained, loss per sub-model kind
+            metrics.update(self.elastic.step_metrics())
         if bad is not None:
             metrics["skipped"] = True
             self.event("skipped_step", **bad)
@@ -318,7 +372,8 @@ class Trainer:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         logged = []
         try:
-            while self.step < cfg.train.max_steps and self._signal is None:
+            stop = False
+            while self.step < cfg.train.max_steps and not stop:
                 m = self.train_step()
                 self._guard(m)
                 if m.get("skipped"):
@@ -333,8 +388,9 @@ class Trainer:
                     logged.append({k: v for k, v in m.items() if k != "log"})
                 if self._bar is not None:
                     self._bar.update(1)
-            if self._signal is not None:
-                self.stopped_by = signal.Signals(self._signal).name
+                stop = self.topo.any(self._signal is not None)  # a signal to any rank stops all of them
+            if stop:
+                self.stopped_by = signal.Signals(self._signal).name if self._signal else "a signal to another rank"
                 if self.last_saved_step != self.step:
                     self.save_checkpoint()
                 self.event("stopped", signal=self.stopped_by)

@@ -1,0 +1,200 @@
+"""Optimizers and gradient synchronisation for a topology, and topology-free ("global") state dicts.
+
+Gradients are synced once per step, after all micro-batches and before the non-finite check and clipping, so
+every rank sees the same gradient norm and takes the same decision:
+- dense (replicated) parameters: fleet's `fused_allreduce_gradients` over the data-parallel group, or, with
+  ZeRO-1, fleet's sharding optimizer `reduce_gradients` (each parameter's gradient lands on its owner rank);
+- expert parameters under expert parallelism: all-reduce over the expert-data-parallel group (ranks holding
+  the same experts); each rank's local expert gradient already sums the contributions of its whole EP group
+  through the all-to-all backward. Both are divided by the data-parallel degree (the loss is a mean over ranks).
+Checkpoint state uses global names: `layers.3.mlp.experts.{global id}...` for weights and
+`{global name}::{accumulator}` for optimizer state, so a checkpoint loads under any other EP / DP layout.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import numpy as np
+import paddle
+
+from ernie5.errors import UserError
+from ernie5.parallel.topology import Topology
+from ernie5.train.config import OptimConfig
+from ernie5.train.optim import build_optimizer, scale_grads
+
+_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts\.)(\d+)(\..*)$")
+
+
+def global_names(model) -> dict[str, str]:
+    """Structured local name -> global name (local expert index -> global expert id)."""
+    out = {}
+    for name in model.state_dict():  # parameters and persistable buffers: what a checkpoint holds
+        m = _EXPERT.match(name)
+        if m:
+            layer = model.layers[int(name.split(".")[1])].mlp
+            name_g = f"{m.group(1)}{layer.expert_ids[int(m.group(2))]}{m.group(3)}"
+        else:
+            name_g = name
+        out[name] = name_g
+    return out
+
+
+def is_expert_name(name: str) -> bool:
+    return bool(_EXPERT.match(name))
+
+
+class ParallelRuntime:
+    """Owns the optimizer(s) of a model under a topology: sync, norm, clip, step, state."""
+
+    def __init__(self, model, cfg: OptimConfig, topo: Topology):
+        self.topo, self.model = topo, model
+        params = dict(model.named_parameters())
+        self.to_global = global_names(model)
+        sharded_experts = topo.ep > 1
+        self.expert_params = [p for n, p in params.items() if sharded_experts and is_expert_name(n)]
+        expert_ids = {id(p) for p in self.expert_params}
+        self.dense_params = [p for p in params.values() if not p.stop_gradient and id(p) not in expert_ids]
+        self.name_of = {p.name: n for n, p in params.items()}  # paddle var name -> structured local name
+        self.dense_opt = build_optimizer(self.dense_params, cfg)
+        self.sharded = None
+        if topo.distributed and topo.sharding_stage == 1:
+            from paddle.distributed import fleet
+
+            self.sharded = fleet.distributed_optimizer(self.dense_opt)._inner_opt  # DygraphShardingOptimizer
+        self.expert_opt = build_optimizer(self.expert_params, cfg) if self.expert_params else None
+
+    @property
+    def all_params(self) -> list:
+        return self.dense_params + self.expert_params
+
+    def _owned_dense(self) -> list:
+        return self.sharded.filter_parameters(self.dense_params, self.topo.hcg) if self.sharded else self.dense_params
+
+    # ---- per step ----------------------------------------------------------------------------------------
+    @paddle.no_grad()
+    def sync_grads(self) -> None:
+        topo = self.topo
+        if not topo.distributed:
+            return
+        from paddle.distributed.fleet.utils.hybrid_parallel_util import (fused_allreduce_gradients,
+                                                                           fused_allreduce_gradients_with_group)
+
+        for p in self.all_params:  # idle experts / unused params still take part in the collective
+            if p.grad is None:
+                p.grad = paddle.zeros_like(p)
+        if self.sharded is not None:
+            self.sharded.reduce_gradients(self.dense_params, topo.hcg)
+        else:
+            fused_allreduce_gradients(self.dense_params, topo.hcg)
+        if self.expert_params:
+            if topo.edp_group is not None:
+                fused_allreduce_gradients_with_group(self.expert_params, topo.edp_group, scale=1.0 / topo.dp)
+            else:
+                scale_grads(self.expert_params, 1.0 / topo.dp)
+
+    @paddle.no_grad()
+    def grad_norm(self) -> float:
+        """Global gradient norm after sync (the same number on every rank; NaN if any gradient is)."""
+        def sq(ps):
+            gs = [(p.grad.astype("float32") ** 2).sum() for p in ps if p.grad is not None]
+            return float(paddle.add_n(gs)) if gs else 0.0
+
+        dense = sq(self._owned_dense())
+        if self.sharded is not None:
+            dense = float(self.topo.sum_array(np.array([dense]))[0])
+        experts = sq(self.expert_params)
+        if self.expert_params and self.topo.ep_group is not None:
+            experts = float(self.topo.sum_array(np.array([experts]), group=self.topo.ep_group)[0])
+        return float(np.sqrt(dense + experts))
+
+    def clip(self, factor: float) -> None:
+        scale_grads(self._owned_dense() + self.expert_params, factor)
+
+    def step(self, lr: float) -> None:
+        for opt in self._optimizers():
+            opt.set_lr(lr)
+        with paddle.utils.unique_name.guard():  # accumulators get stable names on the first step
+            (self.sharded or self.dense_opt).step()
+            if self.expert_opt is not None:
+                self.expert_opt.step()
+
+    def clear_grad(self) -> None:
+        for opt in self._optimizers():
+            opt.clear_grad(set_to_zero=False)
+
+    def _optimizers(self) -> list:
+        return [o for o in (self.dense_opt, self.expert_opt) if o is not None]
+
+    # ---- state -------------------------------------------------------------------------------------------
+    def _writes_experts(self) -> bool:
+        """Only the first replica of each expert slice writes it (the others hold identical copies)."""
+        return self.topo.dp_rank < self.topo.ep
+
+    def model_state(self) -> dict:
+        """This rank's share of the weights, under global names (dense on rank 0, experts by first replica)."""
+        out = {}
+        for local, value in self.model.state_dict().items():
+            expert = is_expert_name(local)
+            if (expert and self._writes_experts()) or (not expert and self.topo.is_main):
+                out[self.to_global[local]] = value
+        return out
+
+    def optimizer_state(self) -> dict:
+        """This rank's optimizer accumulators as {global name::accumulator: tensor}."""
+        out = {}
+        writers = []
+        if self.topo.is_main or self.sharded is not None:
+            writers.append(self.dense_opt if self.sharded is None else self.sharded)
+        if self.expert_opt is not None and self._writes_experts():
+            writers.append(self.expert_opt)
+        for opt in writers:
+            for key, value in opt.state_dict().items():
+                split = self._split_key(key)
+                if split is not None:
+                    out[f"{self.to_global[split[0]]}::{split[1]}"] = value
+        return out
+
+    def _split_key(self, key: str) -> Optional[tuple[str, str]]:
+        """'linear_3.w_0_moment1_0' -> ('layers.0.attn.q_proj.weight', 'moment1_0') (longest var-name prefix)."""
+        best = None
+        for var in self.name_of:
+            if key.startswith(var + "_") and (best is None or len(var) > len(best)):
+                best = var
+        return None if best is None else (self.name_of[best], key[len(best) + 1:])
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """Give each local optimizer the accumulators of its parameters (any source layout)."""
+        from_global = {g: l for l, g in self.to_global.items()}
+        by_opt: dict[int, dict] = {}
+        params = dict(self.model.named_parameters())
+        expert_ids = {id(p) for p in self.expert_params}
+        for key, value in state.items():
+            gname, acc = key.split("::", 1)
+            local = from_global.get(gname)
+            if local is None or local not in params:
+                continue  # another rank's expert
+            p = params[local]
+            opt = self.expert_opt if id(p) in expert_ids else (self.sharded or self.dense_opt)
+            by_opt.setdefault(id(opt), {})[f"{p.name}_{acc}"] = value
+        for opt in (self.sharded or self.dense_opt, self.expert_opt):
+            if opt is not None and id(opt) in by_opt:
+                opt.set_state_dict(by_opt[id(opt)])
+
+    def local_model_state(self, global_state: dict, where: str) -> dict:
+        """The slice of a global state dict this rank's model holds, under its local names.
+
+        The checkpoint must describe the same model: every global name this layout expects is there, and no
+        name (expert ids included) that the config does not have.
+        """
+        E = max((l.cfg.num_experts for l in self.model.moe_layers()), default=0)
+        dense = {g for l, g in self.to_global.items() if not is_expert_name(l)}
+        unexpected = [k for k in global_state
+                      if (is_expert_name(k) and int(_EXPERT.match(k).group(2)) >= E)
+                      or (not is_expert_name(k) and k not in dense)]
+        missing = [g for g in self.to_global.values() if g not in global_state]
+        if missing or unexpected:
+            detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+            raise UserError(where, f"checkpoint does not match the model config ({detail})")
+        return {local: global_state[g] for local, g in self.to_global.items()}

@@ -1,0 +1,278 @@
+"""Per-device training memory on paper: weights, grads, Adam states and activations for a parallel layout.
+
+Placement (world = data x tensor x pipeline; expert-parallel ranks are carved from the data ranks):
+- Layers are split into `pipeline x virtual_pipeline` contiguous chunks (sizes differ by at most one, the
+  later chunks take the extra layers); stage s holds chunks s, s + P, s + 2P, ... The embedding sits on
+  stage 0; the final norm, the head, MTP and modality heads on the last stage. With tied embeddings and
+  pipeline > 1 the last stage keeps its own copy of the embedding for the head (as Megatron does).
+- Routed experts are divided over `parallel.expert` (not over tensor); attention, dense FFN, shared experts,
+  embeddings, head and MTP over `parallel.tensor`; norms and the router are replicated.
+- Weights are `param_dtype` (router fp32), grads `grad_dtype` (router fp32). Adam keeps an fp32 master copy
+  (unless the weights already are fp32) and two fp32 moments: 12 (or 8) bytes per parameter. ZeRO-1
+  (`sharding_stage: 1`) divides those by the parameter's data-parallel degree: `data` for dense parts,
+  `data / expert` for routed experts. Grads and weights are not sharded by ZeRO-1.
+
+Activations (bytes kept for backward per micro-batch; T = micro_batch_size x seq_len tokens, a = bytes of
+param_dtype, everything / tensor since tensor parallel runs with sequence parallelism; a fused (flash)
+attention kernel is assumed, so no seq x seq matrix is kept):
+- attention half of a block: norm input H*a (the layer input, always kept) + norm rstd 4 + norm output H*a
+  + q, k, v (nq + 2 nkv) d a + attention output nq d a + its log-sum-exp nq*4.
+- dense FFN: norm input H*a + rstd 4 + norm output H*a + gate|up 2F*a + silu(gate)*up F*a.
+- MoE FFN: norm input H*a + rstd 4 + norm output H*a + router probs E*4 + top-k ids and weights 12k
+  + dispatched tokens kH*a + expert gate|up 2k Fe*a + expert products k Fe*a + expert outputs kH*a (for the
+  combine-weight gradient) + shared gate|up 2Fs*a + shared products Fs*a (Fs = Fe x num_shared_experts).
+- FP8 storage (`precision.fp8.enabled` and `store_activations`): saved inputs of the FP8 GEMMs are kept as
+  E4M3 bytes plus one fp32 scale per `tile` values, 1 + 4/tile bytes instead of a (half of bf16, a quarter of
+  fp32). apply_to=experts: dispatched tokens and expert products; apply_to=all_linear: also every other GEMM
+  input (norm outputs, attention output, dense/shared products). `quantize_dispatch` alone also stores the
+  dispatched tokens in FP8 (they arrive quantised from the all-to-all).
+- Recompute (layers in `recompute.layers`, all when unset): `full` keeps only the layer input H*a and
+  re-runs the block in backward (one block's full activations of one micro-batch are live once per stage at
+  that moment; counted); `selective` drops what the chosen modules re-create: attention -> the attention
+  output and LSE; norm_qkv -> the attention norm output and q, k, v; expert_gate_up -> expert and shared
+  gate|up outputs and products (MoE layers only).
+- Head (last stage, one micro-batch): final norm input and output 2H*a + fp32 logits V*4 (vocab / tensor)
+  for NTP and each MTP depth; each MTP depth adds its embedding H*a, two norm inputs 2H*a, the projection
+  input 2H*a and one dense block (no recompute).
+- In flight (1F1B, m = grad_accum_steps micro-batches): stage s keeps min(P - s, m) micro-batches; with
+  v > 1 virtual stages, min(2(P - s - 1) + (v - 1)P + 1, m v) chunks of 1/v of its layers (Megatron's
+  interleaved schedule). No pipeline: one micro-batch.
+Not modelled: communication buffers, all-to-all staging, allocator fragmentation, CUDA context (~1-3 GB);
+keep 10-20% headroom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from ernie5.errors import ConfigError
+from ernie5.model.config import ModelConfig
+from ernie5.plan import (ParamCount, embedding_params, head_params, layer_params, modality_head_params,
+                         mtp_params)
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+# component -> how it is split: "tensor" (over tensor ranks), "expert" (over expert ranks), "replicated"
+SPLIT = {"embeddings": "tensor", "lm_head": "tensor", "attention": "tensor", "dense_ffn": "tensor",
+         "shared_experts": "tensor", "mtp": "tensor", "experts": "expert", "router": "replicated",
+         "norms": "replicated"}
+FP32_COMPONENTS = {"router"}  # the router weight is kept and trained in fp32 whatever param_dtype is
+
+
+def resolve_data(run_cfg, devices: int | None = None):
+    """(run_cfg with parallel.data set, note). A null `parallel.data` (the launcher decides) is planned as
+    devices / (tensor x pipeline) when `devices` is given, else as `expert` (the smallest legal degree)."""
+    p = run_cfg.parallel
+    if p.data is not None:
+        return run_cfg, ""
+    per_replica = p.tensor * p.pipeline
+    if devices:
+        data = devices // per_replica
+        if data * per_replica != devices or data % p.expert:
+            raise ConfigError("--devices", f"{devices} is not a multiple of tensor x pipeline = {per_replica} "
+                                           f"with a data-parallel degree divisible by expert {p.expert}")
+        note = f"parallel.data is null: planned as --devices {devices} / (tensor x pipeline) = {data}"
+    else:
+        data = p.expert
+        note = f"parallel.data is null: planned as data = expert = {data} (pass --devices to plan another size)"
+    return dataclasses.replace(run_cfg, parallel=dataclasses.replace(p, data=data)), note
+
+
+def check_layout(run_cfg) -> None:
+    """Raise ConfigError when the layout cannot shard this model's shapes evenly."""
+    m, p = run_cfg.model, run_cfg.parallel
+    t = p.tensor
+    for key, value in (("num_heads", m.num_heads), ("num_kv_heads", m.num_kv_heads),
+                       ("ffn_hidden_size", m.ffn_hidden_size), ("vocab_size", m.vocab_size or 0)):
+        if value % t:
+            raise ConfigError("parallel.tensor", f"{t} does not divide model.{key} {value}")
+    shared = m.moe.expert_ffn_size * m.moe.num_shared_experts
+    if m.moe.num_experts and shared % t:
+        raise ConfigError("parallel.tensor", f"{t} does not divide the shared-expert width {shared}")
+    chunks = p.pipeline * p.virtual_pipeline
+    if m.num_layers < chunks:
+        raise ConfigError("parallel.pipeline", f"{p.pipeline} x virtual_pipeline {p.virtual_pipeline} = {chunks} "
+                                               f"chunks > model.num_layers {m.num_layers}")
+    if m.moe.num_experts and m.moe.num_experts % p.expert:
+        raise ConfigError("parallel.expert", f"{p.expert} does not divide model.moe.num_experts {m.moe.num_experts}")
+
+
+def stage_layers(num_layers: int, pipeline: int, virtual: int = 1) -> list[list[int]]:
+    """Layer indices held by each pipeline stage (contiguous chunks dealt round-robin to the stages)."""
+    n = pipeline * virtual
+    # the extra layers go to the last chunks: stage 0 keeps the most micro-batches in flight under 1F1B
+    sizes = [num_layers // n + (1 if c >= n - num_layers % n else 0) for c in range(n)]
+    starts = [sum(sizes[:c]) for c in range(n)]
+    return [[i for c in range(s, n, pipeline) for i in range(starts[c], starts[c] + sizes[c])]
+            for s in range(pipeline)]
+
+
+def stage_params(cfg: ModelConfig, layers: list[int], first: bool, last: bool, pipeline: int) -> ParamCount:
+    """Parameters of one pipeline stage (all tensor/expert ranks of it together)."""
+    pc = ParamCount()
+    if first or (last and cfg.tie_embeddings and pipeline > 1):
+        pc.merge(embedding_params(cfg))
+    for i in layers:
+        pc.merge(layer_params(cfg, i))
+    if last:
+        pc.merge(head_params(cfg)).merge(mtp_params(cfg)).merge(modality_head_params(cfg))
+    return pc
+
+
+def _per_device(count: int, split: str, tensor: int, expert: int) -> int:
+    return math.ceil(count / {"tensor": tensor, "expert": expert, "replicated": 1}[split])
+
+
+def state_bytes(pc: ParamCount, run_cfg, param_dtype: str, grad_dtype: str) -> dict[str, int]:
+    """Weights, grads and Adam states of one device of the stage whose parameters are `pc`."""
+    p = run_cfg.parallel
+    out = {"params": 0, "params_bytes": 0, "grads_bytes": 0, "optimizer_bytes": 0}
+    for name, count in pc.total.items():
+        split = SPLIT.get(name, "tensor")  # new components (modality heads) default to tensor-split
+        n = _per_device(count, split, p.tensor, p.expert)
+        w = 4 if name in FP32_COMPONENTS else DTYPE_BYTES[param_dtype]
+        g = 4 if name in FP32_COMPONENTS else DTYPE_BYTES[grad_dtype]
+        adam = 8 + (4 if w < 4 else 0)
+        dp = p.data // p.expert if split == "expert" else p.data
+        out["params"] += n
+        out["params_bytes"] += n * w
+        out["grads_bytes"] += n * g
+        out["optimizer_bytes"] += math.ceil(n * adam / (dp if p.sharding_stage >= 1 else 1))
+    return out
+
+
+def _fp8_bytes(run_cfg, a: int, kind: str) -> float:
+    """Bytes per element of a saved GEMM input of `kind` ('expert', 'dispatch' or 'linear')."""
+    f = run_cfg.precision.fp8
+    if not f.enabled:
+        return a
+    fp8 = 1 + 4 / f.tile
+    if kind == "dispatch" and f.quantize_dispatch:
+        return fp8
+    if not f.store_activations:
+        return a
+    if kind in ("expert", "dispatch") or f.apply_to == "all_linear":
+        return fp8
+    return a
+
+
+def block_pieces(run_cfg, moe: bool, a: int) -> dict[str, float]:
+    """Bytes per token (before / tensor) a block saves for backward, by the piece recompute can drop."""
+    m = run_cfg.model
+    H, d, nq, nkv = m.hidden_size, m.dim_head, m.num_heads, m.num_kv_heads
+    lin = _fp8_bytes(run_cfg, a, "linear")
+    pieces = {
+        "inputs": 2 * (H * a + 4),  # the two norm inputs (the first is the layer input) and their fp32 rstd
+        "norm_qkv": H * lin + (nq + 2 * nkv) * d * a,  # attention norm output, q, k, v
+        "attention": nq * d * lin + nq * 4,  # attention output (o_proj input) and fp32 log-sum-exp
+        "ffn_norm": H * lin,  # FFN norm output (gate|up / router / dispatch input)
+    }
+    if moe:
+        mo = m.moe
+        k, Fe, Fs = mo.top_k, mo.expert_ffn_size, mo.expert_ffn_size * mo.num_shared_experts
+        pieces["expert_gate_up"] = 2 * k * Fe * a + k * Fe * _fp8_bytes(run_cfg, a, "expert") + 2 * Fs * a + Fs * lin
+        pieces["moe_rest"] = mo.num_experts * 4 + 12 * k + k * H * _fp8_bytes(run_cfg, a, "dispatch") + k * H * a
+    else:
+        F = m.ffn_hidden_size
+        pieces["dense_ffn"] = 2 * F * a + F * lin
+    return pieces
+
+
+def layer_activation_bytes(run_cfg, i: int, a: int) -> tuple[float, float]:
+    """(kept, full) activation bytes of layer i for one micro-batch on one device; `kept` applies recompute."""
+    m, rc = run_cfg.model, run_cfg.recompute
+    T = run_cfg.train.micro_batch_size * run_cfg.data.seq_len
+    pieces = block_pieces(run_cfg, m.is_moe_layer(i), a)
+    full = sum(pieces.values())
+    kept = full
+    if rc.applies_to(i):
+        if rc.mode == "full":
+            kept = m.hidden_size * a  # the block input is the checkpoint
+        else:
+            kept = full - sum(pieces.get(mod, 0) for mod in set(rc.modules))
+    t = run_cfg.parallel.tensor
+    return T * kept / t, T * full / t
+
+
+def head_activation_bytes(run_cfg, a: int) -> float:
+    """Last stage, one micro-batch: final norm + fp32 logits per head, and the MTP depths."""
+    m = run_cfg.model
+    T, H, V = run_cfg.train.micro_batch_size * run_cfg.data.seq_len, m.hidden_size, m.vocab_size or 0
+    lin = _fp8_bytes(run_cfg, a, "linear")
+    per_head = H * a + 4 + H * lin + V * 4
+    mtp = H * a + 2 * (H * a + 4) + 2 * H * lin + sum(block_pieces(run_cfg, False, a).values())
+    return T * (per_head * (1 + m.mtp.depth) + mtp * m.mtp.depth) / run_cfg.parallel.tensor
+
+
+def in_flight(stage: int, pipeline: int, virtual: int, micro_batches: int) -> float:
+    """Micro-batches' worth of a stage's layer activations alive at the 1F1B peak."""
+    if pipeline == 1:
+        return 1.0
+    if virtual == 1:
+        return float(min(pipeline - stage, micro_batches))
+    chunks = min(2 * (pipeline - stage - 1) + (virtual - 1) * pipeline + 1, micro_batches * virtual)
+    return chunks / virtual
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 12, 13] -> '0-2,12-13'."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs) or "-"
+
+
+def _recompute_text(rc) -> str:
+    if rc.mode == "none":
+        return "none"
+    what = "full" if rc.mode == "full" else f"selective {list(rc.modules)}"
+    return f"{what} on {'all layers' if rc.layers is None else f'layers {rc.layers}'}"
+
+
+def memory_plan(run_cfg, param_dtype: str = "bf16", grad_dtype: str = "fp32") -> dict[str, Any]:
+    """Per-stage and worst-stage bytes per device; `memory_per_device_bytes` is the worst stage's total."""
+    for opt, value in (("--param-dtype", param_dtype), ("--grad-dtype", grad_dtype)):
+        if value not in DTYPE_BYTES:
+            raise ConfigError(opt, f"{value!r} is not one of {', '.join(DTYPE_BYTES)}")
+    run_cfg, note = resolve_data(run_cfg)
+    m, p = run_cfg.model, run_cfg.parallel
+    a = DTYPE_BYTES[param_dtype]
+    stages = []
+    for s, layers in enumerate(stage_layers(m.num_layers, p.pipeline, p.virtual_pipeline)):
+        first, last = s == 0, s == p.pipeline - 1
+        st = state_bytes(stage_params(m, layers, first, last, p.pipeline), run_cfg, param_dtype, grad_dtype)
+        acts = [layer_activation_bytes(run_cfg, i, a) for i in layers]
+        fly = in_flight(s, p.pipeline, p.virtual_pipeline, run_cfg.train.grad_accum_steps)
+        act = fly * sum(k for k, _ in acts)
+        full_recomputed = [f for i, (_, f) in zip(layers, acts)
+                           if run_cfg.recompute.mode == "full" and run_cfg.recompute.applies_to(i)]
+        act += max(full_recomputed, default=0)  # the block being re-run in backward
+        if last:
+            act += head_activation_bytes(run_cfg, a)
+        act = math.ceil(act)
+        stages.append({"stage": s, "layers": _ranges(layers), **st,
+                       "activations_bytes": act, "in_flight": fly,
+                       "total_bytes": st["params_bytes"] + st["grads_bytes"] + st["optimizer_bytes"] + act})
+    worst = max(stages, key=lambda x: x["total_bytes"])
+    rc, f8 = run_cfg.recompute, run_cfg.precision.fp8
+    return {
+        "memory_per_device_bytes": worst["total_bytes"],
+        "worst_stage": worst,
+        "per_stage": stages,
+        "param_dtype": param_dtype,
+        "grad_dtype": grad_dtype,
+        "recompute": _recompute_text(rc),
+        "fp8": ("off" if not f8.enabled else
+                f"E4M3 on {f8.apply_to}, store_activations={f8.store_activations}, "
+                f"quantize_dispatch={f8.quantize_dispatch}"),
+        "note": note,
+        "layout": {"data": p.data, "tensor": p.tensor, "pipeline": p.pipeline, "virtual_pipeline": p.virtual_pipeline,
+                   "expert": p.expert, "sharding_stage": p.sharding_stage, "world_size": p.world_size,
+                   "micro_batch_size": run_cfg.train.micro_batch_size,
+                   "micro_batches": run_cfg.train.grad_accum_steps},
+    }

@@ -1,0 +1,118 @@
+"""`ernie5 bench` on a tiny synthetic model: every key present with sane values; bad input exits 2.
+
+No timing thresholds: the machine may be shared, so only relations that hold by construction are checked.
+"""
+
+import json
+
+import pytest
+
+import ernie5  # noqa: F401  (thread settings before paddle)
+from ernie5.cli import main
+from ernie5.config.run import load_config
+from tests.conftest import run_cli
+
+CONFIG = "configs/bench/small.yaml"
+TINY = ["model.vocab_size=256", "model.hidden_size=32", "model.num_heads=4", "model.num_kv_heads=2",
+        "model.ffn_hidden_size=64", "model.moe.expert_ffn_size=32", "data.seq_len=32", "model.max_seq_len=32",
+        "train.micro_batch_size=2"]
+# breakdown fractions add up to 1 by construction (`other` is the step's uncovered remainder); what is left
+# is the timers' own enter/exit cost between the step's wall clock and its root region
+SUM_TOLERANCE = 0.01
+# phases the tiny MoE model certainly runs: each must have been reached by the instrumentation
+REACHED = ("attention", "router", "dispatch_combine", "experts", "shared_expert", "dense_ffn", "norms_rope",
+           "head_loss", "backward", "optimizer", "grad_clip", "data")
+
+
+@pytest.fixture(scope="module")
+def result():
+    proc = run_cli("bench", CONFIG, *TINY, "--json", "--steps", "2", "--warmup", "1", "--breakdown-steps", "1",
+                   "--overhead-steps", "2", "--profile", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_headline_numbers(result):
+    for key in ("tokens_per_s", "mfu", "gemm_gflops", "step_s", "achieved_gflops", "flops_per_token",
+                "tokens_per_step", "peak_rss_mb", "breakdown", "train_overhead_fraction"):
+        assert key in result, key
+    assert result["tokens_per_step"] == 2 * 32
+    assert result["tokens_per_s"] == pytest.approx(result["tokens_per_step"] / result["step_s"], rel=1e-9)
+    assert result["achieved_gflops"] == pytest.approx(result["tokens_per_s"] * result["flops_per_token"] / 1e9)
+    assert 0 < result["mfu"] < 1
+    assert result["mfu"] == pytest.approx(result["achieved_gflops"] / result["gemm_gflops"])
+    gemm = result["gemm"]
+    assert result["gemm_gflops"] == max(gemm["square_1024_gflops"], gemm["model_gemm"]["gflops"])
+    assert gemm["model_gemm"]["name"] == "head"  # 32 x 256 vocab is the tiny model's biggest GEMM
+    assert result["peak_rss_mb"] > 10
+    assert len(result["step_s_all"]) == 2 and result["step_s"] > 0
+
+
+def test_breakdown(result):
+    fractions = result["breakdown"]
+    assert sum(fractions.values()) == pytest.approx(1.0, abs=SUM_TOLERANCE)
+    assert all(f >= 0 for f in fractions.values())  # exclusive times of nested regions cannot be negative
+    assert [p for p in REACHED if result["breakdown_s"][p] <= 0] == []
+    assert result["uninstrumented"] == []
+
+
+def test_profile(result):
+    prof = result["profile"]
+    assert prof["replay"]["failed"] == []
+    split = prof["breakdown_split"]["fractions"]
+    assert "backward" not in split and "backward_unattributed" in split
+    assert sum(split.values()) == pytest.approx(1.0, abs=SUM_TOLERANCE)
+    ops = prof["ops"]
+    assert ops and {"phase", "op", "calls", "s", "fraction"} <= set(ops[0])
+    assert any(o["phase"] == "backward" and o["op"].endswith("GradNode") for o in ops)
+
+
+def test_train_overhead(result):
+    over = result["train_overhead"]
+    assert 0 <= result["train_overhead_fraction"] < 1
+    assert over["steps"] == 2 and over["loop_s"] > 0
+
+
+def test_instrumentation_is_removed():
+    """After a run no wrapper is left on paddle, the trainer module or the model code."""
+    import paddle
+
+    import ernie5.model.attention as attention_mod
+    import ernie5.objectives.text as text_mod
+    import ernie5.train.trainer as trainer_mod
+    from ernie5.bench import BenchOptions, run_bench
+
+    before = (paddle.Tensor.backward, trainer_mod.text_loss, text_mod.masked_ce, attention_mod.apply_rope)
+    cfg = load_config(CONFIG, TINY)
+    out = run_bench(cfg, BenchOptions(steps=1, warmup=0, breakdown_steps=1, overhead_steps=0, profile=True,
+                                      gemm_seconds=0.05))
+    assert (paddle.Tensor.backward, trainer_mod.text_loss, text_mod.masked_ce, attention_mod.apply_rope) == before
+    assert "train_overhead_fraction" not in out and out["profile"]["replay"]["replayed"] > 0
+
+
+def test_layer_phases():
+    from ernie5.bench import layer_phases
+    from ernie5.model.transformer import build_model
+
+    phases = layer_phases(build_model(load_config(CONFIG, TINY).model))
+    assert phases["layers.0.attn"] == phases["layers.1.attn.o_proj"] == "attention"
+    assert phases["layers.0.mlp"] == phases["layers.0.mlp.gate_up"] == "dense_ffn"
+    assert phases["layers.1.mlp"] == "dispatch_combine"
+    assert phases["layers.1.mlp.router"] == "router"
+    assert phases["layers.1.mlp.experts.3"] == phases["layers.1.mlp.experts.3.down"] == "experts"
+    assert phases["layers.1.mlp.shared"] == "shared_expert"
+    assert phases["layers.2.input_norm"] == "norms_rope"
+    assert phases["embed"] == "embedding"
+
+
+def test_missing_config_exits_2(capsys):
+    assert main(["bench", "configs/bench/no_such.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_such.yaml" in err[0] and "not found" in err[0]
+
+
+@pytest.mark.parametrize("args", [["--steps", "0"], ["--warmup", "x"], ["model.hidden_size=abc"]])
+def test_bad_arguments_exit_2(args):
+    proc = run_cli("bench", CONFIG, *args, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
