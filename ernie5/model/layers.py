@@ -20,11 +20,24 @@ def checkpointed(fn, *args):
     return recompute(fn, *args)
 
 
-def linear(in_features: int, out_features: int, std: Optional[float]) -> nn.Linear:
+class Linear(nn.Linear):
+    """Bias-free linear; `fp8` (set by `enable_fp8`) runs it under the blockwise FP8 recipe."""
+
+    fp8 = None
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if self.fp8 is not None:
+            from ernie5.precision.fp8_linear import fp8_linear
+
+            return fp8_linear(x, self.weight, self.fp8)
+        return super().forward(x)
+
+
+def linear(in_features: int, out_features: int, std: Optional[float]) -> Linear:
     """Bias-free Linear (weight [in, out], Paddle layout) with N(0, std) init (std None: zeros, to be set later)."""
     init = nn.initializer.Constant(0.0) if std is None else nn.initializer.Normal(0.0, std)
     attr = paddle.ParamAttr(initializer=init)
-    return nn.Linear(in_features, out_features, weight_attr=attr, bias_attr=False)
+    return Linear(in_features, out_features, weight_attr=attr, bias_attr=False)
 
 
 class RMSNorm(nn.Layer):

@@ -139,6 +139,7 @@ class MoELayer(nn.Layer):
                               recompute_gate_up) if m.num_shared_experts else None)
         self.dispatcher = placement.dispatcher if placement else LocalDispatcher()
         self.step_counts = np.zeros(m.num_experts, dtype=np.int64)
+        self.fp8 = None  # FP8Config when precision.fp8 is on (tokens may be quantised before dispatch)
 
     @property
     def has_aux(self) -> bool:
@@ -153,7 +154,12 @@ class MoELayer(nn.Layer):
         experts, top_k = sub_routing(submodel, self.cfg)
         r = self.router(x_TH, top_k, experts)
         counts_E = paddle.bincount(r.topk_ids_TK.flatten(), minlength=self.cfg.num_experts).numpy()
-        y_TH = self.dispatcher(x_TH, r.topk_ids_TK, r.topk_w_TK, counts_E, lambda e, xs: self.experts[e](xs))
+        x_send = x_TH
+        if self.fp8 is not None and self.fp8.quantize_dispatch:
+            from ernie5.precision.fp8_linear import quantize_for_dispatch
+
+            x_send = quantize_for_dispatch(x_TH, self.fp8)
+        y_TH = self.dispatcher(x_send, r.topk_ids_TK, r.topk_w_TK, counts_E, lambda e, xs: self.experts[e](xs))
         if self.shared is not None:
             y_TH = y_TH + self.shared(x_TH)
         aux = None

@@ -15,7 +15,8 @@ from ernie5.model.config import ModelConfig
 from ernie5.model.layers import RMSNorm, SwiGLU, checkpointed, linear
 from ernie5.model.moe import ExpertPlacement, MoELayer
 from ernie5.model.rope import frequency_table, rope_cos_sin
-from ernie5.precision.config import RecomputeConfig
+from ernie5.precision.config import FP8Config, RecomputeConfig
+from ernie5.precision.fp8_linear import enable_fp8
 
 
 class Block(nn.Layer):
@@ -155,11 +156,17 @@ class UnifiedModel(nn.Layer):
 
 
 def build_model(cfg: ModelConfig, seed: Optional[int] = None, recompute: Optional[RecomputeConfig] = None,
-                placement: Optional[ExpertPlacement] = None) -> UnifiedModel:
-    """Build with a fixed parameter-init seed (paddle.seed) so runs are reproducible."""
+                placement: Optional[ExpertPlacement] = None, fp8: Optional[FP8Config] = None) -> UnifiedModel:
+    """Build with a fixed parameter-init seed (paddle.seed) so runs are reproducible; `fp8` (if enabled) puts
+    the covered linears under the blockwise FP8 recipe."""
     if seed is not None:
         paddle.seed(seed)
-    return UnifiedModel(cfg, recompute, placement, seed or 0)
+    model = UnifiedModel(cfg, recompute, placement, seed or 0)
+    if fp8 is not None and fp8.enabled:
+        enable_fp8(model, fp8)
+        for layer in model.moe_layers():
+            layer.fp8 = fp8
+    return model
 
 
 def count_params(model: nn.Layer) -> int:

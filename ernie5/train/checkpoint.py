@@ -251,7 +251,7 @@ def load_model(path: str):
 
     ckpt = resolve_checkpoint(path)
     cfg = load_config(ckpt / "config.yaml")
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, fp8=cfg.precision.fp8)
     apply_model_state(model, load_model_weights(ckpt), str(ckpt))
     model.eval()
     return model

@@ -27,6 +27,7 @@ from ernie5.model.transformer import build_model, count_params, to_tensor_batch
 from ernie5.parallel.expert_parallel import ExpertParallelDispatcher
 from ernie5.parallel.runtime import ParallelRuntime
 from ernie5.parallel.topology import init_topology
+from ernie5.precision.fp8_linear import notice_once
 from ernie5.objectives.text import make_text_batch, text_loss
 from ernie5.plan import count_parameters, flops_per_token
 from ernie5.train import checkpoint as ckpt
@@ -94,7 +95,9 @@ class Trainer:
         self.train_loader, self.val_loader = self._loaders()
         with paddle.utils.unique_name.guard():  # stable parameter names -> stable optimizer-state keys
             self.model = build_model(cfg.model, seed=cfg.run.seed, recompute=cfg.recompute,
-                                     placement=self._expert_placement())
+                                     placement=self._expert_placement(), fp8=cfg.precision.fp8)
+        if self.is_main:
+            notice_once(cfg.precision.fp8.enabled)
         self.runtime = ParallelRuntime(self.model, cfg.optim, self.topo)
         self.step = 0
         self.bad_streak = 0
