@@ -179,7 +179,8 @@ def plan_report(run_cfg, opts: PlanOptions | None = None) -> dict[str, Any]:
         "throughput": {
             "devices": devices, "mfu": opts.mfu, "device_tflops": opts.device_tflops,
             "tokens_per_day": tokens_per_day(fpt, devices, opts.mfu, opts.device_tflops),
-            "assumed": "MFU and peak are assumptions (defaults: 0.4 MFU of 989 TFLOP/s, H100/H800 dense bf16)",
+            "assumed": "MFU and peak TFLOP/s are assumptions, not measurements (defaults 0.4 and 989 = H100/H800 "
+                       "dense bf16; MFU is quoted against the bf16 peak even with FP8 GEMMs)",
         },
     }
 
@@ -206,8 +207,8 @@ def format_plan(rep: dict[str, Any]) -> str:
     lay = m["layout"]
     lines.append(f"layout: data {lay['data']} x tensor {lay['tensor']} x pipeline {lay['pipeline']} "
                  f"(virtual {lay['virtual_pipeline']}) = {lay['world_size']} devices; expert {lay['expert']}, "
-                 f"{'ZeRO-1' if lay['sharding_stage'] else 'no ZeRO'}; micro-batch {lay['micro_batch_size']} x seq {rep['seq_len']}, "
-                 f"{lay['micro_batches']} micro-batches per step")
+                 f"{'ZeRO-1' if lay['sharding_stage'] else 'no ZeRO'}; micro-batch {lay['micro_batch_size']} "
+                 f"x seq {rep['seq_len']}, {lay['micro_batches']} micro-batches per step")
     lines.append(f"dtypes: params {m['param_dtype']}, grads {m['grad_dtype']}, Adam fp32 (master + 2 moments); "
                  f"recompute {m['recompute']}; fp8 {m['fp8']}")
     if m["note"]:

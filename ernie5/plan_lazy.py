@@ -15,7 +15,6 @@ whole model's counts follow from the per-layer-kind counts. Blocks depend only o
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -88,24 +87,6 @@ def _representative(cfg: ModelConfig) -> tuple[ModelConfig, dict[int, str]]:
     return small, {i: "moe" if small.is_moe_layer(i) else "dense" for i in range(small.num_layers)}
 
 
-@contextlib.contextmanager
-def _no_eager_expert_init():
-    """MoELayer draws each routed expert's weights eagerly (a numpy stream keyed by (seed, layer, expert id),
-    then `set_value`), which LazyGuard cannot defer: for 21B that is 52 GB. Shapes are all a plan needs, so
-    that draw is skipped while building on paper."""
-    from ernie5.model import moe
-
-    original = getattr(moe, "init_expert", None)
-    if original is None:
-        yield
-        return
-    moe.init_expert = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        moe.init_expert = original
-
-
 def check_buildable(cfg: ModelConfig, full: bool | None = None) -> BuildCheck:
     """Build `cfg` under paddle.LazyGuard and compare per-component counts with the plan (nothing allocated)."""
     import paddle
@@ -117,7 +98,7 @@ def check_buildable(cfg: ModelConfig, full: bool | None = None) -> BuildCheck:
         full = moe_layers * cfg.moe.num_experts <= FULL_BUILD_MAX_EXPERTS
     target, kinds = (cfg, None) if full else _representative(cfg)
     rss0, t0 = _rss_bytes(), time.perf_counter()
-    with paddle.LazyGuard(), _no_eager_expert_init():
+    with paddle.LazyGuard():
         model = build_model(target)
     per_kind: dict[str, ParamCount] = {"dense": ParamCount(), "moe": ParamCount()}
     built = ParamCount()

@@ -5,8 +5,9 @@ Placement (world = data x tensor x pipeline; expert-parallel ranks are carved fr
   later chunks take the extra layers); stage s holds chunks s, s + P, s + 2P, ... The embedding sits on
   stage 0; the final norm, the head, MTP and modality heads on the last stage. With tied embeddings and
   pipeline > 1 the last stage keeps its own copy of the embedding for the head (as Megatron does).
-- Routed experts are divided over `parallel.expert` (not over tensor); attention, dense FFN, shared experts,
-  embeddings, head and MTP over `parallel.tensor`; norms and the router are replicated.
+- Routed experts are divided over `parallel.expert` (not over tensor: every tensor rank of a stage holds
+  the same expert shard); attention, dense FFN, shared experts, embeddings, head and MTP over
+  `parallel.tensor`; norms and the router are replicated.
 - Weights are `param_dtype` (router fp32), grads `grad_dtype` (router fp32). Adam keeps an fp32 master copy
   (unless the weights already are fp32) and two fp32 moments: 12 (or 8) bytes per parameter. ZeRO-1
   (`sharding_stage: 1`) divides those by the parameter's data-parallel degree: `data` for dense parts,
@@ -32,8 +33,8 @@ attention kernel is assumed, so no seq x seq matrix is kept):
   output and LSE; norm_qkv -> the attention norm output and q, k, v; expert_gate_up -> expert and shared
   gate|up outputs and products (MoE layers only).
 - Head (last stage, one micro-batch): final norm input and output 2H*a + fp32 logits V*4 (vocab / tensor)
-  for NTP and each MTP depth; each MTP depth adds its embedding H*a, two norm inputs 2H*a, the projection
-  input 2H*a and one dense block (no recompute).
+  for NTP and each MTP depth; each MTP depth adds its two norm inputs (embedding, hidden) 2H*a + 8, the
+  projection input 2H*a and one dense block (not recomputed).
 - In flight (1F1B, m = grad_accum_steps micro-batches): stage s keeps min(P - s, m) micro-batches; with
   v > 1 virtual stages, min(2(P - s - 1) + (v - 1)P + 1, m v) chunks of 1/v of its layers (Megatron's
   interleaved schedule). No pipeline: one micro-batch.
@@ -202,7 +203,7 @@ def head_activation_bytes(run_cfg, a: int) -> float:
     T, H, V = run_cfg.train.micro_batch_size * run_cfg.data.seq_len, m.hidden_size, m.vocab_size or 0
     lin = _fp8_bytes(run_cfg, a, "linear")
     per_head = H * a + 4 + H * lin + V * 4
-    mtp = H * a + 2 * (H * a + 4) + 2 * H * lin + sum(block_pieces(run_cfg, False, a).values())
+    mtp = 2 * (H * a + 4) + 2 * H * lin + sum(block_pieces(run_cfg, False, a).values())
     return T * (per_head * (1 + m.mtp.depth) + mtp * m.mtp.depth) / run_cfg.parallel.tensor
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
+
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
@@ -33,10 +35,23 @@ class Linear(nn.Linear):
         return super().forward(x)
 
 
-def linear(in_features: int, out_features: int, std: Optional[float]) -> Linear:
-    """Bias-free Linear (weight [in, out], Paddle layout) with N(0, std) init (std None: zeros, to be set later)."""
-    init = nn.initializer.Constant(0.0) if std is None else nn.initializer.Normal(0.0, std)
-    attr = paddle.ParamAttr(initializer=init)
+class KeyedNormal(nn.initializer.Initializer):
+    """N(0, std) from a NumPy stream keyed by `key`: the same values whatever else was built before (and, being an
+    Initializer, deferred like any other under paddle.LazyGuard)."""
+
+    def __init__(self, std: float, key: list[int]):
+        super().__init__()
+        self.std, self.key = std, key
+
+    def forward(self, var, block=None):
+        value = (np.random.default_rng(self.key).standard_normal(var.shape) * self.std).astype(np.float32)
+        return nn.initializer.Assign(value)(var, block)
+
+
+def linear(in_features: int, out_features: int, std: float, init: Optional[nn.initializer.Initializer] = None
+           ) -> Linear:
+    """Bias-free Linear (weight [in, out], Paddle layout) with N(0, std) init, or `init` when given."""
+    attr = paddle.ParamAttr(initializer=init or nn.initializer.Normal(0.0, std))
     return Linear(in_features, out_features, weight_attr=attr, bias_attr=False)
 
 
@@ -60,12 +75,14 @@ class SwiGLU(nn.Layer):
     `recompute_gate_up`: the [N, 2F] intermediate is not kept for backward but recomputed (selective recompute).
     """
 
-    def __init__(self, hidden_size: int, ffn_size: int, std: Optional[float], recompute_gate_up: bool = False):
+    def __init__(self, hidden_size: int, ffn_size: int, std: float, recompute_gate_up: bool = False,
+                 init_key: Optional[list[int]] = None):
         super().__init__()
         self.ffn_size = ffn_size
         self.recompute_gate_up = recompute_gate_up
-        self.gate_up = linear(hidden_size, 2 * ffn_size, std)
-        self.down = linear(ffn_size, hidden_size, std)
+        keyed = init_key is not None  # routed experts: init keyed by (seed, layer, global expert id)
+        self.gate_up = linear(hidden_size, 2 * ffn_size, std, KeyedNormal(std, init_key + [0]) if keyed else None)
+        self.down = linear(ffn_size, hidden_size, std, KeyedNormal(std, init_key + [1]) if keyed else None)
 
     def activated(self, x: paddle.Tensor) -> paddle.Tensor:
         gate, up = paddle.split(self.gate_up(x), 2, axis=-1)

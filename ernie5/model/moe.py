@@ -110,14 +110,6 @@ class ExpertPlacement:
     dispatcher: object
 
 
-def init_expert(expert: SwiGLU, std: float, seed: int, layer: int, expert_id: int) -> None:
-    """N(0, std) weights from a stream keyed by (seed, layer, global expert id): identical whatever the
-    expert-parallel layout, so EP=1 and EP=2 runs start from the same model."""
-    rng = np.random.default_rng([seed, layer, expert_id])
-    for p in (expert.gate_up.weight, expert.down.weight):
-        p.set_value(paddle.to_tensor((rng.standard_normal(p.shape) * std).astype(np.float32)))
-
-
 class MoELayer(nn.Layer):
     """Routed experts (+ shared experts). Keeps the step's per-expert token counts for balancing and stats.
 
@@ -131,10 +123,9 @@ class MoELayer(nn.Layer):
         self.cfg = m
         self.router = Router(cfg.hidden_size, m, cfg.init_std)
         self.expert_ids = placement.expert_ids if placement else list(range(m.num_experts))
-        self.experts = nn.LayerList([SwiGLU(cfg.hidden_size, m.expert_ffn_size, None, recompute_gate_up)
-                                     for _ in self.expert_ids])
-        for expert, gid in zip(self.experts, self.expert_ids):
-            init_expert(expert, cfg.init_std, seed, layer, gid)
+        # each routed expert's init is keyed by (seed, layer, global id): identical under any EP layout
+        self.experts = nn.LayerList([SwiGLU(cfg.hidden_size, m.expert_ffn_size, cfg.init_std, recompute_gate_up,
+                                            init_key=[seed, layer, gid]) for gid in self.expert_ids])
         self.shared = (SwiGLU(cfg.hidden_size, m.expert_ffn_size * m.num_shared_experts, cfg.init_std,
                               recompute_gate_up) if m.num_shared_experts else None)
         self.dispatcher = placement.dispatcher if placement else LocalDispatcher()

@@ -43,7 +43,7 @@ def test_enable_fp8_covers_experts_or_all_block_linears(tiny_cfg):
 
 
 def test_fp8_emulated_run_tracks_fp32(tiny_cfg, tmp_path, capfd):
-    base = ["train.max_steps=25", "data.seq_len=64", "model.hidden_size=128", "model.moe.expert_ffn_size=128"]
+    base = ["train.max_steps=16", "data.seq_len=32", "model.hidden_size=128", "model.moe.expert_ffn_size=64"]
     fp32 = Trainer(tiny_cfg(*base, f"run.output_dir={tmp_path / 'a'}"), quiet=True).train()
     fp8 = Trainer(tiny_cfg(*base, f"run.output_dir={tmp_path / 'b'}", "precision.fp8.enabled=true",
                            "precision.fp8.apply_to=all_linear", "precision.fp8.quantize_dispatch=true",
