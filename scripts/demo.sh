@@ -11,6 +11,10 @@ echo "== tokenising into shards"
 ernie5 data prepare "$CFG"
 echo "== training the tiny text MoE ($CFG)"
 ernie5 train "$CFG" run.output_dir="$RUN" "$@"
+echo "== exporting for Hugging Face transformers (Ernie4_5_MoeForCausalLM) and as native safetensors"
+rm -rf "$RUN/export_hf" "$RUN/export_native"
+ernie5 export "$RUN" --format hf --out "$RUN/export_hf"
+ernie5 export "$RUN" --format native --out "$RUN/export_native"
 python - "$RUN" <<'PY'
 import json, sys
 from pathlib import Path
@@ -27,4 +31,5 @@ print(f"tokens/s         {rows[-1]['tokens_per_s']:.0f}   MFU {rows[-1]['mfu']:.
 print(f"expert balance   max/mean load {rows[-1].get('moe_max_over_mean', float('nan')):.2f}")
 ckpts = sorted((run / "checkpoints").glob("step_*"))
 print(f"checkpoint       {ckpts[-1] if ckpts else 'none'}")
+print(f"exports          {run / 'export_hf'} (transformers), {run / 'export_native'} (ernie5.load_model)")
 PY
