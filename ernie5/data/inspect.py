@@ -1,0 +1,79 @@
+"""`ernie5 data inspect CONFIG|SHARD`: print one packed multimodal row as segments, then position by position."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ernie5.data.sequence import MODALITY_NAMES
+
+
+def inspect_target(target: str, row: int = 0, split: str = "train", max_positions: int = 64) -> str:
+    from ernie5.data.multimodal_prepare import is_multimodal_config, load_multimodal_config, open_multimodal_split
+    from ernie5.errors import UserError
+
+    shard = target
+    if Path(target).is_file():
+        if not is_multimodal_config(target):
+            raise UserError(target, "not a `kind: multimodal` data config (or pass a shard directory)")
+        shard = load_multimodal_config(target).out_dir
+    meta, a = open_multimodal_split(shard, split)
+    if row >= a["token"].shape[0]:
+        raise UserError("--row", f"{row} out of range: {split} has {a['token'].shape[0]} rows")
+    return format_row({k: np.asarray(v[row]) for k, v in a.items()}, meta, max_positions,
+                      header=f"{shard} {split} row {row}")
+
+
+def _token_name(tok: int, modality: int, meta: dict) -> str:
+    names = {v: k for k, v in meta["specials"].items()}
+    if modality == 0:
+        return names.get(tok, str(tok))
+    if modality in (1, 2):
+        return f"0b{tok:0{meta['bits']}b}"  # bit i of the token is channel i
+    return str(tok)
+
+
+def format_row(r: dict, meta: dict, max_positions: int, header: str = "") -> str:
+    """Segments (runs of one document and modality) with their group and position ranges, then a table."""
+    lines = [header] if header else []
+    S = len(r["token"])
+    real = int((r["modality"] >= 0).sum())
+    lines.append(f"{S} positions ({real} real, {S - real} padding), {len(np.unique(r['doc'][r['modality'] >= 0]))} "
+                 "documents")
+    start = 0
+    for i in range(1, S + 1):
+        if i < S and r["doc"][i] == r["doc"][start] and r["modality"][i] == r["modality"][start]:
+            continue
+        m = int(r["modality"][start])
+        if m == -1:
+            lines.append(f"  [{start:4d}:{i:4d}) padding")
+            break
+        g, p = r["group"][start:i], r["pos"][start:i]
+        lm = r["loss_mask"][start:i].sum(0)
+        extra = ""
+        if m in (1, 2):
+            frames = int(r["frame"][start:i].max()) + 1
+            extra = f" frames {frames} scales {sorted(set(int(s) for s in r['scale'][start:i]))}"
+        if m == 0:
+            toks = " ".join(_token_name(int(t), 0, meta) for t in r["token"][start:min(i, start + 8)])
+            extra = f" tokens [{toks}{' ...' if i - start > 8 else ''}]"
+        lines.append(f"  [{start:4d}:{i:4d}) doc {int(r['doc'][start])} {MODALITY_NAMES[m]:5s} groups "
+                     f"{int(g.min())}-{int(g.max())} t {p[:, 0].min():g}..{p[:, 0].max():g} h {p[:, 1].min():g}.."
+                     f"{p[:, 1].max():g} w {p[:, 2].min():g}..{p[:, 2].max():g} loss(text/vis/audio) "
+                     f"{int(lm[0])}/{int(lm[1])}/{int(lm[2])}{extra}")
+        start = i
+    lines.append(f"  {'i':>4} {'doc':>3} {'mod':5} {'group':>5} {'t':>6} {'h':>6} {'w':>6} {'token':>12} "
+                 f"{'target':>8} loss")
+    for i in range(min(S, max_positions)):
+        m = int(r["modality"][i])
+        if m == -1:
+            break
+        t, h, w = r["pos"][i]
+        tok = _token_name(int(r["token"][i]), m, meta)
+        if m == 3:
+            tok = "/".join(str(int(c)) for c in r["audio"][i])
+        loss = "".join("TVA"[k] if r["loss_mask"][i, k] else "." for k in range(3))
+        lines.append(f"  {i:4d} {int(r['doc'][i]):3d} {MODALITY_NAMES[m]:5s} {int(r['group'][i]):5d} {t:6.2f} "
+                     f"{h:6.2f} {w:6.2f} {tok:>12} {int(r['target'][i]):8d} {loss}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,219 @@
+"""`ernie5 data prepare CONFIG` for `kind: multimodal` configs: tokenise a manifest of mixed documents offline
+(tokenizers run apart from the backbone) and write packed train / val rows.
+
+Manifest: JSON lines `{"id", "split", "segments": [{"kind": text|image|video|audio|sep, "text" | "path",
+"role": input|target}]}`, media paths relative to the manifest. A document whose media is missing or corrupt
+is skipped with a one-line reason naming the file; the rest of the shard is unaffected.
+
+Shard: `DIR/{split}.{field}.npy` (fields of `sequence.FIELDS` + `doc`, each [rows, seq_len, ...]) and
+`DIR/meta.json` (sizes, sha256, tokenizer identities, the special-token ids, skipped documents).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from ernie5.config.schema import build, join, require
+from ernie5.data.sequence import SPECIALS, Segment, build_document, pack_documents, special_ids
+from ernie5.data.shards import sha256_file
+from ernie5.errors import UserError
+
+
+@dataclass
+class MultimodalDataConfig:
+    """Inputs, tokenizers and row length of the multimodal shards."""
+
+    kind: Literal["multimodal"] = "multimodal"
+    manifest: str = "data/raw/digits_world/samples.jsonl"
+    out_dir: str = "data/shards/digits_world"
+    text_tokenizer: str = "tokenizers/demo_text.model"
+    vision_tokenizer: str = "tokenizers/digits_vision_b4.pdparams"
+    audio_tokenizer: str = "tokenizers/digits_audio.pdparams"
+    seq_len: int = 512
+    max_documents: int = 0  # 0: all
+
+    def validate(self, path: str) -> None:
+        require(self.seq_len >= 8, join(path, "seq_len"), "must be >= 8")
+
+
+def is_multimodal_config(path: str) -> bool:
+    from ernie5.config.run import _load_with_bases
+
+    return _load_with_bases(Path(path)).get("kind") == "multimodal"
+
+
+def load_multimodal_config(path: str, overrides=()) -> MultimodalDataConfig:
+    from ernie5.config.run import _load_with_bases, apply_overrides
+
+    return build(MultimodalDataConfig, apply_overrides(_load_with_bases(Path(path)), list(overrides)), "")
+
+
+# -- media readers: every failure is a UserError naming the file ---------------------------------------------
+def read_image(path: Path) -> np.ndarray:
+    """Grayscale pixels in [-1, 1]: [H, W]."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise UserError(str(path), "image file missing")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L"), np.float32) / 127.5 - 1.0
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(str(path), f"corrupt image ({type(e).__name__})") from None
+
+
+def read_video(path: Path) -> np.ndarray:
+    """uint8 frames .npy [T, H, W] -> [-1, 1]."""
+    if not path.is_file():
+        raise UserError(str(path), "video file missing")
+    try:
+        v = np.load(path)
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(str(path), f"corrupt video array ({type(e).__name__})") from None
+    if v.ndim != 3:
+        raise UserError(str(path), f"expected frames [T, H, W], got shape {v.shape}")
+    return v.astype(np.float32) / 127.5 - 1.0
+
+
+def read_wav(path: Path, sample_rate: int) -> np.ndarray:
+    if not path.is_file():
+        raise UserError(str(path), "audio file missing")
+    try:
+        with wave.open(str(path), "rb") as f:
+            if f.getsampwidth() != 2 or f.getnchannels() != 1:
+                raise UserError(str(path), "expected 16-bit mono WAV")
+            if f.getframerate() != sample_rate:
+                raise UserError(str(path), f"sample rate {f.getframerate()} != tokenizer's {sample_rate}")
+            pcm = np.frombuffer(f.readframes(f.getnframes()), "<i2")
+    except (wave.Error, EOFError, OSError) as e:
+        raise UserError(str(path), f"corrupt WAV ({e})") from None
+    if pcm.size == 0:
+        raise UserError(str(path), "empty audio")
+    return pcm.astype(np.float32) / 32768.0
+
+
+class SegmentTokenizer:
+    """Turns manifest segments into `Segment`s with the three tokenizers."""
+
+    def __init__(self, cfg: MultimodalDataConfig, root: Path):
+        from ernie5.modality.media_io import load_asset
+        from ernie5.modality.text_tokenizer import TextTokenizer
+
+        self.root = root
+        self.text = TextTokenizer(cfg.text_tokenizer)
+        self.vision = load_asset(cfg.vision_tokenizer)
+        self.audio = load_asset(cfg.audio_tokenizer)
+        self.bits, self.levels = self.vision.cfg.bits, self.audio.cfg.levels
+
+    def __call__(self, raw: dict) -> Segment:
+        import paddle
+
+        kind, role = raw.get("kind"), raw.get("role", "target")
+        if kind == "text":
+            return Segment("text", role, ids=self.text.encode(raw["text"]))
+        if kind == "sep":
+            return Segment("sep", role)
+        path = self.root / raw["path"]
+        if kind in ("image", "video"):
+            px = read_image(path)[None] if kind == "image" else read_video(path)
+            side = self.vision.cfg.image_size
+            if px.shape[1:] != (side, side):
+                raise UserError(str(path), f"frames are {px.shape[1:]}, the vision tokenizer takes {side}x{side}")
+            with paddle.no_grad():
+                codes = self.vision.encode(paddle.to_tensor(px[None, None]))
+                inputs = self.vision.next_scale_inputs(codes)
+            return Segment(kind, role, codes=[c.numpy()[0] for c in codes], scale_inputs=[x.numpy()[0] for x in inputs])
+        if kind == "audio":
+            wav = read_wav(path, self.audio.cfg.sample_rate)
+            hop = self.audio.cfg.hop
+            padded = np.zeros(-(-len(wav) // hop) * hop, np.float32)
+            padded[:len(wav)] = wav
+            with paddle.no_grad():
+                codes = self.audio.encode(paddle.to_tensor(padded[None]))
+            return Segment("audio", role, audio_codes=codes.numpy()[0])
+        raise UserError(f"segment kind {kind!r}", "expected text, image, video, audio or sep")
+
+
+def prepare_multimodal(config_path: str, overrides=(), log=print) -> dict:
+    cfg = load_multimodal_config(config_path, overrides)
+    manifest = Path(cfg.manifest)
+    if not manifest.is_file():
+        raise UserError(str(manifest), "manifest not found (run `ernie5 data fetch --multimodal`)")
+    tok = SegmentTokenizer(cfg, manifest.parent)
+    docs = {"train": [], "val": []}
+    skipped = []
+    with open(manifest, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if cfg.max_documents and lineno > cfg.max_documents:
+                break
+            try:
+                rec = json.loads(line)
+                segs = [tok(s) for s in rec["segments"]]
+            except UserError as e:
+                skipped.append(f"{manifest}:{lineno}: {e.where}: {e.reason}")
+                continue
+            except (ValueError, KeyError, TypeError) as e:
+                skipped.append(f"{manifest}:{lineno}: malformed record ({type(e).__name__}: {e})")
+                continue
+            split = "val" if rec.get("split") == "val" else "train"
+            docs[split].append(build_document(segs, tok.text.vocab_size, tok.bits, tok.levels))
+    for s in skipped:
+        log(f"skipped {s}")
+    stats = {"skipped_documents": len(skipped)}
+    out = Path(cfg.out_dir)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta = {"format": "multimodal-1", "seq_len": cfg.seq_len, "text_vocab_size": tok.text.vocab_size,
+            "specials": special_ids(tok.text.vocab_size), "special_names": SPECIALS, "bits": tok.bits,
+            "audio_levels": tok.levels, "scales": tok.vision.cfg.scales, "text_tokenizer": cfg.text_tokenizer,
+            "vision_tokenizer": cfg.vision_tokenizer, "audio_tokenizer": cfg.audio_tokenizer,
+            "skipped": skipped, "splits": {}, "files": {}}
+    for split, ds in docs.items():
+        packed, dropped = pack_documents(ds, cfg.seq_len)
+        for k, v in packed.items():
+            np.save(tmp / f"{split}.{k}.npy", v)
+        rows = int(packed["token"].shape[0])
+        meta["splits"][split] = {"documents": len(ds) - dropped, "dropped_too_long": dropped, "rows": rows}
+        stats[f"{split}_rows"], stats[f"{split}_documents"] = rows, len(ds) - dropped
+        stats[f"{split}_too_long"] = dropped
+    for f in sorted(tmp.glob("*.npy")):
+        meta["files"][f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+    old = out.with_name(out.name + f".old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    stats["out_dir"] = str(out)
+    return stats
+
+
+def open_multimodal_split(shard_dir: str, split: str) -> tuple[dict, dict]:
+    """(meta, {field: memory-mapped array [rows, seq_len, ...]}) after checking sizes against meta.json."""
+    root = Path(shard_dir)
+    meta_path = root / "meta.json"
+    if not meta_path.is_file():
+        raise UserError(str(meta_path), "no prepared multimodal shards here (run `ernie5 data prepare CONFIG`)")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("format") != "multimodal-1":
+        raise UserError(str(meta_path), "not a multimodal shard (text shards have no segments to inspect)")
+    arrays = {}
+    for name, want in meta["files"].items():
+        if not name.startswith(split + "."):
+            continue
+        path = root / name
+        if not path.is_file() or path.stat().st_size != want["bytes"]:
+            raise UserError(str(path), "shard file missing or truncated")
+        arrays[name[len(split) + 1:-4]] = np.load(path, mmap_mode="r")
+    if not arrays:
+        raise UserError(f"{shard_dir}: {split}", f"no such split (have {', '.join(meta['splits'])})")
+    return meta, arrays

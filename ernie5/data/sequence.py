@@ -1,0 +1,241 @@
+"""Unified multimodal sequence format: segments -> per-position arrays -> packed rows -> attention masks.
+
+A document is a list of `Segment`s (text / image / video / audio / sep), each an understanding *input* or a
+generation *target*. Layouts (SPEC §2): image `BOI S1 S2 ... EOI`, video `BOV F1S1 F1S2 ... F2S1 ... EOV`,
+audio `BOA frame1 ... EOA`; `SEP` separates an understanding input from what follows.
+
+Special tokens sit at a **fixed offset after the text vocabulary**: id = text_vocab_size + index in `SPECIALS`
+(the sentencepiece model is not retrained; the backbone's embedding has text_vocab_size + len(SPECIALS) rows).
+
+Per position (n positions in a document, `FIELDS` below):
+- `token` int32: text / special id; visual: the token's d bits packed into an int (bit i = channel i, see
+  `bitwise.bits_to_ids`); audio: the level-1 code.  `audio` int16 [n, L]: all L codes of an audio frame (-1 else).
+- `vis_in` float32 [n, d]: visual *inputs* (teacher forcing of next-scale prediction: the accumulated latent of
+  earlier scales of the same frame on this scale's grid; zeros at scale 0). Visual tokens are predicted from
+  these, so a visual position's target is its **own** code; text and audio targets are the **next** position's.
+- `modality` int8 (0 text/special, 1 image, 2 video, 3 audio, -1 padding), `scale`, `frame` int16 (-1 if none).
+- `pos` float32 [n, 3] Uni-RoPE (t, h, w): text/audio t = h = w = index; visual t = start + frame,
+  (h, w) = start + cell centre on the finest latent grid, so every scale is centre-aligned
+  ((i + 0.5) * L / s - 0.5: a 1x1 scale sits at the middle of the frame). After a visual segment the index
+  resumes at start + max(T, L).
+- `group` int32: one per text token, one per visual (frame, scale), one per audio frame. Attention: query i sees
+  key j iff same document and group[j] <= group[i] (causal across groups, bidirectional inside one).
+- `target` int32 (-1: none), `target_audio` int16 [n, L], `loss_mask` uint8 [n, 3] (text, visual, audio head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SPECIALS = ["<boi>", "<eoi>", "<bov>", "<eov>", "<boa>", "<eoa>", "<sep>"]
+TEXT, IMAGE, VIDEO, AUDIO, PAD = 0, 1, 2, 3, -1
+MODALITY_NAMES = {TEXT: "text", IMAGE: "image", VIDEO: "video", AUDIO: "audio", PAD: "pad"}
+HEAD_TEXT, HEAD_VISUAL, HEAD_AUDIO = 0, 1, 2
+
+
+def special_ids(text_vocab_size: int) -> dict[str, int]:
+    return {name: text_vocab_size + i for i, name in enumerate(SPECIALS)}
+
+
+@dataclass
+class Segment:
+    """One piece of a document. text: `ids`; image/video: `codes` (list over scales of uint8 [T, s, s, d]) and
+    `scale_inputs` (list over scales 1.. of float [T, s, s, d]); audio: `audio_codes` int [F, L]."""
+
+    kind: str
+    role: str = "target"  # "input" (understanding, no loss) or "target" (generation)
+    ids: list[int] = field(default_factory=list)
+    codes: list[np.ndarray] = field(default_factory=list)
+    scale_inputs: list[np.ndarray] = field(default_factory=list)
+    audio_codes: np.ndarray | None = None
+
+
+class _Doc:
+    """Accumulates positions of one document."""
+
+    def __init__(self, bits: int, levels: int):
+        self.bits, self.levels = bits, levels
+        self.rows: list[dict] = []
+        self.p = 0  # next RoPE index
+        self.g = 0  # next group id
+
+    def add(self, token, modality, pos, role, audio=None, vis_in=None, scale=-1, frame=-1, new_group=True):
+        if new_group:
+            self.g += 1
+        self.rows.append({"token": token, "modality": modality, "pos": pos, "group": self.g - 1, "role": role,
+                          "audio": audio, "vis_in": vis_in, "scale": scale, "frame": frame})
+
+    def text(self, token, role):
+        self.add(token, TEXT, (self.p,) * 3, role)
+        self.p += 1
+
+
+def _pack_bits(bits_d: np.ndarray) -> np.ndarray:
+    return (bits_d.astype(np.int64) << np.arange(bits_d.shape[-1])).sum(-1)
+
+
+def build_document(segments: list[Segment], text_vocab_size: int, bits: int = 1, levels: int = 1) -> dict:
+    """Positions of one document as arrays (see the module docstring)."""
+    sp = special_ids(text_vocab_size)
+    doc = _Doc(bits, levels)
+    for seg in segments:
+        if seg.kind == "text":
+            for t in seg.ids:
+                doc.text(t, seg.role)
+        elif seg.kind == "sep":
+            doc.text(sp["<sep>"], seg.role)
+        elif seg.kind in ("image", "video"):
+            _visual(doc, seg, sp)
+        elif seg.kind == "audio":
+            doc.text(sp["<boa>"], seg.role)
+            for f, codes_L in enumerate(np.asarray(seg.audio_codes)):
+                doc.add(int(codes_L[0]), AUDIO, (doc.p,) * 3, seg.role, audio=codes_L, frame=f)
+                doc.p += 1
+            doc.text(sp["<eoa>"], seg.role)
+        else:
+            raise ValueError(f"unknown segment kind {seg.kind!r}")
+    return _arrays(doc.rows, bits, levels)
+
+
+def _visual(doc: _Doc, seg: Segment, sp: dict) -> None:
+    video = seg.kind == "video"
+    doc.text(sp["<bov>" if video else "<boi>"], seg.role)
+    T, L = seg.codes[-1].shape[0], seg.codes[-1].shape[1]
+    start = doc.p
+    for f in range(T):
+        for k, codes in enumerate(seg.codes):
+            s = codes.shape[1]
+            centre = (np.arange(s) + 0.5) * L / s - 0.5
+            ids = _pack_bits(codes[f])  # [s, s]
+            inp = seg.scale_inputs[k - 1][f] if k > 0 else np.zeros((s, s, codes.shape[-1]), np.float32)
+            for i in range(s):
+                for j in range(s):
+                    doc.add(int(ids[i, j]), VIDEO if video else IMAGE,
+                            (start + f, start + centre[i], start + centre[j]), seg.role, vis_in=inp[i, j],
+                            scale=k, frame=f, new_group=(i == 0 and j == 0))
+    doc.p = start + max(T, L)
+    doc.text(sp["<eov>" if video else "<eoi>"], seg.role)
+
+
+def _arrays(rows: list[dict], bits: int, levels: int) -> dict:
+    n = len(rows)
+    out = {"token": np.array([r["token"] for r in rows], np.int32),
+           "modality": np.array([r["modality"] for r in rows], np.int8),
+           "pos": np.array([r["pos"] for r in rows], np.float32).reshape(n, 3),
+           "group": np.array([r["group"] for r in rows], np.int32),
+           "scale": np.array([r["scale"] for r in rows], np.int16),
+           "frame": np.array([r["frame"] for r in rows], np.int16),
+           "audio": np.full((n, levels), -1, np.int16), "vis_in": np.zeros((n, bits), np.float32),
+           "target": np.full(n, -1, np.int32), "target_audio": np.full((n, levels), -1, np.int16),
+           "loss_mask": np.zeros((n, 3), np.uint8)}
+    for i, r in enumerate(rows):
+        if r["audio"] is not None:
+            out["audio"][i] = r["audio"]
+        if r["vis_in"] is not None:
+            out["vis_in"][i] = r["vis_in"]
+    for i, r in enumerate(rows):
+        if r["modality"] in (IMAGE, VIDEO):  # next-scale prediction: a visual position predicts its own code
+            out["target"][i] = r["token"]
+            out["loss_mask"][i, HEAD_VISUAL] = r["role"] == "target"
+            continue
+        if i + 1 >= n:
+            continue
+        nxt = rows[i + 1]
+        if nxt["modality"] == TEXT:
+            out["target"][i] = nxt["token"]
+            out["loss_mask"][i, HEAD_TEXT] = nxt["role"] == "target"
+        elif nxt["modality"] == AUDIO:
+            out["target"][i] = nxt["token"]
+            out["target_audio"][i] = nxt["audio"]
+            out["loss_mask"][i, HEAD_AUDIO] = nxt["role"] == "target"
+        # a position followed by a visual one has no target: visual tokens come from their own group's inputs
+    return out
+
+
+FIELDS = ("token", "modality", "pos", "group", "scale", "frame", "audio", "vis_in", "target", "target_audio",
+          "loss_mask")
+
+
+def pack_documents(docs: list[dict], seq_len: int) -> tuple[dict, int]:
+    """Greedy packing in order into rows of `seq_len`; adds `doc` (per-row document index) and makes `group`
+    row-global (increasing). Documents longer than a row are dropped (returned count). Padding positions are
+    modality -1, each its own document and group."""
+    rows, cur, used, dropped = [], [], 0, 0
+    for d in docs:
+        n = len(d["token"])
+        if n > seq_len:
+            dropped += 1
+            continue
+        if used + n > seq_len:
+            rows.append(cur)
+            cur, used = [], 0
+        cur.append(d)
+        used += n
+    if cur:
+        rows.append(cur)
+    packed = {k: [] for k in FIELDS + ("doc",)}
+    for row in rows:
+        r = _pack_row(row, seq_len)
+        for k in packed:
+            packed[k].append(r[k])
+    return {k: np.stack(v) if v else np.zeros((0, seq_len)) for k, v in packed.items()}, dropped
+
+
+def _pack_row(docs: list[dict], seq_len: int) -> dict:
+    parts = {k: [] for k in FIELDS + ("doc",)}
+    g0 = 0
+    for di, d in enumerate(docs):
+        for k in FIELDS:
+            parts[k].append(d["group"] + g0 if k == "group" else d[k])
+        parts["doc"].append(np.full(len(d["token"]), di, np.int32))
+        g0 += int(d["group"].max()) + 1 if len(d["group"]) else 0
+    n_pad = seq_len - sum(len(d["token"]) for d in docs)
+    if n_pad:
+        ref = docs[0]
+        for k in FIELDS:
+            shape = (n_pad,) + ref[k].shape[1:]
+            fill = {"modality": PAD, "target": -1, "target_audio": -1, "audio": -1, "scale": -1, "frame": -1}
+            parts[k].append(np.full(shape, fill.get(k, 0), ref[k].dtype))
+        parts["group"][-1] = np.arange(g0, g0 + n_pad, dtype=np.int32)
+        parts["doc"].append(np.arange(len(docs), len(docs) + n_pad, dtype=np.int32))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+# -- attention ----------------------------------------------------------------------------------------------------
+def allowed_mask(doc_BS: np.ndarray, group_BS: np.ndarray) -> np.ndarray:
+    """bool [B, S, S]: query i may attend key j (same document, group[j] <= group[i])."""
+    same = doc_BS[:, :, None] == doc_BS[:, None, :]
+    return same & (group_BS[:, None, :] <= group_BS[:, :, None])
+
+
+def dense_mask(doc_BS: np.ndarray, group_BS: np.ndarray) -> np.ndarray:
+    """Additive float32 [B, 1, S, S] (0 allowed, -inf masked): what the CPU attention (`attn_mask`) takes."""
+    return np.where(allowed_mask(doc_BS, group_BS), 0.0, -np.inf).astype(np.float32)[:, None]
+
+
+def flashmask_ranges(doc_BS: np.ndarray, group_BS: np.ndarray) -> np.ndarray:
+    """FlashMask `startend_row_indices` [B, 1, S, 2] int32 for `flashmask_attention(..., causal=False)`:
+    per key column j, rows >= LTS = end of j's document are masked (later documents) and rows < UTE = first
+    row of j's group are masked (earlier groups and documents). Needs groups non-decreasing along the row,
+    contiguous documents and groups, which `pack_documents` guarantees."""
+    B, S = doc_BS.shape
+    out = np.zeros((B, 1, S, 2), np.int32)
+    for b in range(B):
+        doc, grp = doc_BS[b], group_BS[b]
+        doc_change = np.nonzero(np.diff(doc))[0] + 1
+        doc_end = np.searchsorted(np.append(doc_change, S), np.arange(S), side="right")
+        out[b, 0, :, 0] = np.append(doc_change, S)[doc_end]
+        grp_start = np.searchsorted(grp, grp, side="left")  # grp is sorted: first index of each value
+        out[b, 0, :, 1] = grp_start
+    return out
+
+
+def expand_flashmask(ranges_B1S2: np.ndarray) -> np.ndarray:
+    """bool allowed [B, S, S] from FlashMask ranges (the kernel's documented semantics, causal=False)."""
+    B, _, S, _ = ranges_B1S2.shape
+    rows = np.arange(S)[None, :, None]
+    lts = ranges_B1S2[:, 0, None, :, 0]
+    ute = ranges_B1S2[:, 0, None, :, 1]
+    return ~((rows >= lts) | (rows < ute))

@@ -1,0 +1,87 @@
+"""Digits world fetch, multimodal prepare with corrupt / missing media (skip + report), inspect, CLI dispatch."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ernie5.errors import UserError
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, text_assets):
+    """A small digits world plus tiny trained vision / audio tokenizer assets and a multimodal data config."""
+    from ernie5.data.digits_world import fetch_digits_world
+
+    root = tmp_path_factory.mktemp("mm")
+    stats = fetch_digits_world(str(root / "world"), num_videos=20)
+    assert stats["speech_engine"] in ("espeak-ng", "synthetic-tone-code")
+    _, tok, _ = text_assets
+    assets = {}
+    for kind, extra in (("vision", ["vision.channels=8", "train.steps=3", "train.batch_size=4",
+                                    "train.video_every=2", "train.video_batch_size=2"]),
+                        ("audio", ["audio.channels=[4,8,8,8]", "audio.latent_dim=8", "audio.codebook_size=16",
+                                   "train.steps=2", "train.batch_size=2"])):
+        out = root / f"{kind}.pdparams"
+        r = run_cli("tokenizer", "train", f"tokenizers/digits_{'vision_b4' if kind == 'vision' else 'audio'}.yaml",
+                    f"output={out}", f"data_dir={root / 'world'}", *extra, timeout=300)
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert ("psnr_db" in report) if kind == "vision" else ("snr_db" in report and "code_usage" in report)
+        assets[kind] = out
+    cfg = root / "mm.yaml"
+    cfg.write_text(f"kind: multimodal\nmanifest: {root / 'world' / 'samples.jsonl'}\nout_dir: {root / 'shards'}\n"
+                   f"text_tokenizer: {tok}\nvision_tokenizer: {assets['vision']}\naudio_tokenizer: {assets['audio']}\n"
+                   "seq_len: 512\n")
+    return root, cfg
+
+
+def test_vision_report_and_png_written(world):
+    root, _ = world
+    meta = json.loads((root / "vision.json").read_text())
+    assert meta["kind"] == "vision" and "baseline_mean_image_psnr_db" in meta["report"]
+    assert (root / "vision.png").stat().st_size > 1000
+
+
+def test_prepare_skips_corrupt_and_missing_media_and_names_the_file(world):
+    root, cfg = world
+    w = root / "world"
+    (w / "images" / "00002.png").write_bytes(b"not a png")
+    missing = w / "audio" / "00001.wav"
+    shutil.move(missing, root / "moved.wav")
+    try:
+        r = run_cli("data", "prepare", str(cfg), "max_documents=0", timeout=300)
+    finally:
+        shutil.move(root / "moved.wav", missing)
+    assert r.returncode == 0, r.stderr
+    assert "00002.png: corrupt image" in r.stderr and "00001.wav: audio file missing" in r.stderr
+    stats = json.loads(r.stdout)
+    assert stats["skipped_documents"] == 2 and stats["train_rows"] > 0 and stats["val_rows"] > 0
+    meta = json.loads((root / "shards" / "meta.json").read_text())
+    assert meta["specials"]["<boi>"] == meta["text_vocab_size"]
+    mod = np.load(root / "shards" / "train.modality.npy")
+    assert {0, 1, 2, 3} <= set(np.unique(mod).tolist())  # text, image, video and audio all present
+    r = run_cli("data", "inspect", str(cfg), "--row", "0", "--max-positions", "20")
+    assert r.returncode == 0, r.stderr
+    assert "image" in r.stdout and "groups" in r.stdout and "<boi>" in r.stdout
+
+
+def test_read_errors_name_the_file(tmp_path):
+    from ernie5.data.multimodal_prepare import read_image, read_video, read_wav
+
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"\x89PNG broken")
+    for fn, path in ((read_image, bad), (read_video, tmp_path / "nope.npy"), (lambda p: read_wav(p, 16000), bad)):
+        with pytest.raises(UserError) as e:
+            fn(path)
+        assert str(path) in str(e.value)
+
+
+def test_tokenizer_train_bad_kind_is_a_user_error(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("kind: smell\n")
+    r = run_cli("tokenizer", "train", str(p))
+    assert r.returncode == 2 and "kind" in r.stderr and "Traceback" not in r.stderr
