@@ -73,7 +73,7 @@ def evaluate_elastic(ckpt_path: str, out_dir: Optional[str] = None, batches: int
                          "experts": cfg.model.moe.num_experts if sub.experts is None else len(sub.experts),
                          "top_k": sub_cfg.moe.top_k if sub_cfg.moe.num_experts else 0,
                          "active_params": pc.active_params, "total_params": pc.total_params,
-                         "loss": _loss(model, data, sub), **sub.to_dict()})
+                         "loss": _loss(model, data, sub), "spec": sub.to_dict()})
     if not grid:
         return rows, None
     out = Path(out_dir) if out_dir else _default_out(ckpt)

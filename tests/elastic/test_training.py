@@ -101,6 +101,9 @@ def test_eval_elastic_writes_table_json_and_plot(elastic_run, tmp_path, capsys):
     names = [r["submodel"] for r in rows]
     assert names == ["full", "depth=3", "depth=2", "experts=2", "top_k=1", "depth=2,experts=2,top_k=1"]
     assert all(np.isfinite(r["loss"]) for r in rows)
+    assert [(r["layers"], r["experts"], r["top_k"]) for r in rows] == [(4, 4, 2), (3, 4, 2), (2, 4, 2), (4, 2, 2),
+                                                                       (4, 4, 1), (2, 2, 1)]
+    assert rows[1]["spec"]["layers"] == [0, 2, 3]
     assert all(r["active_params"] < rows[0]["active_params"] for r in rows[1:])
     assert rows[3]["total_params"] < rows[0]["total_params"] == rows[4]["total_params"]
     assert (out / "elastic_eval.png").stat().st_size > 1000 and "| depth=3 |" in (out / "elastic_eval.md").read_text()
