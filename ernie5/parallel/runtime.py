@@ -97,8 +97,9 @@ class ParallelRuntime:
     @paddle.no_grad()
     def grad_norm(self) -> float:
         """Global gradient norm after sync (the same number on every rank; NaN if any gradient is)."""
-        def sq(ps):
-            gs = [(p.grad.astype("float32") ** 2).sum() for p in ps if p.grad is not None]
+        def sq(ps):  # paddle.square, not `** 2`: the generic pow kernel is ~8x slower on CPU
+            gs = [paddle.square(p.grad if p.grad.dtype == paddle.float32 else p.grad.astype("float32")).sum()
+                  for p in ps if p.grad is not None]
             return float(paddle.add_n(gs)) if gs else 0.0
 
         dense = sq(self._owned_dense())

@@ -134,3 +134,15 @@ def test_schedules():
     assert lr_at(50, cos, 100) == pytest.approx(0.5) and lr_at(100, cos, 100) == pytest.approx(0.0)
     const = OptimConfig(lr=2.0, schedule="constant", warmup_steps=4, min_lr=0.0)
     assert lr_at(2, const, 10) == 1.0 and lr_at(9, const, 10) == 2.0
+
+
+def test_runtime_grad_norm_and_clip_match_numpy(tiny_cfg):
+    from ernie5.objectives.text import text_loss
+
+    tr = Trainer(tiny_cfg("train.max_steps=1"), callbacks=[], quiet=True)
+    text_loss(tr.model, tr._micro_batch(tr.train_loader), 0.3).total.backward()
+    grads = [p.grad.numpy().astype(np.float64) for p in tr.runtime.all_params if p.grad is not None]
+    want = np.sqrt(sum((g ** 2).sum() for g in grads))
+    assert tr.runtime.grad_norm() == pytest.approx(want, rel=1e-5)
+    tr.runtime.clip(0.5)
+    assert tr.runtime.grad_norm() == pytest.approx(want * 0.5, rel=1e-5)
