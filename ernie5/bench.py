@@ -68,7 +68,8 @@ def gemm_gflops(m: int, k: int, n: int, seconds: float = 0.5) -> float:
 
 
 def largest_gemm(cfg: RunConfig) -> tuple[str, int, int, int]:
-    """(name, m, k, n) of the model's biggest single GEMM in one micro-batch (by m*k*n)."""
+    """(name, m, k, n) of the model's biggest single GEMM in one micro-batch (by m*k*n; plain [m,k] x [k,n]
+    layout, whatever transposes the model uses)."""
     mc, T = cfg.model, cfg.train.micro_batch_size * cfg.data.seq_len
     H, moe = mc.hidden_size, mc.moe
     cands = [("head", T, H, mc.vocab_size or 1), ("q_proj", T, H, mc.num_heads * mc.dim_head)]
@@ -434,12 +435,18 @@ class _Clock:
 
 
 def train_overhead(tr, steps: int) -> dict:
-    """Fraction of a `Trainer.train()` iteration spent outside the model step: data loading + callbacks +
-    logging + loop bookkeeping, over `steps` steady-state iterations with the default callbacks.
+    """Share of `ernie5 train`'s time that is not the model step: data loading, callbacks, logging, loop
+    bookkeeping, plus periodic evaluation and checkpoints amortised over their intervals.
 
-    Runs one extra iteration before (warm-up) and after (the final checkpoint, reported on its own): both
-    are one-off costs, not per-step overhead. Log lines go to a buffer (their printing cost is kept).
+    `Trainer.train()` runs with the default callbacks for 1 + N + 1 iterations, N = max(steps, log interval)
+    so the window holds a logging step. Evaluation and checkpointing are switched off inside the window and
+    costed apart: one `evaluate()` call / eval_interval, and the final checkpoint (the last iteration's
+    extra time) / checkpoint.interval (or / max_steps when only the final one is written). Log lines go to
+    a buffer (their formatting cost is kept).
     """
+    t_cfg, c_cfg = tr.cfg.train, tr.cfg.checkpoint
+    eval_every, ckpt_every, run_steps = t_cfg.eval_interval, c_cfg.interval, t_cfg.max_steps
+    steps = max(steps, t_cfg.log_interval)
     clock, step_s, data_s = _Clock(), [], []
     step_fn, batch_fn = tr.train_step, tr._micro_batch
 
@@ -460,20 +467,29 @@ def train_overhead(tr, steps: int) -> dict:
                 data_s[-1] += time.perf_counter() - start
 
     tr.callbacks = tr.default_callbacks() + [clock]
-    tr.cfg.train.max_steps = tr.step + steps + 2
+    t_cfg.max_steps, t_cfg.eval_interval, c_cfg.interval = tr.step + steps + 2, 0, 0
     tr.train_step, tr._micro_batch = timed_step_fn, timed_batch
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             tr.train()
+            eval_s = 0.0
+            if eval_every and getattr(tr, "val_loader", None) is not None:
+                start = time.perf_counter()
+                tr.evaluate()
+                eval_s = time.perf_counter() - start
     finally:
         del tr.train_step, tr._micro_batch
+        t_cfg.max_steps, t_cfg.eval_interval, c_cfg.interval = run_steps, eval_every, ckpt_every
     loops = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]  # iterations 2 .. steps + 2
-    steady = slice(0, steps)
-    loop, step, data = sum(loops[steady]), sum(step_s[1:steps + 1]), sum(data_s[1:steps + 1])
-    overhead = loop - step + data
-    return {"fraction": overhead / loop, "loop_s": loop / steps, "data_s": data / steps,
-            "callbacks_and_loop_s": (loop - step) / steps, "steps": steps,
-            "final_checkpoint_s": loops[-1] - step_s[-1]}
+    loop, step, data = sum(loops[:steps]), sum(step_s[1:steps + 1]), sum(data_s[1:steps + 1])
+    per_step = (loop - step + data) / steps  # data + callbacks + logging + loop
+    ckpt_s = loops[-1] - step_s[-1] - (loop - step) / steps  # the final iteration's extra time
+    amortised = {"eval_s": eval_s / eval_every if eval_every else 0.0,
+                 "checkpoint_s": max(ckpt_s, 0.0) / (ckpt_every or run_steps)}
+    extra = sum(amortised.values())
+    return {"fraction": (per_step + extra) / (loop / steps + extra), "steady_fraction": per_step * steps / loop,
+            "loop_s": loop / steps, "data_s": data / steps, "callbacks_and_loop_s": (loop - step) / steps,
+            "steps": steps, "checkpoint_s": ckpt_s, "evaluate_s": eval_s, "amortised": amortised}
 
 
 # ---- the command -------------------------------------------------------------------------------------------
@@ -482,10 +498,14 @@ def _peak_rss_mb() -> float:
     return rss / 1024 / 1024 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
-def run_bench(cfg: RunConfig, opts: BenchOptions = BenchOptions()) -> dict:
-    """Build a callback-free Trainer in a temporary directory and measure it (see the module docstring)."""
+def run_bench(cfg: RunConfig, opts: Optional[BenchOptions] = None) -> dict:
+    """Build a callback-free Trainer in a temporary directory and measure it (see the module docstring).
+
+    `cfg` is changed in place (output_dir, checkpoint.resume): the bench never touches the run's directory.
+    """
     from ernie5.train.trainer import Trainer
 
+    opts = opts or BenchOptions()
     with tempfile.TemporaryDirectory(prefix="ernie5-bench-") as tmp:
         cfg.run.output_dir, cfg.checkpoint.resume = tmp, False
         tr = Trainer(cfg, callbacks=[], quiet=True)
@@ -501,7 +521,7 @@ def run_bench(cfg: RunConfig, opts: BenchOptions = BenchOptions()) -> dict:
         prof = profile_step(tr) if opts.profile else None
         over = train_overhead(tr, opts.overhead_steps) if opts.overhead_steps else None
 
-    tokens = cfg.train.grad_accum_steps * cfg.train.micro_batch_size * cfg.data.seq_len
+    tokens = cfg.train.grad_accum_steps * cfg.train.micro_batch_size * cfg.data.seq_len * tr.world
     step_s = statistics.median(walls)
     fpt = tr.flops_per_token
     achieved = tokens / step_s * fpt / 1e9
@@ -552,9 +572,11 @@ def format_report(r: dict, title: str = "") -> str:
     ]
     if "train_overhead" in r:
         o = r["train_overhead"]
-        lines.append(f"  train() overhead {100 * o['fraction']:.1f}% of an iteration ({o['steps']} steps: data "
-                     f"{1000 * o['data_s']:.1f} ms + callbacks/loop {1000 * o['callbacks_and_loop_s']:.1f} ms per "
-                     f"{o['loop_s']:.3f} s step); final checkpoint {o['final_checkpoint_s']:.2f} s")
+        am = o["amortised"]
+        lines.append(f"  train() overhead {100 * o['fraction']:.1f}% (per step: data {1000 * o['data_s']:.1f} ms + "
+                     f"callbacks/logging/loop {1000 * o['callbacks_and_loop_s']:.1f} ms of {o['loop_s']:.3f} s over "
+                     f"{o['steps']} steps; amortised eval {1000 * am['eval_s']:.1f} ms + checkpoint "
+                     f"{1000 * am['checkpoint_s']:.1f} ms; one checkpoint {o['checkpoint_s']:.2f} s)")
     if "breakdown" in r:
         lines.append(f"breakdown ({r['breakdown_steps']} instrumented steps, {r['breakdown_step_s']:.4f} s/step; "
                      "forward phases timed in place, backward one phase, exclusive times):")
@@ -573,5 +595,6 @@ def format_report(r: dict, title: str = "") -> str:
         lines.append(f"top operators (one profiled step, {p['profiled_step_s']:.4f} s; host time incl. profiler "
                      "overhead; phase = where the op ran, GradNodes run in `backward`):")
         for o in p["ops"]:
-            lines.append(f"  {o['phase']:<18}{o['op']:<34}{o['calls']:>6}x {o['s']:>9.4f} s {100 * o['fraction']:>6.1f}%")
+            lines.append(f"  {o['phase']:<18}{o['op']:<34}{o['calls']:>6}x {o['s']:>9.4f} s "
+                         f"{100 * o['fraction']:>6.1f}%")
     return "\n".join(lines)

@@ -36,16 +36,12 @@ class Attention(nn.Layer):
         self.o_proj = linear(self.num_heads * self.head_dim, H, std / math.sqrt(2 * cfg.num_layers))
 
     def qkv(self, x_BSH, cos, sin):
-        """Projections with RoPE applied to q and k; k and v expanded to every query head (GQA)."""
+        """Projections with RoPE applied to q and k (k and v keep num_kv_heads heads)."""
         B, S, _ = x_BSH.shape
         q = apply_rope(self.q_proj(x_BSH).reshape([B, S, self.num_heads, self.head_dim]), cos, sin)
         k = apply_rope(self.k_proj(x_BSH).reshape([B, S, self.num_kv_heads, self.head_dim]), cos, sin)
         v = self.v_proj(x_BSH).reshape([B, S, self.num_kv_heads, self.head_dim])
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            k = paddle.repeat_interleave(k, groups, axis=2)
-            v = paddle.repeat_interleave(v, groups, axis=2)
-        return q, k, v
+        return q, k, v  # GQA: scaled_dot_product_attention shares each kv head over its query-head group
 
     def core(self, q_BSND, k_BSND, v_BSND, mask_B1SS):
         """softmax(q k^T / sqrt(d) + mask) v, heads merged: [B, S, N * D]."""

@@ -36,19 +36,23 @@ def frequency_table(head_dim: int, theta: float, sections_thw: list[int]) -> np.
 
 
 def rope_cos_sin(pos_thw_BS3: paddle.Tensor, table_3P: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
-    """cos, sin of shape [B, S, 1, P] for positions [B, S, 3]."""
+    """cos and signed sin per channel, [B, S, 1, D] (each pair's angle repeated on its two channels; the sin of
+    channel 2i carries the minus sign of the rotation), computed once per forward for all layers."""
     angles_BSP = paddle.matmul(pos_thw_BS3.astype("float32"), table_3P)
-    return paddle.cos(angles_BSP).unsqueeze(2), paddle.sin(angles_BSP).unsqueeze(2)
+    cos_BSD = paddle.repeat_interleave(paddle.cos(angles_BSP), 2, axis=-1)
+    sin_BSD = paddle.repeat_interleave(paddle.sin(angles_BSP), 2, axis=-1)
+    sign_D = paddle.to_tensor([-1.0, 1.0] * (table_3P.shape[1]), dtype="float32")
+    return cos_BSD.unsqueeze(2), (sin_BSD * sign_D).unsqueeze(2)
 
 
-def apply_rope(x_BSND: paddle.Tensor, cos_BS1P: paddle.Tensor, sin_BS1P: paddle.Tensor) -> paddle.Tensor:
-    """Rotate channel pairs (2i, 2i+1) of x [B, S, heads, D] by the angles."""
+def apply_rope(x_BSND: paddle.Tensor, cos_BS1D: paddle.Tensor, ssin_BS1D: paddle.Tensor) -> paddle.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of x [B, S, heads, D]: (x0, x1) -> (x0 c - x1 s, x1 c + x0 s).
+
+    Written as x * cos + swap_pairs(x) * signed_sin: one flip instead of slices and a stack, whose gradient
+    chain dominated RoPE's cost on CPU."""
     B, S, N, D = x_BSND.shape
-    x = x_BSND.reshape([B, S, N, D // 2, 2])
-    x0, x1 = x[..., 0], x[..., 1]
-    out0 = x0 * cos_BS1P - x1 * sin_BS1P
-    out1 = x0 * sin_BS1P + x1 * cos_BS1P
-    return paddle.stack([out0, out1], axis=-1).reshape([B, S, N, D])
+    swapped = paddle.flip(x_BSND.reshape([B, S, N, D // 2, 2]), axis=[-1]).reshape([B, S, N, D])
+    return x_BSND * cos_BS1D + swapped * ssin_BS1D
 
 
 def text_positions(segment_ids_BS: np.ndarray) -> np.ndarray:
