@@ -1,9 +1,10 @@
 """Atomic, self-describing step checkpoints.
 
-Layout: `checkpoints/step_XXXXXXXX/` holding `model.pdparams`, `optimizer.pdopt`, `trainer_state.json`,
-`rng.pkl`, the run's resolved `config.yaml`, and `manifest.json` (sha256 and size of every other file).
-A checkpoint is written into `.tmp-step_XXXXXXXX-PID/`, every file fsynced, then renamed into place, so a
-directory named `step_*` with a manifest is complete. On load the manifest is verified; a checkpoint that
+Layout: `checkpoints/step_<8-digit step>/` holding `model.pdparams` and `optimizer.pdopt` (with several ranks,
+also `model.rankN.pdparams` / `optimizer.rankN.pdopt`: each rank's share, under global names),
+`trainer_state.json`, `rng.pkl`, the run's resolved `config.yaml`, and `manifest.json` (sha256 and size of every
+other file). A checkpoint is written into a `.tmp-` sibling dir, every file fsynced, then renamed into place, so
+a directory named `step_*` with a manifest is complete. On load the manifest is verified; a checkpoint that
 fails is skipped (with a warning) in favour of the previous one. Leftover temp dirs are removed at start.
 """
 
