@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from ernie5.config.schema import build, join, require, to_dict
+from ernie5.config.schema import build, require, to_dict
 from ernie5.data.config import DataConfig
 from ernie5.elastic.config import ElasticConfig
 from ernie5.errors import ConfigError, UserError
@@ -131,4 +131,4 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     return build(RunConfig, raw, "")
 
 
-__all__ = ["RunConfig", "RunSection", "load_config", "config_from_dict", "apply_overrides", "join"]
+__all__ = ["RunConfig", "RunSection", "load_config", "config_from_dict", "apply_overrides"]

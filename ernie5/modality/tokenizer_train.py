@@ -192,7 +192,7 @@ def _crop_batch(clips, n: int, length: int, rng) -> np.ndarray:
 def _audio_eval(model, clips, cfg) -> dict:
     """Whole held-out clips (padded to whole frames), one at a time."""
     model.eval()
-    snrs, stft, stft0, usage = [], [], [], [set() for _ in range(cfg.levels)]
+    snrs, stft, stft0 = [], [], []
     all_codes = []
     with paddle.no_grad():
         for c in clips:

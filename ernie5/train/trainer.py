@@ -29,7 +29,7 @@ from ernie5.parallel.runtime import ParallelRuntime
 from ernie5.parallel.topology import init_topology
 from ernie5.precision.fp8_linear import notice_once
 from ernie5.objectives.text import make_text_batch, text_loss
-from ernie5.plan import count_parameters, flops_per_token
+from ernie5.plan import flops_per_token
 from ernie5.train import checkpoint as ckpt
 from ernie5.train.callbacks import (AuxFreeBiasUpdate, Callback, Checkpointer, Evaluator, MetricsLogger,
                                     RouterOrthogonalStep, RoutingStats)
@@ -405,11 +405,3 @@ class Trainer:
             if self._bar is not None:
                 self._bar.close()
         return logged
-
-
-def summary(cfg: RunConfig) -> dict:
-    pc = count_parameters(cfg.model)
-    return {"total_params": pc.total_params, "active_params": pc.active_params,
-            "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len)}
-
-
