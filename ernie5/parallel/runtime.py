@@ -64,6 +64,7 @@ class ParallelRuntime:
 
             self.sharded = fleet.distributed_optimizer(self.dense_opt)._inner_opt  # DygraphShardingOptimizer
         self.expert_opt = build_optimizer(self.expert_params, cfg) if self.expert_params else None
+        self._routed_expert_params = [p for n, p in params.items() if is_expert_name(n)]
 
     @property
     def all_params(self) -> list:
@@ -93,6 +94,11 @@ class ParallelRuntime:
                 fused_allreduce_gradients_with_group(self.expert_params, topo.edp_group, scale=1.0 / topo.dp)
             else:
                 scale_grads(self.expert_params, 1.0 / topo.dp)
+        # an expert no token reached on any rank: no gradient, as in one process (AdamW then skips it rather than
+        # decaying it); the synced zeros are exact, so this is a global decision every replica takes alike
+        for p in self._routed_expert_params:
+            if p.grad is not None and not bool(paddle.any(p.grad != 0)):
+                p.clear_gradient(False)
 
     @paddle.no_grad()
     def grad_norm(self) -> float:
@@ -122,8 +128,10 @@ class ParallelRuntime:
                 self.expert_opt.step()
 
     def clear_grad(self) -> None:
-        for opt in self._optimizers():
-            opt.clear_grad(set_to_zero=False)
+        # every parameter, not each optimizer's list: fleet's sharding optimizer narrows the wrapped optimizer's
+        # list to the parameters this rank owns, which would leave the others' gradients to leak into the next step
+        for p in self.all_params:
+            p.clear_gradient(False)
 
     def _optimizers(self) -> list:
         return [o for o in (self.dense_opt, self.expert_opt) if o is not None]
@@ -181,7 +189,9 @@ class ParallelRuntime:
             by_opt.setdefault(id(opt), {})[f"{p.name}_{acc}"] = value
         for opt in (self.sharded or self.dense_opt, self.expert_opt):
             if opt is not None and id(opt) in by_opt:
-                opt.set_state_dict(by_opt[id(opt)])
+                # on a rollback the optimizer may hold accumulators the checkpoint predates (an expert first used
+                # after it): paddle requires every existing one, so those keep their current values
+                opt.set_state_dict({**opt.state_dict(), **by_opt[id(opt)]})
 
     def local_model_state(self, global_state: dict, where: str) -> dict:
         """The slice of a global state dict this rank's model holds, under its local names.

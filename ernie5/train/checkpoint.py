@@ -115,6 +115,11 @@ def clean_partial(ckpt_root: Path) -> list[Path]:
     """Remove temp / swap dirs left by a crash mid-save."""
     removed = []
     if ckpt_root.is_dir():
+        for p in sorted(ckpt_root.iterdir()):  # a crash between the two renames of a re-save: put the old one back
+            m = re.match(r"^\.old-(step_\d{8})-\d+$", p.name)
+            if m and not (ckpt_root / m.group(1) / MANIFEST).is_file():
+                shutil.rmtree(ckpt_root / m.group(1), ignore_errors=True)
+                p.rename(ckpt_root / m.group(1))
         for p in ckpt_root.iterdir():
             if p.name.startswith((".tmp-", ".old-")) or (_STEP_DIR.match(p.name) and not (p / MANIFEST).is_file()):
                 shutil.rmtree(p, ignore_errors=True)

@@ -150,6 +150,7 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         state = {"step": self.step, "loader": self.train_loader.state_dict(), "bad_streak": self.bad_streak,
+                 "rollbacks": self.rollbacks,
                  "spikes": self.spikes.state_dict(), "total_params": count_params(self.model)}
         if self.elastic is not None:
             state["elastic"] = self.elastic.state_dict()
@@ -185,6 +186,7 @@ class Trainer:
         state = ckpt.json_load(path / "trainer_state.json")
         self.step = self.last_saved_step = int(state["step"])
         self.bad_streak = int(state.get("bad_streak", 0))
+        self.rollbacks = max(self.rollbacks, int(state.get("rollbacks", 0)))  # the budget survives resume
         self.spikes.load_state_dict(state.get("spikes", {"history": [], "streak": 0}))
         if self.elastic is not None and "elastic" in state:
             self.elastic.load_state_dict(state["elastic"])
@@ -245,6 +247,9 @@ class Trainer:
         skipped_rows = position - self.train_loader.position
         self.train_loader.position = position
         self.spikes.streak = 0
+        if self.is_main:  # the steps after the checkpoint are redone: their log lines go
+            for name in ("metrics.jsonl", "routing.jsonl"):
+                truncate_jsonl(self.out / name, self.step)
         self.event("rollback", from_step=from_step, checkpoint=str(path), skipped_rows=skipped_rows)
 
     # ---- steps -------------------------------------------------------------------------------------------
@@ -382,7 +387,8 @@ class Trainer:
                 if m.get("skipped"):
                     for layer in self.model.moe_layers():
                         layer.step_counts[:] = 0
-                m["log"] = m["step"] % cfg.train.log_interval == 0 or m["step"] == cfg.train.max_steps
+                m["log"] = (m["step"] % cfg.train.log_interval == 0 or m["step"] == cfg.train.max_steps) \
+                    and not m.get("rolled_back")
                 for cb in self.callbacks:
                     cb.on_step_end(self, m)
                 for layer in self.model.moe_layers():

@@ -130,9 +130,7 @@ def test_sharding_stage1_matches_plain_dp(tmp_path, train_args):
     zero1 = tmp_path / "zero1"
     code, _, logs = launch(train_args(zero1, "train.max_steps=3", "parallel.sharding_stage=1"), tmp_path / "l2")
     assert code == 0, logs
-    # ZeRO-1 reduces gradients as scale-then-sum, plain DP as sum-then-scale: last-bit differences, which Adam
-    # turns into lr-sized updates on near-zero gradients; an unreduced or mis-owned gradient is ~100x further off
-    np.testing.assert_allclose(losses(zero1), losses(dp), rtol=1e-4)
+    np.testing.assert_allclose(losses(zero1), losses(dp), rtol=1e-5)
     files = sorted(p.name for p in (zero1 / "checkpoints" / "step_00000002").iterdir())
     assert "optimizer.rank1.pdopt" in files  # each rank wrote its shard of the optimizer state
 

@@ -146,3 +146,15 @@ def test_runtime_grad_norm_and_clip_match_numpy(tiny_cfg):
     assert tr.runtime.grad_norm() == pytest.approx(want, rel=1e-5)
     tr.runtime.clip(0.5)
     assert tr.runtime.grad_norm() == pytest.approx(want * 0.5, rel=1e-5)
+
+
+def test_crash_between_the_renames_of_a_resave_keeps_the_old_checkpoint(tmp_path):
+    from ernie5.train.checkpoint import clean_partial, latest_valid_checkpoint, write_checkpoint
+
+    root = tmp_path / "checkpoints"
+    write_checkpoint(root, 4, {"a.txt": lambda p: p.write_text("four")}, keep_last=3)
+    (root / "step_00000004").rename(root / ".old-step_00000004-77")  # the crash: old moved aside, new not in place
+    (root / ".tmp-step_00000004-77").mkdir()
+    clean_partial(root)
+    assert latest_valid_checkpoint(root).name == "step_00000004"
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000004"]
