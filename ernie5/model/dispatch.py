@@ -16,19 +16,30 @@ import paddle
 ExpertFn = Callable[[int, paddle.Tensor], paddle.Tensor]
 
 
+def sort_by_expert(x_TH: paddle.Tensor, topk_ids_TK: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """(order_N, x_sorted_NH): the N = T*K (token, slot) pairs ordered by expert id, and their token rows."""
+    K = topk_ids_TK.shape[1]
+    order_N = paddle.argsort(topk_ids_TK.flatten(), stable=True)
+    return order_N, paddle.gather(x_TH, order_N // K)
+
+
+def unsort_and_combine(y_sorted_NH: paddle.Tensor, order_N: paddle.Tensor, topk_w_TK: paddle.Tensor) -> paddle.Tensor:
+    """Back to (token, slot) order with one gather by the inverse permutation, then the weighted sum over slots."""
+    T, K = topk_w_TK.shape
+    y_TKH = paddle.gather(y_sorted_NH, paddle.argsort(order_N)).reshape([T, K, -1])
+    return (y_TKH * topk_w_TK.astype(y_TKH.dtype).unsqueeze(-1)).sum(axis=1)
+
+
 class LocalDispatcher:
     """All experts live in this process."""
 
     def __call__(self, x_TH: paddle.Tensor, topk_ids_TK: paddle.Tensor, topk_w_TK: paddle.Tensor,
                  counts_E: Sequence[int], expert_fn: ExpertFn) -> paddle.Tensor:
-        T, K = topk_ids_TK.shape
-        order_N = paddle.argsort(topk_ids_TK.flatten(), stable=True)  # N = T*K (token, slot) pairs
-        x_sorted_NH = paddle.gather(x_TH, order_N // K)
+        order_N, x_sorted_NH = sort_by_expert(x_TH, topk_ids_TK)
         outputs, start = [], 0
         for e, n in enumerate(np.asarray(counts_E).tolist()):
             if n:
                 outputs.append(expert_fn(e, x_sorted_NH[start:start + n]))
                 start += n
         y_sorted_NH = paddle.concat(outputs, axis=0) if len(outputs) > 1 else outputs[0]
-        y_TKH = paddle.gather(y_sorted_NH, paddle.argsort(order_N)).reshape([T, K, -1])
-        return (y_TKH * topk_w_TK.astype(y_TKH.dtype).unsqueeze(-1)).sum(axis=1)
+        return unsort_and_combine(y_sorted_NH, order_N, topk_w_TK)

@@ -10,6 +10,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from ernie5.precision.fp8_linear import fp8_linear
+
 
 def checkpointed(fn, *args):
     """fn(*args) without keeping its activations: backward re-runs it (Paddle's recompute).
@@ -29,8 +31,6 @@ class Linear(nn.Linear):
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         if self.fp8 is not None:
-            from ernie5.precision.fp8_linear import fp8_linear
-
             return fp8_linear(x, self.weight, self.fp8)
         return super().forward(x)
 

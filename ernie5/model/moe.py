@@ -17,6 +17,7 @@ import paddle.nn.functional as F
 
 from ernie5.model.config import ModelConfig, MoEConfig
 from ernie5.model.dispatch import LocalDispatcher
+from ernie5.precision.fp8_linear import quantize_for_dispatch
 from ernie5.model.layers import SwiGLU
 
 
@@ -147,8 +148,6 @@ class MoELayer(nn.Layer):
         counts_E = paddle.bincount(r.topk_ids_TK.flatten(), minlength=self.cfg.num_experts).numpy()
         x_send = x_TH
         if self.fp8 is not None and self.fp8.quantize_dispatch:
-            from ernie5.precision.fp8_linear import quantize_for_dispatch
-
             x_send = quantize_for_dispatch(x_TH, self.fp8)
         y_TH = self.dispatcher(x_send, r.topk_ids_TK, r.topk_w_TK, counts_E, lambda e, xs: self.experts[e](xs))
         if self.shared is not None:

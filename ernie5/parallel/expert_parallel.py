@@ -14,7 +14,7 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
-from ernie5.model.dispatch import ExpertFn
+from ernie5.model.dispatch import ExpertFn, sort_by_expert, unsort_and_combine
 from ernie5.parallel.alltoall import all_to_all
 
 
@@ -39,10 +39,8 @@ class ExpertParallelDispatcher:
 
     def __call__(self, x_TH: paddle.Tensor, topk_ids_TK: paddle.Tensor, topk_w_TK: paddle.Tensor,
                  counts_E: Sequence[int], expert_fn: ExpertFn) -> paddle.Tensor:
-        T, K = topk_ids_TK.shape
         per, me = self.per, self.me
-        order_N = paddle.argsort(topk_ids_TK.flatten(), stable=True)
-        x_sorted_NH = paddle.gather(x_TH, order_N // K)
+        order_N, x_sorted_NH = sort_by_expert(x_TH, topk_ids_TK)
         counts_RE = self._all_counts(np.asarray(counts_E))  # every rank's per-expert counts
         send_RR = counts_RE.reshape(self.ep, self.ep, per).sum(2)  # [src, dst] rows
         x_recv = all_to_all(x_sorted_NH, send_RR, self.group, me, self.native)
@@ -60,5 +58,4 @@ class ExpertParallelDispatcher:
         y_by_expert = paddle.concat(outputs) if outputs else x_by_expert  # empty: keep the chain
         y_recv = take_rows(y_by_expert, np.argsort(idx, kind="stable"))
         y_sorted_NH = all_to_all(y_recv, np.ascontiguousarray(send_RR.T), self.group, me, self.native)
-        y_TKH = paddle.gather(y_sorted_NH, paddle.argsort(order_N)).reshape([T, K, -1])
-        return (y_TKH * topk_w_TK.astype(y_TKH.dtype).unsqueeze(-1)).sum(axis=1)
+        return unsort_and_combine(y_sorted_NH, order_N, topk_w_TK)
