@@ -196,6 +196,16 @@ def _cmd_import(args) -> None:
     print(f"imported {args.hf_dir} as an ernie5 checkpoint: {out}")
 
 
+def _cmd_viz(args) -> None:
+    from ernie5.analysis.plots import plot_routing
+    from ernie5.analysis.routing import format_report
+
+    paths = plot_routing(args.run_dir, args.out, last=args.last)
+    for path in paths:
+        print(path)
+    print(format_report(json.loads(paths[-1].read_text())), end="")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ernie5", description="Unified multimodal MoE pretraining (PaddlePaddle).")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -268,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("hf_dir")
     im.add_argument("--out", required=True, help="checkpoint directory to write")
     im.set_defaults(fn=_cmd_import)
+    viz = sub.add_parser("viz", help="plots from a run directory").add_subparsers(dest="viz_verb", required=True)
+    vr = viz.add_parser("routing", help="expert load per modality: heatmaps, top-expert IoU, loss per modality")
+    vr.add_argument("run_dir", help="run directory (with routing.jsonl and metrics.jsonl)")
+    vr.add_argument("--out", help="output directory (default: RUN_DIR/plots)")
+    vr.add_argument("--last", type=_count(1),
+                    help="only the newest N routing records (default: all; loss curves show the whole run)")
+    vr.set_defaults(fn=_cmd_viz)
     return p
 
 

@@ -14,6 +14,7 @@ from ernie5.data.config import DataConfig
 from ernie5.elastic.config import ElasticConfig
 from ernie5.errors import ConfigError, UserError
 from ernie5.model.config import ModelConfig
+from ernie5.objectives.config import ObjectiveConfig
 from ernie5.modality.text_tokenizer import TextTokenizerConfig
 from ernie5.parallel.config import ParallelConfig
 from ernie5.precision.config import PrecisionConfig, RecomputeConfig
@@ -44,6 +45,7 @@ class RunConfig:
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # unified (multimodal) runs only
 
     def validate(self, path: str) -> None:
         require(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
@@ -52,6 +54,9 @@ class RunConfig:
         require(experts == 0 or experts % self.parallel.expert == 0, "parallel.expert",
                 f"{self.parallel.expert} does not divide model.moe.num_experts {experts}")
         self.elastic.check_model(self.model, self.parallel, "elastic")
+        if self.model.moe.isolated:
+            require(self.parallel.expert == 1, "parallel.expert", "isolated routing runs without expert parallelism")
+            require(not self.elastic.enabled, "elastic.enabled", "elastic sub-models need agnostic routing")
         if self.recompute.layers is not None:
             bad = [i for i in self.recompute.layers if i >= self.model.num_layers]
             require(not bad, "recompute.layers", f"{bad} past the last layer ({self.model.num_layers - 1})")

@@ -5,6 +5,11 @@
 - speech: digit words and short sentences synthesised with espeak-ng (`ernie5.data.speech`), 16 kHz WAV;
 - captions: English and Chinese ("a handwritten seven", "手写的数字七").
 
+Documents go both ways for every item: image -> caption (understanding) and caption -> image (generation),
+speech -> text and text -> speech; captions alternate English / Chinese. Only the first `num_images` digit images
+enter documents (held-out: index % 10 == 9); the remaining ones are never seen in training: `eval_images()` is
+what the cross-modal scores use.
+
 `fetch_digits_world(out)` writes the media, packed arrays for tokenizer training (`images.npy`, `labels.npy`,
 `videos.npy`, `audio.npy` + `audio_index.json`) and `samples.jsonl`: one document per line, a list of segments
 that `ernie5 data prepare` turns into the unified token stream. Held-out = every item whose index % 10 == 9.
@@ -26,8 +31,17 @@ VOICES = [("en", 150, 45), ("en", 185, 60), ("en-us", 165, 40), ("en+f3", 170, 5
           ("en-gb-x-rp", 175, 65)]
 
 
+NUM_DOC_IMAGES = 1200  # digit images 0..1199 enter documents; 1200..1796 stay unseen for evaluation
+RATES = (0.85, 1.0, 1.15)  # speaking-rate multipliers: more speech variety from the same voices
+
+
 def is_heldout(index: int) -> bool:
     return index % 10 == 9
+
+
+def eval_image_indices(num_images: int = NUM_DOC_IMAGES) -> range:
+    """Digit images never used in any document (unseen by tokenizer-free training and by the model)."""
+    return range(num_images, 1797)
 
 
 def caption_en(d: int) -> str:
@@ -81,15 +95,18 @@ def speech_clips(sample_rate: int = 16000) -> tuple[list[dict], str]:
 
     spk = Speaker(sample_rate)
     clips = []
-    for vi, (voice, rate, pitch) in enumerate(VOICES):
-        for d in range(10):
-            for text in (WORDS_EN[d], f"the number {WORDS_EN[d]}", f"{WORDS_EN[d]} plus {WORDS_EN[(d + 3) % 10]}"):
-                clips.append({"text": text, "digit": d, "voice": voice, "wav": spk.say(text, voice, rate, pitch)})
+    for voice, rate, pitch in VOICES:
+        for mult in RATES:
+            for d in range(10):
+                for text in (WORDS_EN[d], f"the number {WORDS_EN[d]}",
+                             f"{WORDS_EN[d]} plus {WORDS_EN[(d + 3) % 10]}"):
+                    clips.append({"text": text, "digit": d, "voice": voice,
+                                  "wav": spk.say(text, voice, int(rate * mult), pitch)})
     return clips, spk.engine
 
 
-def fetch_digits_world(out_dir: str, image_size: int = 16, frames: int = 4, num_videos: int = 300,
-                       sample_rate: int = 16000, seed: int = 0) -> dict:
+def fetch_digits_world(out_dir: str, image_size: int = 16, frames: int = 4, num_videos: int = 150,
+                       sample_rate: int = 16000, seed: int = 0, num_images: int = NUM_DOC_IMAGES) -> dict:
     """Write the digits world under `out_dir`; returns counts (and which speech engine was used)."""
     out = Path(out_dir)
     for sub in ("images", "videos", "audio"):
@@ -117,7 +134,7 @@ def fetch_digits_world(out_dir: str, image_size: int = 16, frames: int = 4, num_
     np.save(out / "audio.npy", audio)
     (out / "audio_index.json").write_text(json.dumps({"sample_rate": sample_rate, "engine": engine,
                                                       "clips": index}, ensure_ascii=False))
-    samples = list(_documents(labels, num_videos, index, rng))
+    samples = list(_documents(labels, num_videos, index, num_images))
     with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
         for s in samples:
             f.write(json.dumps(s, ensure_ascii=False) + "\n")
@@ -125,17 +142,19 @@ def fetch_digits_world(out_dir: str, image_size: int = 16, frames: int = 4, num_
             "speech_engine": engine}
 
 
-def _documents(labels, num_videos, audio_index, rng):
-    """Mixed documents over the media: caption->image, image->caption, speech<->text, caption->video."""
-    for i, d in enumerate(labels[:600]):
+def _documents(labels, num_videos, audio_index, num_images):
+    """Mixed documents over the media, both directions per item: caption->image and image->caption (captions
+    alternate English / Chinese), speech->text and text->speech, caption->video."""
+    for i, d in enumerate(labels[:num_images]):
         d = int(d)
         split = "val" if is_heldout(i) else "train"
         img = {"kind": "image", "path": f"images/{i:05d}.png"}
-        if i % 2 == 0:
-            segs = [{"kind": "text", "text": caption_en(d)}, {**img, "role": "target"}]
-        else:
-            segs = [{**img, "role": "input"}, {"kind": "sep"}, {"kind": "text", "text": caption_zh(d)}]
-        yield {"id": f"img{i}", "split": split, "segments": segs}
+        cap_gen = caption_en(d) if i % 2 == 0 else caption_zh(d)
+        cap_und = caption_zh(d) if i % 2 == 0 else caption_en(d)
+        yield {"id": f"t2i{i}", "split": split,
+               "segments": [{"kind": "text", "text": cap_gen}, {**img, "role": "target"}]}
+        yield {"id": f"i2t{i}", "split": split,
+               "segments": [{**img, "role": "input"}, {"kind": "sep"}, {"kind": "text", "text": cap_und}]}
     for i in range(num_videos):
         d = int(labels[i])
         yield {"id": f"vid{i}", "split": "val" if is_heldout(i) else "train",
@@ -143,11 +162,11 @@ def _documents(labels, num_videos, audio_index, rng):
                             {"kind": "video", "path": f"videos/{i:05d}.npy", "role": "target"}]}
     for i, c in enumerate(audio_index):
         a = {"kind": "audio", "path": f"audio/{i:05d}.wav"}
-        if i % 2 == 0:
-            segs = [{**a, "role": "input"}, {"kind": "sep"}, {"kind": "text", "text": c["text"]}]
-        else:
-            segs = [{"kind": "text", "text": c["text"]}, {**a, "role": "target"}]
-        yield {"id": f"aud{i}", "split": "val" if is_heldout(i) else "train", "segments": segs}
+        split = "val" if is_heldout(i) else "train"
+        yield {"id": f"asr{i}", "split": split,
+               "segments": [{**a, "role": "input"}, {"kind": "sep"}, {"kind": "text", "text": c["text"]}]}
+        yield {"id": f"tts{i}", "split": split,
+               "segments": [{"kind": "text", "text": c["text"]}, {**a, "role": "target"}]}
 
 
 def load_arrays(data_dir: str) -> dict:

@@ -55,6 +55,8 @@ def format_row(r: dict, meta: dict, max_positions: int, header: str = "") -> str
         if m in (1, 2):
             frames = int(r["frame"][start:i].max()) + 1
             extra = f" frames {frames} scales {sorted(set(int(s) for s in r['scale'][start:i]))}"
+            if "und_index" in r and (r["und_index"][start:i] >= 0).all():  # continuous understanding inputs
+                extra = f" frames {frames} understanding: {i - start} merged-patch tokens"
         if m == 0:
             toks = " ".join(_token_name(int(t), 0, meta) for t in r["token"][start:min(i, start + 8)])
             extra = f" tokens [{toks}{' ...' if i - start > 8 else ''}]"

@@ -21,6 +21,11 @@ Per position (n positions in a document, `FIELDS` below):
 - `group` int32: one per text token, one per visual (frame, scale), one per audio frame. Attention: query i sees
   key j iff same document and group[j] <= group[i] (causal across groups, bidirectional inside one).
 - `target` int32 (-1: none), `target_audio` int16 [n, L], `loss_mask` uint8 [n, 3] (text, visual, audio head).
+- `und_index` int32: row of `und_table` (float32 [m, K, F]) for a visual **understanding** token, -1 else. An image
+  or video given as an understanding *input* with continuous features (`Segment.und`, [T, h, w, F] on the latent
+  grid) is not laid out as bit codes: each frame becomes (h/2) x (w/2) tokens, each holding the K = 4 feature
+  vectors of its 2x2 latent cells (the patch merger's input), one group per frame, positions at the 2x2 cell
+  centres. Packed splits keep one `und_table` for the whole split (indices are split-global).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class Segment:
     codes: list[np.ndarray] = field(default_factory=list)
     scale_inputs: list[np.ndarray] = field(default_factory=list)
     audio_codes: np.ndarray | None = None
+    und: np.ndarray | None = None  # understanding features [T, h, w, F] (used when role == "input")
 
 
 class _Doc:
@@ -61,11 +67,11 @@ class _Doc:
         self.p = 0  # next RoPE index
         self.g = 0  # next group id
 
-    def add(self, token, modality, pos, role, audio=None, vis_in=None, scale=-1, frame=-1, new_group=True):
+    def add(self, token, modality, pos, role, audio=None, vis_in=None, scale=-1, frame=-1, new_group=True, und=None):
         if new_group:
             self.g += 1
         self.rows.append({"token": token, "modality": modality, "pos": pos, "group": self.g - 1, "role": role,
-                          "audio": audio, "vis_in": vis_in, "scale": scale, "frame": frame})
+                          "audio": audio, "vis_in": vis_in, "scale": scale, "frame": frame, "und": und})
 
     def text(self, token, role):
         self.add(token, TEXT, (self.p,) * 3, role)
@@ -86,6 +92,8 @@ def build_document(segments: list[Segment], text_vocab_size: int, bits: int = 1,
                 doc.text(t, seg.role)
         elif seg.kind == "sep":
             doc.text(sp["<sep>"], seg.role)
+        elif seg.kind in ("image", "video") and seg.role == "input" and seg.und is not None:
+            _understanding(doc, seg, sp)
         elif seg.kind in ("image", "video"):
             _visual(doc, seg, sp)
         elif seg.kind == "audio":
@@ -119,6 +127,27 @@ def _visual(doc: _Doc, seg: Segment, sp: dict) -> None:
     doc.text(sp["<eov>" if video else "<eoi>"], seg.role)
 
 
+def _understanding(doc: _Doc, seg: Segment, sp: dict) -> None:
+    """Continuous understanding tokens: per frame, one token per 2x2 block of latent cells (K = 4 patches)."""
+    video = seg.kind == "video"
+    feats = np.asarray(seg.und, np.float32)  # [T, L, L, F]
+    T, L = feats.shape[0], feats.shape[1]
+    if L % 2 or feats.shape[2] != L:
+        raise ValueError(f"understanding features need an even square latent grid, got {feats.shape[1:3]}")
+    s = L // 2
+    centre = (np.arange(s) + 0.5) * L / s - 0.5
+    doc.text(sp["<bov>" if video else "<boi>"], seg.role)
+    start = doc.p
+    for f in range(T):
+        for i in range(s):
+            for j in range(s):
+                block = feats[f, 2 * i:2 * i + 2, 2 * j:2 * j + 2].reshape(4, -1)
+                doc.add(0, VIDEO if video else IMAGE, (start + f, start + centre[i], start + centre[j]), seg.role,
+                        frame=f, new_group=(i == 0 and j == 0), und=block)
+    doc.p = start + max(T, L)
+    doc.text(sp["<eov>" if video else "<eoi>"], seg.role)
+
+
 def _arrays(rows: list[dict], bits: int, levels: int) -> dict:
     n = len(rows)
     out = {"token": np.array([r["token"] for r in rows], np.int32),
@@ -129,13 +158,22 @@ def _arrays(rows: list[dict], bits: int, levels: int) -> dict:
            "frame": np.array([r["frame"] for r in rows], np.int16),
            "audio": np.full((n, levels), -1, np.int16), "vis_in": np.zeros((n, bits), np.float32),
            "target": np.full(n, -1, np.int32), "target_audio": np.full((n, levels), -1, np.int16),
-           "loss_mask": np.zeros((n, 3), np.uint8)}
+           "loss_mask": np.zeros((n, 3), np.uint8), "und_index": np.full(n, -1, np.int32)}
+    und = [r["und"] for r in rows if r["und"] is not None]
+    out["und_table"] = np.stack(und).astype(np.float32) if und else None
+    k = 0
+    for i, r in enumerate(rows):
+        if r["und"] is not None:
+            out["und_index"][i] = k
+            k += 1
     for i, r in enumerate(rows):
         if r["audio"] is not None:
             out["audio"][i] = r["audio"]
         if r["vis_in"] is not None:
             out["vis_in"][i] = r["vis_in"]
     for i, r in enumerate(rows):
+        if r["und"] is not None:
+            continue  # an understanding token has no target, and a text position before it predicts nothing
         if r["modality"] in (IMAGE, VIDEO):  # next-scale prediction: a visual position predicts its own code
             out["target"][i] = r["token"]
             out["loss_mask"][i, HEAD_VISUAL] = r["role"] == "target"
@@ -155,13 +193,14 @@ def _arrays(rows: list[dict], bits: int, levels: int) -> dict:
 
 
 FIELDS = ("token", "modality", "pos", "group", "scale", "frame", "audio", "vis_in", "target", "target_audio",
-          "loss_mask")
+          "loss_mask", "und_index")
 
 
 def pack_documents(docs: list[dict], seq_len: int) -> tuple[dict, int]:
     """Greedy packing in order into rows of `seq_len`; adds `doc` (per-row document index) and makes `group`
     row-global (increasing). Documents longer than a row are dropped (returned count). Padding positions are
-    modality -1, each its own document and group."""
+    modality -1, each its own document and group. Understanding features of all rows go to one `und_table`
+    [M, K, F] (None when there are none) and `und_index` points into it."""
     rows, cur, used, dropped = [], [], 0, 0
     for d in docs:
         n = len(d["token"])
@@ -176,19 +215,34 @@ def pack_documents(docs: list[dict], seq_len: int) -> tuple[dict, int]:
     if cur:
         rows.append(cur)
     packed = {k: [] for k in FIELDS + ("doc",)}
+    tables, m = [], 0
     for row in rows:
         r = _pack_row(row, seq_len)
+        for d in row:  # split-global understanding table: shift each document's indices past the earlier ones
+            if d.get("und_table") is not None:
+                tables.append(d["und_table"])
+        r["und_index"] = np.where(r["und_index"] >= 0, r["und_index"] + m, -1).astype(np.int32)
+        m += sum(len(d["und_table"]) for d in row if d.get("und_table") is not None)
         for k in packed:
             packed[k].append(r[k])
-    return {k: np.stack(v) if v else np.zeros((0, seq_len)) for k, v in packed.items()}, dropped
+    out = {k: np.stack(v) if v else np.zeros((0, seq_len)) for k, v in packed.items()}
+    out["und_table"] = np.concatenate(tables) if tables else None
+    return out, dropped
 
 
 def _pack_row(docs: list[dict], seq_len: int) -> dict:
     parts = {k: [] for k in FIELDS + ("doc",)}
     g0 = 0
+    u0 = 0
     for di, d in enumerate(docs):
         for k in FIELDS:
-            parts[k].append(d["group"] + g0 if k == "group" else d[k])
+            if k == "group":
+                parts[k].append(d["group"] + g0)
+            elif k == "und_index":  # row-local here; pack_documents makes it split-global
+                parts[k].append(np.where(d[k] >= 0, d[k] + u0, -1).astype(np.int32))
+            else:
+                parts[k].append(d[k])
+        u0 += len(d["und_table"]) if d.get("und_table") is not None else 0
         parts["doc"].append(np.full(len(d["token"]), di, np.int32))
         g0 += int(d["group"].max()) + 1 if len(d["group"]) else 0
     n_pad = seq_len - sum(len(d["token"]) for d in docs)
@@ -196,7 +250,8 @@ def _pack_row(docs: list[dict], seq_len: int) -> dict:
         ref = docs[0]
         for k in FIELDS:
             shape = (n_pad,) + ref[k].shape[1:]
-            fill = {"modality": PAD, "target": -1, "target_audio": -1, "audio": -1, "scale": -1, "frame": -1}
+            fill = {"modality": PAD, "target": -1, "target_audio": -1, "audio": -1, "scale": -1, "frame": -1,
+                    "und_index": -1}
             parts[k].append(np.full(shape, fill.get(k, 0), ref[k].dtype))
         parts["group"][-1] = np.arange(g0, g0 + n_pad, dtype=np.int32)
         parts["doc"].append(np.arange(len(docs), len(docs) + n_pad, dtype=np.int32))

@@ -23,6 +23,56 @@ def document_causal_mask(segment_ids_BS: paddle.Tensor) -> paddle.Tensor:
     return paddle.where(allowed, zeros, paddle.full_like(zeros, float("-inf"))).unsqueeze(1)
 
 
+def group_mask(segment_ids_BS: paddle.Tensor, groups_BS=None) -> paddle.Tensor:
+    """Additive mask [B, 1, S, S]: query i sees key j iff same document and group[j] <= group[i] (causal across
+    groups, bidirectional inside one: the scale-wise mask of next-scale prediction). groups None: causal."""
+    if groups_BS is None:
+        return document_causal_mask(segment_ids_BS)
+    same_doc = segment_ids_BS.unsqueeze(2) == segment_ids_BS.unsqueeze(1)
+    allowed = paddle.logical_and(same_doc, groups_BS.unsqueeze(1) <= groups_BS.unsqueeze(2))
+    zeros = paddle.zeros(allowed.shape, dtype="float32")
+    return paddle.where(allowed, zeros, paddle.full_like(zeros, float("-inf"))).unsqueeze(1)
+
+
+class KVCache:
+    """Keys and values of the positions fed so far, per layer, with their documents and groups: incremental
+    decoding feeds only new positions (`UnifiedModel.backbone(..., cache=)`). New queries see cached and new keys
+    under the same rule as `group_mask` (same document, group[key] <= group[query])."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list = [None] * num_layers
+        self.values: list = [None] * num_layers
+        self.doc_BS = None
+        self.group_BS = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.doc_BS is None else int(self.doc_BS.shape[1])
+
+    def extend(self, segment_ids_BS: paddle.Tensor, groups_BS=None) -> paddle.Tensor:
+        """Record the new positions' documents and groups (None: one group per position, i.e. causal) and return
+        the additive mask [B, 1, S_new, S_cached + S_new]."""
+        B, S = segment_ids_BS.shape
+        if groups_BS is None:
+            groups_BS = paddle.arange(self.length, self.length + S, dtype="int64").unsqueeze(0).expand([B, S])
+        doc, grp = segment_ids_BS.astype("int64"), groups_BS.astype("int64")
+        if self.doc_BS is not None:
+            doc, grp = paddle.concat([self.doc_BS, doc], 1), paddle.concat([self.group_BS, grp], 1)
+        self.doc_BS, self.group_BS = doc, grp
+        q_doc, q_grp = doc[:, -S:], grp[:, -S:]
+        allowed = paddle.logical_and(q_doc.unsqueeze(2) == doc.unsqueeze(1), grp.unsqueeze(1) <= q_grp.unsqueeze(2))
+        zeros = paddle.zeros(allowed.shape, dtype="float32")
+        return paddle.where(allowed, zeros, paddle.full_like(zeros, float("-inf"))).unsqueeze(1)
+
+    def append(self, layer: int, k_BSND: paddle.Tensor, v_BSND: paddle.Tensor):
+        """Store layer `layer`'s new keys / values; returns all of them (cached first)."""
+        if self.keys[layer] is not None:
+            k_BSND = paddle.concat([self.keys[layer], k_BSND], 1)
+            v_BSND = paddle.concat([self.values[layer], v_BSND], 1)
+        self.keys[layer], self.values[layer] = k_BSND, v_BSND
+        return k_BSND, v_BSND
+
+
 class Attention(nn.Layer):
     """q/k/v/o projections without bias; GQA (kv heads shared by groups of query heads)."""
 

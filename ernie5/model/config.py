@@ -19,7 +19,13 @@ class MoEConfig:
     layer_start: int = 0  # SPEC §7: layer i is MoE iff start <= i <= end and (i + 1) % interval == 0
     layer_end: Optional[int] = None  # None: the last layer
     layer_interval: int = 1
-    routing: Literal["agnostic"] = "agnostic"
+    # agnostic (ERNIE 5.0): every token, any modality, routes over all experts. isolated (ERNIE 4.5-VL): image and
+    # video tokens route among `vision_num_experts` experts of width `vision_expert_ffn_size` (top `vision_top_k`),
+    # text and audio tokens among the `num_experts` text experts; shared experts serve every token.
+    routing: Literal["agnostic", "isolated"] = "agnostic"
+    vision_num_experts: int = 0
+    vision_expert_ffn_size: int = 0
+    vision_top_k: Optional[int] = None  # None: top_k
     norm_min: float = 1e-12  # combine weights = p / max(sum p, norm_min)
     bias_update_rate: float = 1e-4  # aux-free balancing step u; 0 turns it off
     aux_loss_coef: float = 0.0  # Switch load-balancing loss
@@ -40,6 +46,25 @@ class MoEConfig:
         require(self.layer_start >= 0, join(path, "layer_start"), "must be >= 0")
         for name in ("bias_update_rate", "aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "orthogonal_coef"):
             require(getattr(self, name) >= 0, join(path, name), "must be >= 0")
+        if self.routing == "isolated":
+            require(self.vision_num_experts >= 1, join(path, "vision_num_experts"),
+                    "isolated routing needs vision experts (>= 1)")
+            require(self.vision_expert_ffn_size > 0, join(path, "vision_expert_ffn_size"), "must be > 0")
+            require(1 <= self.vision_k <= self.vision_num_experts, join(path, "vision_top_k"),
+                    f"{self.vision_k} must be in [1, vision_num_experts {self.vision_num_experts}]")
+
+    @property
+    def vision_k(self) -> int:
+        return self.vision_top_k if self.vision_top_k is not None else self.top_k
+
+    @property
+    def isolated(self) -> bool:
+        return self.routing == "isolated" and self.num_experts > 0
+
+    @property
+    def total_experts(self) -> int:
+        """Routed experts per MoE layer over all groups (isolated: text experts first, then vision experts)."""
+        return self.num_experts + (self.vision_num_experts if self.isolated else 0)
 
     def is_moe_layer(self, i: int, num_layers: int) -> bool:
         if self.num_experts == 0:
@@ -61,6 +86,29 @@ class MTPConfig:
 
 
 @dataclass
+class MultimodalConfig:
+    """Modality inputs and heads of the unified model (SPEC §2). `enabled` and the sizes are filled in from the
+    multimodal shards' meta.json when a run starts (set them only to check they match)."""
+
+    enabled: bool = False
+    visual_bits: int = 0  # d: a visual token is d sign bits; the bitwise head predicts them
+    num_scales: int = 0  # next-scale prediction scales per frame
+    audio_levels: int = 0  # RVQ levels; one depth head each
+    audio_codebook: int = 0
+    und_cnn_dim: int = 0  # understanding inputs: tokenizer-encoder feature channels per patch
+    und_pix_dim: int = 0  # and raw pixels per patch (the ViT-style path)
+    und_patches: int = 4  # K patches merged into one token
+    merger_heads: int = 4
+
+    def validate(self, path: str) -> None:
+        if not self.enabled:
+            return
+        for name in ("visual_bits", "num_scales", "audio_levels", "audio_codebook", "und_cnn_dim", "und_pix_dim",
+                     "und_patches", "merger_heads"):
+            require(getattr(self, name) >= 1, join(path, name), f"{getattr(self, name)} must be >= 1")
+
+
+@dataclass
 class ModelConfig:
     """The decoder-only transformer (ERNIE 4.5 text shapes; multimodal parts come with their own configs)."""
 
@@ -79,6 +127,7 @@ class ModelConfig:
     init_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
     mtp: MTPConfig = field(default_factory=MTPConfig)
+    multimodal: MultimodalConfig = field(default_factory=MultimodalConfig)
 
     @property
     def dim_head(self) -> int:

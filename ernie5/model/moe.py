@@ -7,7 +7,7 @@ the expert loads counted over the whole step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -111,10 +111,16 @@ class ExpertPlacement:
     dispatcher: object
 
 
+NUM_MODALITIES = 4  # text, image, video, audio (ernie5.data.sequence ids 0..3)
+
+
 class MoELayer(nn.Layer):
-    """Routed experts (+ shared experts). Keeps the step's per-expert token counts for balancing and stats.
+    """Routed experts (+ shared experts). Keeps the step's per-expert token counts for balancing and stats
+    (`step_counts` [E_total], and `modality_counts` [4, E_total] for unified batches).
 
     `self.experts[l]` is global expert `self.expert_ids[l]`; with no placement every expert is local.
+    Isolated routing (ERNIE 4.5-VL) adds `vision_router` / `vision_experts`: image and video tokens route among
+    those, text and audio tokens among the text experts; counts list the text experts first, then the vision ones.
     """
 
     def __init__(self, cfg: ModelConfig, placement: Optional[ExpertPlacement] = None,
@@ -130,7 +136,17 @@ class MoELayer(nn.Layer):
         self.shared = (SwiGLU(cfg.hidden_size, m.expert_ffn_size * m.num_shared_experts, cfg.init_std,
                               recompute_gate_up) if m.num_shared_experts else None)
         self.dispatcher = placement.dispatcher if placement else LocalDispatcher()
-        self.step_counts = np.zeros(m.num_experts, dtype=np.int64)
+        if m.isolated:
+            if placement is not None and len(placement.expert_ids) != m.num_experts:
+                raise ValueError("isolated routing runs without expert parallelism")
+            self.vision_cfg = replace(m, num_experts=m.vision_num_experts, top_k=m.vision_k,
+                                      expert_ffn_size=m.vision_expert_ffn_size)
+            self.vision_router = Router(cfg.hidden_size, self.vision_cfg, cfg.init_std)
+            self.vision_experts = nn.LayerList([
+                SwiGLU(cfg.hidden_size, m.vision_expert_ffn_size, cfg.init_std, recompute_gate_up,
+                       init_key=[seed, layer, m.num_experts + gid]) for gid in range(m.vision_num_experts)])
+        self.step_counts = np.zeros(m.total_experts, dtype=np.int64)
+        self.modality_counts = np.zeros((NUM_MODALITIES, m.total_experts), dtype=np.int64)
         self.fp8 = None  # FP8Config when precision.fp8 is on (tokens may be quantised before dispatch)
 
     @property
@@ -139,31 +155,80 @@ class MoELayer(nn.Layer):
         m = self.cfg
         return m.aux_loss_coef > 0 or m.seq_aux_loss_coef > 0 or m.z_loss_coef > 0
 
-    def forward(self, x_BSH: paddle.Tensor, submodel=None) -> tuple[paddle.Tensor, Optional[paddle.Tensor]]:
-        """`submodel` (an elastic SubModel or None) may restrict the experts and lower top-k."""
-        B, S, H = x_BSH.shape
-        x_TH = x_BSH.reshape([B * S, H])
-        experts, top_k = sub_routing(submodel, self.cfg)
-        r = self.router(x_TH, top_k, experts)
-        counts_E = paddle.bincount(r.topk_ids_TK.flatten(), minlength=self.cfg.num_experts).numpy()
+    def routers(self) -> list[Router]:
+        return [self.router] + ([self.vision_router] if self.cfg.isolated else [])
+
+    def _routed(self, x_TH, router, experts_list, cfg, experts=None, top_k=None):
+        """Route tokens with one router over its expert group: (y [T, H], routing, counts [E])."""
+        r = router(x_TH, top_k, experts)
+        counts_E = paddle.bincount(r.topk_ids_TK.flatten(), minlength=cfg.num_experts).numpy()
         x_send = x_TH
         if self.fp8 is not None and self.fp8.quantize_dispatch:
             x_send = quantize_for_dispatch(x_TH, self.fp8)
-        y_TH = self.dispatcher(x_send, r.topk_ids_TK, r.topk_w_TK, counts_E, lambda e, xs: self.experts[e](xs))
+        y_TH = self.dispatcher(x_send, r.topk_ids_TK, r.topk_w_TK, counts_E, lambda e, xs: experts_list[e](xs))
+        return y_TH, r, counts_E
+
+    def forward(self, x_BSH: paddle.Tensor, submodel=None,
+                modality_BS: Optional[paddle.Tensor] = None) -> tuple[paddle.Tensor, Optional[paddle.Tensor]]:
+        """`submodel` (an elastic SubModel or None) may restrict the experts and lower top-k; `modality_BS`
+        (unified batches) counts loads per modality and, under isolated routing, picks each token's group."""
+        B, S, H = x_BSH.shape
+        x_TH = x_BSH.reshape([B * S, H])
+        experts, top_k = sub_routing(submodel, self.cfg)
+        counting = self.training and paddle.is_grad_enabled() and experts is None and top_k is None
+        if self.cfg.isolated:
+            if submodel is not None:
+                raise ValueError("elastic sub-models are not supported with isolated routing")
+            y_TH, aux, counts_E, ids_TK = self._isolated(x_TH, modality_BS.reshape([-1]), B)
+        else:
+            y_TH, r, counts_E = self._routed(x_TH, self.router, self.experts, self.cfg, experts, top_k)
+            aux = balance_losses(self.cfg, r, counts_E, B) if self.training else None
+            ids_TK = r.topk_ids_TK
         if self.shared is not None:
             y_TH = y_TH + self.shared(x_TH)
-        aux = None
-        if self.training:
-            # not in recompute's no-grad first pass (one count per micro-batch), and not for a sub-model's
-            # routing: the aux-free bias balances the full model only, so its loads alone move the bias
-            if paddle.is_grad_enabled() and experts is None and top_k is None:
-                self.step_counts += counts_E
-            aux = balance_losses(self.cfg, r, counts_E, B)
+        # not in recompute's no-grad first pass (one count per micro-batch), and not for a sub-model's
+        # routing: the aux-free bias balances the full model only, so its loads alone move the bias
+        if counting:
+            self.step_counts += counts_E
+            if modality_BS is not None:
+                mod_T = modality_BS.reshape([-1]).numpy()
+                ids = ids_TK.numpy()
+                keep = (mod_T >= 0)[:, None] & (ids >= 0)  # padding has no modality; isolated pads ids with -1
+                np.add.at(self.modality_counts, (np.broadcast_to(mod_T[:, None], ids.shape)[keep], ids[keep]), 1)
         return y_TH.reshape([B, S, H]), aux
+
+    def _isolated(self, x_TH, modality_T, batch_size):
+        """Text/audio tokens -> text experts, image/video tokens -> vision experts; ids in the joint numbering."""
+        vis_T = paddle.logical_or(modality_T == 1, modality_T == 2)
+        y_TH = paddle.zeros_like(x_TH)
+        counts, aux_terms = [], []
+        groups = ((paddle.logical_not(vis_T), self.router, self.experts, self.cfg, 0),
+                  (vis_T, self.vision_router, self.vision_experts, self.vision_cfg, self.cfg.num_experts))
+        K = max(self.cfg.top_k, self.vision_cfg.top_k)
+        ids_TK = paddle.full([x_TH.shape[0], K], -1, dtype="int64")
+        for sel_T, router, experts_list, cfg, offset in groups:
+            idx = paddle.nonzero(sel_T).flatten()
+            if idx.shape[0] == 0:
+                counts.append(np.zeros(cfg.num_experts, np.int64))
+                continue
+            y, r, c = self._routed(paddle.gather(x_TH, idx), router, experts_list, cfg)
+            y_TH = paddle.scatter(y_TH, idx, y, overwrite=True)
+            counts.append(c)
+            ids = paddle.concat([r.topk_ids_TK + offset, paddle.full([idx.shape[0], K - cfg.top_k], -1, "int64")], 1) \
+                if cfg.top_k < K else r.topk_ids_TK + offset
+            ids_TK = paddle.scatter(ids_TK, idx, ids, overwrite=True)
+            if self.training and (cfg.aux_loss_coef > 0 or cfg.z_loss_coef > 0):
+                aux_terms.append(balance_losses(replace(cfg, seq_aux_loss_coef=0.0), r, c, 1))
+        aux = paddle.add_n([a for a in aux_terms if a is not None]) if any(a is not None for a in aux_terms) else None
+        return y_TH, aux, np.concatenate(counts), ids_TK
 
     @paddle.no_grad()
     def update_bias(self, rate: float, counts_E: np.ndarray) -> None:
-        """Aux-free balancing: b_i += rate * sign(mean_load - load_i)."""
-        step = rate * np.sign(counts_E.mean() - counts_E)
-        bias = self.router.e_score_correction_bias
-        bias.set_value(bias + paddle.to_tensor(step, dtype="float32"))
+        """Aux-free balancing: b_i += rate * sign(mean_load - load_i), within each router's expert group."""
+        start = 0
+        for router in self.routers():
+            c = counts_E[start:start + router.cfg.num_experts]
+            start += router.cfg.num_experts
+            step = rate * np.sign(c.mean() - c)
+            bias = router.e_score_correction_bias
+            bias.set_value(bias + paddle.to_tensor(step, dtype="float32"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -10,10 +11,11 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
-from ernie5.model.attention import Attention, document_causal_mask
+from ernie5.model.attention import Attention, KVCache, group_mask
 from ernie5.model.config import ModelConfig
 from ernie5.model.layers import RMSNorm, SwiGLU, checkpointed, linear
 from ernie5.model.moe import ExpertPlacement, MoELayer
+from ernie5.model.multimodal import ModalityIO
 from ernie5.model.rope import frequency_table, rope_cos_sin
 from ernie5.precision.config import FP8Config, RecomputeConfig
 from ernie5.precision.fp8_linear import enable_fp8
@@ -43,7 +45,10 @@ class Block(nn.Layer):
     def _norm_qkv(self, x_BSH, cos, sin):
         return self.attn.qkv(self.input_norm(x_BSH), cos, sin)
 
-    def _attention(self, x_BSH, cos, sin, mask):
+    def _attention(self, x_BSH, cos, sin, mask, kv=None):
+        if kv is not None:  # incremental decoding: new positions' keys / values join the cached ones
+            q, k, v = self._norm_qkv(x_BSH, cos, sin)
+            return self.attn.o_proj(self.attn.core(q, *kv(k, v), mask))
         replay = self.training
         q, k, v = (checkpointed(self._norm_qkv, x_BSH, cos, sin) if replay and "norm_qkv" in self.selective
                    else self._norm_qkv(x_BSH, cos, sin))
@@ -51,22 +56,24 @@ class Block(nn.Layer):
              else self.attn.core(q, k, v, mask))
         return self.attn.o_proj(o)
 
-    def _forward(self, x_BSH, cos, sin, mask, submodel=None):
-        x_BSH = x_BSH + self._attention(x_BSH, cos, sin, mask)
+    def _forward(self, x_BSH, cos, sin, mask, submodel=None, modality_BS=None, kv=None):
+        x_BSH = x_BSH + self._attention(x_BSH, cos, sin, mask, kv)
         h = self.post_attn_norm(x_BSH)
         if self.is_moe:
-            y, aux = self.mlp(h, submodel)
+            y, aux = self.mlp(h, submodel, modality_BS)
             return x_BSH + y, aux
         return x_BSH + self.mlp(h), None
 
-    def forward(self, x_BSH, cos, sin, mask, submodel=None):
-        """`submodel`: an elastic SubModel whose expert subset / top-k the MoE layer routes with (None: full)."""
-        if not (self.full_recompute and self.training):
-            return self._forward(x_BSH, cos, sin, mask, submodel)
+    def forward(self, x_BSH, cos, sin, mask, submodel=None, modality_BS=None, kv=None):
+        """`submodel`: an elastic SubModel whose expert subset / top-k the MoE layer routes with (None: full).
+        `modality_BS` (unified batches): per-token modality, for isolated routing and per-modality loads.
+        `kv` (incremental decoding): kv(k, v) stores this layer's new keys / values and returns all of them."""
+        if kv is not None or not (self.full_recompute and self.training):
+            return self._forward(x_BSH, cos, sin, mask, submodel, modality_BS, kv)
         has_aux = self.is_moe and self.mlp.has_aux
 
         def run(x, c, s, m):  # recompute wants tensor outputs only
-            y, aux = self._forward(x, c, s, m, submodel)
+            y, aux = self._forward(x, c, s, m, submodel, modality_BS)
             return (y, aux) if has_aux else y
 
         out = checkpointed(run, x_BSH, cos, sin, mask)
@@ -84,6 +91,7 @@ class MTPModule(nn.Layer):
         self.block = Block(cfg, moe=False)
 
     def forward(self, h_BSH, emb_BSH, cos, sin, mask):
+        """`emb_BSH`: the input embeddings of the positions one step ahead."""
         x = self.proj(paddle.concat([self.emb_norm(emb_BSH), self.hidden_norm(h_BSH)], axis=-1))
         return self.block(x, cos, sin, mask)[0]
 
@@ -113,28 +121,39 @@ class UnifiedModel(nn.Layer):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_embeddings else linear(cfg.hidden_size, cfg.vocab_size, cfg.init_std)
         self.mtp = nn.LayerList([MTPModule(cfg) for _ in range(cfg.mtp.depth)])
+        self.io = ModalityIO(cfg) if cfg.multimodal.enabled else None  # non-text inputs and heads
         table = frequency_table(cfg.dim_head, cfg.rope_theta, cfg.sections_thw)
         self.register_buffer("rope_table", paddle.to_tensor(table), persistable=False)
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.mlp for b in self.layers if b.is_moe]
 
-    def backbone(self, input_ids_BS, pos_thw_BS3=None, segment_ids_BS=None, submodel=None) -> BackboneOut:
+    def backbone(self, input_ids_BS, pos_thw_BS3=None, segment_ids_BS=None, submodel=None, *, embeds_BSH=None,
+                 groups_BS=None, modality_BS=None, cache: Optional[KVCache] = None) -> BackboneOut:
         """`submodel` (elastic training): layers it does not keep are identities; MoE layers route with its
-        expert subset and top-k. None: the full model."""
-        B, S = input_ids_BS.shape
+        expert subset and top-k. None: the full model.
+
+        Unified batches pass `embeds_BSH` (from `embed_unified`, instead of `input_ids_BS`), `groups_BS` (attention
+        is causal across groups, bidirectional inside one; None: one group per position) and `modality_BS`.
+
+        `cache` (a `KVCache`, incremental decoding): the inputs are only the new positions; they attend to the
+        cached ones too (the mask follows the same document / group rule) and their keys / values are added.
+        Default positions then continue after the cached ones. The returned mask covers new x all positions."""
+        x = self.embed(input_ids_BS) if embeds_BSH is None else embeds_BSH
+        B, S = x.shape[:2]
+        start = cache.length if cache is not None else 0
         if pos_thw_BS3 is None:
-            pos_thw_BS3 = paddle.arange(S, dtype="int64").reshape([1, S, 1]).expand([B, S, 3])
+            pos_thw_BS3 = paddle.arange(start, start + S, dtype="int64").reshape([1, S, 1]).expand([B, S, 3])
         if segment_ids_BS is None:
             segment_ids_BS = paddle.zeros([B, S], dtype="int64")
         cos, sin = rope_cos_sin(pos_thw_BS3, self.rope_table)
-        mask = document_causal_mask(segment_ids_BS)
-        x = self.embed(input_ids_BS)
+        mask = group_mask(segment_ids_BS, groups_BS) if cache is None else cache.extend(segment_ids_BS, groups_BS)
         aux_terms = []
         for i, block in enumerate(self.layers):
             if submodel is not None and not submodel.keeps_layer(i):
                 continue
-            x, aux = block(x, cos, sin, mask, submodel)
+            kv = None if cache is None else functools.partial(cache.append, i)
+            x, aux = block(x, cos, sin, mask, submodel, modality_BS, kv)
             if aux is not None:
                 aux_terms.append(aux)
         aux_loss = paddle.add_n(aux_terms) if aux_terms else None
@@ -142,14 +161,24 @@ class UnifiedModel(nn.Layer):
 
     def logits(self, hidden_BSH: paddle.Tensor) -> paddle.Tensor:
         """Final norm + output head (tied to the embedding unless tie_embeddings is false)."""
-        h = self.norm(hidden_BSH)
+        return self.logits_from_normed(self.norm(hidden_BSH))
+
+    def logits_from_normed(self, h: paddle.Tensor) -> paddle.Tensor:
+        """The text head on already normalised hidden states."""
         if self.lm_head is None:
             return paddle.matmul(h, self.embed.weight, transpose_y=True)
         return self.lm_head(h)
 
-    def mtp_hidden(self, depth: int, prev_BSH, next_ids_BS, out: BackboneOut) -> paddle.Tensor:
-        """Hidden state of MTP depth `depth` (1-based) from the previous depth's hidden and x_{t+depth}."""
-        return self.mtp[depth - 1](prev_BSH, self.embed(next_ids_BS), out.cos, out.sin, out.mask)
+    def mtp_hidden(self, depth: int, prev_BSH, next_emb_BSH, out: BackboneOut) -> paddle.Tensor:
+        """Hidden state of MTP depth `depth` (1-based) from the previous depth's hidden and the input embedding
+        of x_{t+depth}."""
+        return self.mtp[depth - 1](prev_BSH, next_emb_BSH, out.cos, out.sin, out.mask)
+
+    def embed_unified(self, batch: dict) -> paddle.Tensor:
+        """Input vectors of a unified (multimodal) batch."""
+        if self.io is None:
+            raise ValueError("this model has no multimodal inputs (model.multimodal.enabled is false)")
+        return self.io.embed(self.embed, batch)
 
     def forward(self, input_ids_BS, pos_thw_BS3=None, segment_ids_BS=None, submodel=None) -> paddle.Tensor:
         return self.logits(self.backbone(input_ids_BS, pos_thw_BS3, segment_ids_BS, submodel).hidden_BSH)

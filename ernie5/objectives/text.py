@@ -64,7 +64,7 @@ def text_loss(model: UnifiedModel, batch: dict[str, paddle.Tensor], mtp_weight: 
     h = out.hidden_BSH
     mtp_terms = []
     for k in range(1, len(model.mtp) + 1):
-        h = model.mtp_hidden(k, h, batch[f"mtp_ids_{k}"], out)
+        h = model.mtp_hidden(k, h, model.embed(batch[f"mtp_ids_{k}"]), out)
         loss_k, _ = masked_ce(model.logits(h), batch[f"labels_{k}"])
         terms[f"loss_mtp_{k}"] = float(loss_k)
         mtp_terms.append(loss_k)

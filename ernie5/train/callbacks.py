@@ -55,14 +55,15 @@ class RouterOrthogonalStep(Callback):
             return
         lr = metrics["lr"] * tr.cfg.optim.router_lr_ratio
         total = 0.0
-        for layer in tr.model.moe_layers():
-            w = layer.router.weight
+        routers = [r for layer in tr.model.moe_layers() for r in layer.routers()]
+        for router in routers:
+            w = router.weight
             loss = orthogonal_loss(w)
             (grad,) = paddle.grad([loss], [w])
             with paddle.no_grad():
                 w.set_value(w - lr * coef * grad)
             total += float(loss)
-        metrics["router_orthogonal_loss"] = total / max(len(tr.model.moe_layers()), 1)
+        metrics["router_orthogonal_loss"] = total / max(len(routers), 1)
 
 
 def routing_summary(counts_LE: np.ndarray) -> dict:
@@ -80,6 +81,7 @@ class RoutingStats(Callback):
     def __init__(self, out_dir: Path):
         self.path = out_dir / "routing.jsonl"
         self.window = None
+        self.by_modality = None  # [4, L, E] for unified runs
 
     def on_step_end(self, tr, metrics):
         layers = tr.model.moe_layers()
@@ -87,17 +89,24 @@ class RoutingStats(Callback):
             return
         counts = np.stack([tr.reduce_counts(l.step_counts) for l in layers])
         self.window = counts if self.window is None else self.window + counts
+        by_mod = np.stack([np.stack([tr.reduce_counts(l.modality_counts[m]) for l in layers]) for m in range(4)])
+        self.by_modality = by_mod if self.by_modality is None else self.by_modality + by_mod
         if not metrics.get("log"):
             return
         s = routing_summary(self.window)
         metrics["moe_max_over_mean"] = float(s["max_over_mean"].mean())
         metrics["moe_load_entropy"] = float(s["entropy"].mean())
         if tr.is_main:
+            rec = {"step": metrics["step"], "load": self.window.tolist(),
+                   "max_over_mean": s["max_over_mean"].round(4).tolist(), "entropy": s["entropy"].round(4).tolist()}
+            names = ("text", "image", "video", "audio")
+            if self.by_modality.any():  # unified runs: which experts each modality's tokens chose
+                rec["load_by_modality"] = {names[m]: self.by_modality[m].tolist() for m in range(4)
+                                           if self.by_modality[m].any()}
             with open(self.path, "a") as f:
-                f.write(json.dumps({"step": metrics["step"], "load": self.window.tolist(),
-                                    "max_over_mean": s["max_over_mean"].round(4).tolist(),
-                                    "entropy": s["entropy"].round(4).tolist()}) + "\n")
+                f.write(json.dumps(rec) + "\n")
         self.window = None
+        self.by_modality = None
 
 
 class Evaluator(Callback):

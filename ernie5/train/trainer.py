@@ -36,6 +36,7 @@ from ernie5.train.callbacks import (AuxFreeBiasUpdate, Callback, Checkpointer, E
 from ernie5.train.guards import SpikeDetector
 from ernie5.train.optim import lr_at
 from ernie5.train.perf import measure_gemm_gflops
+from ernie5.train.unified_data import UnifiedBatches, is_multimodal_shard, resolve_multimodal
 
 
 _DETERMINISM_FLAGS = ("FLAGS_cudnn_deterministic", "FLAGS_embedding_deterministic")
@@ -72,6 +73,9 @@ def resolve_vocab(cfg: RunConfig) -> None:
         if cfg.model.vocab_size is None:
             raise UserError("model.vocab_size", "must be set when data.synthetic is true")
         return
+    if is_multimodal_shard(cfg.data.dir):
+        resolve_multimodal(cfg, read_meta(cfg.data.dir))
+        return
     vocab = int(read_meta(cfg.data.dir)["vocab_size"])
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = vocab
@@ -92,7 +96,15 @@ class Trainer:
         self.out = Path(cfg.run.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt_root = self.out / "checkpoints"
-        self.train_loader, self.val_loader = self._loaders()
+        self.unified = None  # UnifiedBatches when data.dir holds multimodal shards
+        if cfg.model.multimodal.enabled:
+            from ernie5.objectives.unified import UnifiedObjective
+
+            self.unified = UnifiedBatches(cfg, self.rank, self.world)
+            self.objective = UnifiedObjective(cfg.objective, cfg.model.mtp.loss_weight, cfg.data.seq_len)
+            self.train_loader, self.val_loader = self.unified.train, self.unified.val
+        else:
+            self.train_loader, self.val_loader = self._loaders()
         with paddle.utils.unique_name.guard():  # stable parameter names -> stable optimizer-state keys
             self.model = build_model(cfg.model, seed=cfg.run.seed, recompute=cfg.recompute,
                                      placement=self._expert_placement(), fp8=cfg.precision.fp8)
@@ -154,6 +166,8 @@ class Trainer:
                  "spikes": self.spikes.state_dict(), "total_params": count_params(self.model)}
         if self.elastic is not None:
             state["elastic"] = self.elastic.state_dict()
+        if self.unified is not None:
+            state["objective"] = self.objective.state_dict()
         self.last_saved_step = self.step
         r, pause = self.topo.rank, self.cfg.faults.slow_checkpoint_s
         writers = {ckpt.rank_file("model", ".pdparams", r): ckpt.save_paddle(self.runtime.model_state()),
@@ -190,6 +204,8 @@ class Trainer:
         self.spikes.load_state_dict(state.get("spikes", {"history": [], "streak": 0}))
         if self.elastic is not None and "elastic" in state:
             self.elastic.load_state_dict(state["elastic"])
+        if self.unified is not None and "objective" in state:
+            self.objective.load_state_dict(state["objective"])
         self.train_loader.load_state_dict(state["loader"])
         with open(path / "rng.pkl", "rb") as f:
             paddle.set_rng_state(pickle.load(f)["paddle"])
@@ -253,7 +269,9 @@ class Trainer:
         self.event("rollback", from_step=from_step, checkpoint=str(path), skipped_rows=skipped_rows)
 
     # ---- steps -------------------------------------------------------------------------------------------
-    def _micro_batch(self, loader) -> dict:
+    def _micro_batch(self, loader, train: bool = True) -> dict:
+        if self.unified is not None:
+            return self.unified.batch(loader, train)
         tokens, segments = loader.next()
         return to_tensor_batch(make_text_batch(tokens, segments, self.cfg.model.mtp.depth))
 
@@ -274,7 +292,7 @@ class Trainer:
             if bad is not None and not self.topo.distributed:
                 continue  # (with several ranks every micro-batch runs: forward may hold collectives)
             sub = self.elastic.sample(self.step + 1, mb) if self.elastic is not None else None
-            out = text_loss(self.model, batch, cfg.model.mtp.loss_weight, submodel=sub)
+            out = self._loss(batch, sub)
             loss = out.total
             if self.step + 1 in cfg.faults.nan_loss_steps and mb == cfg.faults.nan_micro_batch:
                 loss = loss * float("nan")
@@ -321,6 +339,11 @@ class Trainer:
             self.event("skipped_step", **bad)
         return metrics
 
+    def _loss(self, batch: dict, submodel=None, update_running: bool = True):
+        if self.unified is not None:
+            return self.objective.loss(self.model, batch, submodel, update_running)
+        return text_loss(self.model, batch, self.cfg.model.mtp.loss_weight, submodel=submodel)
+
     def _guard(self, m: dict) -> None:
         """Count bad steps (abort after too many in a row), detect loss spikes, roll back if configured."""
         t = self.cfg.train
@@ -353,8 +376,14 @@ class Trainer:
             return None
         self.model.eval()
         self.val_loader.position = 0
-        losses = [float(text_loss(self.model, self._micro_batch(self.val_loader), 0.0).terms["loss_ntp"])
-                  for _ in range(self.cfg.train.eval_batches)]
+        if self.unified is None:
+            losses = [float(text_loss(self.model, self._micro_batch(self.val_loader), 0.0).terms["loss_ntp"])
+                      for _ in range(self.cfg.train.eval_batches)]
+        else:  # unified: the sum of the per-modality losses (fixed batches, so evaluations compare)
+            losses = []
+            for _ in range(self.cfg.train.eval_batches):
+                terms = self._loss(self._micro_batch(self.val_loader, train=False), update_running=False).terms
+                losses.append(sum(terms.get(f"loss_{m}", 0.0) for m in ("text", "visual", "audio")))
         self.model.train()
         return float(np.mean(losses))
 
@@ -387,12 +416,14 @@ class Trainer:
                 if m.get("skipped"):
                     for layer in self.model.moe_layers():
                         layer.step_counts[:] = 0
+                        layer.modality_counts[:] = 0
                 m["log"] = (m["step"] % cfg.train.log_interval == 0 or m["step"] == cfg.train.max_steps) \
                     and not m.get("rolled_back")
                 for cb in self.callbacks:
                     cb.on_step_end(self, m)
                 for layer in self.model.moe_layers():
                     layer.step_counts[:] = 0
+                    layer.modality_counts[:] = 0
                 if m["log"]:
                     logged.append({k: v for k, v in m.items() if k != "log"})
                 if self._bar is not None:

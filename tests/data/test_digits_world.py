@@ -17,7 +17,7 @@ def world(tmp_path_factory, text_assets):
     from ernie5.data.digits_world import fetch_digits_world
 
     root = tmp_path_factory.mktemp("mm")
-    stats = fetch_digits_world(str(root / "world"), num_videos=20)
+    stats = fetch_digits_world(str(root / "world"), num_videos=20, num_images=100)
     assert stats["speech_engine"] in ("espeak-ng", "synthetic-tone-code")
     _, tok, _ = text_assets
     assets = {}
@@ -59,7 +59,8 @@ def test_prepare_skips_corrupt_and_missing_media_and_names_the_file(world):
     assert r.returncode == 0, r.stderr
     assert "00002.png: corrupt image" in r.stderr and "00001.wav: audio file missing" in r.stderr
     stats = json.loads(r.stdout)
-    assert stats["skipped_documents"] == 2 and stats["train_rows"] > 0 and stats["val_rows"] > 0
+    # each item appears in two documents (both directions): two for the image, two for the clip
+    assert stats["skipped_documents"] == 4 and stats["train_rows"] > 0 and stats["val_rows"] > 0
     meta = json.loads((root / "shards" / "meta.json").read_text())
     assert meta["specials"]["<boi>"] == meta["text_vocab_size"]
     mod = np.load(root / "shards" / "train.modality.npy")
@@ -85,3 +86,34 @@ def test_tokenizer_train_bad_kind_is_a_user_error(tmp_path):
     p.write_text("kind: smell\n")
     r = run_cli("tokenizer", "train", str(p))
     assert r.returncode == 2 and "kind" in r.stderr and "Traceback" not in r.stderr
+
+
+UNIFIED_TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
+                "model.ffn_hidden_size=64", "model.moe.num_experts=4", "model.moe.expert_ffn_size=32",
+                "model.mtp.depth=1", "train.micro_batch_size=2", "train.log_interval=1", "train.eval_interval=0",
+                "checkpoint.interval=2", "objective.bit_flip_rate=0.1", "objective.modality_weighting=posterior",
+                "optim.warmup_steps=1"]
+
+
+def test_unified_training_on_multimodal_shards_resumes_exactly(world):
+    """The trainer feeds the multimodal shards to the unified model: every modality's loss is logged, and
+    2 + 2 steps (resume: loader position, corruption draws, posterior running means) equal 4 straight steps."""
+    root, cfg = world
+    shards = root / "shards_train"
+    r = run_cli("data", "prepare", str(cfg), f"out_dir={shards}", timeout=300)
+    assert r.returncode == 0, r.stderr
+
+    def train(out, steps):
+        r = run_cli("train", "configs/demo_unified.yaml", f"data.dir={shards}", f"run.output_dir={out}",
+                    f"train.max_steps={steps}", *UNIFIED_TINY, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    straight = train(root / "u_straight", 4)
+    train(root / "u_resumed", 2)
+    resumed = train(root / "u_resumed", 4)
+    assert [m["loss"] for m in straight] == [m["loss"] for m in resumed]
+    seen = set().union(*(m.keys() for m in straight))
+    assert {"loss_text", "loss_visual", "loss_audio", "loss_mtp_1"} <= seen
+    routing = [json.loads(line) for line in (root / "u_straight" / "routing.jsonl").read_text().splitlines()]
+    assert {"text", "image", "audio"} <= set().union(*(r.get("load_by_modality", {}).keys() for r in routing))

@@ -46,7 +46,7 @@ def test_mtp_loss_uses_shifted_targets(tiny_cfg):
     batch = to_tensor_batch(make_text_batch(tokens, seg, 1))
     out = text_loss(model, batch, mtp_weight=0.5)
     bb = model.backbone(batch["input_ids"], batch["positions"], batch["segment_ids"])
-    h1 = model.mtp_hidden(1, bb.hidden_BSH, paddle.to_tensor(tokens[:, 1:9]), bb)
+    h1 = model.mtp_hidden(1, bb.hidden_BSH, model.embed(paddle.to_tensor(tokens[:, 1:9])), bb)
     logits = model.logits(h1).numpy()[:, :7]  # positions whose t+2 lies in the row
     ce = F.cross_entropy(paddle.to_tensor(logits.reshape(-1, 50)), paddle.to_tensor(tokens[:, 2:9].reshape(-1, 1)))
     np.testing.assert_allclose(out.terms["loss_mtp_1"], float(ce), rtol=1e-5)

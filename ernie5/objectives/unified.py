@@ -1,0 +1,217 @@
+"""The unified objective on packed multimodal rows (SPEC §2): text NTP + MTP, visual next-scale prediction with
+a bitwise head (NFSP), audio next-codec prediction with depth heads (NCP), one backbone.
+
+Per position (see `ernie5.data.sequence`): text / special positions predict the next token with the text head;
+visual positions predict their own d bits from their group's inputs (every token of a scale in parallel);
+positions before an audio frame predict its L codes with the depth heads; the position before EOA inside an
+audio segment predicts END on level 1 (so generation knows when speech stops).
+
+Loss terms (each logged): `loss_text` (NTP), `loss_mtp_k`, `loss_visual` (bit BCE), `loss_audio` (mean CE over
+levels), `loss_aux` (balancing). Rules:
+- **Scale reweighting** toward coarse scales: a visual token of scale k weighs n_k^(-p) (n_k tokens per scale,
+  p = `visual_scale_power`), normalised so the weights average 1 over the batch's visual tokens. p = 0: every
+  token equal (fine scales dominate); p = 1: every scale equal.
+- **Bit-flip corruption**: with `bit_flip_rate` r > 0 each bit of the visual *history* is flipped with
+  probability r and the inputs of later scales are recomputed from the flipped bits (exactly, through the
+  shard's `vis_history.npz` linear maps); targets stay the true codes.
+- **Posterior modality weighting** (`modality_weighting: posterior`): each modality's loss is divided by a
+  running mean of its own value (EMA with `posterior_momentum`, detached) and multiplied by the mean of those
+  running means, so every modality contributes on the same scale and the total keeps the loss's magnitude.
+  `none`: fixed `text_weight` / `visual_weight` / `audio_weight`.
+- **Token-balanced loss** (ERNIE 4.5): the forward value of a modality's loss is its masked mean, its gradient
+  is sum(loss * mask) / C with C = `token_balance_length` (default: the row length) x rows.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from ernie5.data.sequence import AUDIO, HEAD_AUDIO, HEAD_TEXT, HEAD_VISUAL, IMAGE, VIDEO
+from ernie5.objectives.config import ObjectiveConfig
+from ernie5.objectives.text import IGNORE, TextLoss
+
+MODALITY_TERMS = ("text", "visual", "audio")
+
+
+# -- batches (numpy) -------------------------------------------------------------------------------------------
+def visual_blocks(scale_S: np.ndarray, num_scales: int) -> list[int]:
+    """Start indices of the visual generation blocks (one frame: scales 0..K-1 back to back) in one row."""
+    starts = np.nonzero(scale_S == 0)[0]
+    return [int(s) for s in starts if s + 1 < len(scale_S) or num_scales == 1]
+
+
+def flip_history(rows: dict, maps: dict, scales: list[int], rate: float, rng: np.random.Generator) -> np.ndarray:
+    """vis_in with the visual history corrupted: bits of scales < K-1 flipped with probability `rate`, later
+    scales' inputs moved by sum_j A_jk (signs'_j - signs_j). Targets are untouched (the caller keeps them)."""
+    vis = rows["vis_in"].copy()
+    B = vis.shape[0]
+    sizes = [s * s for s in scales]
+    offs = np.concatenate([[0], np.cumsum(sizes)])
+    d = vis.shape[-1]
+    for b in range(B):
+        for start in visual_blocks(rows["scale"][b], len(scales)):
+            end = start + offs[-1]
+            if end > vis.shape[1] or rows["scale"][b, end - 1] != len(scales) - 1:
+                continue
+            bits = (rows["target"][b, start:end, None] >> np.arange(d)) & 1  # the true codes [n, d]
+            signs = bits * 2.0 - 1.0
+            flips = rng.random(signs.shape) < rate
+            delta = np.where(flips, -2.0 * signs, 0.0)  # signs' - signs
+            for k in range(1, len(scales)):
+                shift = sum(maps[f"A_{j}_{k}"] @ delta[offs[j]:offs[j + 1]] for j in range(k))
+                vis[b, start + offs[k]:start + offs[k + 1]] += shift.astype(np.float32)
+    return vis
+
+
+def make_unified_batch(rows: dict, *, scales: list[int], audio_end: int, specials: dict, mtp_depth: int,
+                       cfg: ObjectiveConfig, maps: Optional[dict] = None,
+                       rng: Optional[np.random.Generator] = None) -> dict:
+    """Model inputs and targets (numpy) from loader rows (`MultimodalLoader.next()`)."""
+    B, S = rows["token"].shape
+    target, mask = rows["target"].astype(np.int64), rows["loss_mask"].astype(bool)
+    modality = rows["modality"].astype(np.int64)
+    out = {"token": rows["token"].astype(np.int64), "modality": modality, "pos": rows["pos"].astype(np.float32),
+           "group": rows["group"].astype(np.int64), "doc": rows["doc"].astype(np.int64),
+           "audio": rows["audio"].astype(np.int64), "scale": rows["scale"].astype(np.int64),
+           "und_index": rows["und_index"].astype(np.int64), "und_feats": rows["und_feats"].astype(np.float32)}
+    vis = rows["vis_in"].astype(np.float32)
+    if cfg.bit_flip_rate > 0 and maps is not None:
+        vis = flip_history(rows, maps, scales, cfg.bit_flip_rate, rng or np.random.default_rng(0))
+    out["vis_in"] = vis
+    und = out["und_index"] >= 0
+    out["und_flat_pos"] = np.nonzero(und.reshape(-1))[0].astype(np.int64)
+    out["und_feats"] = out["und_feats"][out["und_index"][und]] if und.any() else out["und_feats"][:0]
+    # text head
+    text_t = np.where(mask[..., HEAD_TEXT], target, IGNORE)
+    out["labels_0"] = text_t
+    for k in range(1, mtp_depth + 1):  # MTP depth k at t: the text target of t + k, same document
+        lab = np.full((B, S), IGNORE, np.int64)
+        same = rows["doc"][:, k:] == rows["doc"][:, :-k]
+        lab[:, :-k] = np.where(same, text_t[:, k:], IGNORE)
+        out[f"labels_{k}"] = lab
+    # visual head: own bits, scale-reweighted
+    d = vis.shape[-1]
+    vmask = mask[..., HEAD_VISUAL] & np.isin(modality, (IMAGE, VIDEO))
+    out["vis_bits"] = ((np.maximum(target, 0)[..., None] >> np.arange(d)) & 1).astype(np.float32)
+    n_k = np.array([s * s for s in scales], np.float64)
+    w = np.where(vmask, n_k[np.clip(rows["scale"], 0, len(scales) - 1)] ** (-cfg.visual_scale_power), 0.0)
+    out["vis_weight"] = (w / max(w[vmask].mean(), 1e-12) if vmask.any() else w).astype(np.float32)
+    # audio depth heads: L codes of the next frame; END on level 1 where an audio segment ends next
+    amask = mask[..., HEAD_AUDIO]
+    ta = np.where(amask[..., None], rows["target_audio"].astype(np.int64), IGNORE)
+    # the position before EOA: the last frame (or BOA itself for an empty segment)
+    ends = ((target == specials["<eoa>"]) & mask[..., HEAD_TEXT]
+            & ((modality == AUDIO) | (out["token"] == specials["<boa>"])))
+    ta[ends, 0] = audio_end
+    out["audio_targets"] = ta
+    return out
+
+
+# -- loss -----------------------------------------------------------------------------------------------------
+class UnifiedObjective:
+    """Holds the running state of posterior weighting (checkpointed) and computes the loss."""
+
+    def __init__(self, cfg: ObjectiveConfig, mtp_weight: float, seq_len: int):
+        self.cfg, self.mtp_weight = cfg, mtp_weight
+        self.C = cfg.token_balance_length or seq_len
+        self.running: dict[str, float] = {}
+
+    def state_dict(self) -> dict:
+        return {"running": dict(self.running)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.running = {k: float(v) for k, v in state.get("running", {}).items()}
+
+    def _reduce(self, loss_N: paddle.Tensor, weight_N: paddle.Tensor, rows: int) -> paddle.Tensor:
+        """Masked (weighted) mean; token-balanced: the same value, gradient sum / (C x rows)."""
+        total = (loss_N * weight_N).sum()
+        mean = total / paddle.clip(weight_N.sum(), min=1e-12)
+        if not self.cfg.token_balanced:
+            return mean
+        tb = total / float(self.C * rows)
+        return tb + (mean - tb).detach()
+
+    def _weights(self, present: dict[str, paddle.Tensor], update: bool) -> dict[str, float]:
+        fixed = {"text": self.cfg.text_weight, "visual": self.cfg.visual_weight, "audio": self.cfg.audio_weight}
+        if self.cfg.modality_weighting == "none":
+            return {k: fixed[k] for k in present}
+        m = self.cfg.posterior_momentum
+        if update:
+            for k, v in present.items():
+                x = float(v)
+                self.running[k] = x if k not in self.running else m * self.running[k] + (1 - m) * x
+        run = {k: self.running.get(k, float(v)) for k, v in present.items()}
+        scale = float(np.mean(list(run.values())))
+        return {k: fixed[k] * scale / max(run[k], 1e-6) for k in present}
+
+    def loss(self, model, b: dict, submodel=None, update_running: bool = True) -> TextLoss:
+        B, S = b["token"].shape
+        emb = model.embed_unified(b)
+        out = model.backbone(None, b["pos"], b["doc"], submodel, embeds_BSH=emb, groups_BS=b["group"],
+                             modality_BS=b["modality"])
+        h = out.hidden_BSH
+        hn = model.norm(h)
+        present: dict[str, paddle.Tensor] = {}
+        terms: dict[str, float] = {}
+        tokens = 0
+        # text: the head only on positions with a text target (the vocabulary GEMM is the costliest part)
+        text_idx = paddle.nonzero(b["labels_0"].reshape([-1]) != IGNORE).flatten()
+        if text_idx.shape[0]:
+            logits = model.logits_from_normed(paddle.gather(hn.reshape([B * S, -1]), text_idx))
+            lab = paddle.gather(b["labels_0"].reshape([-1]), text_idx)
+            ce = F.cross_entropy(logits.astype("float32"), lab.unsqueeze(-1), reduction="none").reshape([-1])
+            present["text"] = self._reduce(ce, paddle.ones_like(ce), B)
+            tokens += int(text_idx.shape[0])
+        # visual: d bit logits per token
+        vis_idx = paddle.nonzero(b["vis_weight"].reshape([-1]) > 0).flatten()
+        if vis_idx.shape[0]:
+            hv = paddle.gather(hn.reshape([B * S, -1]), vis_idx)
+            logit = model.io.visual_logits(hv)
+            bits = paddle.gather(b["vis_bits"].reshape([B * S, -1]), vis_idx)
+            bce = F.binary_cross_entropy_with_logits(logit, bits, reduction="none").mean(-1)
+            present["visual"] = self._reduce(bce, paddle.gather(b["vis_weight"].reshape([-1]), vis_idx), B)
+            tokens += int(vis_idx.shape[0])
+        # audio: depth heads with teacher forcing
+        L = b["audio_targets"].shape[-1]
+        tgt = b["audio_targets"].reshape([B * S, L])
+        aud_idx = paddle.nonzero(tgt[:, 0] != IGNORE).flatten()
+        if aud_idx.shape[0]:
+            ha = paddle.gather(hn.reshape([B * S, -1]), aud_idx)
+            t = paddle.gather(tgt, aud_idx)
+            logits_l = model.io.audio_logits(ha, paddle.clip(t, min=0))
+            ces = []
+            for l, lg in enumerate(logits_l):
+                valid = (t[:, l] != IGNORE).astype("float32")
+                ce = F.cross_entropy(lg, paddle.clip(t[:, l], min=0).unsqueeze(-1), reduction="none").reshape([-1])
+                ces.append(ce * valid)
+            per_token = paddle.add_n(ces) / L
+            present["audio"] = self._reduce(per_token, paddle.ones_like(per_token), B)
+            tokens += int(aud_idx.shape[0])
+        weights = self._weights(present, update_running and model.training)
+        parts = [weights[k] * v for k, v in present.items()]
+        for k, v in present.items():
+            terms[f"loss_{k}"] = float(v)
+        # MTP on text positions: depth k embeds x_{t+k}
+        mtp_terms = []
+        hk = h
+        for k in range(1, len(model.mtp) + 1):
+            nxt = paddle.concat([emb[:, k:], paddle.zeros_like(emb[:, :k])], axis=1)
+            hk = model.mtp_hidden(k, hk, nxt, out)
+            idx = paddle.nonzero(b[f"labels_{k}"].reshape([-1]) != IGNORE).flatten()
+            if idx.shape[0] == 0:
+                continue
+            lg = model.logits(paddle.gather(hk.reshape([B * S, -1]), idx))
+            ce = F.cross_entropy(lg, paddle.gather(b[f"labels_{k}"].reshape([-1]), idx).unsqueeze(-1))
+            terms[f"loss_mtp_{k}"] = float(ce)
+            mtp_terms.append(ce)
+        total = paddle.add_n(parts) if parts else paddle.zeros([1])
+        if mtp_terms:
+            total = total + self.mtp_weight * weights.get("text", 1.0) * paddle.add_n(mtp_terms) / len(mtp_terms)
+        if out.aux_loss is not None:
+            terms["loss_aux"] = float(out.aux_loss)
+            total = total + out.aux_loss
+        return TextLoss(total, terms, tokens)
