@@ -180,6 +180,11 @@ def _export_submodel(args) -> None:
 def _cmd_eval(args) -> None:
     from ernie5.elastic.evaluate import evaluate_elastic, markdown_table
 
+    if args.crossmodal:
+        return _eval_crossmodal(args)
+    for flag, value in (("--n", args.n), ("--clips", args.clips), ("--world", args.world), ("--json", args.json)):
+        if value:
+            raise UserError(flag, "only applies with --crossmodal")
     rows, out = evaluate_elastic(args.ckpt, args.out, args.batches, args.overrides, grid=args.elastic)
     if args.elastic:
         print(markdown_table(rows, f"elastic sub-models of {args.ckpt}"), end="")
@@ -187,6 +192,27 @@ def _cmd_eval(args) -> None:
     else:
         print(f"held-out loss {rows[0]['loss']:.4f} ({rows[0]['active_params']:,} active / "
               f"{rows[0]['total_params']:,} total params)")
+
+
+def _eval_crossmodal(args) -> None:
+    from ernie5.eval_crossmodal import evaluate_crossmodal, format_table
+
+    if args.elastic:
+        raise UserError("--crossmodal", "cannot be combined with --elastic")
+    report = evaluate_crossmodal(args.ckpt, args.out, n=args.n or 100, clips=args.clips or 0, world=args.world,
+                                 progress=not args.json, overrides=args.overrides)
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False))
+    else:
+        print(format_table(report), end="")
+        print(f"written to {report['path']}")
+
+
+def _cmd_generate(args) -> None:
+    from ernie5.generation.assets import run_generate
+
+    run_generate(args.ckpt, args.task, prompt=args.prompt, input_path=args.input, out=args.out,
+                 max_new=args.max_new, temperature=args.temperature, seed=args.seed, overrides=args.overrides)
 
 
 def _cmd_import(args) -> None:
@@ -272,8 +298,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--elastic", action="store_true",
                     help="also evaluate the sub-model grid; write a table (markdown + JSON) and loss-vs-params plot")
     ev.add_argument("--batches", type=_count(1), default=16, help="held-out micro-batches (default 16)")
-    ev.add_argument("--out", help="output dir (default: <run dir>/eval/<checkpoint>)")
+    ev.add_argument("--out", help="output dir (default: <run dir>/eval/<checkpoint>; --crossmodal: the checkpoint "
+                                  "dir)")
+    ev.add_argument("--crossmodal", action="store_true",
+                    help="cross-modal scores on the held-out digits world: caption, speech recognition, text -> "
+                         "image (judged); writes crossmodal.json")
+    ev.add_argument("--n", type=_count(1), help="--crossmodal: eval images for captions (default 100)")
+    ev.add_argument("--clips", type=_count(1), help="--crossmodal: held-out speech clips (default: all)")
+    ev.add_argument("--world", help="--crossmodal: digits world dir (default data/raw/digits_world)")
+    ev.add_argument("--json", action="store_true", help="--crossmodal: print one JSON object")
     ev.set_defaults(fn=_cmd_eval)
+    ge = sub.add_parser("generate", help="generate from a checkpoint: text, caption, asr (text out), t2i (PNG), "
+                                         "tts (WAV)")
+    ge.add_argument("ckpt", help="checkpoint dir or run dir (its newest checkpoint)")
+    ge.add_argument("overrides", nargs="*", help="key.path=value overrides of the checkpoint's config (data.dir=DIR: "
+                                                 "where the shards' meta.json names the tokenizers)")
+    ge.add_argument("--task", choices=["text", "caption", "asr", "t2i", "tts"], default="text")
+    src = ge.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text prompt (text, t2i, tts)")
+    src.add_argument("--input", help="input file: an image (caption) or a 16-bit mono WAV (asr)")
+    ge.add_argument("--out", help="t2i / tts output file (default generated.png / generated.wav)")
+    ge.add_argument("--max-new", type=_count(1), help="max new tokens (text tasks; default 64 / 16) or audio "
+                                                      "frames (tts; default 100)")
+    ge.add_argument("--temperature", type=float, help="0 = greedy (default for text tasks); t2i / tts default 1")
+    ge.add_argument("--seed", type=int, default=0)
+    ge.set_defaults(fn=_cmd_generate)
     im = sub.add_parser("import", help="turn a Hugging Face ERNIE 4.5 directory into an ernie5 checkpoint")
     im.add_argument("hf_dir")
     im.add_argument("--out", required=True, help="checkpoint directory to write")

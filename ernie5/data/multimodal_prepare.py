@@ -252,6 +252,7 @@ def prepare_multimodal(config_path: str, overrides=(), log=print) -> dict:
             "und_cnn_dim": und_cnn, "und_pix_dim": und_pix, "und_patches": 4,
             "scales": tok.vision.cfg.scales, "text_tokenizer": cfg.text_tokenizer,
             "vision_tokenizer": cfg.vision_tokenizer, "audio_tokenizer": cfg.audio_tokenizer,
+            "manifest": str(manifest),
             "skipped": skipped, "splits": {}, "files": {}}
     for split, ds in docs.items():
         packed, dropped = pack_documents(ds, cfg.seq_len)
