@@ -267,7 +267,7 @@ def instrument(tr, timer: PhaseTimer):
     patch(model, "logits", "head_loss", label="model.logits", scoped=True)
     patch(attention_mod, "apply_rope", "norms_rope", scoped=True)
     patch(transformer_mod, "rope_cos_sin", "norms_rope", scoped=True)
-    patch(transformer_mod, "document_causal_mask", "attention", scoped=True)
+    patch(transformer_mod, "group_mask", "attention", scoped=True)
     patch(paddle.Tensor, "backward", "backward", replayable=False, label="Tensor.backward")
     patch(paddle.autograd, "backward", "backward", replayable=False, label="paddle.autograd.backward")
     try:

@@ -70,7 +70,10 @@ def _cmd_data(args) -> None:
         if args.multimodal:
             from ernie5.data.digits_world import fetch_digits_world
 
+            from ernie5.data.real_video import fetch_real_videos
+
             print(f"{args.out}/digits_world: {fetch_digits_world(f'{args.out}/digits_world')}")
+            print(f"{args.out}/digits_world: {fetch_real_videos(f'{args.out}/digits_world')}")
         return
     if args.data_verb == "inspect":
         from ernie5.data.inspect import inspect_target

@@ -112,7 +112,7 @@ def speech_clips(sample_rate: int = 16000) -> tuple[list[dict], str]:
     return clips, spk.engine
 
 
-def fetch_digits_world(out_dir: str, image_size: int = 16, frames: int = 4, num_videos: int = 150,
+def fetch_digits_world(out_dir: str, image_size: int = 16, frames: int = 4, num_videos: int = 100,
                        sample_rate: int = 16000, seed: int = 0, num_images: int = NUM_DOC_IMAGES) -> dict:
     """Write the digits world under `out_dir`; returns counts (and which speech engine was used)."""
     out = Path(out_dir)

@@ -1,8 +1,19 @@
-"""Audio tokenizer: a conv codec at a configurable frame rate (12.5 Hz at 16 kHz by default) with residual VQ
-(SPEC §2, NCP). Level 1 can be distilled toward a teacher's features (ERNIE uses Whisper; pluggable here).
+"""Audio tokenizer: a frame-domain codec at a configurable frame rate (12.5 Hz at 16 kHz by default) with residual
+VQ (SPEC §2, NCP). Level 1 can be distilled toward a teacher's features (ERNIE uses Whisper; pluggable here).
 
-Waveforms are [B, samples] float32 in [-1, 1]; the hop (samples per frame) is the product of `strides` and must
-equal sample_rate / frame_rate. Codes: [B, frames, levels] int64.
+The codec works on short-time Fourier frames, one per codec frame (hop = sample_rate / frame_rate, Hann window of
+`window_frames` hops). The encoder reads the complex STFT (real / imag, plus log magnitude for its conv branch);
+the decoder predicts the complex STFT (real / imag) and an inverse STFT (weighted overlap-add) gives the waveform,
+so the waveform *phase* is something the decoder outputs directly (Vocos-style) rather than something a low-rate
+time-domain conv stack has to rediscover. Encoder and decoder are each a linear map (latent <-> real / imag) plus a
+residual conv branch over neighbouring frames whose output layer starts at zero. `init_from_data` sets the linear
+maps to the principal components of training frames and seeds the RVQ codebooks by k-means, so training starts
+from a phase-faithful transform codec and then learns the nonlinear part end to end (straight-through RVQ).
+
+Waveforms are [B, samples] float32 in [-1, 1]; codes are [B, frames, levels] int64 with frames = samples / hop.
+Every conv is centred with a finite kernel, so a frame's codes depend only on audio within `lookahead_frames()`
+frames of it, and decoded samples only on codes that near (bounded look-ahead; chunked encoding is exact away
+from chunk edges).
 """
 
 from __future__ import annotations
@@ -24,75 +35,176 @@ class AudioTokenizerConfig:
     """Shape of the audio codec and its losses."""
 
     sample_rate: int = 16000
-    frame_rate: float = 12.5
-    strides: list[int] = field(default_factory=lambda: [4, 4, 8, 10])  # product = hop = 1280 at 12.5 Hz
-    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # after each stride
-    latent_dim: int = 64
-    levels: int = 4
-    codebook_size: int = 256
-    ema_decay: float = 0.95
-    dead_threshold: float = 0.05
+    frame_rate: float = 12.5  # codec frames per second; hop = sample_rate / frame_rate (1280 at 12.5 Hz)
+    window_frames: int = 2  # STFT window = window_frames * hop (Hann, centred on its frame)
+    channels: list[int] = field(default_factory=lambda: [512, 512])  # residual conv stages of each nonlinear branch
+    latent_dim: int = 192
+    levels: int = 8
+    codebook_size: int = 1024
+    ema_decay: float = 0.99
+    dead_threshold: float = 0.05  # a code whose usage EMA is under this x the mean usage is re-seeded
     stft_resolutions: list[list[int]] = field(default_factory=lambda: [[512, 128], [1024, 256], [256, 64]])
-    stft_weight: float = 1.0
-    l1_weight: float = 1.0
+    snr_weight: float = 1.0  # -SNR(dB)/10 of the batch: the waveform error itself, independent of loudness
+    l1_weight: float = 1.0  # waveform L1
+    spec_weight: float = 1.0  # L1 of the complex STFT (real and imag) at the codec's resolution: phase-aware
+    stft_weight: float = 0.02  # multi-resolution STFT magnitude (spectral convergence + log magnitude)
+    stft_items: int = 4  # ... computed on the first n crops of a batch (0: all); the costliest loss term on CPU
     commit_weight: float = 0.25
     teacher_weight: float = 0.0  # > 0: level-1 codes regressed toward `teacher` features
+    encode_beam: int = 4  # RVQ beam search width when encoding (1 = greedy, as in training)
+    # training (`ernie5 tokenizer train`): data-dependent init, then augmented crops
+    init_passes: int = 96  # passes over the training clips (random sub-frame shifts) for PCA / k-means init; 0: none
+    init_kmeans_iters: int = 6
+    augment_speed: float = 0.12  # training crops resampled by a random factor in 1 +- this (pitch and tempo)
+    augment_gain: float = 0.3  # ... and scaled by a random gain in 1 +- this
 
     @property
     def hop(self) -> int:
-        return int(np.prod(self.strides))
+        return int(round(self.sample_rate / self.frame_rate))
+
+    @property
+    def n_fft(self) -> int:
+        return self.window_frames * self.hop
 
     def validate(self, path: str) -> None:
         want = self.sample_rate / self.frame_rate
-        require(abs(want - self.hop) < 1e-6, join(path, "strides"),
-                f"product {self.hop} must equal sample_rate / frame_rate = {want:g}")
-        require(len(self.channels) == len(self.strides), join(path, "channels"),
-                f"{len(self.channels)} entries, strides has {len(self.strides)}")
-        require(self.levels >= 1, join(path, "levels"), "must be >= 1")
+        require(abs(want - round(want)) < 1e-6 and round(want) % 2 == 0, join(path, "frame_rate"),
+                f"sample_rate / frame_rate = {want:g} must be an even whole number of samples")
+        require(self.window_frames >= 2, join(path, "window_frames"), "must be >= 2 (overlapping windows)")
+        require(len(self.channels) >= 1 and min(self.channels) >= 1, join(path, "channels"),
+                "need at least one positive width")
+        require(self.latent_dim >= 1, join(path, "latent_dim"), "must be >= 1")
+        require(1 <= self.levels <= 16, join(path, "levels"), "must be in 1..16")
         require(self.codebook_size >= 2, join(path, "codebook_size"), "must be >= 2")
+        require(self.stft_items >= 0, join(path, "stft_items"), "must be >= 0")
+        require(self.encode_beam >= 1, join(path, "encode_beam"), "must be >= 1")
+        require(self.init_passes >= 0 and self.init_kmeans_iters >= 0, join(path, "init_passes"), "must be >= 0")
+        require(0 <= self.augment_speed < 0.5, join(path, "augment_speed"), "must be in [0, 0.5)")
+        require(0 <= self.augment_gain < 1, join(path, "augment_gain"), "must be in [0, 1)")
         for i, r in enumerate(self.stft_resolutions):
             require(len(r) == 2 and r[0] > r[1] > 0, join(path, f"stft_resolutions[{i}]"), "expected [n_fft, hop]")
 
 
-class ResUnit1d(nn.Layer):
-    def __init__(self, ch: int, dilation: int):
+# -- STFT / inverse STFT with exact frame bookkeeping ---------------------------------------------------------
+class STFT(nn.Layer):
+    """Hann-windowed STFT whose frame i is centred on samples [i*h, (i+1)*h): T samples (a multiple of h) give
+    exactly T/h frames, and `inverse` (weighted overlap-add) gives back exactly T samples. Differentiable."""
+
+    def __init__(self, n_fft: int, hop: int):
         super().__init__()
-        self.c1 = nn.Conv1D(ch, ch, 7, padding=3 * dilation, dilation=dilation)
+        self.n_fft, self.hop, self.m = n_fft, hop, n_fft // hop
+        self.pad = (n_fft - hop) // 2
+        n = np.arange(n_fft)
+        w = (0.5 - 0.5 * np.cos(2 * np.pi * (n + 0.5) / n_fft)).astype("float32")  # Hann, > 0 at every sample
+        self.scale = float(np.sqrt((w ** 2).sum()))  # unit-energy window: STFT values are O(signal)
+        self.register_buffer("window", paddle.to_tensor(w), persistable=False)
+
+    def _frames(self, x_BT):
+        B, T = x_BT.shape
+        N = T // self.hop
+        xp = F.pad(x_BT.unsqueeze(1), [self.pad, self.pad], data_format="NCL").squeeze(1)
+        xs = xp.reshape([B, N + self.m - 1, self.hop])
+        return paddle.concat([xs[:, j:j + N] for j in range(self.m)], axis=-1)  # [B, N, n_fft]
+
+    def forward(self, x_BT):
+        """[B, T] -> complex [B, bins, frames]."""
+        return paddle.fft.rfft(self._frames(x_BT) * self.window, axis=-1).transpose([0, 2, 1]) / self.scale
+
+    def inverse(self, spec_BKN):
+        """complex [B, bins, frames] -> [B, frames * hop]."""
+        fr = paddle.fft.irfft(spec_BKN.transpose([0, 2, 1]), n=self.n_fft, axis=-1) * (self.window * self.scale)
+        B, N = fr.shape[0], fr.shape[1]
+        parts = fr.reshape([B, N, self.m, self.hop])
+        out = sum(_shift(parts[:, :, j], j, self.m - 1 - j) for j in range(self.m))  # chunk j of frame i -> i + j
+        w2 = (self.window ** 2).reshape([self.m, 1, 1, self.hop])
+        env = sum(_shift(w2[j].expand([1, N, self.hop]), j, self.m - 1 - j) for j in range(self.m))
+        return (out / env).reshape([B, -1])[:, self.pad:self.pad + N * self.hop]
+
+
+def _shift(x_BNH, before: int, after: int):
+    """Zero-pad axis 1 (frames) of [B, N, H]."""
+    if before == 0 and after == 0:
+        return x_BNH
+    B, _, H = x_BNH.shape
+    parts = [paddle.zeros([B, before, H], x_BNH.dtype)] if before else []
+    parts.append(x_BNH)
+    if after:
+        parts.append(paddle.zeros([B, after, H], x_BNH.dtype))
+    return paddle.concat(parts, axis=1)
+
+
+# -- encoder / decoder ------------------------------------------------------------------------------------------
+class ResBlock1d(nn.Layer):
+    """x + conv1x1(GELU(conv3(GELU(x)))) over frames; centred, so it sees `dilation` frames either side."""
+
+    def __init__(self, ch: int, dilation: int = 1):
+        super().__init__()
+        self.dilation = dilation
+        self.c1 = nn.Conv1D(ch, ch, 3, padding=dilation, dilation=dilation)
         self.c2 = nn.Conv1D(ch, ch, 1)
 
     def forward(self, x):
-        return x + self.c2(F.elu(self.c1(F.elu(x))))
+        return x + self.c2(F.gelu(self.c1(F.gelu(x))))
+
+
+def _branch(c_in: int, channels: list[int], c_out: int) -> nn.Sequential:
+    """conv3 in -> residual stages (widths `channels`, dilations 1, 2, 1, 2 ...) -> zero-initialised 1x1 out."""
+    layers, c_prev = [nn.Conv1D(c_in, channels[0], 3, padding=1)], channels[0]
+    for i, c in enumerate(channels):
+        if c != c_prev:
+            layers.append(nn.Conv1D(c_prev, c, 1))
+        layers.append(ResBlock1d(c, 1 + i % 2))
+        c_prev = c
+    out = nn.Conv1D(c_prev, c_out, 1)
+    out.weight.set_value(paddle.zeros_like(out.weight))  # the branch starts as a no-op next to the linear path
+    out.bias.set_value(paddle.zeros_like(out.bias))
+    return nn.Sequential(*layers, nn.GELU(), out)
+
+
+def _branch_reach(channels: list[int]) -> int:
+    """Frames either side a branch can see."""
+    return 1 + sum(1 + i % 2 for i in range(len(channels)))
+
+
+FEATURE_GAIN = 10.0  # STFT values of speech at ~0.1 RMS -> O(1) network inputs
+# The linear maps start as principal components (`init_from_data`) that the codebooks are fitted to: they learn
+# 10x slower than the conv branches, so the codebooks can follow them.
+_SLOW = paddle.ParamAttr(learning_rate=0.1)
 
 
 class AudioEncoder(nn.Layer):
+    """Complex STFT [B, bins, frames] -> latent [B, latent_dim, frames]: a linear map of real / imag plus a conv
+    branch over neighbouring frames that reads that linear latent and the log magnitude."""
+
     def __init__(self, cfg: AudioTokenizerConfig):
         super().__init__()
-        layers, c_prev = [nn.Conv1D(1, cfg.channels[0] // 2, 7, padding=3)], cfg.channels[0] // 2
-        for s, c in zip(cfg.strides, cfg.channels):
-            layers += [ResUnit1d(c_prev, 1), nn.ELU(), nn.Conv1D(c_prev, c, 2 * s, stride=s, padding=s // 2 + s % 2)]
-            c_prev = c
-        layers += [nn.ELU(), nn.Conv1D(c_prev, cfg.latent_dim, 3, padding=1)]
-        self.net = nn.Sequential(*layers)
+        bins = cfg.n_fft // 2 + 1
+        self.linear = nn.Conv1D(2 * bins, cfg.latent_dim, 1, weight_attr=_SLOW, bias_attr=_SLOW)
+        self.branch = _branch(cfg.latent_dim + bins, cfg.channels, cfg.latent_dim)
 
-    def forward(self, wav_BT):
-        return self.net(wav_BT.unsqueeze(1))  # [B, D, frames]
+    @staticmethod
+    def features(spec_BKN):
+        re_im = paddle.concat([paddle.real(spec_BKN), paddle.imag(spec_BKN)], axis=1) * FEATURE_GAIN
+        return re_im, 0.2 * paddle.log(paddle.abs(spec_BKN) + 1e-4)
+
+    def forward(self, spec_BKN):
+        re_im, logmag = self.features(spec_BKN)
+        z = self.linear(re_im)
+        return z + self.branch(paddle.concat([z, logmag], axis=1))
 
 
 class AudioDecoder(nn.Layer):
+    """Latent [B, latent_dim, frames] -> complex STFT [B, bins, frames] (real, imag per bin)."""
+
     def __init__(self, cfg: AudioTokenizerConfig):
         super().__init__()
-        chans = list(reversed(cfg.channels))
-        layers, c_prev = [nn.Conv1D(cfg.latent_dim, chans[0], 7, padding=3)], chans[0]
-        for s, c in zip(reversed(cfg.strides), chans[1:] + [cfg.channels[0] // 2]):
-            layers += [nn.ELU(), nn.Conv1DTranspose(c_prev, c, 2 * s, stride=s, padding=s // 2 + s % 2,
-                                                         output_padding=s % 2),
-                       ResUnit1d(c, 1)]
-            c_prev = c
-        layers += [nn.ELU(), nn.Conv1D(c_prev, 1, 7, padding=3), nn.Tanh()]
-        self.net = nn.Sequential(*layers)
+        self.bins = cfg.n_fft // 2 + 1
+        self.linear = nn.Conv1D(cfg.latent_dim, 2 * self.bins, 1, weight_attr=_SLOW, bias_attr=_SLOW)
+        self.branch = _branch(cfg.latent_dim, list(reversed(cfg.channels)), 2 * self.bins)
 
     def forward(self, z_BDF):
-        return self.net(z_BDF).squeeze(1)
+        y = (self.linear(z_BDF) + self.branch(z_BDF)) / FEATURE_GAIN
+        return paddle.complex(y[:, :self.bins], y[:, self.bins:])
 
 
 def multi_resolution_stft_loss(x_BT, y_BT, resolutions) -> paddle.Tensor:
@@ -113,6 +225,7 @@ class AudioTokenizer(nn.Layer):
     def __init__(self, cfg: AudioTokenizerConfig, teacher: Callable | None = None):
         super().__init__()
         self.cfg = cfg
+        self.stft = STFT(cfg.n_fft, cfg.hop)
         self.encoder, self.decoder = AudioEncoder(cfg), AudioDecoder(cfg)
         self.rvq = ResidualVQ(cfg.latent_dim, cfg.levels, cfg.codebook_size, cfg.ema_decay, cfg.dead_threshold)
         self.teacher = teacher  # callable wav [B, T] -> features [B, F, frames']; frozen, not a sublayer
@@ -124,35 +237,84 @@ class AudioTokenizer(nn.Layer):
         n = wav_BT.shape[1] // self.cfg.hop * self.cfg.hop
         return wav_BT[:, :n]
 
-    def _quantize(self, wav_BT):
-        z = self.encoder(self.crop(wav_BT))  # [B, D, F]
+    def lookahead_frames(self) -> int:
+        """Codec frames either side of frame f that can change its codes (and, for decode, its samples): the
+        STFT window's overhang plus the conv branch's reach."""
+        return self.cfg.window_frames // 2 + _branch_reach(self.cfg.channels)
+
+    def _latent(self, wav_BT):
+        z = self.encoder(self.stft(self.crop(wav_BT)))  # [B, D, F]
         B, D, Fr = z.shape
-        z_ND = z.transpose([0, 2, 1]).reshape([B * Fr, D])
-        z_q, codes, quantised, norms = self.rvq(z_ND)
-        return z_ND, z_q, codes.reshape([B, Fr, -1]), quantised, norms, (B, Fr)
+        return z.transpose([0, 2, 1]).reshape([B * Fr, D]), B, Fr
+
+    def _synth(self, z_BFD):
+        return self.stft.inverse(self.decoder(z_BFD.transpose([0, 2, 1])))
+
+    @paddle.no_grad()
+    def init_from_data(self, batches, pca_frames: int = 16384, kmeans_iters: int = 8) -> dict:
+        """Data-dependent start (like k-means codebook init): the linear encoder / decoder maps become the
+        top-`latent_dim` principal components of the frames' real / imag STFT (from the first `pca_frames`
+        frames), and the RVQ codebooks are seeded by k-means on the latents of all frames. `batches`: one
+        waveform tensor [B, T] or a list of them. Meant for a freshly built model (its conv branches still output
+        zero). Returns the energy fraction the components keep and the number of k-means frames."""
+        batches = [batches] if isinstance(batches, paddle.Tensor) else list(batches)
+        batches = [b if isinstance(b, paddle.Tensor) else paddle.to_tensor(b) for b in batches]
+        rows, n = [], 0
+        for wav in batches:
+            re_im, _ = AudioEncoder.features(self.stft(self.crop(wav)))
+            rows.append(re_im.transpose([0, 2, 1]).reshape([-1, re_im.shape[1]]).numpy())
+            n += len(rows[-1])
+            if n >= pca_frames:
+                break
+        X = np.concatenate(rows)[:pca_frames]
+        evals, evecs = np.linalg.eigh((X.T @ X).astype("float64") / len(X))
+        P = evecs[:, ::-1][:, :self.cfg.latent_dim].astype("float32")  # [2 bins, D], orthonormal columns
+        self.encoder.linear.weight.set_value(paddle.to_tensor(np.ascontiguousarray(P.T)[:, :, None]))
+        self.encoder.linear.bias.set_value(paddle.zeros([self.cfg.latent_dim]))
+        self.decoder.linear.weight.set_value(paddle.to_tensor(np.ascontiguousarray(P)[:, :, None]))
+        self.decoder.linear.bias.set_value(paddle.zeros([P.shape[0]]))
+        z = []
+        for wav in batches:  # the conv branch still outputs zero on a fresh model: the linear map is the latent
+            re_im, _ = AudioEncoder.features(self.stft(self.crop(wav)))
+            z.append(self.encoder.linear(re_im).transpose([0, 2, 1]).reshape([-1, self.cfg.latent_dim]))
+        z = paddle.concat(z)
+        self.rvq.init_from(z, kmeans_iters)
+        return {"pca_energy": float(evals[::-1][:self.cfg.latent_dim].sum() / max(evals.sum(), 1e-12)),
+                "kmeans_frames": int(z.shape[0])}
 
     @paddle.no_grad()
     def encode(self, wav_BT: paddle.Tensor) -> paddle.Tensor:
-        return self._quantize(wav_BT)[2]
+        z_ND, B, Fr = self._latent(wav_BT)
+        return self.rvq.encode(z_ND, self.cfg.encode_beam).reshape([B, Fr, -1])
 
     def decode(self, codes_BFL: paddle.Tensor) -> paddle.Tensor:
         B, Fr, L = codes_BFL.shape
-        z = self.rvq.decode(codes_BFL.reshape([B * Fr, L])).reshape([B, Fr, -1]).transpose([0, 2, 1])
-        return self.decoder(z)
+        return self._synth(self.rvq.decode(codes_BFL.reshape([B * Fr, L])).reshape([B, Fr, -1]))
 
     def forward(self, wav_BT: paddle.Tensor):
+        """Training step: (reconstruction, losses incl. "total", codes [B, F, L], residual norms per level)."""
         cfg = self.cfg
         wav_BT = self.crop(wav_BT)
-        z_ND, z_q, codes, quantised, norms, (B, Fr) = self._quantize(wav_BT)
-        rec = self.decoder(z_q.reshape([B, Fr, -1]).transpose([0, 2, 1]))
-        losses = {"stft": multi_resolution_stft_loss(rec, wav_BT, cfg.stft_resolutions),
-                  "l1": F.l1_loss(rec, wav_BT), "commit": F.mse_loss(z_ND, z_q.detach())}
-        total = cfg.stft_weight * losses["stft"] + cfg.l1_weight * losses["l1"] + cfg.commit_weight * losses["commit"]
+        z_ND, B, Fr = self._latent(wav_BT)
+        z_q, codes, quantised, norms = self.rvq(z_ND)
+        spec = self.decoder(z_q.reshape([B, Fr, -1]).transpose([0, 2, 1]))
+        rec = self.stft.inverse(spec)
+        diff = self.stft(rec) - self.stft(wav_BT)  # of the waveform actually produced (a consistent STFT)
+        losses = {"snr": 10 * paddle.log10((wav_BT ** 2).sum() / (((rec - wav_BT) ** 2).sum() + 1e-8)),
+                  "l1": F.l1_loss(rec, wav_BT),
+                  "spec": (paddle.abs(paddle.real(diff)) + paddle.abs(paddle.imag(diff))).mean(),
+                  "commit": F.mse_loss(z_ND, z_q.detach())}
+        total = (-cfg.snr_weight / 10 * losses["snr"] + cfg.l1_weight * losses["l1"]
+                 + cfg.spec_weight * losses["spec"] + cfg.commit_weight * losses["commit"])
+        if cfg.stft_weight > 0:
+            n = cfg.stft_items or B
+            losses["stft"] = multi_resolution_stft_loss(rec[:n], wav_BT[:n], cfg.stft_resolutions)
+            total = total + cfg.stft_weight * losses["stft"]
         if self.teacher is not None and cfg.teacher_weight > 0:
             losses["teacher"] = self.teacher_loss(wav_BT, z_ND, quantised[0], B, Fr)
             total = total + cfg.teacher_weight * losses["teacher"]
         losses["total"] = total
-        return rec, losses, codes, norms
+        return rec, losses, codes.reshape([B, Fr, -1]), norms
 
     def teacher_loss(self, wav_BT, z_ND, q1_ND, B, Fr):
         """Level-1 distillation: the level-1 codeword (straight-through to the encoder) projected to the

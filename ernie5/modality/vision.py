@@ -36,9 +36,13 @@ class VisionTokenizerConfig:
     scales: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     recon_weight: float = 1.0
     commit_weight: float = 0.25
-    codebook_weight: float = 1.0
     entropy_weight: float = 0.02
     entropy_temperature: float = 0.5
+    batch_entropy_weight: float = 2.0  # gamma of E[H(bit)] - gamma H(E[bit]): > 1 keeps coarse bits in use
+    # quantiser step of scale k = magnitude_fraction x running mean |residual k| (momentum stat_momentum);
+    # see ernie5/modality/bitwise.py for why these replaced trained magnitudes
+    magnitude_fraction: float = 0.5
+    stat_momentum: float = 0.05
     adversarial_weight: float = 0.0  # > 0: a small patch discriminator is trained alongside
     teacher_weight: float = 0.0  # > 0: encoder features are regressed toward a teacher's (see `teacher`)
 
@@ -56,6 +60,8 @@ class VisionTokenizerConfig:
                 f"last scale {self.scales[-1] if self.scales else None} must equal the latent side "
                 f"{self.latent_side} (image_size / 2^downsample)")
         require(self.temporal_kernel >= 1, join(path, "temporal_kernel"), "must be >= 1")
+        require(0 < self.stat_momentum <= 1, join(path, "stat_momentum"), "must be in (0, 1]")
+        require(self.magnitude_fraction > 0, join(path, "magnitude_fraction"), "must be > 0")
 
 
 class CausalConv3d(nn.Layer):
@@ -181,7 +187,8 @@ class VisionTokenizer(nn.Layer):
         super().__init__()
         self.cfg = cfg
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
-        self.quant = MultiScaleBitQuantizer(cfg.bits, cfg.scales, cfg.entropy_temperature)
+        self.quant = MultiScaleBitQuantizer(cfg.bits, cfg.scales, cfg.entropy_temperature, cfg.magnitude_fraction,
+                                            cfg.batch_entropy_weight, cfg.stat_momentum)
         self.teacher = teacher  # callable frames [N, C, H, W] -> [N, F, h', w']; not a sublayer: never trained
         if teacher is not None:
             self.teacher_proj = nn.Conv2D(cfg.channels, teacher.out_features, 1)
@@ -211,7 +218,8 @@ class VisionTokenizer(nn.Layer):
 
     def next_scale_inputs(self, codes: list[paddle.Tensor]) -> list[paddle.Tensor]:
         """Teacher-forcing inputs of next-scale prediction: for k = 1..K-1 the accumulated latent of scales < k
-        resized to scale k's grid, [B, T, s_k, s_k, bits]."""
+        resized to scale k's grid, [B, T, s_k, s_k, bits]: linear in the earlier sign bits, no constant term
+        (formula in `ernie5.modality.bitwise`)."""
         B, T = codes[0].shape[:2]
         flat = [c.reshape([B * T, *c.shape[2:]]) for c in codes]
         return [x.reshape([B, T, *x.shape[1:]]) for x in self.quant.next_scale_inputs(flat, self.cfg.latent_side)]
@@ -229,7 +237,7 @@ class VisionTokenizer(nn.Layer):
         x_rec = self.decoder(f_st)
         losses["recon"] = F.mse_loss(x_rec, x_BCTHW) + 0.1 * F.l1_loss(x_rec, x_BCTHW)
         total = (cfg.recon_weight * losses["recon"] + cfg.commit_weight * losses["commit"]
-                 + cfg.codebook_weight * losses["codebook"] + cfg.entropy_weight * losses["entropy"])
+                 + cfg.entropy_weight * losses["entropy"])
         if self.teacher is not None and cfg.teacher_weight > 0:
             losses["teacher"] = self.teacher_loss(x_BCTHW, h)
             total = total + cfg.teacher_weight * losses["teacher"]
