@@ -37,24 +37,24 @@ class AudioTokenizerConfig:
     sample_rate: int = 16000
     frame_rate: float = 12.5  # codec frames per second; hop = sample_rate / frame_rate (1280 at 12.5 Hz)
     window_frames: int = 2  # STFT window = window_frames * hop (Hann, centred on its frame)
-    channels: list[int] = field(default_factory=lambda: [512, 512])  # residual conv stages of each nonlinear branch
+    channels: list[int] = field(default_factory=lambda: [256])  # residual conv stages of each nonlinear branch
     latent_dim: int = 192
     levels: int = 8
     codebook_size: int = 1024
-    ema_decay: float = 0.99
+    ema_decay: float = 0.999  # slow: the codebooks start from k-means on many frames and should not forget them
     dead_threshold: float = 0.05  # a code whose usage EMA is under this x the mean usage is re-seeded
     stft_resolutions: list[list[int]] = field(default_factory=lambda: [[512, 128], [1024, 256], [256, 64]])
     snr_weight: float = 1.0  # -SNR(dB)/10 of the batch: the waveform error itself, independent of loudness
     l1_weight: float = 1.0  # waveform L1
     spec_weight: float = 1.0  # L1 of the complex STFT (real and imag) at the codec's resolution: phase-aware
     stft_weight: float = 0.02  # multi-resolution STFT magnitude (spectral convergence + log magnitude)
-    stft_items: int = 4  # ... computed on the first n crops of a batch (0: all); the costliest loss term on CPU
+    stft_items: int = 2  # ... computed on the first n crops of a batch (0: all); the costliest loss term on CPU
     commit_weight: float = 0.25
     teacher_weight: float = 0.0  # > 0: level-1 codes regressed toward `teacher` features
-    encode_beam: int = 4  # RVQ beam search width when encoding (1 = greedy, as in training)
+    encode_beam: int = 8  # RVQ beam search width when encoding (1 = greedy, as in training)
     # training (`ernie5 tokenizer train`): data-dependent init, then augmented crops
-    init_passes: int = 96  # passes over the training clips (random sub-frame shifts) for PCA / k-means init; 0: none
-    init_kmeans_iters: int = 6
+    init_passes: int = 48  # passes over the training clips (random sub-frame shifts) for PCA / k-means init; 0: none
+    init_kmeans_iters: int = 5
     augment_speed: float = 0.12  # training crops resampled by a random factor in 1 +- this (pitch and tempo)
     augment_gain: float = 0.3  # ... and scaled by a random gain in 1 +- this
 
@@ -139,7 +139,6 @@ class ResBlock1d(nn.Layer):
 
     def __init__(self, ch: int, dilation: int = 1):
         super().__init__()
-        self.dilation = dilation
         self.c1 = nn.Conv1D(ch, ch, 3, padding=dilation, dilation=dilation)
         self.c2 = nn.Conv1D(ch, ch, 1)
 
@@ -167,9 +166,13 @@ def _branch_reach(channels: list[int]) -> int:
 
 
 FEATURE_GAIN = 10.0  # STFT values of speech at ~0.1 RMS -> O(1) network inputs
-# The linear maps start as principal components (`init_from_data`) that the codebooks are fitted to: they learn
-# 10x slower than the conv branches, so the codebooks can follow them.
-_SLOW = paddle.ParamAttr(learning_rate=0.1)
+
+
+def _slow() -> paddle.ParamAttr:
+    """The linear maps start as the principal components (`init_from_data`) the codebooks are fitted to: they
+    learn 10x slower than the conv branches, so the EMA codebooks can follow them."""
+    return paddle.ParamAttr(learning_rate=0.1)
+
 
 
 class AudioEncoder(nn.Layer):
@@ -179,7 +182,7 @@ class AudioEncoder(nn.Layer):
     def __init__(self, cfg: AudioTokenizerConfig):
         super().__init__()
         bins = cfg.n_fft // 2 + 1
-        self.linear = nn.Conv1D(2 * bins, cfg.latent_dim, 1, weight_attr=_SLOW, bias_attr=_SLOW)
+        self.linear = nn.Conv1D(2 * bins, cfg.latent_dim, 1, weight_attr=_slow(), bias_attr=_slow())
         self.branch = _branch(cfg.latent_dim + bins, cfg.channels, cfg.latent_dim)
 
     @staticmethod
@@ -199,7 +202,7 @@ class AudioDecoder(nn.Layer):
     def __init__(self, cfg: AudioTokenizerConfig):
         super().__init__()
         self.bins = cfg.n_fft // 2 + 1
-        self.linear = nn.Conv1D(cfg.latent_dim, 2 * self.bins, 1, weight_attr=_SLOW, bias_attr=_SLOW)
+        self.linear = nn.Conv1D(cfg.latent_dim, 2 * self.bins, 1, weight_attr=_slow(), bias_attr=_slow())
         self.branch = _branch(cfg.latent_dim, list(reversed(cfg.channels)), 2 * self.bins)
 
     def forward(self, z_BDF):

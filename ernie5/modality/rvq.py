@@ -100,7 +100,7 @@ class ResidualVQ(nn.Layer):
         for level in range(self.levels):
             pick = paddle.randperm(r.shape[0])[:self.K] if r.shape[0] >= self.K else paddle.randint(0, r.shape[0],
                                                                                                       [self.K])
-            cb = paddle.gather(r, pick) + 1e-4 * float(r.std()) * paddle.randn([self.K, self.dim])
+            cb = paddle.gather(r, pick) + 1e-4 * _rms(r) * paddle.randn([self.K, self.dim])
             for _ in range(iters):
                 idx = _nearest(r, cb)
                 counts = paddle.index_add(paddle.zeros([self.K]), idx, 0, paddle.ones([r.shape[0]]))
@@ -140,12 +140,16 @@ class ResidualVQ(nn.Layer):
         if len(dead) == 0:
             return 0
         pick = paddle.randint(0, r_ND.shape[0], [len(dead)])
-        fresh = paddle.gather(r_ND, pick) + 1e-3 * float(r_ND.std()) * paddle.randn([len(dead), self.dim])
+        fresh = paddle.gather(r_ND, pick) + 1e-3 * _rms(r_ND) * paddle.randn([len(dead), self.dim])
         ids = paddle.to_tensor(dead, dtype="int64")
         self.codebooks[level] = paddle.scatter(self.codebooks[level].clone(), ids, fresh)
         self.embed_sum[level] = paddle.scatter(self.embed_sum[level].clone(), ids, fresh * mean)
         self.usage[level] = paddle.scatter(us.clone(), ids, paddle.full([len(dead)], mean))
         return len(dead)
+
+
+def _rms(x: paddle.Tensor) -> float:
+    return float((x * x).mean()) ** 0.5
 
 
 def _nearest(r_ND: paddle.Tensor, cb_KD: paddle.Tensor) -> paddle.Tensor:

@@ -317,6 +317,10 @@ def _train_audio(recipe: TokenizerRecipe, data: dict, log) -> dict:
                                       for _ in range(cfg.init_passes)], kmeans_iters=cfg.init_kmeans_iters)
         log(f"init: linear maps keep {stats['pca_energy']:.3f} of frame energy, k-means on "
             f"{stats['kmeans_frames']} frames ({time.time() - t0:.0f}s)")
+    t_eval = time.time()  # what training adds on top of the init, measured outside the training clock
+    init_snr = _audio_eval(model, val_clips, cfg)["snr_db"]
+    t0 += time.time() - t_eval
+    log(f"held-out SNR before gradient training: {init_snr} dB")
     opt = paddle.optimizer.Adam(learning_rate=tc.lr, parameters=model.parameters())
     for step in range(tc.steps):
         x = paddle.to_tensor(_crop_batch(train_clips, tc.batch_size, length, rng, cfg.augment_speed,
@@ -331,7 +335,8 @@ def _train_audio(recipe: TokenizerRecipe, data: dict, log) -> dict:
                 + " residual " + "/".join(f"{n:.3f}" for n in norms) + f" ({time.time() - t0:.0f}s)")
     train_seconds = round(time.time() - t0, 1)
     report = {"heldout_clips": len(val_clips), "engine": data["audio_index"]["engine"],
-              **_audio_eval(model, val_clips, cfg), "frame_rate_hz": cfg.frame_rate, "levels": cfg.levels,
+              **_audio_eval(model, val_clips, cfg), "snr_db_before_gradient_training": init_snr,
+              "frame_rate_hz": cfg.frame_rate, "levels": cfg.levels,
               "codebook_size": cfg.codebook_size, "bits_per_second": round(cfg.frame_rate * cfg.levels
                                                                           * math.log2(cfg.codebook_size)),
               "steps": tc.steps, "train_seconds": train_seconds}
