@@ -32,13 +32,7 @@ class RowLoader:
             self._perm_epoch = epoch
         return int(self._perm[i])
 
-    def row(self, global_row: int):
-        raise NotImplementedError
-
-    def collate(self, rows: list):
-        raise NotImplementedError
-
-    def next(self):
+    def next(self):  # subclasses define row(global_row) and collate(rows)
         first = self.position + self.rank * self.B
         rows = [self.row(first + j) for j in range(self.B)]
         self.position += self.B * self.world

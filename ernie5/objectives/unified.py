@@ -40,8 +40,7 @@ MODALITY_TERMS = ("text", "visual", "audio")
 # -- batches (numpy) -------------------------------------------------------------------------------------------
 def visual_blocks(scale_S: np.ndarray, num_scales: int) -> list[int]:
     """Start indices of the visual generation blocks (one frame: scales 0..K-1 back to back) in one row."""
-    starts = np.nonzero(scale_S == 0)[0]
-    return [int(s) for s in starts if s + 1 < len(scale_S) or num_scales == 1]
+    return [int(s) for s in np.nonzero(scale_S == 0)[0]]
 
 
 def flip_history(rows: dict, maps: dict, scales: list[int], rate: float, rng: np.random.Generator) -> np.ndarray:
