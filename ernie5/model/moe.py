@@ -179,7 +179,7 @@ class MoELayer(nn.Layer):
         if self.cfg.isolated:
             if submodel is not None:
                 raise ValueError("elastic sub-models are not supported with isolated routing")
-            y_TH, aux, counts_E, ids_TK = self._isolated(x_TH, modality_BS.reshape([-1]), B)
+            y_TH, aux, counts_E, ids_TK = self._isolated(x_TH, modality_BS.reshape([-1]))
         else:
             y_TH, r, counts_E = self._routed(x_TH, self.router, self.experts, self.cfg, experts, top_k)
             aux = balance_losses(self.cfg, r, counts_E, B) if self.training else None
@@ -197,7 +197,7 @@ class MoELayer(nn.Layer):
                 np.add.at(self.modality_counts, (np.broadcast_to(mod_T[:, None], ids.shape)[keep], ids[keep]), 1)
         return y_TH.reshape([B, S, H]), aux
 
-    def _isolated(self, x_TH, modality_T, batch_size):
+    def _isolated(self, x_TH, modality_T):
         """Text/audio tokens -> text experts, image/video tokens -> vision experts; ids in the joint numbering."""
         vis_T = paddle.logical_or(modality_T == 1, modality_T == 2)
         y_TH = paddle.zeros_like(x_TH)

@@ -34,13 +34,13 @@ from ernie5.data.sequence import AUDIO, HEAD_AUDIO, HEAD_TEXT, HEAD_VISUAL, IMAG
 from ernie5.objectives.config import ObjectiveConfig
 from ernie5.objectives.text import IGNORE, TextLoss
 
-MODALITY_TERMS = ("text", "visual", "audio")
+MODALITY_TERMS = ("text", "visual", "audio")  # per-modality loss terms: loss_text, loss_visual, loss_audio
 
 
 # -- batches (numpy) -------------------------------------------------------------------------------------------
-def visual_blocks(scale_S: np.ndarray, num_scales: int) -> list[int]:
-    """Start indices of the visual generation blocks (one frame: scales 0..K-1 back to back) in one row."""
-    return [int(s) for s in np.nonzero(scale_S == 0)[0]]
+def unpack_bits(ids: np.ndarray, d: int) -> np.ndarray:
+    """Packed visual token ids [...] -> their d bits [..., d] (bit i = channel i; inverse of sequence._pack_bits)."""
+    return (np.maximum(ids, 0)[..., None] >> np.arange(d)) & 1
 
 
 def flip_history(rows: dict, maps: dict, scales: list[int], rate: float, rng: np.random.Generator) -> np.ndarray:
@@ -52,11 +52,11 @@ def flip_history(rows: dict, maps: dict, scales: list[int], rate: float, rng: np
     offs = np.concatenate([[0], np.cumsum(sizes)])
     d = vis.shape[-1]
     for b in range(B):
-        for start in visual_blocks(rows["scale"][b], len(scales)):
+        for start in np.nonzero(rows["scale"][b] == 0)[0]:  # each frame's block: scales 0..K-1 back to back
             end = start + offs[-1]
             if end > vis.shape[1] or rows["scale"][b, end - 1] != len(scales) - 1:
                 continue
-            bits = (rows["target"][b, start:end, None] >> np.arange(d)) & 1  # the true codes [n, d]
+            bits = unpack_bits(rows["target"][b, start:end], d)  # the true codes [n, d]
             signs = bits * 2.0 - 1.0
             flips = rng.random(signs.shape) < rate
             delta = np.where(flips, -2.0 * signs, 0.0)  # signs' - signs
@@ -95,7 +95,7 @@ def make_unified_batch(rows: dict, *, scales: list[int], audio_end: int, special
     # visual head: own bits, scale-reweighted
     d = vis.shape[-1]
     vmask = mask[..., HEAD_VISUAL] & np.isin(modality, (IMAGE, VIDEO))
-    out["vis_bits"] = ((np.maximum(target, 0)[..., None] >> np.arange(d)) & 1).astype(np.float32)
+    out["vis_bits"] = unpack_bits(target, d).astype(np.float32)
     n_k = np.array([s * s for s in scales], np.float64)
     w = np.where(vmask, n_k[np.clip(rows["scale"], 0, len(scales) - 1)] ** (-cfg.visual_scale_power), 0.0)
     out["vis_weight"] = (w / max(w[vmask].mean(), 1e-12) if vmask.any() else w).astype(np.float32)
@@ -153,14 +153,14 @@ class UnifiedObjective:
         out = model.backbone(None, b["pos"], b["doc"], submodel, embeds_BSH=emb, groups_BS=b["group"],
                              modality_BS=b["modality"])
         h = out.hidden_BSH
-        hn = model.norm(h)
+        hn = model.norm(h).reshape([B * S, -1])  # heads read only the positions that have their targets
         present: dict[str, paddle.Tensor] = {}
         terms: dict[str, float] = {}
         tokens = 0
         # text: the head only on positions with a text target (the vocabulary GEMM is the costliest part)
         text_idx = paddle.nonzero(b["labels_0"].reshape([-1]) != IGNORE).flatten()
         if text_idx.shape[0]:
-            logits = model.logits_from_normed(paddle.gather(hn.reshape([B * S, -1]), text_idx))
+            logits = model.logits_from_normed(paddle.gather(hn, text_idx))
             lab = paddle.gather(b["labels_0"].reshape([-1]), text_idx)
             ce = F.cross_entropy(logits.astype("float32"), lab.unsqueeze(-1), reduction="none").reshape([-1])
             present["text"] = self._reduce(ce, paddle.ones_like(ce), B)
@@ -168,7 +168,7 @@ class UnifiedObjective:
         # visual: d bit logits per token
         vis_idx = paddle.nonzero(b["vis_weight"].reshape([-1]) > 0).flatten()
         if vis_idx.shape[0]:
-            hv = paddle.gather(hn.reshape([B * S, -1]), vis_idx)
+            hv = paddle.gather(hn, vis_idx)
             logit = model.io.visual_logits(hv)
             bits = paddle.gather(b["vis_bits"].reshape([B * S, -1]), vis_idx)
             bce = F.binary_cross_entropy_with_logits(logit, bits, reduction="none").mean(-1)
@@ -179,7 +179,7 @@ class UnifiedObjective:
         tgt = b["audio_targets"].reshape([B * S, L])
         aud_idx = paddle.nonzero(tgt[:, 0] != IGNORE).flatten()
         if aud_idx.shape[0]:
-            ha = paddle.gather(hn.reshape([B * S, -1]), aud_idx)
+            ha = paddle.gather(hn, aud_idx)
             t = paddle.gather(tgt, aud_idx)
             logits_l = model.io.audio_logits(ha, paddle.clip(t, min=0))
             ces = []

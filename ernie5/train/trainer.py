@@ -29,6 +29,7 @@ from ernie5.parallel.runtime import ParallelRuntime
 from ernie5.parallel.topology import init_topology
 from ernie5.precision.fp8_linear import notice_once
 from ernie5.objectives.text import make_text_batch, text_loss
+from ernie5.objectives.unified import MODALITY_TERMS, UnifiedObjective
 from ernie5.plan import flops_per_token
 from ernie5.train import checkpoint as ckpt
 from ernie5.train.callbacks import (AuxFreeBiasUpdate, Callback, Checkpointer, Evaluator, MetricsLogger,
@@ -98,8 +99,6 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.unified = None  # UnifiedBatches when data.dir holds multimodal shards
         if cfg.model.multimodal.enabled:
-            from ernie5.objectives.unified import UnifiedObjective
-
             self.unified = UnifiedBatches(cfg, self.rank, self.world)
             self.objective = UnifiedObjective(cfg.objective, cfg.model.mtp.loss_weight, cfg.data.seq_len)
             self.train_loader, self.val_loader = self.unified.train, self.unified.val
@@ -383,7 +382,7 @@ class Trainer:
             losses = []
             for _ in range(self.cfg.train.eval_batches):
                 terms = self._loss(self._micro_batch(self.val_loader, train=False), update_running=False).terms
-                losses.append(sum(terms.get(f"loss_{m}", 0.0) for m in ("text", "visual", "audio")))
+                losses.append(sum(terms.get(f"loss_{m}", 0.0) for m in MODALITY_TERMS))
         self.model.train()
         return float(np.mean(losses))
 
