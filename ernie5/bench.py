@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional
 
 import paddle
 
+from ernie5 import _threads
 from ernie5.config.run import RunConfig
 from ernie5.plan import count_parameters, flops_per_token
 
@@ -263,7 +264,7 @@ def instrument(tr, timer: PhaseTimer):
         patch(trainer_mod, "grad_global_norm", "grad_clip", replayable=False)
         patch(trainer_mod, "scale_grads", "grad_clip", replayable=False)
     patch(trainer_mod, "text_loss", "glue")
-    patch(text_mod, "masked_ce", "head_loss", scoped=True)
+    patch(text_mod, "head_ce", "head_loss", scoped=True)
     patch(model, "logits", "head_loss", label="model.logits", scoped=True)
     patch(attention_mod, "apply_rope", "norms_rope", scoped=True)
     patch(transformer_mod, "rope_cos_sin", "norms_rope", scoped=True)
@@ -532,6 +533,7 @@ def run_bench(cfg: RunConfig, opts: Optional[BenchOptions] = None) -> dict:
         "tokens_per_step": tokens, "step_s_all": walls, "steps": opts.steps, "warmup": opts.warmup,
         "gemm": peak, "peak_rss_mb": rss_mb, "total_params": pc.total_params, "active_params": pc.active_params,
         "threads": os.environ.get("OMP_NUM_THREADS"), "mkl_debug_cpu_type": os.environ.get("MKL_DEBUG_CPU_TYPE"),
+        "malloc_retained": _threads.MALLOC_RETAINED,
     }
     if brk is not None:
         out.update(breakdown=brk["fractions"], breakdown_s=brk["seconds"], breakdown_step_s=brk["step_s"],
@@ -560,7 +562,7 @@ def format_report(r: dict, title: str = "") -> str:
     lines = [
         f"ernie5 bench {title}".rstrip(),
         f"  {r['steps']} timed steps after {r['warmup']} warm-up; OMP_NUM_THREADS={r['threads']}"
-        f" MKL_DEBUG_CPU_TYPE={r['mkl_debug_cpu_type']}",
+        f" MKL_DEBUG_CPU_TYPE={r['mkl_debug_cpu_type']} freed memory retained={r['malloc_retained']}",
         f"  model            {r['total_params'] / 1e6:.2f}M params, {r['active_params'] / 1e6:.2f}M active; "
         f"{r['flops_per_token'] / 1e6:.1f} MFLOP/token (plan formula); {r['tokens_per_step']} tokens/step",
         f"  step             {r['step_s']:.4f} s median (min {min(walls):.4f}, max {max(walls):.4f})",

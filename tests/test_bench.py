@@ -82,11 +82,11 @@ def test_instrumentation_is_removed():
     import ernie5.train.trainer as trainer_mod
     from ernie5.bench import BenchOptions, run_bench
 
-    before = (paddle.Tensor.backward, trainer_mod.text_loss, text_mod.masked_ce, attention_mod.apply_rope)
+    before = (paddle.Tensor.backward, trainer_mod.text_loss, text_mod.head_ce, attention_mod.apply_rope)
     cfg = load_config(CONFIG, TINY)
     out = run_bench(cfg, BenchOptions(steps=1, warmup=0, breakdown_steps=1, overhead_steps=0, profile=True,
                                       gemm_seconds=0.05))
-    assert (paddle.Tensor.backward, trainer_mod.text_loss, text_mod.masked_ce, attention_mod.apply_rope) == before
+    assert (paddle.Tensor.backward, trainer_mod.text_loss, text_mod.head_ce, attention_mod.apply_rope) == before
     assert "train_overhead_fraction" not in out and out["profile"]["replay"]["replayed"] > 0
 
 

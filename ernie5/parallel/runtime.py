@@ -103,9 +103,13 @@ class ParallelRuntime:
     @paddle.no_grad()
     def grad_norm(self) -> float:
         """Global gradient norm after sync (the same number on every rank; NaN if any gradient is)."""
-        def sq(ps):  # paddle.square, not `** 2`: the generic pow kernel is ~8x slower on CPU
-            gs = [paddle.square(p.grad if p.grad.dtype == paddle.float32 else p.grad.astype("float32")).sum()
-                  for p in ps if p.grad is not None]
+        def sq(ps):  # each grad's squared norm as a [1, n] x [n, 1] GEMM: multi-threaded BLAS, no temporary
+            # (square + sum, single-threaded on CPU, was ~3x slower; the generic pow kernel ~8x slower again)
+            gs = []
+            for p in ps:
+                if p.grad is not None:
+                    g = p.grad if p.grad.dtype == paddle.float32 else p.grad.astype("float32")
+                    gs.append(paddle.matmul(g.reshape([1, -1]), g.reshape([-1, 1])).reshape([]))
             return float(paddle.add_n(gs)) if gs else 0.0
 
         dense = sq(self._owned_dense())
