@@ -9,7 +9,7 @@ Freed memory is kept for reuse (`retain_freed_memory`): paddle's CPU allocator h
 malloc, and glibc serves blocks above its mmap threshold (128 KiB to 32 MiB, adaptive) with fresh mmaps that
 are returned on free, so every large activation, logits tensor and gradient page-faults its memory in again
 on each step. On 2 cores that made a copy of a [1024, 32000] fp32 tensor 76 ms instead of 11 ms, and the
-whole small bench step ~1.4x slower (benchmarks/README.md).
+small bench step 0.64 s instead of 0.57 s (benchmarks/README.md).
 """
 
 import contextlib

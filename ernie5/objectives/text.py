@@ -48,20 +48,27 @@ def masked_ce(logits_BSV: paddle.Tensor, labels_BS: paddle.Tensor) -> tuple[padd
     return (loss_N * valid).sum() / max(count, 1), count
 
 
-def head_ce(model: UnifiedModel, hidden_BSH: paddle.Tensor, labels_BS: paddle.Tensor) -> tuple[paddle.Tensor, int]:
-    """masked_ce(model.logits(hidden_BSH), labels_BS); on CPU computed as the final norm, then the head and the
-    CE on row chunks whose CE kernels run in parallel (`chunked_ce`; one chunk per OMP thread)."""
-    h = model.norm(hidden_BSH)
-    if not h.place.is_cpu_place():
-        return masked_ce(model.logits_from_normed(h), labels_BS)
-    H = h.shape[-1]
-    h_NH, lab_N1 = h.reshape([-1, H]), labels_BS.reshape([-1, 1])
-    N = h_NH.shape[0]
-    chunks = min(ce_threads(), N)
+def head_row_losses(model: UnifiedModel, normed_NH: paddle.Tensor, labels_N: paddle.Tensor) -> paddle.Tensor:
+    """Per-row cross-entropy [N] of the text head on already normalised hidden rows (0 where the label is
+    IGNORE). On CPU the head and the CE run on row chunks whose CE kernels run in parallel (`chunked_ce`, one
+    chunk per OMP thread); elsewhere one logits tensor and `F.cross_entropy`."""
+    lab_N1 = labels_N.reshape([-1, 1])
+    N = normed_NH.shape[0]
+    if not normed_NH.place.is_cpu_place():
+        logits = model.logits_from_normed(normed_NH).astype("float32")
+        return F.cross_entropy(logits, lab_N1, ignore_index=IGNORE, reduction="none").reshape([-1])
+    chunks = max(1, min(ce_threads(), N))
     sizes = [N // chunks + (1 if i < N % chunks else 0) for i in range(chunks)]
-    hs, labs = (paddle.split(h_NH, sizes), paddle.split(lab_N1, sizes)) if chunks > 1 else ([h_NH], [lab_N1])
-    loss_N = paddle.concat(chunked_ce([model.logits_from_normed(x) for x in hs], labs)).reshape([-1])
-    count = int((lab_N1 != IGNORE).astype("int64").sum())
+    hs, labs = (paddle.split(normed_NH, sizes), paddle.split(lab_N1, sizes)) if chunks > 1 else ([normed_NH], [lab_N1])
+    return paddle.concat(chunked_ce([model.logits_from_normed(x) for x in hs], labs)).reshape([-1])
+
+
+def head_ce(model: UnifiedModel, hidden_BSH: paddle.Tensor, labels_BS: paddle.Tensor) -> tuple[paddle.Tensor, int]:
+    """masked_ce(model.logits(hidden_BSH), labels_BS), computed by `head_row_losses` (no full logits tensor on
+    CPU, and the CE kernels in parallel)."""
+    h = model.norm(hidden_BSH)
+    loss_N = head_row_losses(model, h.reshape([-1, h.shape[-1]]), labels_BS.reshape([-1]))
+    count = int((labels_BS != IGNORE).astype("int64").sum())
     return loss_N.sum() / max(count, 1), count  # ignored rows' losses are 0
 
 

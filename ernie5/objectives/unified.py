@@ -32,7 +32,7 @@ import paddle.nn.functional as F
 
 from ernie5.data.sequence import AUDIO, HEAD_AUDIO, HEAD_TEXT, HEAD_VISUAL, IMAGE, VIDEO
 from ernie5.objectives.config import ObjectiveConfig
-from ernie5.objectives.text import IGNORE, TextLoss
+from ernie5.objectives.text import IGNORE, TextLoss, head_row_losses
 
 MODALITY_TERMS = ("text", "visual", "audio")  # per-modality loss terms: loss_text, loss_visual, loss_audio
 
@@ -160,9 +160,8 @@ class UnifiedObjective:
         # text: the head only on positions with a text target (the vocabulary GEMM is the costliest part)
         text_idx = paddle.nonzero(b["labels_0"].reshape([-1]) != IGNORE).flatten()
         if text_idx.shape[0]:
-            logits = model.logits_from_normed(paddle.gather(hn, text_idx))
             lab = paddle.gather(b["labels_0"].reshape([-1]), text_idx)
-            ce = F.cross_entropy(logits.astype("float32"), lab.unsqueeze(-1), reduction="none").reshape([-1])
+            ce = head_row_losses(model, paddle.gather(hn, text_idx), lab)
             present["text"] = self._reduce(ce, paddle.ones_like(ce), B)
             tokens += int(text_idx.shape[0])
         # visual: d bit logits per token
@@ -203,8 +202,8 @@ class UnifiedObjective:
             idx = paddle.nonzero(b[f"labels_{k}"].reshape([-1]) != IGNORE).flatten()
             if idx.shape[0] == 0:
                 continue
-            lg = model.logits(paddle.gather(hk.reshape([B * S, -1]), idx))
-            ce = F.cross_entropy(lg, paddle.gather(b[f"labels_{k}"].reshape([-1]), idx).unsqueeze(-1))
+            hk_sel = model.norm(paddle.gather(hk.reshape([B * S, -1]), idx))
+            ce = head_row_losses(model, hk_sel, paddle.gather(b[f"labels_{k}"].reshape([-1]), idx)).mean()
             terms[f"loss_mtp_{k}"] = float(ce)
             mtp_terms.append(ce)
         total = paddle.add_n(parts) if parts else paddle.zeros([1])
