@@ -114,10 +114,10 @@ class Attention(nn.Layer):
         return q, k, v  # GQA: scaled_dot_product_attention shares each kv head over its query-head group
 
     def core(self, q_BSND, k_BSND, v_BSND, mask_B1SS):
-        """softmax(q k^T / sqrt(d) + mask) v, heads merged: [B, S, N * D]. GPUs take Paddle's fused
-        scaled_dot_product_attention (flash attention; not run here), CPUs `gqa_attention`."""
+        """softmax(q k^T / sqrt(d) + mask) v, heads merged: [B, S, N * D]. Accelerators take Paddle's fused
+        scaled_dot_product_attention (flash attention on GPUs; not run here), CPUs `gqa_attention`."""
         B, S = q_BSND.shape[:2]
-        if q_BSND.place.is_gpu_place():
+        if not q_BSND.place.is_cpu_place():
             out = F.scaled_dot_product_attention(q_BSND, k_BSND, v_BSND, attn_mask=mask_B1SS)
             return out.reshape([B, S, self.num_heads * self.head_dim])
         return gqa_attention(q_BSND, k_BSND, v_BSND, mask_B1SS)

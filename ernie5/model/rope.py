@@ -48,13 +48,14 @@ def rope_cos_sin(pos_thw_BS3: paddle.Tensor, table_3P: paddle.Tensor) -> tuple[p
 _SWAP: dict = {}
 
 
-def pair_swap_matrix(head_dim: int) -> paddle.Tensor:
-    """[D, D] permutation P with (x P)[2i] = x[2i+1], (x P)[2i+1] = x[2i] (cached per head_dim)."""
-    if head_dim not in _SWAP:
+def pair_swap_matrix(head_dim: int, dtype) -> paddle.Tensor:
+    """[D, D] permutation P with (x P)[2i] = x[2i+1], (x P)[2i+1] = x[2i] (cached per head_dim and dtype)."""
+    key = (head_dim, str(dtype))
+    if key not in _SWAP:
         p = np.zeros((head_dim, head_dim), dtype=np.float32)
         p[np.arange(head_dim) ^ 1, np.arange(head_dim)] = 1.0
-        _SWAP[head_dim] = paddle.to_tensor(p)
-    return _SWAP[head_dim]
+        _SWAP[key] = paddle.to_tensor(p).astype(dtype)
+    return _SWAP[key]
 
 
 def apply_rope(x_BSND: paddle.Tensor, cos_BS1D: paddle.Tensor, ssin_BS1D: paddle.Tensor) -> paddle.Tensor:
@@ -67,7 +68,7 @@ def apply_rope(x_BSND: paddle.Tensor, cos_BS1D: paddle.Tensor, ssin_BS1D: paddle
     N, D = x_BSND.shape[2], x_BSND.shape[3]
     if cos_BS1D.shape[2] != N:
         cos_BS1D, ssin_BS1D = paddle.tile(cos_BS1D, [1, 1, N, 1]), paddle.tile(ssin_BS1D, [1, 1, N, 1])
-    return x_BSND * cos_BS1D + paddle.matmul(x_BSND, pair_swap_matrix(D)) * ssin_BS1D
+    return x_BSND * cos_BS1D + paddle.matmul(x_BSND, pair_swap_matrix(D, x_BSND.dtype)) * ssin_BS1D
 
 
 def text_positions(segment_ids_BS: np.ndarray) -> np.ndarray:
