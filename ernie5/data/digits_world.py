@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ernie5.data.npy import read_npy
 from ernie5.errors import UserError
 
 WORDS_EN = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -181,12 +182,6 @@ def load_arrays(data_dir: str) -> dict:
     root = Path(data_dir)
     out = {}
     for name in ("images", "labels", "videos", "audio"):
-        path = root / f"{name}.npy"
-        if not path.is_file():
-            raise UserError(str(path), "digits world not found (run `ernie5 data fetch --multimodal`)")
-        try:
-            out[name] = np.load(path)
-        except (ValueError, OSError) as e:
-            raise UserError(str(path), f"unreadable array ({e})") from None
+        out[name] = read_npy(root / f"{name}.npy", "digits world not found (run `ernie5 data fetch --multimodal`)")
     out["audio_index"] = json.loads((root / "audio_index.json").read_text(encoding="utf-8"))
     return out

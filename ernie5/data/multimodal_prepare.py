@@ -31,6 +31,7 @@ import numpy as np
 from ernie5.config.schema import build, join, require
 from ernie5.data.sequence import SPECIALS, Segment, build_document, pack_documents, special_ids
 from ernie5.data.shards import sha256_file
+from ernie5.data.npy import read_npy
 from ernie5.errors import UserError
 
 
@@ -85,14 +86,7 @@ def read_image(path: Path) -> np.ndarray:
 
 def read_video(path: Path) -> np.ndarray:
     """uint8 frames .npy [T, H, W] -> [-1, 1]."""
-    if not path.is_file():
-        raise UserError(str(path), "video file missing")
-    try:
-        v = np.load(path)
-    except (ValueError, OSError, EOFError) as e:
-        raise UserError(str(path), f"corrupt video array ({type(e).__name__})") from None
-    if v.ndim != 3:
-        raise UserError(str(path), f"expected frames [T, H, W], got shape {v.shape}")
+    v = read_npy(path, "video file missing", ndim=3, layout="frames [T, H, W]")
     return v.astype(np.float32) / 127.5 - 1.0
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ernie5.data.npy import read_npy
 from ernie5.errors import UserError
 
 # carphone_distorted.mp4 is a heavily compressed copy of carphone_pristine.mp4: left out (duplicate content)
@@ -111,12 +112,7 @@ def load_real_videos(data_dir: str) -> tuple[np.ndarray, np.ndarray] | None:
     path = root / "real_videos.npy"
     if not path.is_file():
         return None
-    try:
-        clips = np.load(path)
-    except (ValueError, OSError, EOFError) as e:
-        raise UserError(str(path), f"unreadable array ({type(e).__name__}: {e})") from None
-    if clips.ndim != 4:
-        raise UserError(str(path), f"expected clips [N, T, H, W], got shape {clips.shape}")
+    clips = read_npy(path, "real clips missing", ndim=4, layout="clips [N, T, H, W]")
     meta_path = root / "real_videos.json"
     try:
         held = np.array([c["heldout"] for c in json.loads(meta_path.read_text(encoding="utf-8"))["clips"]])
