@@ -265,7 +265,6 @@ def instrument(tr, timer: PhaseTimer):
         patch(trainer_mod, "scale_grads", "grad_clip", replayable=False)
     patch(trainer_mod, "text_loss", "glue")
     patch(text_mod, "head_ce", "head_loss", scoped=True)
-    patch(model, "logits", "head_loss", label="model.logits", scoped=True)
     patch(attention_mod, "apply_rope", "norms_rope", scoped=True)
     patch(transformer_mod, "rope_cos_sin", "norms_rope", scoped=True)
     patch(transformer_mod, "group_mask", "attention", scoped=True)

@@ -38,16 +38,6 @@ def make_text_batch(tokens_BR: np.ndarray, segments_BR: np.ndarray, mtp_depth: i
     return batch
 
 
-def masked_ce(logits_BSV: paddle.Tensor, labels_BS: paddle.Tensor) -> tuple[paddle.Tensor, int]:
-    """Mean cross-entropy over positions whose label is not IGNORE, and how many there were."""
-    V = logits_BSV.shape[-1]
-    loss_N = F.cross_entropy(logits_BSV.reshape([-1, V]).astype("float32"), labels_BS.reshape([-1, 1]),
-                             ignore_index=IGNORE, reduction="none").reshape([-1])
-    valid = (labels_BS.reshape([-1]) != IGNORE).astype("float32")
-    count = int(valid.sum())
-    return (loss_N * valid).sum() / max(count, 1), count
-
-
 def head_row_losses(model: UnifiedModel, normed_NH: paddle.Tensor, labels_N: paddle.Tensor) -> paddle.Tensor:
     """Per-row cross-entropy [N] of the text head on already normalised hidden rows (0 where the label is
     IGNORE). On CPU the head and the CE run on row chunks whose CE kernels run in parallel (`chunked_ce`, one
@@ -64,8 +54,9 @@ def head_row_losses(model: UnifiedModel, normed_NH: paddle.Tensor, labels_N: pad
 
 
 def head_ce(model: UnifiedModel, hidden_BSH: paddle.Tensor, labels_BS: paddle.Tensor) -> tuple[paddle.Tensor, int]:
-    """masked_ce(model.logits(hidden_BSH), labels_BS), computed by `head_row_losses` (no full logits tensor on
-    CPU, and the CE kernels in parallel)."""
+    """Mean cross-entropy of the text head (final norm + output head) over positions whose label is not IGNORE,
+    and how many there were; per-row losses from `head_row_losses` (on CPU no full logits tensor, and the CE
+    kernels in parallel)."""
     h = model.norm(hidden_BSH)
     loss_N = head_row_losses(model, h.reshape([-1, h.shape[-1]]), labels_BS.reshape([-1]))
     count = int((labels_BS != IGNORE).astype("int64").sum())
