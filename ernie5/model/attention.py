@@ -8,6 +8,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from ernie5 import kernels
+from ernie5.kernels.fused import MaskedSoftmax
 from ernie5.model.config import ModelConfig
 from ernie5.model.layers import linear
 from ernie5.model.rope import apply_rope
@@ -48,8 +50,11 @@ def gqa_attention(q_BSND: paddle.Tensor, k_BSKD: paddle.Tensor, v_BSKD: paddle.T
     G = N // K
     q_BKsD = (q_BSND * (D ** -0.5)).transpose([0, 2, 1, 3]).reshape([B, K, G * S, D])
     scores_BKGSS = paddle.matmul(q_BKsD, k_BSKD.transpose([0, 2, 1, 3]), transpose_y=True).reshape([B, K, G, S, Sk])
-    mask_BKGSS = paddle.tile(mask_B1SS, [1, N, 1, 1]).reshape([mask_B1SS.shape[0], K, G, S, Sk])
-    probs_BKsS = F.softmax(scores_BKGSS + mask_BKGSS, axis=-1).reshape([B, K, G * S, Sk])
+    if mask_B1SS.shape[1] == 1 and kernels.usable(scores_BKGSS, mask_B1SS):  # mask added and softmax taken in one pass, mask read per head
+        probs_BKsS = MaskedSoftmax.apply(scores_BKGSS.reshape([B, N, S, Sk]), mask_B1SS).reshape([B, K, G * S, Sk])
+    else:
+        mask_BKGSS = paddle.tile(mask_B1SS, [1, N, 1, 1]).reshape([mask_B1SS.shape[0], K, G, S, Sk])
+        probs_BKsS = F.softmax(scores_BKGSS + mask_BKGSS, axis=-1).reshape([B, K, G * S, Sk])
     out_BKsD = paddle.matmul(probs_BKsS, v_BSKD.transpose([0, 2, 1, 3]))
     return out_BKsD.reshape([B, K, G, S, D]).transpose([0, 3, 1, 2, 4]).reshape([B, S, N * D])
 

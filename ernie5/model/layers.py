@@ -11,6 +11,8 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
+from ernie5 import kernels
+from ernie5.kernels.fused import RMSNormFused, SwiGLUFused
 from ernie5.precision.fp8_linear import fp8_linear
 
 
@@ -97,7 +99,9 @@ class RMSNorm(nn.Layer):
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         x32 = x if x.dtype == paddle.float32 else x.astype("float32")
-        if self.weight.dtype == paddle.float32:
+        if kernels.usable(x32, self.weight):
+            y = RMSNormFused.apply(x32, self.weight, self.eps)
+        elif self.weight.dtype == paddle.float32:
             y = RMSNormFunction.apply(x32, self.weight, self.eps)
         else:
             y = rms_norm_reference(x32, self.weight.astype("float32"), self.eps)
@@ -120,7 +124,10 @@ class SwiGLU(nn.Layer):
         self.down = linear(ffn_size, hidden_size, std, KeyedNormal(std, init_key + [1]) if keyed else None)
 
     def activated(self, x: paddle.Tensor) -> paddle.Tensor:
-        gate, up = paddle.split(self.gate_up(x), 2, axis=-1)
+        gate_up = self.gate_up(x)
+        if kernels.usable(gate_up):
+            return SwiGLUFused.apply(gate_up)
+        gate, up = paddle.split(gate_up, 2, axis=-1)
         return F.silu(gate) * up
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:

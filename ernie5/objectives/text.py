@@ -13,6 +13,8 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from ernie5 import kernels
+from ernie5.kernels.fused import HeadCE
 from ernie5.model.rope import text_positions
 from ernie5.model.transformer import UnifiedModel
 from ernie5.objectives.parallel_ce import IGNORE, ce_threads, chunked_ce
@@ -38,12 +40,25 @@ def make_text_batch(tokens_BR: np.ndarray, segments_BR: np.ndarray, mtp_depth: i
     return batch
 
 
+def _head_weight(model: UnifiedModel):
+    """(weight, weight is [V, H]) of the text head when it is a plain fp32 matrix, else (None, False)."""
+    if model.lm_head is None:
+        return model.embed.weight, True
+    if getattr(model.lm_head, "fp8", None) is None:
+        return model.lm_head.weight, False
+    return None, False
+
+
 def head_row_losses(model: UnifiedModel, normed_NH: paddle.Tensor, labels_N: paddle.Tensor) -> paddle.Tensor:
     """Per-row cross-entropy [N] of the text head on already normalised hidden rows (0 where the label is
-    IGNORE). On CPU the head and the CE run on row chunks whose CE kernels run in parallel (`chunked_ce`, one
-    chunk per OMP thread); elsewhere one logits tensor and `F.cross_entropy`."""
+    IGNORE). On CPU with the fused kernels: one head GEMM whose logits become their own gradient in place
+    (`HeadCE`); on CPU without them, row chunks whose CE kernels run in parallel (`chunked_ce`, one chunk per OMP
+    thread); elsewhere one logits tensor and `F.cross_entropy`."""
     lab_N1 = labels_N.reshape([-1, 1])
     N = normed_NH.shape[0]
+    weight, w_is_VH = _head_weight(model)
+    if weight is not None and kernels.usable(normed_NH, weight):
+        return HeadCE.apply(normed_NH, weight, labels_N.reshape([-1]).astype("int64"), w_is_VH)
     if not normed_NH.place.is_cpu_place():
         logits = model.logits_from_normed(normed_NH).astype("float32")
         return F.cross_entropy(logits, lab_N1, ignore_index=IGNORE, reduction="none").reshape([-1])

@@ -1,14 +1,27 @@
-"""The CPU fast paths (issue 9) against the plain autograd definitions they replace: values and gradients."""
+"""The CPU fast paths (issue 9) against the plain autograd definitions they replace: values and gradients.
+
+The model-level tests run twice: with the fused C++ kernels (ernie5/kernels) and with Paddle's own ops (the
+fallback when the kernels are off or cannot be built)."""
 
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 import pytest
 
+from ernie5 import kernels
 from ernie5.model.attention import document_causal_mask, group_mask, gqa_attention
 from ernie5.model.layers import RMSNormFunction, rms_norm_reference
 from ernie5.model.rope import apply_rope, frequency_table, rope_cos_sin
 from ernie5.objectives.parallel_ce import IGNORE, chunked_ce
+
+
+@pytest.fixture(params=["fused", "paddle_ops"])
+def cpu_path(request):
+    if request.param == "fused":
+        yield request.param
+    else:
+        with kernels.disabled():
+            yield request.param
 
 
 def _grads(out, inputs, seed=0):
@@ -32,7 +45,7 @@ def test_rms_norm_function_equals_autograd_definition():
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4), (6, 1)])
-def test_gqa_attention_equals_paddle_sdpa(heads, kv_heads):
+def test_gqa_attention_equals_paddle_sdpa(heads, kv_heads, cpu_path):
     B, S, D = 2, 9, 8
     q, k, v = _leaf(B, S, heads, D, seed=1), _leaf(B, S, kv_heads, D, seed=2), _leaf(B, S, kv_heads, D, seed=3)
     segments = paddle.to_tensor(np.array([[0] * 4 + [1] * 5, [0] * 9]), dtype="int64")
@@ -45,7 +58,7 @@ def test_gqa_attention_equals_paddle_sdpa(heads, kv_heads):
             np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_gqa_attention_with_more_keys_than_queries():
+def test_gqa_attention_with_more_keys_than_queries(cpu_path):
     """Incremental decoding: 3 new queries over 7 keys (mask [B, 1, 3, 7])."""
     B, Sq, Sk, N, K, D = 1, 3, 7, 4, 2, 8
     q, k, v = _leaf(B, Sq, N, D, seed=4), _leaf(B, Sk, K, D, seed=5), _leaf(B, Sk, K, D, seed=6)
@@ -56,7 +69,7 @@ def test_gqa_attention_with_more_keys_than_queries():
     np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_apply_rope_equals_pairwise_rotation():
+def test_apply_rope_equals_pairwise_rotation(cpu_path):
     B, S, N, D = 2, 5, 3, 8
     x = _leaf(B, S, N, D, seed=7)
     pos = paddle.to_tensor(np.random.default_rng(8).integers(0, 50, (B, S, 3)), dtype="int64")
@@ -93,7 +106,7 @@ def test_chunked_ce_equals_cross_entropy(sizes):
     assert np.all(a.numpy()[1] == 0.0)  # an ignored row gets no gradient
 
 
-def test_head_ce_equals_masked_mean_of_full_logits(tiny_cfg, monkeypatch):
+def test_head_ce_equals_masked_mean_of_full_logits(tiny_cfg, monkeypatch, cpu_path):
     """The chunked head + CE gives the loss (against numpy) and gradients (against one full-logits autograd
     cross-entropy) of the mean over labelled positions (3 uneven chunks)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "3")

@@ -1,0 +1,153 @@
+"""Fused fp32 CPU kernels (`cpu_fused.cc`): built on first use with Paddle's C++ extension builder, cached.
+
+Paddle's CPU build runs its elementwise, softmax and cross-entropy kernels on one thread, one op per pass over
+memory. The training step's non-GEMM work (RMSNorm, SwiGLU, RoPE, attention softmax, the head's
+cross-entropy) is therefore done by the small OpenMP kernels in `cpu_fused.cc`, wrapped with their backward in
+`ernie5.kernels.fused`. Each has the plain-Paddle definition it replaces as its fallback and its test reference.
+
+`ops()` returns the compiled module, or None when the kernels are off: `ERNIE5_FUSED_KERNELS=0`, no C++
+compiler, or a failed build (one warning, then the Paddle ops). The build (~20 s) happens once per source /
+Paddle / Python / CPU combination, into `$ERNIE5_KERNEL_CACHE` (default `~/.cache/ernie5/kernels`), under a
+file lock so that ranks starting together build it once. `-march=native`: the cache key includes the CPU model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+SOURCE = Path(__file__).with_name("cpu_fused.cc")
+CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+LD_FLAGS = ["-liomp5"]  # MKL's OpenMP runtime (Paddle's libs/, on the link path): one thread pool, see below
+_STATE: dict = {"tried": False, "ops": None, "error": None}
+
+
+def requested() -> bool:
+    """False when the user turned the fused kernels off (ERNIE5_FUSED_KERNELS=0)."""
+    return os.environ.get("ERNIE5_FUSED_KERNELS", "1") != "0"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            for line in f:
+                if line.startswith("model name") or line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_key() -> str:
+    """What the compiled library depends on: source, flags, Paddle and Python versions, the CPU."""
+    import paddle
+
+    h = hashlib.sha256(SOURCE.read_bytes())
+    for part in (CXX_FLAGS, LD_FLAGS, paddle.__version__, sys.version, platform.machine(), _cpu_model()):
+        h.update(repr(part).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ERNIE5_KERNEL_CACHE") or Path.home() / ".cache" / "ernie5" / "kernels")
+
+
+@contextlib.contextmanager
+def _quiet(log_path: Path):
+    """Paddle's builder prints progress lines (also from its compiler subprocess) and warns about ccache: send
+    the process's stdout / stderr to `log_path` meanwhile, so the terminal shows at most one warning line."""
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log_path, "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            logger.setLevel(level)
+
+
+def _build():
+    from paddle.utils.cpp_extension import load
+
+    where = cache_root() / build_key()
+    where.mkdir(parents=True, exist_ok=True)
+    name = "ernie5_cpu_fused"
+    with open(where / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent ranks: one builds, the others wait and reuse it
+        if (where / "ready").exists():
+            try:  # built before: import the library without `load`'s ~1 s setuptools up-to-date check
+                from paddle.utils.cpp_extension.extension_utils import _import_module_from_library
+
+                with _quiet(where / "import.log"):
+                    return _import_module_from_library(name, str(where / name))
+            except Exception:  # a Paddle without that helper: the public path below
+                pass
+        with _quiet(where / "build.log"):
+            module = load(name=name, sources=[str(SOURCE)], extra_cxx_cflags=CXX_FLAGS, extra_ldflags=LD_FLAGS,
+                          build_directory=str(where), verbose=False)
+        (where / "ready").touch()
+        return module
+
+
+def ops():
+    """The compiled kernels' module, or None when they are off or could not be built (warned once)."""
+    if not _STATE["tried"]:
+        _STATE["tried"] = True
+        if requested():
+            try:
+                _STATE["ops"] = _build()
+            except Exception as e:  # no compiler, headers missing, ...: fall back to Paddle's ops
+                _STATE["error"] = f"{type(e).__name__} (log: {cache_root() / build_key() / 'build.log'})"
+                warnings.warn(f"ernie5: fused CPU kernels unavailable, using Paddle's ops: {_STATE['error']}",
+                              RuntimeWarning, stacklevel=2)
+    return _STATE["ops"]
+
+
+def status() -> str:
+    """One word for reports: on, off (turned off by the user), failed (the build failed)."""
+    ops()
+    if _STATE["ops"] is not None:
+        return "on"
+    return "failed" if _STATE["error"] else "off"
+
+
+def usable(*tensors) -> bool:
+    """True when the fused kernels may run on these tensors: built, all on CPU, all float32."""
+    import paddle
+
+    if ops() is None:
+        return False
+    return all(t.place.is_cpu_place() and t.dtype == paddle.float32 for t in tensors)
+
+
+@contextlib.contextmanager
+def disabled():
+    """Paddle's own ops inside the block, fused kernels or not (tests of the fallbacks, bench ablations)."""
+    ops()
+    saved = _STATE["ops"]
+    _STATE["ops"] = None
+    try:
+        yield
+    finally:
+        _STATE["ops"] = saved

@@ -1,0 +1,137 @@
+"""The fused CPU kernels (ernie5/kernels/cpu_fused.cc) against the plain-Paddle definitions they replace:
+values and gradients, every broadcast and masking case the model uses, and a whole model step with them on
+and off."""
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+import pytest
+
+from ernie5 import kernels
+from ernie5.kernels.fused import HeadCE, MaskedSoftmax, RMSNormFused, RopeFused, SwiGLUFused
+from ernie5.model.layers import rms_norm_reference
+from ernie5.model.rope import pair_swap_matrix
+from ernie5.objectives.parallel_ce import IGNORE
+
+
+def _leaf(*shape, seed=0, scale=1.0):
+    t = paddle.to_tensor((np.random.default_rng(seed).normal(size=shape) * scale).astype(np.float32))
+    t.stop_gradient = False
+    return t
+
+
+def _check(got, ref, inputs, rtol=1e-5, atol=1e-5, seed=0):
+    """Same values, and the same gradients under one random upstream gradient."""
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=rtol, atol=atol)
+    g = paddle.to_tensor(np.random.default_rng(seed).normal(size=got.shape).astype(np.float32))
+    for a, b in zip(paddle.grad(got, inputs, g, retain_graph=True), paddle.grad(ref, inputs, g)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=rtol, atol=atol)
+
+
+def test_kernels_build_here():
+    """CI and the demo machine have a C++ compiler: the kernels must build (a failed build would silently fall
+    back to the slower Paddle ops)."""
+    assert kernels.status() == "on", kernels._STATE["error"]
+    with kernels.disabled():
+        assert not kernels.usable(paddle.ones([2]))
+    assert kernels.usable(paddle.ones([2]))
+    assert not kernels.usable(paddle.ones([2], dtype="float64"))
+
+
+def test_rms_norm():
+    x, w = _leaf(3, 5, 16, seed=1), _leaf(16, seed=2)
+    _check(RMSNormFused.apply(x, w, 1e-6), rms_norm_reference(x, w, 1e-6), [x, w])
+
+
+def test_swiglu():
+    gu = _leaf(2, 7, 2 * 24, seed=3, scale=3.0)
+    gate, up = paddle.split(gu, 2, axis=-1)
+    _check(SwiGLUFused.apply(gu), F.silu(gate) * up, [gu])
+
+
+@pytest.mark.parametrize("table_batch", [1, 2])
+def test_rope(table_batch):
+    B, S, N, D = 2, 5, 3, 8
+    x = _leaf(B, S, N, D, seed=4)
+    cos = paddle.to_tensor(np.random.default_rng(5).normal(size=(table_batch, S, 1, D)).astype(np.float32))
+    ssin = paddle.to_tensor(np.random.default_rng(6).normal(size=(table_batch, S, 1, D)).astype(np.float32))
+    ref = x * cos + paddle.matmul(x, pair_swap_matrix(D, x.dtype)) * ssin
+    _check(RopeFused.apply(x, cos, ssin), ref, [x])
+
+
+@pytest.mark.parametrize("mask_batch", [1, 2])
+def test_masked_softmax(mask_batch):
+    B, M, S, Sk = 2, 3, 4, 6
+    scores = _leaf(B, M, S, Sk, seed=7, scale=2.0)
+    allowed = np.random.default_rng(8).random((mask_batch, 1, S, Sk)) < 0.6
+    allowed[..., 0] = True  # every query sees a key
+    mask = paddle.to_tensor(np.where(allowed, 0.0, -np.inf).astype(np.float32))
+    _check(MaskedSoftmax.apply(scores, mask), F.softmax(scores + mask, axis=-1), [scores])
+
+
+def test_masked_softmax_row_without_keys_is_zero():
+    mask = paddle.to_tensor(np.array([[[[0.0, -np.inf], [-np.inf, -np.inf]]]], dtype=np.float32))
+    probs = MaskedSoftmax.apply(paddle.ones([1, 2, 2, 2]), mask).numpy()
+    np.testing.assert_array_equal(probs[:, :, 0], [[[1.0, 0.0]] * 2])
+    np.testing.assert_array_equal(probs[:, :, 1], np.zeros((1, 2, 2)))
+
+
+@pytest.mark.parametrize("w_is_VH", [False, True])
+def test_head_ce_with_ignored_rows_and_row_weights(w_is_VH):
+    """Per-row CE of h @ W against F.cross_entropy on the full logits, with an upstream gradient that differs per
+    row (the backward folds it into the GEMM operands)."""
+    N, H, V = 9, 8, 37
+    h = _leaf(N, H, seed=9)
+    w = _leaf(*((V, H) if w_is_VH else (H, V)), seed=10)
+    labels = paddle.to_tensor(np.array([3, IGNORE, 0, 36, 5, IGNORE, 11, 2, 7]), dtype="int64")
+    logits = paddle.matmul(h, w, transpose_y=w_is_VH)
+    ref = F.cross_entropy(logits, labels.reshape([-1, 1]), ignore_index=IGNORE, reduction="none").reshape([-1])
+    got = HeadCE.apply(h, w, labels, w_is_VH)
+    assert float(got[1]) == 0.0 and float(got[5]) == 0.0
+    _check(got, ref, [h, w], rtol=1e-5, atol=1e-6)
+
+
+def test_head_ce_large_logits_no_overflow():
+    """logsumexp stays finite for logits far beyond exp's range."""
+    h = paddle.to_tensor(np.array([[100.0, -100.0]], dtype=np.float32))
+    w = paddle.to_tensor(np.array([[10.0, 0.0, -10.0], [0.0, 1.0, 0.0]], dtype=np.float32))
+    loss = HeadCE.apply(h, w, paddle.to_tensor([2], dtype="int64"), False)
+    np.testing.assert_allclose(loss.numpy(), [2000.0], rtol=1e-6)
+
+
+def test_head_ce_rejects_out_of_range_label():
+    with pytest.raises(Exception, match="out of range"):
+        HeadCE.apply(paddle.ones([2, 3]), paddle.ones([3, 5]), paddle.to_tensor([1, 5], dtype="int64"), False)
+
+
+def test_tiny_model_step_same_with_and_without_fused_kernels():
+    """A small MoE (text loss, MTP) gives the same loss and parameter gradients with the fused kernels and with
+    Paddle's own ops."""
+    from ernie5.config.run import load_config
+    from ernie5.model.transformer import UnifiedModel
+    from ernie5.objectives.text import make_text_batch, text_loss
+
+    cfg = load_config(None, ["model.vocab_size=97", "model.hidden_size=32", "model.num_layers=3",
+                             "model.num_heads=4", "model.num_kv_heads=2", "model.ffn_hidden_size=64",
+                             "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.expert_ffn_size=32",
+                             "model.moe.num_shared_experts=1", "model.moe.layer_start=1", "model.mtp.depth=1"])
+    paddle.seed(0)
+    model = UnifiedModel(cfg.model)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 97, size=(2, 17))
+    segments = np.repeat([[0] * 9 + [1] * 8], 2, axis=0)
+    batch = {k: paddle.to_tensor(v) for k, v in make_text_batch(tokens, segments, 1).items()}
+
+    def step():
+        model.clear_gradients()
+        out = text_loss(model, batch, mtp_weight=0.3)
+        out.total.backward()
+        return float(out.total), {p.name: p.grad.numpy().copy() for p in model.parameters() if p.grad is not None}
+
+    loss_fused, grads_fused = step()
+    with kernels.disabled():
+        loss_ref, grads_ref = step()
+    assert abs(loss_fused - loss_ref) < 1e-5
+    assert grads_fused.keys() == grads_ref.keys() and len(grads_ref) > 10
+    for name in grads_ref:
+        np.testing.assert_allclose(grads_fused[name], grads_ref[name], rtol=1e-4, atol=1e-6, err_msg=name)
