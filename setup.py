@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="PaddlePaddle pretraining for unified multimodal MoE models in the style of ERNIE 5.0",
     packages=find_packages(include=["ernie5", "ernie5.*"]),
+    package_data={"ernie5.kernels": ["*.cc"]},  # compiled on first use (ernie5/kernels/__init__.py)
     python_requires=">=3.10",
     install_requires=["numpy", "pyyaml", "sentencepiece", "tqdm", "safetensors", "matplotlib"],
     extras_require={
