@@ -7,6 +7,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -23,7 +25,28 @@ void check_f32(const paddle::Tensor& t, const char* name) {
 
 int64_t last_dim(const paddle::Tensor& t) { return t.shape().back(); }
 
-inline float sigmoid(float a) { return 1.f / (1.f + std::exp(-a)); }
+// exp(x) in plain arithmetic so that loops over it vectorise (libm's expf does not without -ffinite-math-only,
+// which would break the -inf handling of masks): x = k ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6
+// polynomial (the classic Cephes expf coefficients, ~1 ulp), 2^k by building the exponent bits. Inputs below
+// -87.3 (including -inf) give 0, above 88.7 give FLT_MAX-ish (never +inf); NaN stays NaN.
+inline float exp_approx(float x) {
+  const float xc = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+  const float k = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float r = (xc - k * 0.693359375f) + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e_r = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float two_k;
+  std::memcpy(&two_k, &bits, sizeof two_k);
+  return x < -87.3f ? 0.f : e_r * two_k;
+}
+
+inline float sigmoid(float a) { return 1.f / (1.f + exp_approx(-a)); }
 
 }  // namespace
 
@@ -179,7 +202,7 @@ std::vector<paddle::Tensor> SoftmaxCeInplace(paddle::Tensor& logits, const paddl
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
     for (int64_t j = 0; j < V; ++j) {
-      const float e = std::exp(x[j] - m);
+      const float e = exp_approx(x[j] - m);
       x[j] = e;
       s += e;
     }
@@ -217,6 +240,7 @@ std::vector<paddle::Tensor> MaskedSoftmaxForward(const paddle::Tensor& scores, c
     const float* mk = mp + ((mask_batched ? b : 0) * S + i) * Sk;
     float* p = pp + row * Sk;
     float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
     for (int64_t j = 0; j < Sk; ++j) {
       p[j] = x[j] + mk[j];
       m = p[j] > m ? p[j] : m;
@@ -228,7 +252,7 @@ std::vector<paddle::Tensor> MaskedSoftmaxForward(const paddle::Tensor& scores, c
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
     for (int64_t j = 0; j < Sk; ++j) {
-      const float e = std::exp(p[j] - m);
+      const float e = exp_approx(p[j] - m);
       p[j] = e;
       s += e;
     }
@@ -306,6 +330,98 @@ std::vector<paddle::Tensor> RopeForward(const paddle::Tensor& x, const paddle::T
     }
   }
   return {y};
+}
+
+// ---------------------------------------------------------------- multi-tensor: gradient norm and AdamW
+namespace {
+struct Chunk {
+  int64_t tensor, begin, end;
+};
+
+// Every tensor cut into pieces of at most 64K elements, so that many small tensors and a few large ones spread
+// evenly over the threads in one parallel loop.
+std::vector<Chunk> chunks_of(const std::vector<paddle::Tensor>& ts) {
+  const int64_t piece = 1 << 16;
+  std::vector<Chunk> out;
+  for (size_t t = 0; t < ts.size(); ++t)
+    for (int64_t b = 0; b < ts[t].numel(); b += piece)
+      out.push_back({static_cast<int64_t>(t), b, std::min(ts[t].numel(), b + piece)});
+  return out;
+}
+}  // namespace
+
+// sum over all tensors of sum(x^2), accumulated in double: [1] float64.
+std::vector<paddle::Tensor> SumSquares(const std::vector<paddle::Tensor>& xs) {
+  for (const auto& x : xs) check_f32(x, "gradient");
+  const auto chunks = chunks_of(xs);
+  std::vector<double> part(chunks.size(), 0.0);
+#pragma omp parallel for schedule(static)
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    const float* x = xs[chunks[c].tensor].data<float>();
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = chunks[c].begin; i < chunks[c].end; ++i) s += x[i] * x[i];
+    part[c] = s;
+  }
+  double total = 0.0;  // fixed order: the same bits whatever the thread count
+  for (double s : part) total += s;
+  auto out = paddle::empty({1}, paddle::DataType::FLOAT64, paddle::CPUPlace());
+  *out.data<double>() = total;
+  return {out};
+}
+
+// One AdamW step (Paddle's CPU formula) over many parameters, in place. lr_decay [n, 2]: per parameter its
+// learning rate and 1 / 0 for decay on / off. Gradients are read times grad_scale (gradient clipping folded in).
+// Per parameter: p -= lr * coeff * p (decay on); m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+// p -= lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps sqrt(1 - b2^t)); then b1^t *= b1, b2^t *= b2.
+void AdamWMulti(std::vector<paddle::Tensor>& params, const std::vector<paddle::Tensor>& grads,
+                std::vector<paddle::Tensor>& m1, std::vector<paddle::Tensor>& m2, std::vector<paddle::Tensor>& b1p,
+                std::vector<paddle::Tensor>& b2p, const paddle::Tensor& lr_decay, float beta1, float beta2,
+                float eps, float coeff, float grad_scale) {
+  const size_t n = params.size();
+  PD_CHECK(grads.size() == n && m1.size() == n && m2.size() == n && b1p.size() == n && b2p.size() == n,
+           "adamw: one gradient, two moments and two beta powers per parameter");
+  PD_CHECK(lr_decay.numel() == static_cast<int64_t>(2 * n), "adamw: lr_decay must be [n, 2]");
+  for (size_t t = 0; t < n; ++t) {
+    check_f32(params[t], "parameter");
+    check_f32(grads[t], "gradient");
+    check_f32(m1[t], "moment1");
+    check_f32(m2[t], "moment2");
+    PD_CHECK(grads[t].numel() == params[t].numel() && m1[t].numel() == params[t].numel() &&
+             m2[t].numel() == params[t].numel(), "adamw: size mismatch");
+  }
+  const float* hp = lr_decay.data<float>();
+  std::vector<float> step(n), decay(n), eps_t(n);
+  for (size_t t = 0; t < n; ++t) {
+    const float lr = hp[2 * t], b1t = *b1p[t].data<float>(), b2t = *b2p[t].data<float>();
+    decay[t] = hp[2 * t + 1] != 0.f ? lr * coeff : 0.f;
+    step[t] = lr * std::sqrt(1.f - b2t) / (1.f - b1t);
+    eps_t[t] = eps * std::sqrt(1.f - b2t);
+  }
+  const auto chunks = chunks_of(params);
+#pragma omp parallel for schedule(static)
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    const int64_t t = chunks[c].tensor;
+    float* p = params[t].data<float>();
+    const float* g = grads[t].data<float>();
+    float* m = m1[t].data<float>();
+    float* v = m2[t].data<float>();
+    const float dec = decay[t], st = step[t], et = eps_t[t];
+#pragma omp simd
+    for (int64_t i = chunks[c].begin; i < chunks[c].end; ++i) {
+      const float gi = g[i] * grad_scale;
+      const float pi = p[i] - dec * p[i];
+      const float mi = beta1 * m[i] + (1.f - beta1) * gi;
+      const float vi = beta2 * v[i] + (1.f - beta2) * gi * gi;
+      m[i] = mi;
+      v[i] = vi;
+      p[i] = pi - st * (mi / (std::sqrt(vi) + et));
+    }
+  }
+  for (size_t t = 0; t < n; ++t) {
+    *b1p[t].data<float>() *= beta1;
+    *b2p[t].data<float>() *= beta2;
+  }
 }
 
 // ---------------------------------------------------------------- registration
@@ -398,3 +514,21 @@ PD_BUILD_OP(e5_rope)
     .SetKernelFn(PD_KERNEL(RopeForward))
     .SetInferShapeFn(PD_INFER_SHAPE(RopeShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(RopeDtype));
+
+PD_BUILD_OP(e5_sum_squares)
+    .Inputs({paddle::Vec("X")})
+    .Outputs({"Out"})
+    .SetKernelFn(PD_KERNEL(SumSquares));
+
+PD_BUILD_OP(e5_adamw_multi)
+    .Inputs({paddle::Vec("Param"), paddle::Vec("Grad"), paddle::Vec("Moment1"), paddle::Vec("Moment2"),
+             paddle::Vec("Beta1Pow"), paddle::Vec("Beta2Pow"), "LrDecay"})
+    .Outputs({paddle::Vec("ParamOut"), paddle::Vec("Moment1Out"), paddle::Vec("Moment2Out"),
+              paddle::Vec("Beta1PowOut"), paddle::Vec("Beta2PowOut")})
+    .Attrs({"beta1: float", "beta2: float", "epsilon: float", "coeff: float", "grad_scale: float"})
+    .SetInplaceMap({{paddle::Vec("Param"), paddle::Vec("ParamOut")},
+                    {paddle::Vec("Moment1"), paddle::Vec("Moment1Out")},
+                    {paddle::Vec("Moment2"), paddle::Vec("Moment2Out")},
+                    {paddle::Vec("Beta1Pow"), paddle::Vec("Beta1PowOut")},
+                    {paddle::Vec("Beta2Pow"), paddle::Vec("Beta2PowOut")}})
+    .SetKernelFn(PD_KERNEL(AdamWMulti));

@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 import paddle
 
+from ernie5 import kernels
 from ernie5.errors import UserError
 from ernie5.parallel.topology import Topology
 from ernie5.train.config import OptimConfig
@@ -112,6 +113,13 @@ class ParallelRuntime:
                     gs.append(paddle.matmul(g.reshape([1, -1]), g.reshape([-1, 1])).reshape([]))
             return float(paddle.add_n(gs)) if gs else 0.0
 
+        def sq_fused(ps):  # one multi-threaded kernel over all of them
+            gs = [p.grad for p in ps if p.grad is not None]
+            return kernels.ops().e5_sum_squares(gs).item() if gs else 0.0
+
+        if kernels.usable(*[p.grad for p in self.all_params if p.grad is not None]):
+            sq = sq_fused
+
         dense = sq(self._owned_dense())
         if self.sharded is not None:
             dense = float(self.topo.sum_array(np.array([dense]))[0])
@@ -121,7 +129,9 @@ class ParallelRuntime:
         return float(np.sqrt(dense + experts))
 
     def clip(self, factor: float) -> None:
-        scale_grads(self._owned_dense() + self.expert_params, factor)
+        """Scale this step's gradients by `factor`: folded into the optimizer step (`FusedAdamW.grad_scale`)."""
+        for opt in self._optimizers():
+            opt.grad_scale = factor
 
     def step(self, lr: float) -> None:
         for opt in self._optimizers():
@@ -130,6 +140,8 @@ class ParallelRuntime:
             (self.sharded or self.dense_opt).step()
             if self.expert_opt is not None:
                 self.expert_opt.step()
+        for opt in self._optimizers():
+            opt.grad_scale = 1.0  # a step that had no gradient to read leaves no scale behind
 
     def clear_grad(self) -> None:
         # every parameter, not each optimizer's list: fleet's sharding optimizer narrows the wrapped optimizer's

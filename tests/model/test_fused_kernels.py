@@ -135,3 +135,54 @@ def test_tiny_model_step_same_with_and_without_fused_kernels():
     assert grads_fused.keys() == grads_ref.keys() and len(grads_ref) > 10
     for name in grads_ref:
         np.testing.assert_allclose(grads_fused[name], grads_ref[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_sum_squares_over_many_tensors():
+    xs = [paddle.randn([300]), paddle.randn([70000, 2]), paddle.randn([1])]  # several 64K-element pieces
+    want = sum(float((x.numpy().astype(np.float64) ** 2).sum()) for x in xs)
+    assert abs(kernels.ops().e5_sum_squares(xs).item() - want) <= 1e-6 * want
+
+
+def test_fused_adamw_equals_paddle_adamw():
+    """Four steps of FusedAdamW (one multi-tensor kernel, clipping folded in as grad_scale) against Paddle's AdamW
+    on pre-scaled gradients: per-parameter LR ratio, decay on some parameters only, a parameter without a
+    gradient in one step (its beta powers fall behind), changing LR. Parameters and the whole state_dict."""
+    from ernie5.train.optim import FusedAdamW
+
+    def run(fused):
+        paddle.seed(0)
+        net = paddle.nn.Sequential(paddle.nn.Linear(8, 300), paddle.nn.LayerNorm(300), paddle.nn.Linear(300, 700))
+        net[1].weight.optimize_attr["learning_rate"] = 0.5
+        cls = FusedAdamW if fused else paddle.optimizer.AdamW
+        opt = cls(learning_rate=1e-2, parameters=net.parameters(), weight_decay=0.1,
+                  apply_decay_param_fun=lambda name: name.startswith("linear") and ".w_" in name)
+        x = paddle.randn([4, 8])
+        for i in range(4):
+            (net(x) ** 2).mean().backward()
+            if i == 1:
+                net[2].bias.clear_gradient(False)  # no gradient this step: AdamW skips it
+            scale = 0.5 if i % 2 == 0 else 1.0
+            if fused:
+                opt.grad_scale = scale
+            else:
+                with paddle.no_grad():
+                    for p in net.parameters():
+                        if p.grad is not None:
+                            p.grad.scale_(scale)
+            opt.set_lr(1e-2 * (i + 1))
+            opt.step()
+            opt.clear_grad()
+        state = opt.state_dict()
+        # accumulator keys are "<param name>_<accumulator>"; parameter names differ between the two runs
+        by_param = {(i, k[len(p.name):]): state[k].numpy() for i, p in enumerate(net.parameters())
+                    for k in state if k.startswith(p.name + "_")}
+        return [p.numpy() for p in net.parameters()], by_param
+
+    (p_fused, s_fused), (p_ref, s_ref) = run(True), run(False)
+    for a, b in zip(p_fused, p_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert s_fused.keys() == s_ref.keys() and len(s_ref) == 6 * 4  # moments and beta powers of 6 parameters
+    for key in s_ref:
+        np.testing.assert_allclose(s_fused[key], s_ref[key], rtol=1e-4, atol=1e-5 * np.abs(s_ref[key]).max(),
+                                   err_msg=str(key))
+    assert s_ref[(5, "_beta1_pow_acc_0")][0] > s_ref[(4, "_beta1_pow_acc_0")][0]  # the skipped step shows
