@@ -36,10 +36,10 @@ class LocalDispatcher:
     def __call__(self, x_TH: paddle.Tensor, topk_ids_TK: paddle.Tensor, topk_w_TK: paddle.Tensor,
                  counts_E: Sequence[int], expert_fn: ExpertFn) -> paddle.Tensor:
         order_N, x_sorted_NH = sort_by_expert(x_TH, topk_ids_TK)
-        outputs, start = [], 0
-        for e, n in enumerate(np.asarray(counts_E).tolist()):
-            if n:
-                outputs.append(expert_fn(e, x_sorted_NH[start:start + n]))
-                start += n
+        used = [(e, n) for e, n in enumerate(np.asarray(counts_E).tolist()) if n]
+        # one split, not a slice per expert: a slice's backward zero-fills a whole [N, H] gradient per expert
+        # (64 experts: 64 full-size fills per layer); the split's backward is one concat
+        parts = paddle.split(x_sorted_NH, [n for _, n in used]) if len(used) > 1 else [x_sorted_NH]
+        outputs = [expert_fn(e, xs) for (e, _), xs in zip(used, parts)]
         y_sorted_NH = paddle.concat(outputs, axis=0) if len(outputs) > 1 else outputs[0]
         return unsort_and_combine(y_sorted_NH, order_N, topk_w_TK)
