@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 
 import paddle
 
-from ernie5 import _threads
+from ernie5 import _threads, kernels
 from ernie5.config.run import RunConfig
 from ernie5.plan import count_parameters, flops_per_token
 
@@ -532,7 +532,7 @@ def run_bench(cfg: RunConfig, opts: Optional[BenchOptions] = None) -> dict:
         "tokens_per_step": tokens, "step_s_all": walls, "steps": opts.steps, "warmup": opts.warmup,
         "gemm": peak, "peak_rss_mb": rss_mb, "total_params": pc.total_params, "active_params": pc.active_params,
         "threads": os.environ.get("OMP_NUM_THREADS"), "mkl_debug_cpu_type": os.environ.get("MKL_DEBUG_CPU_TYPE"),
-        "malloc_retained": _threads.MALLOC_RETAINED,
+        "malloc_retained": _threads.MALLOC_RETAINED, "fused_kernels": kernels.status(),
     }
     if brk is not None:
         out.update(breakdown=brk["fractions"], breakdown_s=brk["seconds"], breakdown_step_s=brk["step_s"],
@@ -561,7 +561,8 @@ def format_report(r: dict, title: str = "") -> str:
     lines = [
         f"ernie5 bench {title}".rstrip(),
         f"  {r['steps']} timed steps after {r['warmup']} warm-up; OMP_NUM_THREADS={r['threads']}"
-        f" MKL_DEBUG_CPU_TYPE={r['mkl_debug_cpu_type']} freed memory retained={r['malloc_retained']}",
+        f" MKL_DEBUG_CPU_TYPE={r['mkl_debug_cpu_type']} freed memory retained={r['malloc_retained']}"
+        f" fused CPU kernels={r.get('fused_kernels', '?')}",
         f"  model            {r['total_params'] / 1e6:.2f}M params, {r['active_params'] / 1e6:.2f}M active; "
         f"{r['flops_per_token'] / 1e6:.1f} MFLOP/token (plan formula); {r['tokens_per_step']} tokens/step",
         f"  step             {r['step_s']:.4f} s median (min {min(walls):.4f}, max {max(walls):.4f})",

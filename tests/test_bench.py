@@ -46,6 +46,7 @@ def test_headline_numbers(result):
     assert gemm["model_gemm"]["name"] == "head"  # 32 x 256 vocab is the tiny model's biggest GEMM
     assert result["peak_rss_mb"] > 10
     assert len(result["step_s_all"]) == 2 and result["step_s"] > 0
+    assert result["fused_kernels"] == "on" and result["malloc_retained"] is True
 
 
 def test_breakdown(result):

@@ -119,8 +119,8 @@ def ops():
                 _STATE["ops"] = _build()
             except Exception as e:  # no compiler, headers missing, ...: fall back to Paddle's ops
                 _STATE["error"] = f"{type(e).__name__} (log: {cache_root() / build_key() / 'build.log'})"
-                warnings.warn(f"ernie5: fused CPU kernels unavailable, using Paddle's ops: {_STATE['error']}",
-                              RuntimeWarning, stacklevel=2)
+                print(f"ernie5: warning: fused CPU kernels unavailable, using Paddle's ops: {_STATE['error']}",
+                      file=sys.stderr)
     return _STATE["ops"]
 
 
@@ -136,9 +136,9 @@ def usable(*tensors) -> bool:
     """True when the fused kernels may run on these tensors: built, all on CPU, all float32."""
     import paddle
 
-    if ops() is None:
-        return False
-    return all(t.place.is_cpu_place() and t.dtype == paddle.float32 for t in tensors)
+    if not all(t.place.is_cpu_place() and t.dtype == paddle.float32 for t in tensors):
+        return False  # checked first: GPU runs never build the CPU kernels
+    return ops() is not None
 
 
 @contextlib.contextmanager

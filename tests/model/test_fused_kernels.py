@@ -186,3 +186,24 @@ def test_fused_adamw_equals_paddle_adamw():
         np.testing.assert_allclose(s_fused[key], s_ref[key], rtol=1e-4, atol=1e-5 * np.abs(s_ref[key]).max(),
                                    err_msg=str(key))
     assert s_ref[(5, "_beta1_pow_acc_0")][0] > s_ref[(4, "_beta1_pow_acc_0")][0]  # the skipped step shows
+
+
+def test_failed_build_falls_back_with_one_line(tmp_path):
+    """No working compiler: one warning line naming the build log, status 'failed', and the model still runs on
+    Paddle's ops. ERNIE5_FUSED_KERNELS=0: 'off', silently."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import ernie5, paddle\nfrom ernie5 import kernels\nfrom ernie5.model.layers import RMSNorm\n"
+            "y = RMSNorm(8, 1e-6)(paddle.ones([2, 8]))\nprint(kernels.status(), round(float(y.sum()), 3))\n")
+    env = dict(os.environ, CC="/bin/false", CXX="/bin/false", ERNIE5_KERNEL_CACHE=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["failed", "16.0"]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "fused CPU kernels unavailable" in lines[0] and "build.log" in lines[0], lines
+    env = dict(os.environ, ERNIE5_FUSED_KERNELS="0", ERNIE5_KERNEL_CACHE=str(tmp_path / "unused"))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.split() == ["off", "16.0"] and not proc.stderr.strip()
+    assert not (tmp_path / "unused").exists()
