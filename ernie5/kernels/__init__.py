@@ -1,14 +1,20 @@
 """Fused fp32 CPU kernels (`cpu_fused.cc`): built on first use with Paddle's C++ extension builder, cached.
 
 Paddle's CPU build runs its elementwise, softmax and cross-entropy kernels on one thread, one op per pass over
-memory. The training step's non-GEMM work (RMSNorm, SwiGLU, RoPE, attention softmax, the head's
-cross-entropy) is therefore done by the small OpenMP kernels in `cpu_fused.cc`, wrapped with their backward in
-`ernie5.kernels.fused`. Each has the plain-Paddle definition it replaces as its fallback and its test reference.
+memory. The training step's non-GEMM work is therefore done by small OpenMP kernels: RMSNorm, SwiGLU, RoPE,
+the attention's masked softmax, the head's softmax cross-entropy (in place), the gradient norm and AdamW over
+all parameters at once. `ernie5.kernels.fused` wraps them with their backward and `ernie5.train.optim.FusedAdamW`
+uses the optimizer kernel; each has the plain-Paddle definition it replaces as its fallback and test reference.
 
 `ops()` returns the compiled module, or None when the kernels are off: `ERNIE5_FUSED_KERNELS=0`, no C++
-compiler, or a failed build (one warning, then the Paddle ops). The build (~20 s) happens once per source /
-Paddle / Python / CPU combination, into `$ERNIE5_KERNEL_CACHE` (default `~/.cache/ernie5/kernels`), under a
-file lock so that ranks starting together build it once. `-march=native`: the cache key includes the CPU model.
+compiler, or a failed build (one stderr line naming the build log, then Paddle's ops). The build (~12 s)
+happens once per source / Paddle install / Python / CPU, into `$ERNIE5_KERNEL_CACHE` (default
+`~/.cache/ernie5/kernels`), under a file lock so that ranks starting together build it once. `-march=native`:
+the cache key includes the CPU model. Only CPU float32 tensors use them (`usable`); GPU runs never build them.
+
+The library links MKL's OpenMP runtime (libiomp5, shipped in Paddle's libs/), not GCC's libgomp: with two
+runtimes each keeps its own spinning worker threads, and on 2 cores the GEMMs and these kernels then fought
+for the cores (the bench step went from 0.58 s to 0.84 s); with one runtime they share one thread pool.
 """
 
 from __future__ import annotations
@@ -47,11 +53,13 @@ def _cpu_model() -> str:
 
 
 def build_key() -> str:
-    """What the compiled library depends on: source, flags, Paddle and Python versions, the CPU."""
+    """What the compiled library depends on: source, flags, the Paddle install (version and path: the library
+    links it by path), Python, the CPU."""
     import paddle
 
     h = hashlib.sha256(SOURCE.read_bytes())
-    for part in (CXX_FLAGS, LD_FLAGS, paddle.__version__, sys.version, platform.machine(), _cpu_model()):
+    for part in (CXX_FLAGS, LD_FLAGS, paddle.__version__, os.path.dirname(paddle.__file__), sys.version,
+                 platform.machine(), _cpu_model()):
         h.update(repr(part).encode())
     return h.hexdigest()[:16]
 

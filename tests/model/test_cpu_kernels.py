@@ -132,3 +132,15 @@ def test_head_ce_equals_masked_mean_of_full_logits(tiny_cfg, monkeypatch, cpu_pa
     params = [h, model.embed.weight, model.norm.weight]
     for a, b in zip(paddle.grad(got, params), paddle.grad(ref, params)):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-7)
+
+
+def test_mask_built_on_host_equals_the_device_ops():
+    """CPU masks come from NumPy; the Paddle-op version (accelerators) must give the same mask."""
+    from ernie5.model.attention import _mask_on_device, _mask_on_host
+
+    segments = paddle.to_tensor(np.array([[0] * 4 + [1] * 5, [0] * 9]), dtype="int64")
+    groups = paddle.to_tensor(np.array([[0, 1, 1, 2, 3, 3, 3, 4, 5], list(range(9))]), dtype="int64")
+    for g in (None, groups):
+        host, device = _mask_on_host(segments, g).numpy(), _mask_on_device(segments, g).numpy()
+        assert host.shape == device.shape == (2, 1, 9, 9) and host.dtype == device.dtype
+        np.testing.assert_array_equal(host, device)
