@@ -332,6 +332,67 @@ std::vector<paddle::Tensor> RopeForward(const paddle::Tensor& x, const paddle::T
   return {y};
 }
 
+// ---------------------------------------------------------------- MoE combine
+// y_sorted [N, H] (expert outputs in expert order), inv [N = T*K] (row of (token t, slot k) in y_sorted),
+// w [T, K] combine weights -> out [T, H] = sum_k w[t, k] * y_sorted[inv[t K + k]].
+std::vector<paddle::Tensor> CombineForward(const paddle::Tensor& y, const paddle::Tensor& inv, const paddle::Tensor& w) {
+  check_f32(y, "expert outputs");
+  check_f32(w, "combine weights");
+  PD_CHECK(inv.dtype() == paddle::DataType::INT64, "combine: index must be int64");
+  const int64_t H = last_dim(y), N = y.numel() / H, T = w.shape()[0], K = w.shape()[1];
+  PD_CHECK(T * K == N && inv.numel() == N, "combine: need T*K expert rows and indices");
+  auto out = paddle::empty({T, H}, y.dtype(), y.place());
+  const float* yp = y.data<float>();
+  const int64_t* ip = inv.data<int64_t>();
+  const float* wp = w.data<float>();
+  float* op = out.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    float* o = op + t * H;
+    for (int64_t j = 0; j < H; ++j) o[j] = 0.f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float* yr = yp + ip[t * K + k] * H;
+      const float wk = wp[t * K + k];
+#pragma omp simd
+      for (int64_t j = 0; j < H; ++j) o[j] += wk * yr[j];
+    }
+  }
+  return {out};
+}
+
+// d y_sorted[inv[t K + k]] = w[t, k] g[t] (each row written once: inv is a permutation), d w[t, k] = g[t] . y.
+std::vector<paddle::Tensor> CombineBackward(const paddle::Tensor& g, const paddle::Tensor& y, const paddle::Tensor& inv,
+                                            const paddle::Tensor& w) {
+  check_f32(g, "grad");
+  const int64_t H = last_dim(y), T = w.shape()[0], K = w.shape()[1];
+  auto dy = paddle::empty(y.shape(), y.dtype(), y.place());
+  auto dw = paddle::empty(w.shape(), w.dtype(), w.place());
+  const float* gp = g.data<float>();
+  const float* yp = y.data<float>();
+  const int64_t* ip = inv.data<int64_t>();
+  const float* wp = w.data<float>();
+  float* dyp = dy.data<float>();
+  float* dwp = dw.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    const float* gr = gp + t * H;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t row = ip[t * K + k];
+      const float* yr = yp + row * H;
+      float* d = dyp + row * H;
+      const float wk = wp[t * K + k];
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t j = 0; j < H; ++j) {
+        d[j] = wk * gr[j];
+        dot += gr[j] * yr[j];
+      }
+      dwp[t * K + k] = dot;
+    }
+  }
+  return {dy, dw};
+}
+
 // ---------------------------------------------------------------- multi-tensor: gradient norm and AdamW
 namespace {
 struct Chunk {
@@ -453,6 +514,10 @@ Shapes SoftmaxCeShape(const Shape& x, const Shape&, int64_t) { return {x, rows_o
 DTypes SoftmaxCeDtype(const DType& x, const DType&) { return {x, x}; }
 Shapes RopeShape(const Shape& x, const Shape&, const Shape&, bool) { return {x}; }
 DTypes RopeDtype(const DType& d, const DType&, const DType&) { return {d}; }
+Shapes CombineShape(const Shape& y, const Shape&, const Shape& w) { return {{w[0], y.back()}}; }
+DTypes CombineDtype(const DType& y, const DType&, const DType&) { return {y}; }
+Shapes CombineBwdShape(const Shape&, const Shape& y, const Shape&, const Shape& w) { return {y, w}; }
+DTypes CombineBwdDtype(const DType&, const DType& y, const DType&, const DType& w) { return {y, w}; }
 }  // namespace
 
 PD_BUILD_OP(e5_rms_norm)
@@ -532,3 +597,17 @@ PD_BUILD_OP(e5_adamw_multi)
                     {paddle::Vec("Beta1Pow"), paddle::Vec("Beta1PowOut")},
                     {paddle::Vec("Beta2Pow"), paddle::Vec("Beta2PowOut")}})
     .SetKernelFn(PD_KERNEL(AdamWMulti));
+
+PD_BUILD_OP(e5_combine)
+    .Inputs({"Y", "Inv", "W"})
+    .Outputs({"Out"})
+    .SetKernelFn(PD_KERNEL(CombineForward))
+    .SetInferShapeFn(PD_INFER_SHAPE(CombineShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(CombineDtype));
+
+PD_BUILD_OP(e5_combine_bwd)
+    .Inputs({"G", "Y", "Inv", "W"})
+    .Outputs({"DY", "DW"})
+    .SetKernelFn(PD_KERNEL(CombineBackward))
+    .SetInferShapeFn(PD_INFER_SHAPE(CombineBwdShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(CombineBwdDtype));

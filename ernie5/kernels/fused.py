@@ -80,6 +80,24 @@ class MaskedSoftmax(PyLayer):
         return ops().e5_softmax_bwd(probs, _c(g)), None
 
 
+class Combine(PyLayer):
+    """MoE combine: out[t] = sum_k w[t, k] * y_sorted[inv[t K + k]] for expert outputs y_sorted [N, H] in expert
+    order, inv [N] the row of each (token, slot) pair (a permutation), weights w [T, K]. One pass instead of a
+    gather, a broadcast multiply and a sum (and their three backward ops)."""
+
+    @staticmethod
+    def forward(ctx, y_sorted_NH: paddle.Tensor, inv_N: paddle.Tensor, w_TK: paddle.Tensor) -> paddle.Tensor:
+        y_sorted_NH, w_TK = _c(y_sorted_NH), _c(w_TK)
+        ctx.save_for_backward(y_sorted_NH, inv_N, w_TK)
+        return ops().e5_combine(y_sorted_NH, inv_N, w_TK)
+
+    @staticmethod
+    def backward(ctx, g_TH: paddle.Tensor):
+        y_sorted_NH, inv_N, w_TK = ctx.saved_tensor()
+        dy, dw = ops().e5_combine_bwd(_c(g_TH), y_sorted_NH, inv_N, w_TK)
+        return dy, None, dw
+
+
 class HeadCE(PyLayer):
     """Per-row cross-entropy [N] of the output head: logits = h @ W (W [H, V]) or h @ W^T (W [V, H], a tied
     embedding), 0 on rows labelled IGNORE.

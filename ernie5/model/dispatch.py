@@ -13,6 +13,9 @@ from typing import Callable, Sequence
 import numpy as np
 import paddle
 
+from ernie5 import kernels
+from ernie5.kernels.fused import Combine
+
 ExpertFn = Callable[[int, paddle.Tensor], paddle.Tensor]
 
 
@@ -26,6 +29,8 @@ def sort_by_expert(x_TH: paddle.Tensor, topk_ids_TK: paddle.Tensor) -> tuple[pad
 def unsort_and_combine(y_sorted_NH: paddle.Tensor, order_N: paddle.Tensor, topk_w_TK: paddle.Tensor) -> paddle.Tensor:
     """Back to (token, slot) order with one gather by the inverse permutation, then the weighted sum over slots."""
     T, K = topk_w_TK.shape
+    if kernels.usable(y_sorted_NH, topk_w_TK):
+        return Combine.apply(y_sorted_NH, paddle.argsort(order_N), topk_w_TK)
     y_TKH = paddle.gather(y_sorted_NH, paddle.argsort(order_N)).reshape([T, K, -1])
     return (y_TKH * topk_w_TK.astype(y_TKH.dtype).unsqueeze(-1)).sum(axis=1)
 

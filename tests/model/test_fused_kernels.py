@@ -207,3 +207,17 @@ def test_failed_build_falls_back_with_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.stdout.split() == ["off", "16.0"] and not proc.stderr.strip()
     assert not (tmp_path / "unused").exists()
+
+
+def test_moe_combine():
+    """The fused gather + weighted sum over slots against the Paddle ops it replaces (the router weights get their
+    gradient too)."""
+    from ernie5.kernels.fused import Combine
+
+    T, K, H = 7, 2, 16
+    y = _leaf(T * K, H, seed=11)
+    w = _leaf(T, K, seed=12)
+    order = paddle.to_tensor(np.random.default_rng(13).permutation(T * K), dtype="int64")
+    inv = paddle.argsort(order)
+    ref = (paddle.gather(y, inv).reshape([T, K, H]) * w.unsqueeze(-1)).sum(axis=1)
+    _check(Combine.apply(y, inv, w), ref, [y, w])
