@@ -458,10 +458,10 @@ def train_overhead(tr, steps: int) -> dict:
         finally:
             step_s.append(time.perf_counter() - start)
 
-    def timed_batch(loader):
+    def timed_batch(loader, *args, **kwargs):  # same signature as Trainer._micro_batch (unified runs pass train=)
         start = time.perf_counter()
         try:
-            return batch_fn(loader)
+            return batch_fn(loader, *args, **kwargs)
         finally:
             if len(data_s) > len(step_s):  # inside a step (an evaluation's batches are callback time)
                 data_s[-1] += time.perf_counter() - start

@@ -74,6 +74,26 @@ def test_train_overhead(result):
     assert over["steps"] == 2 and over["loop_s"] > 0
 
 
+def test_train_overhead_passes_micro_batch_arguments_through(tiny_cfg):
+    """Unified runs build evaluation batches with `_micro_batch(loader, train=False)`; the timing wrapper must
+    take the same arguments (it once accepted only the loader, and `bench` failed on unified configs)."""
+    from ernie5.bench import train_overhead
+    from ernie5.train.trainer import Trainer
+
+    tr = Trainer(tiny_cfg("train.eval_interval=2", "train.max_steps=10"), quiet=True)
+    seen = []
+    original = tr._micro_batch
+
+    def micro_batch(loader, train=True):
+        seen.append(train)
+        return original(loader)
+
+    tr._micro_batch = micro_batch
+    tr.evaluate = lambda: tr._micro_batch(tr.val_loader, train=False)
+    over = train_overhead(tr, 2)
+    assert over["evaluate_s"] > 0 and False in seen and True in seen
+
+
 def test_instrumentation_is_removed():
     """After a run no wrapper is left on paddle, the trainer module or the model code."""
     import paddle

@@ -26,6 +26,7 @@ import logging
 import os
 import platform
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -65,7 +66,15 @@ def build_key() -> str:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("ERNIE5_KERNEL_CACHE") or Path.home() / ".cache" / "ernie5" / "kernels")
+    """$ERNIE5_KERNEL_CACHE, else ~/.cache/ernie5/kernels, else (home not writable) a per-user temp dir."""
+    if os.environ.get("ERNIE5_KERNEL_CACHE"):
+        return Path(os.environ["ERNIE5_KERNEL_CACHE"])
+    home = Path.home() / ".cache" / "ernie5" / "kernels"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        return home
+    except OSError:
+        return Path(tempfile.gettempdir()) / f"ernie5-kernels-{os.getuid()}"
 
 
 @contextlib.contextmanager
