@@ -43,14 +43,19 @@ def requested() -> bool:
 
 
 def _cpu_model() -> str:
+    """The CPU's model name and feature flags (what -march=native compiles for)."""
+    found = {}
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
             for line in f:
-                if line.startswith("model name") or line.startswith("flags"):
-                    return line
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags") and key not in found:
+                    found[key] = line.strip()
+                if len(found) == 2:
+                    break
     except OSError:
         pass
-    return platform.processor()
+    return " | ".join(found.values()) or platform.processor()
 
 
 def build_key() -> str:
@@ -65,66 +70,89 @@ def build_key() -> str:
     return h.hexdigest()[:16]
 
 
+def _private_dir(path: Path) -> Path:
+    """`path` created 0700 and checked to be ours and closed to others: a shared temp dir must not let another
+    user plant a library that this process would load."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise PermissionError(f"{path} is not a private directory of this user")
+    return path
+
+
 def cache_root() -> Path:
-    """$ERNIE5_KERNEL_CACHE, else ~/.cache/ernie5/kernels, else (home not writable) a per-user temp dir."""
+    """$ERNIE5_KERNEL_CACHE, else ~/.cache/ernie5/kernels, else (no writable home) a private per-user temp dir."""
     if os.environ.get("ERNIE5_KERNEL_CACHE"):
         return Path(os.environ["ERNIE5_KERNEL_CACHE"])
-    home = Path.home() / ".cache" / "ernie5" / "kernels"
     try:
+        home = Path.home() / ".cache" / "ernie5" / "kernels"
         home.mkdir(parents=True, exist_ok=True)
         return home
-    except OSError:
-        return Path(tempfile.gettempdir()) / f"ernie5-kernels-{os.getuid()}"
+    except (OSError, RuntimeError):  # RuntimeError: no home directory at all
+        return _private_dir(Path(tempfile.gettempdir()) / f"ernie5-kernels-{os.getuid()}")
 
 
 @contextlib.contextmanager
-def _quiet(log_path: Path):
-    """Paddle's builder prints progress lines (also from its compiler subprocess) and warns about ccache: send
-    the process's stdout / stderr to `log_path` meanwhile, so the terminal shows at most one warning line."""
+def _quiet(log_path: Optional[Path]):
+    """Paddle's builder logs and prints progress lines (also from its compiler subprocess) and warns about
+    ccache. Logging and warnings are silenced; with `log_path`, the process's stdout / stderr also go to that
+    file meanwhile, so the terminal shows at most one warning line."""
     logger = logging.getLogger()
     level = logger.level
     logger.setLevel(logging.ERROR)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with open(log_path, "w") as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-            logger.setLevel(level)
+    try:
+        with warnings.catch_warnings(), contextlib.ExitStack() as stack:
+            warnings.simplefilter("ignore")
+            if log_path is not None:
+                log = stack.enter_context(open(log_path, "w"))  # opened before any fd is touched
+                sys.stdout.flush()
+                sys.stderr.flush()
+                saved = os.dup(1), os.dup(2)
+
+                def restore():
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    for fd, copy in zip((1, 2), saved):
+                        os.dup2(copy, fd)
+                        os.close(copy)
+
+                stack.callback(restore)
+                os.dup2(log.fileno(), 1)
+                os.dup2(log.fileno(), 2)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _build():
     from paddle.utils.cpp_extension import load
 
     where = cache_root() / build_key()
-    where.mkdir(parents=True, exist_ok=True)
     name = "ernie5_cpu_fused"
-    with open(where / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent ranks: one builds, the others wait and reuse it
-        if (where / "ready").exists():
-            try:  # built before: import the library without `load`'s ~1 s setuptools up-to-date check
-                from paddle.utils.cpp_extension.extension_utils import _import_module_from_library
+    if (where / "ready").exists():
+        try:  # built before: import the library without `load`'s ~1 s setuptools up-to-date check (no lock
+            # needed: `ready` is written after the build; works in a read-only shared cache too)
+            from paddle.utils.cpp_extension.extension_utils import _import_module_from_library
 
-                with _quiet(where / "import.log"):
-                    return _import_module_from_library(name, str(where / name))
-            except Exception:  # a Paddle without that helper: the public path below
-                pass
+            with _quiet(None):
+                return _import_module_from_library(name, str(where / name))
+        except Exception:  # a Paddle without that helper: the public path below
+            pass
+    where.mkdir(parents=True, exist_ok=True)
+    with open(where / "lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent ranks: one builds, the others wait, then `load` finds it
         with _quiet(where / "build.log"):
             module = load(name=name, sources=[str(SOURCE)], extra_cxx_cflags=CXX_FLAGS, extra_ldflags=LD_FLAGS,
                           build_directory=str(where), verbose=False)
         (where / "ready").touch()
         return module
+
+
+def _build_log() -> str:
+    try:
+        return str(cache_root() / build_key() / "build.log")
+    except Exception:
+        return "no build log"
 
 
 def ops():
@@ -134,8 +162,9 @@ def ops():
         if requested():
             try:
                 _STATE["ops"] = _build()
-            except Exception as e:  # no compiler, headers missing, ...: fall back to Paddle's ops
-                _STATE["error"] = f"{type(e).__name__} (log: {cache_root() / build_key() / 'build.log'})"
+            except Exception as e:  # no compiler, no source, no cache dir, ...: fall back to Paddle's ops
+                _STATE["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}" \
+                                  f" (log: {_build_log()})"
                 print(f"ernie5: warning: fused CPU kernels unavailable, using Paddle's ops: {_STATE['error']}",
                       file=sys.stderr)
     return _STATE["ops"]
@@ -153,7 +182,7 @@ def usable(*tensors) -> bool:
     """True when the fused kernels may run on these tensors: built, all on CPU, all float32."""
     import paddle
 
-    if not all(t.place.is_cpu_place() and t.dtype == paddle.float32 for t in tensors):
+    if not tensors or not all(t.place.is_cpu_place() and t.dtype == paddle.float32 for t in tensors):
         return False  # checked first: GPU runs never build the CPU kernels
     return ops() is not None
 

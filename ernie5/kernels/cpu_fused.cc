@@ -28,9 +28,10 @@ int64_t last_dim(const paddle::Tensor& t) { return t.shape().back(); }
 // exp(x) in plain arithmetic so that loops over it vectorise (libm's expf does not without -ffinite-math-only,
 // which would break the -inf handling of masks): x = k ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6
 // polynomial (the classic Cephes expf coefficients, ~1 ulp), 2^k by building the exponent bits. Inputs below
-// -87.3 (including -inf) give 0, above 88.7 give FLT_MAX-ish (never +inf); NaN stays NaN.
+// -87.3 (including -inf) give 0, above 88.3 give exp(88.3) ~ 2.2e38 (finite; 2^k must stay below 2^128);
+// NaN stays NaN (and never reaches the float -> int conversion).
 inline float exp_approx(float x) {
-  const float xc = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+  const float xc = x != x ? 0.f : (x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x));
   const float k = std::floor(xc * 1.44269504088896341f + 0.5f);
   const float r = (xc - k * 0.693359375f) + k * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -43,7 +44,7 @@ inline float exp_approx(float x) {
   const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
   float two_k;
   std::memcpy(&two_k, &bits, sizeof two_k);
-  return x < -87.3f ? 0.f : e_r * two_k;
+  return x != x ? x : (x < -87.3f ? 0.f : e_r * two_k);
 }
 
 inline float sigmoid(float a) { return 1.f / (1.f + exp_approx(-a)); }
@@ -245,8 +246,8 @@ std::vector<paddle::Tensor> MaskedSoftmaxForward(const paddle::Tensor& scores, c
       p[j] = x[j] + mk[j];
       m = p[j] > m ? p[j] : m;
     }
-    if (m == -std::numeric_limits<float>::infinity()) {
-      for (int64_t j = 0; j < Sk; ++j) p[j] = 0.f;
+    if (m == -std::numeric_limits<float>::infinity()) {  // no visible key: zeros (a NaN score stays NaN)
+      for (int64_t j = 0; j < Sk; ++j) p[j] = p[j] != p[j] ? p[j] : 0.f;
       continue;
     }
     float s = 0.f;
@@ -419,9 +420,9 @@ std::vector<paddle::Tensor> SumSquares(const std::vector<paddle::Tensor>& xs) {
 #pragma omp parallel for schedule(static)
   for (size_t c = 0; c < chunks.size(); ++c) {
     const float* x = xs[chunks[c].tensor].data<float>();
-    float s = 0.f;
+    double s = 0.0;
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = chunks[c].begin; i < chunks[c].end; ++i) s += x[i] * x[i];
+    for (int64_t i = chunks[c].begin; i < chunks[c].end; ++i) s += static_cast<double>(x[i]) * x[i];
     part[c] = s;
   }
   double total = 0.0;  // fixed order: the same bits whatever the thread count

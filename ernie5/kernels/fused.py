@@ -16,6 +16,16 @@ def _c(t: paddle.Tensor) -> paddle.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def record_needs(ctx, *tensors) -> None:
+    """Record which inputs want a gradient: Paddle rejects a gradient returned for an input that stops it
+    (a frozen weight, or `paddle.grad` over a subset), so the backward returns None for those."""
+    ctx.needs = [not t.stop_gradient for t in tensors]
+
+
+def needed_grads(ctx, *grads):
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs))
+
+
 class RMSNormFused(PyLayer):
     """x / rms(x) * w over the last axis; saves x, w and the per-row 1/rms for the backward."""
 
@@ -24,13 +34,14 @@ class RMSNormFused(PyLayer):
         x = _c(x)
         y, r = ops().e5_rms_norm(x, weight, float(eps))
         ctx.save_for_backward(x, weight, r)
+        record_needs(ctx, x, weight)
         return y
 
     @staticmethod
     def backward(ctx, g: paddle.Tensor):
         x, weight, r = ctx.saved_tensor()
         g_x, g_w = ops().e5_rms_norm_bwd(_c(g), x, weight, r)
-        return g_x, g_w
+        return needed_grads(ctx, g_x, g_w)
 
 
 class SwiGLUFused(PyLayer):
@@ -89,12 +100,14 @@ class Combine(PyLayer):
     def forward(ctx, y_sorted_NH: paddle.Tensor, inv_N: paddle.Tensor, w_TK: paddle.Tensor) -> paddle.Tensor:
         y_sorted_NH, w_TK = _c(y_sorted_NH), _c(w_TK)
         ctx.save_for_backward(y_sorted_NH, inv_N, w_TK)
+        record_needs(ctx, y_sorted_NH, w_TK)
         return ops().e5_combine(y_sorted_NH, inv_N, w_TK)
 
     @staticmethod
     def backward(ctx, g_TH: paddle.Tensor):
         y_sorted_NH, inv_N, w_TK = ctx.saved_tensor()
         dy, dw = ops().e5_combine_bwd(_c(g_TH), y_sorted_NH, inv_N, w_TK)
+        dy, dw = needed_grads(ctx, dy, dw)
         return dy, None, dw
 
 
@@ -112,16 +125,20 @@ class HeadCE(PyLayer):
         _, loss_N = ops().e5_softmax_ce_inplace(logits_NV, _c(labels_N), IGNORE)
         ctx.save_for_backward(h_NH, w, logits_NV)  # logits_NV now holds d loss_n / d logits_n
         ctx.w_is_VH = w_is_VH
+        record_needs(ctx, h_NH, w)
         return loss_N
 
     @staticmethod
     def backward(ctx, g_N: paddle.Tensor):
         h_NH, w, dlogits_NV = ctx.saved_tensor()
         g_N1 = g_N.reshape([-1, 1])
-        gh_NH = h_NH * g_N1
-        if ctx.w_is_VH:
-            dw = paddle.matmul(dlogits_NV, gh_NH, transpose_x=True)  # [V, H]
-        else:
-            dw = paddle.matmul(gh_NH, dlogits_NV, transpose_x=True)  # [H, V]
-        dh_NH = paddle.matmul(dlogits_NV, w, transpose_y=not ctx.w_is_VH) * g_N1
+        need_h, need_w = ctx.needs
+        dh_NH = paddle.matmul(dlogits_NV, w, transpose_y=not ctx.w_is_VH) * g_N1 if need_h else None
+        dw = None
+        if need_w:
+            gh_NH = h_NH * g_N1
+            if ctx.w_is_VH:
+                dw = paddle.matmul(dlogits_NV, gh_NH, transpose_x=True)  # [V, H]
+            else:
+                dw = paddle.matmul(gh_NH, dlogits_NV, transpose_x=True)  # [H, V]
         return dh_NH, dw, None

@@ -27,7 +27,7 @@ def _mask_on_host(segment_ids_BS: paddle.Tensor, groups_BS=None) -> paddle.Tenso
     else:
         grp = groups_BS.numpy()
         allowed &= grp[:, None, :] <= grp[:, :, None]
-    return paddle.to_tensor(np.where(allowed, np.float32(0.0), np.float32(-np.inf))[:, None])
+    return paddle.to_tensor(np.where(allowed, np.float32(0.0), np.float32(-np.inf))[:, None], place=paddle.CPUPlace())
 
 
 def _mask_on_device(segment_ids_BS: paddle.Tensor, groups_BS=None) -> paddle.Tensor:

@@ -12,7 +12,7 @@ import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
 from ernie5 import kernels
-from ernie5.kernels.fused import RMSNormFused, SwiGLUFused
+from ernie5.kernels.fused import RMSNormFused, SwiGLUFused, needed_grads, record_needs
 from ernie5.precision.fp8_linear import fp8_linear
 
 
@@ -75,6 +75,7 @@ class RMSNormFunction(PyLayer):
         r = paddle.rsqrt(paddle.square(x).mean(-1, keepdim=True) + eps)
         xhat = x * r
         ctx.save_for_backward(xhat, r, weight)
+        record_needs(ctx, x, weight)
         return xhat * weight
 
     @staticmethod
@@ -86,7 +87,7 @@ class RMSNormFunction(PyLayer):
         g_weight = paddle.matmul(ones_1T, gxw.reshape([-1, H])).reshape([H])
         g_xhat = g * weight
         g_x = r * (g_xhat - xhat * (g_xhat * xhat).mean(-1, keepdim=True))
-        return g_x, g_weight
+        return needed_grads(ctx, g_x, g_weight)
 
 
 class RMSNorm(nn.Layer):

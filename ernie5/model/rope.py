@@ -69,7 +69,8 @@ def apply_rope(x_BSND: paddle.Tensor, cos_BS1D: paddle.Tensor, ssin_BS1D: paddle
     each several times slower than the whole rotation done this way (6.4 ms -> 2.0 ms forward + backward at
     B=4, S=256, N=4, D=64). The permutation makes the swap exact."""
     N, D = x_BSND.shape[2], x_BSND.shape[3]
-    if cos_BS1D.shape[2] == 1 and kernels.usable(x_BSND, cos_BS1D, ssin_BS1D):
+    fused_shape = cos_BS1D.shape[0] in (1, x_BSND.shape[0]) and cos_BS1D.shape[1:] == [x_BSND.shape[1], 1, D]
+    if fused_shape and kernels.usable(x_BSND, cos_BS1D, ssin_BS1D):
         return RopeFused.apply(x_BSND, cos_BS1D, ssin_BS1D)  # one pass, tables read in place for every head
     if cos_BS1D.shape[2] != N:
         cos_BS1D, ssin_BS1D = paddle.tile(cos_BS1D, [1, 1, N, 1]), paddle.tile(ssin_BS1D, [1, 1, N, 1])

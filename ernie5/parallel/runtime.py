@@ -136,12 +136,14 @@ class ParallelRuntime:
     def step(self, lr: float) -> None:
         for opt in self._optimizers():
             opt.set_lr(lr)
-        with paddle.utils.unique_name.guard():  # accumulators get stable names on the first step
-            (self.sharded or self.dense_opt).step()
-            if self.expert_opt is not None:
-                self.expert_opt.step()
-        for opt in self._optimizers():
-            opt.grad_scale = 1.0  # a step that had no gradient to read leaves no scale behind
+        try:
+            with paddle.utils.unique_name.guard():  # accumulators get stable names on the first step
+                (self.sharded or self.dense_opt).step()
+                if self.expert_opt is not None:
+                    self.expert_opt.step()
+        finally:
+            for opt in self._optimizers():
+                opt.grad_scale = 1.0  # a clip factor never outlives its step (no gradients, an error)
 
     def clear_grad(self) -> None:
         # every parameter, not each optimizer's list: fleet's sharding optimizer narrows the wrapped optimizer's

@@ -49,6 +49,7 @@ class FusedAdamW(paddle.optimizer.AdamW):
     every gradient. `ParallelRuntime` sets it before a step and resets it after."""
 
     grad_scale = 1.0
+    _pending: tuple | list = ()  # a fresh list per step from `_create_optimization_pass`
 
     def _fusable(self, param, grad) -> bool:
         return (not self._amsgrad and not self._lazy_mode and self._lr_ratio is None
@@ -56,16 +57,23 @@ class FusedAdamW(paddle.optimizer.AdamW):
                 and not (self._multi_precision and param.dtype != paddle.float32)
                 and kernels.usable(param, grad))
 
+    def _create_optimization_pass(self, *args, **kwargs):
+        self._pending = []  # one step's fusable updates, run by `_finish_update`; never carried past a step
+        try:
+            return super()._create_optimization_pass(*args, **kwargs)
+        finally:
+            self._pending = []
+
     def _append_optimize_op(self, block, param_and_grad):
-        if isinstance(param_and_grad, dict) or not paddle.in_dynamic_mode():
+        if not paddle.in_dynamic_mode():
+            if self.grad_scale != 1.0:
+                raise RuntimeError("FusedAdamW.grad_scale is for dynamic-graph training only")
             return super()._append_optimize_op(block, param_and_grad)
-        param, grad = param_and_grad
-        if not self._fusable(param, grad):
+        param, grad = param_and_grad["params"] if isinstance(param_and_grad, dict) else param_and_grad
+        if isinstance(param_and_grad, dict) or not self._fusable(param, grad):  # Paddle's own op for this one
             if self.grad_scale != 1.0:
                 grad.scale_(self.grad_scale)
             return super()._append_optimize_op(block, param_and_grad)
-        if not hasattr(self, "_pending"):
-            self._pending = []
         acc = self._get_accumulator_master
         decay = self._apply_decay_param_fun is None or self._apply_decay_param_fun(param.name)
         self._pending.append((param, grad, acc(self._moment1_acc_str, param), acc(self._moment2_acc_str, param),
@@ -74,10 +82,11 @@ class FusedAdamW(paddle.optimizer.AdamW):
         return None
 
     def _finish_update(self, block, parameters_and_grads):
-        pending, self._pending = getattr(self, "_pending", []), []
+        pending, self._pending = self._pending, []
         if pending:
             p, g, m1, m2, b1, b2, lr, decay = (list(col) for col in zip(*pending))
-            lr_decay = paddle.to_tensor(np.stack([lr, np.asarray(decay, np.float32)], 1).astype(np.float32))
+            lr_decay = paddle.to_tensor(np.stack([lr, np.asarray(decay, np.float32)], 1).astype(np.float32),
+                                        place=paddle.CPUPlace())
             # detached views share the memory; Paddle's custom-op layer refuses in-place writes to leaves that
             # do not stop gradient, which is what parameters (and a detached tensor's autograd meta) look like
             p, m1, m2, b1, b2 = ([_detached(x) for x in xs] for xs in (p, m1, m2, b1, b2))

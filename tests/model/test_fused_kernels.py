@@ -224,3 +224,71 @@ def test_moe_combine():
     inv = paddle.argsort(order)
     ref = (paddle.gather(y, inv).reshape([T, K, H]) * w.unsqueeze(-1)).sum(axis=1)
     _check(Combine.apply(y, inv, w), ref, [y, w])
+
+
+def test_frozen_inputs_and_partial_grads():
+    """A frozen input gets no gradient (Paddle rejects one), the others are unchanged. (`paddle.grad` over a
+    subset of a PyLayer's inputs is a Paddle limitation for every PyLayer and is not covered.)"""
+    from ernie5.kernels.fused import Combine
+    from ernie5.model.layers import RMSNormFunction
+
+    h, w = _leaf(5, 8, seed=14), _leaf(8, 11, seed=15)
+    labels = paddle.to_tensor([1, 2, 3, IGNORE, 10], dtype="int64")
+    HeadCE.apply(h, w, labels, False).sum().backward()
+    ref_h = h.grad.numpy().copy()
+    h.clear_gradient()
+    w.clear_gradient(False)
+    w.stop_gradient = True
+    HeadCE.apply(h, w, labels, False).sum().backward()
+    np.testing.assert_allclose(h.grad.numpy(), ref_h, rtol=1e-6)
+    assert w.grad is None
+    x, g = _leaf(3, 8, seed=16), _leaf(8, seed=17)
+    g.stop_gradient = True  # a frozen norm weight
+    (ref,) = paddle.grad(rms_norm_reference(x, g, 1e-6).sum(), [x])
+    for fn in (RMSNormFused.apply, RMSNormFunction.apply):
+        x.clear_gradient()
+        fn(x, g, 1e-6).sum().backward()
+        np.testing.assert_allclose(x.grad.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
+        assert g.grad is None
+    y, cw = _leaf(6, 4, seed=18), _leaf(3, 2, seed=19)
+    cw.stop_gradient = True
+    Combine.apply(y, paddle.to_tensor([5, 0, 3, 1, 4, 2], dtype="int64"), cw).sum().backward()
+    assert y.grad is not None and cw.grad is None
+
+
+def test_fused_adamw_grad_scale_with_parameter_groups():
+    """Parameter groups go through Paddle's op per parameter; grad_scale still applies there (once)."""
+    from ernie5.train.optim import FusedAdamW
+
+    def run(scale_first):
+        paddle.seed(1)
+        net = paddle.nn.Linear(4, 3)
+        opt = FusedAdamW(learning_rate=0.1, parameters=[{"params": net.parameters()}], epsilon=1.0)
+        (net(paddle.ones([2, 4])) ** 2).sum().backward()
+        if scale_first:
+            with paddle.no_grad():
+                for p in net.parameters():
+                    p.grad.scale_(0.25)
+        else:
+            opt.grad_scale = 0.25
+        opt.step()
+        return [p.numpy() for p in net.parameters()]
+
+    for a, b in zip(run(False), run(True)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_kernel_edge_values():
+    """exp at the ends of float range (softmax of huge spreads stays finite and exact), NaN propagation through
+    the attention softmax."""
+    x = paddle.to_tensor(np.array([[0.0, 88.35, -1e30, -np.inf, 50.0]], dtype=np.float32))
+    got = MaskedSoftmax.apply(x.reshape([1, 1, 1, 5]), paddle.zeros([1, 1, 1, 5])).numpy().ravel()
+    # Paddle's CPU softmax clips x - max at -64 (exp = 1.6e-28 where the exact value is ~0); the kernel does not
+    np.testing.assert_allclose(got, F.softmax(x, axis=-1).numpy().ravel(), rtol=1e-5, atol=1e-27)
+    assert got[2] == got[3] == 0.0 and got[1] == pytest.approx(1.0)
+    gu = paddle.to_tensor(np.array([[-100.0, 100.0, 1.0, 1.0]], dtype=np.float32))  # silu(-100), silu(100)
+    np.testing.assert_allclose(SwiGLUFused.apply(gu).numpy(), [[-100.0 / (1 + np.exp(100.0)), 100.0]], rtol=1e-5,
+                               atol=1e-30)  # exp saturates at exp(88.3): silu(-100) ~ -4e-37, not -4e-42
+    nan_row = paddle.to_tensor(np.array([[[[np.nan, 1.0], [np.nan, np.nan]]]], dtype=np.float32))
+    probs = MaskedSoftmax.apply(nan_row, paddle.zeros([1, 1, 2, 2])).numpy()
+    assert np.isnan(probs).all()  # a NaN score is never hidden as a probability
