@@ -532,7 +532,8 @@ def run_bench(cfg: RunConfig, opts: Optional[BenchOptions] = None) -> dict:
         "tokens_per_step": tokens, "step_s_all": walls, "steps": opts.steps, "warmup": opts.warmup,
         "gemm": peak, "peak_rss_mb": rss_mb, "total_params": pc.total_params, "active_params": pc.active_params,
         "threads": os.environ.get("OMP_NUM_THREADS"), "mkl_debug_cpu_type": os.environ.get("MKL_DEBUG_CPU_TYPE"),
-        "malloc_retained": _threads.MALLOC_RETAINED, "fused_kernels": kernels.status() if paddle.get_device() == "cpu" else "n/a (not CPU)",
+        "malloc_retained": _threads.MALLOC_RETAINED,
+        "fused_kernels": kernels.status() if paddle.get_device() == "cpu" else "n/a (not CPU)",
     }
     if brk is not None:
         out.update(breakdown=brk["fractions"], breakdown_s=brk["seconds"], breakdown_step_s=brk["step_s"],

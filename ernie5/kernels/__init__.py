@@ -163,8 +163,8 @@ def ops():
             try:
                 _STATE["ops"] = _build()
             except Exception as e:  # no compiler, no source, no cache dir, ...: fall back to Paddle's ops
-                _STATE["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}" \
-                                  f" (log: {_build_log()})"
+                first_line = (str(e).strip().splitlines() or [""])[0][:200]
+                _STATE["error"] = f"{type(e).__name__}: {first_line} (log: {_build_log()})"
                 print(f"ernie5: warning: fused CPU kernels unavailable, using Paddle's ops: {_STATE['error']}",
                       file=sys.stderr)
     return _STATE["ops"]

@@ -163,6 +163,15 @@ class UnifiedModel(nn.Layer):
         """Final norm + output head (tied to the embedding unless tie_embeddings is false)."""
         return self.logits_from_normed(self.norm(hidden_BSH))
 
+    def head_weight(self):
+        """(weight, weight is [V, H]) of the text head as one plain matrix (the tied embedding, or the head's own
+        [H, V] weight), or (None, False) when the head is not a plain GEMM (FP8): what fused heads consume."""
+        if self.lm_head is None:
+            return self.embed.weight, True
+        if getattr(self.lm_head, "fp8", None) is None:
+            return self.lm_head.weight, False
+        return None, False
+
     def logits_from_normed(self, h: paddle.Tensor) -> paddle.Tensor:
         """The text head on already normalised hidden states."""
         if self.lm_head is None:

@@ -40,15 +40,6 @@ def make_text_batch(tokens_BR: np.ndarray, segments_BR: np.ndarray, mtp_depth: i
     return batch
 
 
-def _head_weight(model: UnifiedModel):
-    """(weight, weight is [V, H]) of the text head when it is a plain fp32 matrix, else (None, False)."""
-    if model.lm_head is None:
-        return model.embed.weight, True
-    if getattr(model.lm_head, "fp8", None) is None:
-        return model.lm_head.weight, False
-    return None, False
-
-
 def head_row_losses(model: UnifiedModel, normed_NH: paddle.Tensor, labels_N: paddle.Tensor) -> paddle.Tensor:
     """Per-row cross-entropy [N] of the text head on already normalised hidden rows (0 where the label is
     IGNORE). On CPU with the fused kernels: one head GEMM whose logits become their own gradient in place
@@ -56,7 +47,7 @@ def head_row_losses(model: UnifiedModel, normed_NH: paddle.Tensor, labels_N: pad
     thread); elsewhere one logits tensor and `F.cross_entropy`."""
     lab_N1 = labels_N.reshape([-1, 1])
     N = normed_NH.shape[0]
-    weight, w_is_VH = _head_weight(model)
+    weight, w_is_VH = model.head_weight()
     if weight is not None and kernels.usable(normed_NH, weight):
         return HeadCE.apply(normed_NH, weight, labels_N.reshape([-1]).astype("int64"), w_is_VH)
     if not normed_NH.place.is_cpu_place():
