@@ -86,18 +86,33 @@ class Router(nn.Layer):
         return Routing(topk_ids_TK, chosen_TK / denom_T1, probs_TE, logits_TE)
 
 
-def balance_losses(cfg: MoEConfig, r: Routing, counts_E: np.ndarray, batch_size: int) -> Optional[paddle.Tensor]:
-    """Optional Switch aux loss, sequence aux loss and router z-loss (None when all coefficients are 0)."""
+def balance_losses(cfg: MoEConfig, r: Routing, counts_E: np.ndarray, batch_size: int,
+                   row_T: Optional[np.ndarray] = None) -> Optional[paddle.Tensor]:
+    """Optional Switch aux loss, sequence aux loss and router z-loss (None when all coefficients are 0).
+
+    Every term is over the routed tokens only. `row_T` gives each routed token's row (sequence) when they are
+    not all B x S positions (padding is not routed): the sequence loss then averages over each row's own tokens.
+    """
     E, (T, K) = cfg.num_experts, r.topk_ids_TK.shape
     terms = []
     if cfg.aux_loss_coef > 0:
-        frac_E = paddle.to_tensor(counts_E / (T * K), dtype="float32")
+        frac_E = paddle.to_tensor(counts_E / max(T * K, 1), dtype="float32")
         terms.append(cfg.aux_loss_coef * E * (frac_E * r.probs_TE.mean(0)).sum())
     if cfg.seq_aux_loss_coef > 0:
-        S = T // batch_size
-        hits_BSE = F.one_hot(r.topk_ids_TK, E).sum(1).reshape([batch_size, S, E])
-        frac_BE = hits_BSE.sum(1) * (E / (K * S))
-        terms.append(cfg.seq_aux_loss_coef * (frac_BE * r.probs_TE.reshape([batch_size, S, E]).mean(1)).sum(-1).mean())
+        hits_TE = F.one_hot(r.topk_ids_TK, E).sum(1)
+        if row_T is None:
+            S = T // batch_size
+            frac_BE = hits_TE.reshape([batch_size, S, E]).sum(1) * (E / (K * S))
+            terms.append(cfg.seq_aux_loss_coef * (frac_BE * r.probs_TE.reshape([batch_size, S, E]).mean(1))
+                         .sum(-1).mean())
+        else:  # per-row sums as one-hot(row)^T GEMMs; rows with no routed token drop out of the mean
+            n_B = np.bincount(row_T, minlength=batch_size).astype(np.float32)
+            rows_BT = F.one_hot(paddle.to_tensor(row_T, dtype="int64"), batch_size).astype("float32").T
+            inv_B1 = paddle.to_tensor(1.0 / np.maximum(n_B, 1.0))[:, None]
+            frac_BE = paddle.matmul(rows_BT, hits_TE.astype("float32")) * inv_B1 * (E / K)
+            mean_probs_BE = paddle.matmul(rows_BT, r.probs_TE) * inv_B1
+            per_row_B = (frac_BE * mean_probs_BE).sum(-1)
+            terms.append(cfg.seq_aux_loss_coef * per_row_B.sum() / float(max((n_B > 0).sum(), 1)))
     if cfg.z_loss_coef > 0:
         terms.append(cfg.z_loss_coef * paddle.logsumexp(r.logits_TE, axis=-1).pow(2).mean())
     return paddle.add_n(terms) if terms else None
@@ -171,30 +186,53 @@ class MoELayer(nn.Layer):
     def forward(self, x_BSH: paddle.Tensor, submodel=None,
                 modality_BS: Optional[paddle.Tensor] = None) -> tuple[paddle.Tensor, Optional[paddle.Tensor]]:
         """`submodel` (an elastic SubModel or None) may restrict the experts and lower top-k; `modality_BS`
-        (unified batches) counts loads per modality and, under isolated routing, picks each token's group."""
+        (unified batches) counts loads per modality and, under isolated routing, picks each token's group.
+
+        Padding positions (modality -1) are not routed: no expert sees them, they add nothing to the step's
+        expert counts (which move the aux-free bias) and nothing to the balancing losses; their routed output
+        is 0 (shared experts still apply, position-wise, and nothing reads a padding position's output).
+        """
         B, S, H = x_BSH.shape
         x_TH = x_BSH.reshape([B * S, H])
         experts, top_k = sub_routing(submodel, self.cfg)
         counting = self.training and paddle.is_grad_enabled() and experts is None and top_k is None
+        if self.cfg.isolated and submodel is not None:
+            raise ValueError("elastic sub-models are not supported with isolated routing")
+        mod_T = None if modality_BS is None else modality_BS.reshape([-1])
+        idx_np = None  # rows of x_TH that are routed (None: all of them)
+        if mod_T is not None:
+            real_T = mod_T.numpy() >= 0
+            if not real_T.all():
+                idx_np = np.nonzero(real_T)[0].astype(np.int64)
+        dummy = idx_np is not None and idx_np.size == 0  # nothing but padding
+        if dummy:
+            # experts are still called once (on row 0, weight 0) so that expert parallelism's collectives, which
+            # every rank of the group must join, run; nothing is counted and no balancing loss is formed
+            idx_np, counting = np.zeros(1, np.int64), False
+        idx = None if idx_np is None else paddle.to_tensor(idx_np)
+        xr_TH = x_TH if idx is None else paddle.gather(x_TH, idx)
+        modr_T = None if mod_T is None else (mod_T if idx is None else paddle.gather(mod_T, idx))
         if self.cfg.isolated:
-            if submodel is not None:
-                raise ValueError("elastic sub-models are not supported with isolated routing")
-            y_TH, aux, counts_E, ids_TK = self._isolated(x_TH, modality_BS.reshape([-1]))
+            yr_TH, aux, counts_E, ids_TK = self._isolated(xr_TH, modr_T)
         else:
-            y_TH, r, counts_E = self._routed(x_TH, self.router, self.experts, self.cfg, experts, top_k)
-            aux = balance_losses(self.cfg, r, counts_E, B) if self.training else None
+            yr_TH, r, counts_E = self._routed(xr_TH, self.router, self.experts, self.cfg, experts, top_k)
+            aux = balance_losses(self.cfg, r, counts_E, B, None if idx_np is None else idx_np // S) \
+                if self.training else None
             ids_TK = r.topk_ids_TK
+        if dummy:
+            yr_TH, aux = yr_TH * 0.0, None
+        y_TH = yr_TH if idx is None else paddle.scatter(paddle.zeros_like(x_TH), idx, yr_TH, overwrite=True)
         if self.shared is not None:
             y_TH = y_TH + self.shared(x_TH)
         # not in recompute's no-grad first pass (one count per micro-batch), and not for a sub-model's
         # routing: the aux-free bias balances the full model only, so its loads alone move the bias
         if counting:
             self.step_counts += counts_E
-            if modality_BS is not None:
-                mod_T = modality_BS.reshape([-1]).numpy()
+            if modr_T is not None:
+                m_T = modr_T.numpy()
                 ids = ids_TK.numpy()
-                keep = (mod_T >= 0)[:, None] & (ids >= 0)  # padding has no modality; isolated pads ids with -1
-                np.add.at(self.modality_counts, (np.broadcast_to(mod_T[:, None], ids.shape)[keep], ids[keep]), 1)
+                keep = (m_T >= 0)[:, None] & (ids >= 0)  # isolated routing pads ids with -1
+                np.add.at(self.modality_counts, (np.broadcast_to(m_T[:, None], ids.shape)[keep], ids[keep]), 1)
         return y_TH.reshape([B, S, H]), aux
 
     def _isolated(self, x_TH, modality_T):
