@@ -3,14 +3,14 @@
 Under `paddle.LazyGuard()` every `create_parameter` returns a parameter with its shape and dtype but no
 storage (its initializer is deferred until `initialize()`, which we never call), so a trillion-parameter
 UnifiedModel costs only the Python objects. The check attributes every built parameter to a plan component
-by its name and compares the counts per component with `ernie5.plan`, and checks that no parameter got
+by its name and compares the counts per component with `ernie5.plan_params`, and checks that no parameter got
 storage.
 
 Building every expert of a 512-expert x 58-layer model still means ~60k Python Linear objects (~14 s,
 ~0.8 GB of Python objects), so `full=False` builds one representative model instead: the same shapes with
-one dense block (if the model has one) and one MoE block (if it has one), plus embeddings, head and MTP; the
-whole model's counts follow from the per-layer-kind counts. Blocks depend only on the config and their kind
-(`Block(cfg, moe)`), so this is the same shape check.
+one dense block (if the model has one) and one MoE block (if it has one), plus embeddings, head, MTP and the
+modality inputs and heads; the whole model's counts follow from the per-layer-kind counts. Blocks depend only
+on the config and their kind (`Block(cfg, moe)`), so this is the same shape check.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from ernie5.model.config import ModelConfig
-from ernie5.plan import ParamCount, count_parameters
+from ernie5.plan_params import ParamCount, count_parameters
 
 # parameter name (UnifiedModel attribute paths) -> plan component; first match wins
 _COMPONENTS = [
@@ -33,10 +33,15 @@ _COMPONENTS = [
     (r"^norm\.", "norms"),
     (r"^layers\.\d+\.(input_norm|post_attn_norm)\.", "norms"),
     (r"^layers\.\d+\.attn\.", "attention"),
-    (r"^layers\.\d+\.mlp\.router\.", "router"),
+    (r"^layers\.\d+\.mlp\.(router|vision_router)\.", "router"),
     (r"^layers\.\d+\.mlp\.experts\.", "experts"),
+    (r"^layers\.\d+\.mlp\.vision_experts\.", "vision_experts"),
     (r"^layers\.\d+\.mlp\.shared\.", "shared_experts"),
-    (r"^layers\.\d+\.mlp\.", "dense_ffn"),
+    (r"^layers\.\d+\.mlp\.(gate_up|down)\.", "dense_ffn"),
+    (r"^io\.(vis_proj|scale_embed|audio_embed)\.", "modality_embeddings"),
+    (r"^io\.merger\.", "patch_merger"),
+    (r"^io\.visual_head\.", "visual_head"),
+    (r"^io\.audio_heads\.", "audio_heads"),
 ]
 
 # above this many routed-expert SwiGLUs the default check builds the representative model

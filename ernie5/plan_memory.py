@@ -2,12 +2,14 @@
 
 Placement (world = data x tensor x pipeline; expert-parallel ranks are carved from the data ranks):
 - Layers are split into `pipeline x virtual_pipeline` contiguous chunks (sizes differ by at most one, the
-  later chunks take the extra layers); stage s holds chunks s, s + P, s + 2P, ... The embedding sits on
-  stage 0; the final norm, the head, MTP and modality heads on the last stage. With tied embeddings and
+  later chunks take the extra layers); stage s holds chunks s, s + P, s + 2P, ... The embedding and the
+  modality inputs (multimodal models: visual projection / scale table, audio tables, patch merger) sit on
+  stage 0; the final norm, the head, MTP and the modality heads on the last stage. With tied embeddings and
   pipeline > 1 the last stage keeps its own copy of the embedding for the head (as Megatron does).
-- Routed experts are divided over `parallel.expert` (not over tensor: every tensor rank of a stage holds
-  the same expert shard); attention, dense FFN, shared experts, embeddings, head and MTP over
-  `parallel.tensor`; norms and the router are replicated.
+- Routed experts (text and, with isolated routing, vision experts) are divided over `parallel.expert` (not
+  over tensor: every tensor rank of a stage holds the same expert shard); attention, dense FFN, shared
+  experts, embeddings, head and MTP over `parallel.tensor`; norms, routers and the (small) modality inputs
+  and heads are replicated.
 - Weights are `param_dtype` (router fp32), grads `grad_dtype` (router fp32). Adam keeps an fp32 master copy
   (unless the weights already are fp32) and two fp32 moments: 12 (or 8) bytes per parameter. ZeRO-1
   (`sharding_stage: 1`) divides those by the parameter's data-parallel degree: `data` for dense parts,
@@ -22,6 +24,8 @@ attention kernel is assumed, so no seq x seq matrix is kept):
 - MoE FFN: norm input H*a + rstd 4 + norm output H*a + router probs E*4 + top-k ids and weights 12k
   + dispatched tokens kH*a + expert gate|up 2k Fe*a + expert products k Fe*a + expert outputs kH*a (for the
   combine-weight gradient) + shared gate|up 2Fs*a + shared products Fs*a (Fs = Fe x num_shared_experts).
+  Isolated routing: each routed term is the larger of the text group's (E, k, Fe) and the vision group's
+  (vision_num_experts, vision_top_k, vision_expert_ffn_size), a bound for any mix of modalities.
 - FP8 storage (`precision.fp8.enabled` and `store_activations`): saved inputs of the FP8 GEMMs are kept as
   E4M3 bytes plus one fp32 scale per `tile` values, 1 + 4/tile bytes instead of a (half of bf16, a quarter of
   fp32). apply_to=experts: dispatched tokens and expert products; apply_to=all_linear: also every other GEMM
@@ -38,7 +42,8 @@ attention kernel is assumed, so no seq x seq matrix is kept):
 - In flight (1F1B, m = grad_accum_steps micro-batches): stage s keeps min(P - s, m) micro-batches; with
   v > 1 virtual stages, min(2(P - s - 1) + (v - 1)P + 1, m v) chunks of 1/v of its layers (Megatron's
   interleaved schedule). No pipeline: one micro-batch.
-Not modelled: communication buffers, all-to-all staging, allocator fragmentation, CUDA context (~1-3 GB);
+Not modelled: the modality inputs' and heads' activations (multimodal models; small next to the text
+head's logits), communication buffers, all-to-all staging, allocator fragmentation, CUDA context (~1-3 GB);
 keep 10-20% headroom.
 """
 
@@ -50,15 +55,17 @@ from typing import Any
 
 from ernie5.errors import ConfigError
 from ernie5.model.config import ModelConfig
-from ernie5.plan import (ParamCount, embedding_params, head_params, layer_params, modality_head_params,
-                         mtp_params)
+from ernie5.plan_params import (ParamCount, embedding_params, head_params, layer_params, modality_head_params,
+                                modality_input_params, mtp_params)
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 # component -> how it is split: "tensor" (over tensor ranks), "expert" (over expert ranks), "replicated"
+# (isolated routing runs with expert = 1, so its vision experts are whole on every rank)
 SPLIT = {"embeddings": "tensor", "lm_head": "tensor", "attention": "tensor", "dense_ffn": "tensor",
-         "shared_experts": "tensor", "mtp": "tensor", "experts": "expert", "router": "replicated",
-         "norms": "replicated"}
+         "shared_experts": "tensor", "mtp": "tensor", "experts": "expert", "vision_experts": "expert",
+         "router": "replicated", "norms": "replicated", "modality_embeddings": "replicated",
+         "patch_merger": "replicated", "visual_head": "replicated", "audio_heads": "replicated"}
 FP32_COMPONENTS = {"router"}  # the router weight is kept and trained in fp32 whatever param_dtype is
 
 
@@ -115,6 +122,8 @@ def stage_params(cfg: ModelConfig, layers: list[int], first: bool, last: bool, p
     pc = ParamCount()
     if first or (last and cfg.tie_embeddings and pipeline > 1):
         pc.merge(embedding_params(cfg))
+    if first:
+        pc.merge(modality_input_params(cfg))
     for i in layers:
         pc.merge(layer_params(cfg, i))
     if last:
@@ -131,7 +140,7 @@ def state_bytes(pc: ParamCount, run_cfg, param_dtype: str, grad_dtype: str) -> d
     p = run_cfg.parallel
     out = {"params": 0, "params_bytes": 0, "grads_bytes": 0, "optimizer_bytes": 0}
     for name, count in pc.total.items():
-        split = SPLIT.get(name, "tensor")  # new components (modality heads) default to tensor-split
+        split = SPLIT[name]
         n = _per_device(count, split, p.tensor, p.expert)
         w = 4 if name in FP32_COMPONENTS else DTYPE_BYTES[param_dtype]
         g = 4 if name in FP32_COMPONENTS else DTYPE_BYTES[grad_dtype]
@@ -173,8 +182,12 @@ def block_pieces(run_cfg, moe: bool, a: int) -> dict[str, float]:
     if moe:
         mo = m.moe
         k, Fe, Fs = mo.top_k, mo.expert_ffn_size, mo.expert_ffn_size * mo.num_shared_experts
-        pieces["expert_gate_up"] = 2 * k * Fe * a + k * Fe * _fp8_bytes(run_cfg, a, "expert") + 2 * Fs * a + Fs * lin
-        pieces["moe_rest"] = mo.num_experts * 4 + 12 * k + k * H * _fp8_bytes(run_cfg, a, "dispatch") + k * H * a
+        E, kFe = mo.num_experts, k * Fe
+        if mo.isolated:  # a token uses one group: bound by the larger one
+            E, k = max(E, mo.vision_num_experts), max(k, mo.vision_k)
+            kFe = max(kFe, mo.vision_k * mo.vision_expert_ffn_size)
+        pieces["expert_gate_up"] = 2 * kFe * a + kFe * _fp8_bytes(run_cfg, a, "expert") + 2 * Fs * a + Fs * lin
+        pieces["moe_rest"] = E * 4 + 12 * k + k * H * _fp8_bytes(run_cfg, a, "dispatch") + k * H * a
     else:
         F = m.ffn_hidden_size
         pieces["dense_ffn"] = 2 * F * a + F * lin
