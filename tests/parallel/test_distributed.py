@@ -87,6 +87,29 @@ def test_dp2_and_ep2_gradients_and_logits_equal_one_process(tmp_path, expert):
     np.testing.assert_allclose(model(tokens12).numpy(), ranks[0]["logits"], atol=1e-5)
 
 
+def test_ep2_native_alltoall_branch_equals_one_process(tmp_path):
+    """The dispatcher's native all-to-all branch (the one NCCL runs), on gloo through a stand-in for
+    alltoall_single (see _ep_check.py): same logits and gradients as one process, forward and backward."""
+    code, _, logs = launch([tmp_path, *MODEL, "parallel.expert=2", "--native"], tmp_path / "log",
+                           script=HERE / "_ep_check.py")
+    assert code == 0, logs
+    tokens = np.random.default_rng(7).integers(0, 97, (4, 13))
+    _, ref_grads, ref_logits = reference(tokens)
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+    # 2 MoE layers x 2 exchanges (dispatch, combine) x (training forward, its backward, eval forward) = 12:
+    # every exchange, backward included, went through the native branch
+    assert [int(z["native_calls"]) for z in ranks] == [12, 12]
+    got = {}
+    for z in ranks:
+        np.testing.assert_allclose(z["logits"], ref_logits, atol=1e-5)
+        for k in z.files:
+            if k.startswith("g::"):
+                got.setdefault(k[3:], z[k])
+    assert got.keys() == ref_grads.keys()
+    for k, g in ref_grads.items():
+        np.testing.assert_allclose(got[k], g, rtol=1e-4, atol=1e-6, err_msg=k)
+
+
 @pytest.fixture
 def train_args(tmp_path, text_assets):
     _, tok, shards = text_assets
@@ -95,6 +118,28 @@ def train_args(tmp_path, text_assets):
         return ["configs/tiny_text.yaml", *tiny_overrides(run, shards, tok), "checkpoint.interval=2", "--quiet",
                 *extra]
     return make
+
+
+def test_aux_free_bias_update_uses_the_loads_of_both_ranks(tmp_path, text_assets):
+    """DP=2, 2 micro-batches per step: after every step each rank's router bias equals bias_before + u *
+    sign(mean(L) - L), L the expert loads summed over both micro-batches of both ranks (counted by router hooks
+    in _bias_check.py), and the two ranks hold the same bias."""
+    _, tok, shards = text_assets
+    u = 1e-3
+    args = [tmp_path, *tiny_overrides(tmp_path / "run", shards, tok), "train.max_steps=3",
+            "train.grad_accum_steps=2", f"model.moe.bias_update_rate={u}"]
+    code, _, logs = launch(args, tmp_path / "log", script=HERE / "_bias_check.py")
+    assert code == 0, logs
+    r0, r1 = (np.load(tmp_path / f"bias.rank{r}.npz") for r in range(2))
+    assert r0["loads"].shape == (3, 2, 4)  # steps x MoE layers x experts
+    np.testing.assert_array_equal(r0["after"], r1["after"])  # identical on both ranks
+    np.testing.assert_array_equal(r0["before"], r1["before"])
+    total = r0["loads"] + r1["loads"]
+    want = r0["before"] + np.float32(u) * np.sign(total.mean(-1, keepdims=True) - total).astype(np.float32)
+    np.testing.assert_allclose(r0["after"], want, rtol=0, atol=1e-9)
+    # the data make the check decisive: one rank's loads alone would have moved some bias the other way
+    one_rank = [np.sign(r["loads"].mean(-1, keepdims=True) - r["loads"]) for r in (r0, r1)]
+    assert any((s != np.sign(total.mean(-1, keepdims=True) - total)).any() for s in one_rank)
 
 
 def test_training_dp2_ep2_resume_and_reshard(tmp_path, train_args):
