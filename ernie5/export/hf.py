@@ -35,6 +35,11 @@ def export_hf(ckpt_path: str, out_dir: str, tokenizer_model: str | None = None,
     mcfg = cfg.model
     hf_layout.check_exportable(mcfg, str(ckpt))
     tensors = hf_layout.to_hf_tensors(state, mcfg, str(ckpt))
+    moe_mtp = [k for k in range(mcfg.mtp.depth) if mcfg.is_moe_layer(k)]
+    if moe_mtp:  # PaddleFormers picks dense or MoE for MTP block k by the rule for decoder layer k
+        print(f"warning: {ckpt}: PaddleFormers builds MTP block(s) {moe_mtp} as MoE layers (the MoE-layer rule for "
+              "those layer indices) while ours are dense, so this export will not load there (transformers and "
+              "ernie5 import are fine)", file=sys.stderr)
     tok = Path(tokenizer_model or cfg.tokenizer.model_path)
     if not tok.is_file():
         raise UserError(str(tok), "tokenizer model not found (pass --tokenizer PATH)")
@@ -44,7 +49,8 @@ def export_hf(ckpt_path: str, out_dir: str, tokenizer_model: str | None = None,
     tok_json = hf_tokenizer.tokenizer_json(tok)
     out = Path(out_dir)
     with staging_dir(out) as tmp:
-        _write_json(tmp / "config.json", hf_layout.hf_config(mcfg, ids))
+        dtype = tensors["model.embed_tokens.weight"].dtype.name  # float32 unless the checkpoint stores less
+        _write_json(tmp / "config.json", hf_layout.hf_config(mcfg, ids, dtype))
         _write_json(tmp / "generation_config.json", ids)
         write_safetensors(tensors, tmp, max_shard_bytes, metadata={"source": "ernie5"})
         shutil.copyfile(tok, tmp / TOKENIZER_FILE)
@@ -72,14 +78,32 @@ def _read_hf_config(hf_dir: Path) -> dict:
     return raw
 
 
-def _drop_unusable_mtp(tensors: dict[str, np.ndarray], where: str) -> None:
-    """ernie5's MTP block is dense; an MTP stored as a MoE block is left out, with a warning."""
+def _drop_unusable_mtp(tensors: dict[str, np.ndarray], where: str) -> bool:
+    """ernie5's MTP block is dense; an MTP stored as a MoE block is left out, with a warning. True if dropped."""
     depth = hf_layout.mtp_depth_of(tensors)
     if depth and "model.mtp_block.0.mlp.gate_proj.weight" not in tensors:
         for name in [n for n in tensors if n.startswith("model.mtp_")]:
             del tensors[name]
         print(f"warning: {where}: its MTP block is not a dense SwiGLU block; imported without MTP (mtp.depth=0)",
               file=sys.stderr)
+        return True
+    return False
+
+
+def _mtp_depth(hf: dict, tensors: dict[str, np.ndarray], where: str) -> int:
+    """MTP depth to import: the stored MTP weights, checked against the depth config.json states (under
+    num_nextn_predict_layers or multi_token_pred_depth, either accepted). A config stating MTP layers whose
+    weights are absent (an inference-only copy) imports without MTP, with a warning."""
+    config_path = str(Path(where) / "config.json")
+    dropped = _drop_unusable_mtp(tensors, where)
+    stored = hf_layout.mtp_depth_of(tensors)
+    declared = hf_layout.declared_mtp_depth(hf, config_path)
+    if declared is not None and stored and declared != stored:
+        raise UserError(config_path, f"states {declared} MTP layers, the weights hold {stored}")
+    if declared and not stored and not dropped:
+        print(f"warning: {config_path} states {declared} MTP layers but {where} has no MTP weights; imported "
+              "without MTP (mtp.depth=0)", file=sys.stderr)
+    return stored
 
 
 def read_hf(hf_dir: str):
@@ -93,8 +117,7 @@ def read_hf(hf_dir: str):
     src = Path(hf_dir)
     hf = _read_hf_config(src)
     tensors = read_safetensors_dir(src)
-    _drop_unusable_mtp(tensors, str(src))
-    section = hf_layout.model_section_from_hf(hf, hf_layout.mtp_depth_of(tensors), str(src / "config.json"))
+    section = hf_layout.model_section_from_hf(hf, _mtp_depth(hf, tensors, str(src)), str(src / "config.json"))
     seq_len = min(DataConfig().seq_len, section["max_seq_len"])
     try:
         cfg = config_from_dict({"model": section, "data": {"seq_len": seq_len}})

@@ -1,4 +1,4 @@
-"""Name, shape and config mapping between ernie5 and Hugging Face ERNIE 4.5 (SPEC §7). Numpy only, no files.
+"""Name, shape and config mapping between ernie5 and Hugging Face ERNIE 4.5. Numpy only, no files.
 
 HF Linear weights are [out, in] and ours (Paddle) are [in, out]. Our SwiGLU keeps gate and up in one [H, 2F]
 GEMM (columns :F gate, F: up); HF stores `gate_proj` and `up_proj` separately. The router weight is [E, H] and
@@ -18,6 +18,7 @@ from ernie5.model.config import ModelConfig
 
 MOE_ARCH, MOE_TYPE = "Ernie4_5_MoeForCausalLM", "ernie4_5_moe"
 DENSE_ARCH, DENSE_TYPE = "Ernie4_5ForCausalLM", "ernie4_5"
+MTP_DEPTH_KEYS = ("num_nextn_predict_layers", "multi_token_pred_depth")
 
 
 @dataclass(frozen=True)
@@ -160,8 +161,12 @@ def check_exportable(cfg: ModelConfig, where: str) -> None:
     # rope_sections need no check: text positions have t = h = w, which is plain 1-D RoPE whatever the split
 
 
-def hf_config(cfg: ModelConfig, special_ids: dict[str, int]) -> dict:
-    """config.json for `cfg`: the MoE class when it has experts, the dense ERNIE 4.5 class otherwise."""
+def hf_config(cfg: ModelConfig, special_ids: dict[str, int], dtype: str = "float32") -> dict:
+    """config.json for `cfg`: the MoE class when it has experts, the dense ERNIE 4.5 class otherwise.
+
+    `dtype` names the stored weights' type (transformers 5 reads `dtype`; transformers 4.x and PaddleFormers
+    read `torch_dtype`, so both are written).
+    """
     moe = cfg.moe.num_experts > 0
     out = {
         "architectures": [MOE_ARCH if moe else DENSE_ARCH],
@@ -182,7 +187,8 @@ def hf_config(cfg: ModelConfig, special_ids: dict[str, int]) -> dict:
         "tie_word_embeddings": cfg.tie_embeddings,
         "use_bias": False,
         "use_cache": True,
-        "dtype": "float32",
+        "dtype": dtype,
+        "torch_dtype": dtype,
         **special_ids,
     }
     if moe:
@@ -199,9 +205,22 @@ def hf_config(cfg: ModelConfig, special_ids: dict[str, int]) -> dict:
             "moe_use_aux_free": True,  # ERNIE's flag for the e_score_correction_bias (PaddleFormers reads it)
             "router_aux_loss_coef": cfg.moe.aux_loss_coef,
         })
-    if cfg.mtp.depth:
-        out["multi_token_pred_depth"] = cfg.mtp.depth  # the ERNIE 4.5 config key; transformers ignores it
+    # MTP depth under both names ERNIE 4.5 tooling uses: PaddleFormers reads num_nextn_predict_layers (and builds
+    # one MTP layer when it is absent, hence also written when 0), the original ERNIE 4.5 configs carry
+    # multi_token_pred_depth; transformers ignores both and skips the MTP weights
+    out.update({key: cfg.mtp.depth for key in MTP_DEPTH_KEYS})
     return out
+
+
+def declared_mtp_depth(hf: dict, where: str) -> int | None:
+    """The MTP depth a config.json states under either key (None if under neither); both keys must agree."""
+    stated = {key: hf[key] for key in MTP_DEPTH_KEYS if hf.get(key) is not None}
+    for key, value in stated.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserError(where, f"{key}={value!r} is not a number of MTP layers")
+    if len(set(stated.values())) > 1:
+        raise UserError(where, " and ".join(f"{k}={v}" for k, v in stated.items()) + " disagree")
+    return next(iter(stated.values()), None)
 
 
 def _get(hf: dict, key: str, where: str, default=None, required: bool = True):
