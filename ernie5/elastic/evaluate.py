@@ -59,7 +59,7 @@ def evaluate_elastic(ckpt_path: str, out_dir: Optional[str] = None, batches: int
 
     ckpt = resolve_checkpoint(ckpt_path)
     cfg = load_config(ckpt / "config.yaml", list(overrides))
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, fp8=cfg.precision.fp8)  # as it was trained: FP8 GEMMs change the numbers
     apply_model_state(model, load_model_weights(ckpt), str(ckpt))
     model.eval()
     subs = ElasticSpace(cfg.elastic, cfg.model, cfg.parallel.expert).grid() if grid else [("full", FULL)]
