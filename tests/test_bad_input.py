@@ -41,7 +41,7 @@ def world(tmp_path_factory, text_assets):
     corrupt_run = root / "corrupt_run"
     shutil.copytree(run, corrupt_run)
     for c in (corrupt_run / "checkpoints").iterdir():
-        (c / "model.pdparams").write_bytes(b"rubbish")
+        (c / "model.safetensors").write_bytes(b"rubbish")
     return {"root": root, "run": run, "base": base, "corpus": corpus, "tok": tok, "shards": shards,
             "corrupt_run": corrupt_run}
 
@@ -94,7 +94,7 @@ CASES = [
     ("incompatible checkpoint", lambda w: ["train", T, *w["base"], "model.hidden_size=64", "train.max_steps=3"],
      "checkpoint does not match the model config"),
     ("all checkpoints corrupted", lambda w: ["train", T, *w["base"], f"run.output_dir={w['corrupt_run']}", "train.max_steps=3"],
-     "all 1 checkpoints are corrupted (newest: model.pdparams has 7 bytes"),
+     "all 1 checkpoints are corrupted (newest: model.safetensors has 7 bytes"),
     ("seq_len longer than data", lambda w: ["train", T, *w["base"], "data.seq_len=1000000", "model.max_seq_len=2000000",
                                             f"run.output_dir={w['root']}/r6"], "not one row of seq_len"),
     ("plan without vocab", lambda w: ["plan", T], "model.vocab_size: must be set for `plan`"),

@@ -43,8 +43,8 @@ class MultimodalDataConfig:
     manifest: str = "data/raw/digits_world/samples.jsonl"
     out_dir: str = "data/shards/digits_world"
     text_tokenizer: str = "tokenizers/demo_text.model"
-    vision_tokenizer: str = "tokenizers/digits_vision_b4.pdparams"
-    audio_tokenizer: str = "tokenizers/digits_audio.pdparams"
+    vision_tokenizer: str = "tokenizers/digits_vision_b4.safetensors"
+    audio_tokenizer: str = "tokenizers/digits_audio.safetensors"
     seq_len: int = 512
     max_documents: int = 0  # 0: all
     text_corpus: list[str] = field(default_factory=list)  # plain-text files mixed in as text-only documents

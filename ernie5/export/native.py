@@ -1,8 +1,8 @@
 """Native export: the whole ernie5 model as safetensors (our names, Paddle layout) + its config.yaml.
 
-The directory carries the same `manifest.json` as a training checkpoint, so `ernie5.load_model(dir)` and
-`resolve_checkpoint` take it as they are; only the weights file differs (`model.safetensors` instead of
-`model.pdparams`, read by `load_native_weights`). The tokenizer is copied in and config.yaml points at the copy.
+The directory carries the same `manifest.json` and `model.safetensors` as a training checkpoint (without the
+optimizer, RNG and trainer state), so `ernie5.load_model(dir)` and `resolve_checkpoint` take it as they are. The
+tokenizer is copied in and config.yaml points at the copy.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 
 from ernie5.errors import UserError
 from ernie5.export.files import SINGLE_FILE, check_free, read_checkpoint
-from ernie5.train.checkpoint import save_text, write_checkpoint_dir
+from ernie5.train.checkpoint import load_tensors, save_text, write_checkpoint_dir
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -48,10 +48,6 @@ def export_native(ckpt_path: str, out_dir: str, tokenizer_model: str | None = No
 
 
 def load_native_weights(export_dir: Path) -> dict[str, np.ndarray]:
-    """State dict of a native export (numpy arrays, our names and layout)."""
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(str(Path(export_dir) / SINGLE_FILE))
-    except Exception as e:  # safetensors raises its own types for bad files
-        raise UserError(str(Path(export_dir) / SINGLE_FILE), f"cannot load ({type(e).__name__}: {e})") from None
+    """State dict of a native export (numpy arrays, our names and layout). Only the safetensors file is read,
+    whatever else the directory holds."""
+    return load_tensors(Path(export_dir) / SINGLE_FILE)

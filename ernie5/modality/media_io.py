@@ -1,8 +1,10 @@
-"""Tokenizer recipes (YAML under `tokenizers/`) and trained tokenizer assets (`.pdparams` + `.json`).
+"""Tokenizer recipes (YAML under `tokenizers/`) and trained tokenizer assets (`.safetensors` + `.json`).
 
 A recipe's top-level `kind` picks the tokenizer (`text` recipes are ordinary run configs and keep their own
-path); `vision` and `audio` recipes build `TokenizerRecipe`. A trained asset is `OUTPUT.pdparams` (weights) with
-`OUTPUT.json` beside it (the recipe's model config and the held-out report), so it loads without the recipe.
+path); `vision` and `audio` recipes build `TokenizerRecipe`. A trained asset is `OUTPUT.safetensors` (weights)
+with `OUTPUT.json` beside it (the recipe's model config and the held-out report), so it loads without the recipe.
+Neither format can run code when loaded. Assets from older versions were pickles (`OUTPUT.pdparams`); they load
+only with ERNIE5_ALLOW_PICKLE=1, since unpickling an untrusted file can run arbitrary code.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class TokenizerRecipe:
     """`ernie5 tokenizer train RECIPE.yaml` for kind vision / audio."""
 
     kind: Literal["vision", "audio"] = "vision"
-    output: str = "tokenizers/vision.pdparams"
+    output: str = "tokenizers/vision.safetensors"
     data_dir: str = "data/raw/digits_world"
     init_from: str | None = None  # a trained asset of the same kind (vision: fewer bits -> progressive widths)
     seed: int = 0
@@ -56,7 +58,8 @@ class TokenizerRecipe:
     train: MediaTrainConfig = field(default_factory=MediaTrainConfig)
 
     def validate(self, path: str) -> None:
-        require(self.output.endswith(".pdparams"), join(path, "output"), f"{self.output!r} must end in .pdparams")
+        require(self.output.endswith(".safetensors"), join(path, "output"),
+                f"{self.output!r} must end in .safetensors")
 
 
 def recipe_kind(path: str) -> str:
@@ -76,13 +79,13 @@ def load_recipe(path: str, overrides: list[str] = ()) -> TokenizerRecipe:
 
 
 def save_asset(recipe: TokenizerRecipe, model, report: dict) -> Path:
-    """Write OUTPUT.pdparams and OUTPUT.json (atomically: temp file then rename)."""
-    import paddle
+    """Write OUTPUT.safetensors and OUTPUT.json (atomically: temp file then rename)."""
+    from ernie5.train.checkpoint import save_tensors
 
     out = Path(recipe.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".pdparams.tmp")
-    paddle.save(model.state_dict(), str(tmp))
+    tmp = out.with_suffix(".safetensors.tmp")
+    save_tensors(model.state_dict())(tmp)
     tmp.replace(out)
     meta = {"kind": recipe.kind, "config": to_dict(getattr(recipe, recipe.kind)), "report": report}
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
@@ -90,9 +93,7 @@ def save_asset(recipe: TokenizerRecipe, model, report: dict) -> Path:
 
 
 def load_asset(path: str):
-    """A trained vision / audio tokenizer (eval mode) from OUTPUT.pdparams + OUTPUT.json."""
-    import paddle
-
+    """A trained vision / audio tokenizer (eval mode) from OUTPUT.safetensors + OUTPUT.json."""
     from ernie5.modality.audio import AudioTokenizer
     from ernie5.modality.vision import VisionTokenizer
 
@@ -102,9 +103,9 @@ def load_asset(path: str):
         raise UserError(str(p), "tokenizer asset not found (run `ernie5 tokenizer train` on its recipe)")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        state = paddle.load(str(p))
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(str(p), f"unreadable tokenizer asset ({e})") from None
+    except (OSError, ValueError) as e:
+        raise UserError(str(meta_path), f"unreadable tokenizer asset ({e})") from None
+    state = _load_weights(p)
     if meta.get("kind") == "vision":
         model = VisionTokenizer(build(VisionTokenizerConfig, meta["config"], "vision"))
     elif meta.get("kind") == "audio":
@@ -115,3 +116,21 @@ def load_asset(path: str):
     model.set_state_dict({k: v for k, v in state.items() if k in wanted})
     model.eval()
     return model
+
+
+def _load_weights(p: Path) -> dict:
+    """The asset's weights. safetensors content is read as such whatever the file is called; a `.safetensors`
+    name is never unpickled; any other file is a legacy pickle, loaded only with the opt-in."""
+    from ernie5.train.checkpoint import ALLOW_PICKLE_ENV, is_safetensors, load_tensors, pickle_allowed
+
+    if is_safetensors(p) or p.suffix == ".safetensors":
+        return load_tensors(p)
+    if not pickle_allowed():
+        raise UserError(str(p), f"legacy pickle tokenizer asset; loading it can run code, set {ALLOW_PICKLE_ENV}=1 "
+                                "only if you trust its source (or retrain it with `ernie5 tokenizer train`)")
+    import paddle
+
+    try:
+        return paddle.load(str(p))
+    except Exception as e:  # paddle raises assorted types for bad files
+        raise UserError(str(p), f"unreadable tokenizer asset ({type(e).__name__}: {str(e)[:120]})") from None

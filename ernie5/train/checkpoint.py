@@ -1,29 +1,54 @@
-"""Atomic, self-describing step checkpoints.
+"""Atomic, self-describing step checkpoints, stored in formats that cannot run code when loaded.
 
-Layout: `checkpoints/step_<8-digit step>/` holding `model.pdparams` and `optimizer.pdopt` (with several ranks,
-also `model.rankN.pdparams` / `optimizer.rankN.pdopt`: each rank's share, under global names),
-`trainer_state.json`, `rng.pkl`, the run's resolved `config.yaml`, and `manifest.json` (sha256 and size of every
-other file). A checkpoint is written into a `.tmp-` sibling dir, every file fsynced, then renamed into place, so
-a directory named `step_*` with a manifest is complete. On load the manifest is verified; a checkpoint that
-fails is skipped (with a warning) in favour of the previous one. Leftover temp dirs are removed at start.
+Layout of `checkpoints/step_<8-digit step>/`:
+
+- `model.safetensors`: the weights (global names, fp32 as trained; a bf16 tensor is stored as its exact fp32
+  value and cast back on load). With several ranks each rank writes its share, rank 0 as `model.safetensors`
+  and rank N as `model.rankN.safetensors`, all under global names, so any EP / DP layout (or one process)
+  loads the union.
+- `optimizer.safetensors` / `optimizer.rankN.safetensors`: AdamW accumulators as `<global name>::<slot>`.
+  Non-tensor entries, if a state dict has any, go as JSON into the safetensors header metadata.
+- `rng.json`: paddle's generator states (seed, offset and the Mersenne-Twister engine state as text).
+- `trainer_state.json` (step, data loader position, spike / rollback counters, ...), the run's resolved
+  `config.yaml`, and `manifest.json` (sha256 and size of every other file).
+
+A native export (`ernie5 export --format native`) has the same manifest and `model.safetensors`, so it loads
+through the same code. A checkpoint is written into a `.tmp-` sibling dir, every file fsynced, then renamed
+into place, so a directory named `step_*` with a manifest is complete. On load the manifest is verified; a
+checkpoint that fails is skipped (with a warning) in favour of the previous one. Leftover temp dirs are removed
+at start.
+
+Older checkpoints held pickles (`model.pdparams`, `optimizer.pdopt`, `rng.pkl`). Unpickling a file can run
+arbitrary code, so they load only when the user opts in (`checkpoint.allow_pickle: true` in the run config, or
+`ERNIE5_ALLOW_PICKLE=1` in the environment) and are otherwise refused with a one-line error, before any byte
+of them is unpickled. A safetensors file is never unpickled, whatever its name.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
+
+import numpy as np
 
 from ernie5.data.shards import sha256_file
 from ernie5.errors import UserError
 
 MANIFEST = "manifest.json"
+TENSORS = ".safetensors"
+RNG_FILE = "rng.json"
+ALLOW_PICKLE_ENV = "ERNIE5_ALLOW_PICKLE"
+# suffixes of the pickle files older checkpoints used, per stem; only read with the opt-in
+LEGACY_SUFFIX = {"model": ".pdparams", "optimizer": ".pdopt"}
+LEGACY_RNG_FILE = "rng.pkl"
+_META_DTYPES = "ernie5.dtypes"  # safetensors header keys: original dtypes of tensors stored widened ...
+_META_JSON = "ernie5.json"  # ... and non-tensor entries of the state dict
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -171,13 +196,6 @@ def resolve_checkpoint(path: str) -> Path:
     return found
 
 
-def save_pickle(obj) -> Callable[[Path], None]:
-    def write(path: Path) -> None:
-        with open(path, "wb") as f:
-            pickle.dump(obj, f)
-    return write
-
-
 def save_json(obj) -> Callable[[Path], None]:
     def write(path: Path) -> None:
         path.write_text(json.dumps(obj, indent=1))
@@ -188,14 +206,6 @@ def save_text(text: str) -> Callable[[Path], None]:
     return lambda path: path.write_text(text, encoding="utf-8")
 
 
-def save_paddle(state) -> Callable[[Path], None]:
-    def write(path: Path) -> None:
-        import paddle
-
-        paddle.save(state, str(path))
-    return write
-
-
 def json_load(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -203,36 +213,227 @@ def json_load(path: Path) -> dict:
         raise UserError(str(path), f"unreadable ({e})") from None
 
 
-def load_state(path: Path, name: str):
+# ---- tensors: safetensors only ---------------------------------------------------------------------------
+
+def _to_numpy(value) -> tuple[np.ndarray, Optional[str]]:
+    """(array to store, original dtype name if it had to be widened). bf16 has no numpy dtype: fp32 holds every
+    bf16 value exactly, so it is stored as fp32 and cast back on load."""
+    if hasattr(value, "numpy") and hasattr(value, "dtype") and not isinstance(value, np.ndarray):
+        import paddle
+
+        if value.dtype == paddle.bfloat16:
+            return np.ascontiguousarray(value.astype("float32").numpy()), "bfloat16"
+        value = value.numpy()
+    return np.ascontiguousarray(value), None
+
+
+def _is_tensor(value) -> bool:
+    return isinstance(value, np.ndarray) or (hasattr(value, "numpy") and hasattr(value, "shape"))
+
+
+def save_tensors(state: dict) -> Callable[[Path], None]:
+    """Writer of a state dict as one safetensors file. Tensors (paddle or numpy) are stored as tensors; other
+    entries must be JSON values and go into the header metadata."""
+    def write(path: Path) -> None:
+        from safetensors.numpy import save_file
+
+        tensors, widened, extra = {}, {}, {}
+        for k, v in state.items():
+            if _is_tensor(v):
+                tensors[k], orig = _to_numpy(v)
+                if orig:
+                    widened[k] = orig
+            else:
+                try:
+                    json.dumps(v)
+                except (TypeError, ValueError):
+                    raise TypeError(f"state entry {k!r} ({type(v).__name__}) is neither a tensor nor JSON") \
+                        from None
+                extra[k] = v
+        meta = {"format": "ernie5"}
+        if widened:
+            meta[_META_DTYPES] = json.dumps(widened)
+        if extra:
+            meta[_META_JSON] = json.dumps(extra)
+        save_file(tensors, str(path), metadata=meta)
+    return write
+
+
+# the older name, still used by the HF importer; it too writes safetensors now (loaders check the content, so a
+# `model.pdparams` that holds safetensors bytes is read without unpickling)
+save_paddle = save_tensors
+
+
+def is_safetensors(path: Path) -> bool:
+    """True if `path` starts like a safetensors file (8-byte little-endian header length, then a JSON object)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and 2 <= int.from_bytes(head[:8], "little") <= 100_000_000 and head[8:9] == b"{"
+
+
+def load_tensors(path: Path) -> dict[str, Any]:
+    """A state dict written by `save_tensors` (or any safetensors file): {name: numpy array or JSON value}.
+    Never unpickles anything."""
+    from safetensors import safe_open
+
+    if not is_safetensors(path):
+        raise UserError(str(path), "not a safetensors file")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            out: dict[str, Any] = {k: f.get_tensor(k) for k in f.keys()}
+        widened = json.loads(meta.get(_META_DTYPES, "{}"))
+        extra = json.loads(meta.get(_META_JSON, "{}"))
+    except Exception as e:  # safetensors raises its own types for bad headers / truncated files
+        raise UserError(str(path), f"cannot load ({type(e).__name__}: {str(e).splitlines()[0][:120]})") \
+            from None
+    if not isinstance(widened, dict) or not isinstance(extra, dict):
+        raise UserError(str(path), "malformed ernie5 metadata in the safetensors header")
+    if widened:
+        import paddle
+
+        for k, dtype in widened.items():
+            if k not in out or dtype != "bfloat16":
+                raise UserError(str(path), f"malformed ernie5 metadata in the safetensors header ({k!r})")
+            out[k] = paddle.to_tensor(out[k]).astype(paddle.bfloat16)
+    out.update(extra)
+    return out
+
+
+# ---- legacy pickle files (opt-in) ------------------------------------------------------------------------
+
+def pickle_allowed(allow_pickle: bool = False) -> bool:
+    """The user's opt-in to unpickling legacy files: the run config flag or ERNIE5_ALLOW_PICKLE=1."""
+    return allow_pickle or os.environ.get(ALLOW_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def refuse_pickle(path: Path, allow_pickle: bool = False) -> None:
+    """UserError unless the user opted in to loading the pickle at `path`."""
+    if not pickle_allowed(allow_pickle):
+        raise UserError(str(path), "legacy pickle checkpoint; loading it can run code, set "
+                                   f"checkpoint.allow_pickle=true (or {ALLOW_PICKLE_ENV}=1) only if you trust its "
+                                   "source")
+
+
+def _load_legacy(path: Path, allow_pickle: bool) -> dict:
+    """A `paddle.save` pickle, after the opt-in check. A file that is really safetensors is read as such."""
+    if is_safetensors(path):
+        return load_tensors(path)
+    refuse_pickle(path, allow_pickle)
     import paddle
 
     try:
-        return paddle.load(str(path / name))
+        return paddle.load(str(path))
     except Exception as e:  # paddle raises assorted types for bad files
-        raise UserError(str(path / name), f"cannot load ({type(e).__name__}: {str(e).splitlines()[0][:120]})") \
+        raise UserError(str(path), f"cannot load ({type(e).__name__}: {str(e).splitlines()[0][:120]})") \
             from None
 
 
 def rank_file(stem: str, suffix: str, rank: int) -> str:
-    """Per-rank file names: rank 0 keeps the plain name (`model.pdparams`), others `model.rank3.pdparams`."""
+    """Per-rank file names: rank 0 keeps the plain name (`model.safetensors`), others `model.rank3.safetensors`."""
     return f"{stem}{suffix}" if rank == 0 else f"{stem}.rank{rank}{suffix}"
 
 
-def load_merged(ckpt: Path, stem: str, suffix: str) -> dict:
-    """Union of `stem{suffix}` and every `stem.rankN{suffix}` (each holds a disjoint share, global names)."""
-    merged = dict(load_state(ckpt, stem + suffix))
-    for f in sorted(ckpt.glob(f"{stem}.rank*{suffix}")):
-        merged.update(load_state(ckpt, f.name))
+def _shares(ckpt: Path, stem: str, suffix: str) -> list[Path]:
+    """`stem{suffix}` (if present) and every `stem.rankN{suffix}`."""
+    files = [ckpt / f"{stem}{suffix}"] if (ckpt / f"{stem}{suffix}").is_file() else []
+    return files + sorted(p for p in ckpt.glob(f"{stem}.rank*{suffix}") if re.fullmatch(
+        rf"{re.escape(stem)}\.rank\d+{re.escape(suffix)}", p.name))
+
+
+def load_merged(ckpt: Path, stem: str, allow_pickle: bool = False) -> dict:
+    """Union of `stem.safetensors` and every `stem.rankN.safetensors` (each a disjoint share, global names).
+
+    A checkpoint with no safetensors share falls back to the legacy pickles (`stem.pdparams` / `.pdopt` and
+    their rank shares), which need the opt-in."""
+    files = _shares(ckpt, stem, TENSORS)
+    legacy = not files
+    if legacy:
+        files = _shares(ckpt, stem, LEGACY_SUFFIX.get(stem, ".pdparams"))
+    if not files:
+        raise UserError(str(ckpt), f"no {stem}{TENSORS} in this checkpoint")
+    merged: dict = {}
+    for f in files:
+        merged.update(_load_legacy(f, allow_pickle) if legacy else load_tensors(f))
     return merged
 
 
-def load_model_weights(ckpt: Path) -> dict:
-    """Model weights (global names) of a training checkpoint, single- or multi-rank, or of a native export."""
-    if not (ckpt / "model.pdparams").is_file() and (ckpt / "model.safetensors").is_file():
-        from ernie5.export.native import load_native_weights
+def load_model_weights(ckpt: Path, allow_pickle: bool = False) -> dict:
+    """Model weights (global names) of a training checkpoint, single- or multi-rank, or of a native export.
+    safetensors files always win over legacy pickles in the same directory."""
+    return load_merged(ckpt, "model", allow_pickle)
 
-        return load_native_weights(ckpt)
-    return load_merged(ckpt, "model", ".pdparams")
+
+# ---- RNG state: JSON -------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    """paddle's generator states as JSON values, exactly: each GeneratorState's own (device, seed, offset,
+    engine) tuple, the engine being the Mersenne-Twister state in its standard text form."""
+    import paddle
+
+    gens = []
+    for g in paddle.get_rng_state():
+        device, seed, offset, engine = g.__getstate__()
+        gens.append({"device": int(device), "seed": int(seed), "offset": int(offset),
+                     "engine": bytes(engine).decode("ascii")})
+    return {"format": 1, "paddle": gens}
+
+
+def save_rng() -> Callable[[Path], None]:
+    return save_json(rng_state())
+
+
+_ENGINE_TEXT = re.compile(r"[0-9 ]{1,100000}")
+
+
+def set_rng_state(state: dict, where: str) -> None:
+    """Restore what `rng_state` captured; anything malformed is a UserError, not a crash inside paddle."""
+    import paddle
+
+    try:
+        gens = state["paddle"]
+        current = paddle.get_rng_state()
+        if state.get("format") != 1 or not isinstance(gens, list) or len(gens) != len(current):
+            raise ValueError(f"expected {len(current)} generator state(s)")
+        cls = type(current[0])
+        want_words = len(bytes(current[0].__getstate__()[3]).split())
+        restored = []
+        for g in gens:
+            fields = (g["device"], g["seed"], g["offset"])
+            if not all(isinstance(v, int) and not isinstance(v, bool) and -2**63 <= v < 2**64 for v in fields):
+                raise ValueError("device / seed / offset must be 64-bit integers")
+            if not isinstance(g["engine"], str) or not _ENGINE_TEXT.fullmatch(g["engine"]):
+                raise ValueError("engine state must be decimal numbers separated by spaces")
+            if len(g["engine"].split()) != want_words:  # paddle would accept a short one and run on garbage
+                raise ValueError(f"engine state has {len(g['engine'].split())} numbers, expected {want_words}")
+            obj = cls.__new__(cls)
+            obj.__setstate__((*fields, list(g["engine"].encode("ascii"))))
+            restored.append(obj)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise UserError(where, f"malformed RNG state ({type(e).__name__}: {e})") from None
+    paddle.set_rng_state(restored)
+
+
+def load_rng(ckpt: Path, allow_pickle: bool = False) -> None:
+    """Restore the RNG state of a checkpoint: `rng.json`, or a legacy `rng.pkl` with the opt-in."""
+    if (ckpt / RNG_FILE).is_file() or not (ckpt / LEGACY_RNG_FILE).is_file():
+        set_rng_state(json_load(ckpt / RNG_FILE), str(ckpt / RNG_FILE))
+        return
+    path = ckpt / LEGACY_RNG_FILE
+    refuse_pickle(path, allow_pickle)
+    import pickle
+
+    import paddle
+
+    try:
+        with open(path, "rb") as f:
+            paddle.set_rng_state(pickle.load(f)["paddle"])
+    except Exception as e:  # anything the pickle holds may be wrong
+        raise UserError(str(path), f"cannot load ({type(e).__name__}: {str(e).splitlines()[0][:120]})") \
+            from None
 
 
 def apply_model_state(model, state: dict, where: str) -> None:

@@ -73,6 +73,9 @@ class CheckpointConfig:
     interval: int = 0  # 0: only at the end of training
     keep_last: int = 3
     resume: bool = True
+    # load legacy pickle checkpoints (model.pdparams / optimizer.pdopt / rng.pkl): unpickling can run arbitrary
+    # code, so only for checkpoints from a trusted source
+    allow_pickle: bool = False
 
     def validate(self, path: str) -> None:
         require(self.interval >= 0, join(path, "interval"), "must be >= 0")

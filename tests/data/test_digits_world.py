@@ -25,7 +25,7 @@ def world(tmp_path_factory, text_assets):
                                     "train.video_every=2", "train.video_batch_size=2"]),
                         ("audio", ["audio.channels=[4,8,8,8]", "audio.latent_dim=8", "audio.codebook_size=16",
                                    "train.steps=2", "train.batch_size=2"])):
-        out = root / f"{kind}.pdparams"
+        out = root / f"{kind}.safetensors"
         r = run_cli("tokenizer", "train", f"tokenizers/digits_{'vision_b4' if kind == 'vision' else 'audio'}.yaml",
                     f"output={out}", f"data_dir={root / 'world'}", *extra, timeout=300)
         assert r.returncode == 0, r.stderr

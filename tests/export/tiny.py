@@ -8,7 +8,7 @@ import paddle
 import ernie5  # noqa: F401  (thread settings before paddle)
 from ernie5.config.run import load_config
 from ernie5.model.transformer import build_model
-from ernie5.train.checkpoint import save_paddle, save_text, write_checkpoint
+from ernie5.train.checkpoint import save_tensors, save_text, write_checkpoint
 
 VOCAB = 416  # > the 400 pieces of the test tokenizer, so the model vocab is padded as in real runs
 
@@ -40,7 +40,7 @@ def make_checkpoint(root: Path, tok: Path, *extra: str, seed: int = 0):
     model = build_model(cfg.model, seed=seed)
     randomize(model, seed)
     model.eval()
-    ckpt = write_checkpoint(root / "checkpoints", 5, {"model.pdparams": save_paddle(model.state_dict()),
+    ckpt = write_checkpoint(root / "checkpoints", 5, {"model.safetensors": save_tensors(model.state_dict()),
                                                       "config.yaml": save_text(cfg.to_yaml())}, keep_last=1)
     return ckpt, model, cfg
 

@@ -151,7 +151,7 @@ def test_training_improves_heldout_reconstruction(speech, tmp_path):
     assert snr1 > 2.0 and snr1 > snr0 + 3.0 and snr1 > snr_init - 0.5, (snr0, snr_init, snr1)
     assert stft1 < stft0 and stft1 < 0.5 * silence, (stft0, stft_init, stft1, silence)
     # the asset round trip keeps the codes
-    recipe = TokenizerRecipe(kind="audio", output=str(tmp_path / "a.pdparams"), audio=cfg)
+    recipe = TokenizerRecipe(kind="audio", output=str(tmp_path / "a.safetensors"), audio=cfg)
     save_asset(recipe, m, {"snr_db": snr1})
     loaded = load_asset(recipe.output)
     m.eval()

@@ -6,6 +6,7 @@ the layout given on the command line; each rank saves its synced gradients and t
 stand-in checks the split sizes it is given against every rank's (what a real all-to-all silently relies on)."""
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import paddle
@@ -19,6 +20,7 @@ from ernie5.objectives.text import make_text_batch, text_loss
 from ernie5.parallel.expert_parallel import ExpertParallelDispatcher
 from ernie5.parallel.runtime import ParallelRuntime
 from ernie5.parallel.topology import init_topology
+from ernie5.train.checkpoint import save_tensors
 
 out_dir, overrides = sys.argv[1], [a for a in sys.argv[2:] if a != "--native"]
 native = "--native" in sys.argv[2:]
@@ -75,4 +77,4 @@ logits = model(paddle.to_tensor(tokens[:, :12])).numpy()
 np.savez(f"{out_dir}/rank{topo.rank}.npz", logits=logits, norm=runtime.grad_norm(), native_calls=native_calls,
          **{f"g::{k}": v for k, v in grads.items()})
 state = runtime.model_state()
-paddle.save(state, f"{out_dir}/model.rank{topo.rank}.pdparams")
+save_tensors(state)(Path(f"{out_dir}/model.rank{topo.rank}.safetensors"))

@@ -13,7 +13,7 @@ import pytest
 from ernie5.config.run import load_config
 from ernie5.model.transformer import build_model, to_tensor_batch
 from ernie5.objectives.text import make_text_batch, text_loss
-from ernie5.train.checkpoint import apply_model_state
+from ernie5.train.checkpoint import apply_model_state, load_tensors
 from tests.conftest import REPO, run_cli, tiny_overrides
 
 HERE = Path(__file__).parent
@@ -80,7 +80,7 @@ def test_dp2_and_ep2_gradients_and_logits_equal_one_process(tmp_path, expert):
     # resharding: the two ranks' shares (global names) load into a one-process model and give the same logits
     state = {}
     for r in range(2):
-        state.update(paddle.load(str(tmp_path / f"model.rank{r}.pdparams")))
+        state.update(load_tensors(tmp_path / f"model.rank{r}.safetensors"))
     apply_model_state(model, state, "ranks")
     model.eval()
     tokens12 = paddle.to_tensor(tokens[:, :12])
@@ -177,7 +177,7 @@ def test_sharding_stage1_matches_plain_dp(tmp_path, train_args):
     assert code == 0, logs
     np.testing.assert_allclose(losses(zero1), losses(dp), rtol=1e-5)
     files = sorted(p.name for p in (zero1 / "checkpoints" / "step_00000002").iterdir())
-    assert "optimizer.rank1.pdopt" in files  # each rank wrote its shard of the optimizer state
+    assert "optimizer.rank1.safetensors" in files  # each rank wrote its shard of the optimizer state
 
 
 def test_a_dead_rank_takes_the_job_down_and_restart_resumes(tmp_path, train_args):

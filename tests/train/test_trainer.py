@@ -8,6 +8,7 @@ import pytest
 
 from ernie5.errors import UserError
 from ernie5.train.callbacks import orthogonal_loss
+from ernie5.train.checkpoint import load_tensors
 from ernie5.train.config import OptimConfig
 from ernie5.train.optim import build_optimizer, lr_at
 from ernie5.train.trainer import Trainer
@@ -42,10 +43,10 @@ def test_resume_reproduces_uninterrupted_losses_exactly(tiny_cfg, tmp_path):
     assert tr.resumed_from.name == "step_00000004" and tr.step == 4
     tr.train()
     assert losses(tmp_path / "a") == losses(tmp_path / "b")  # bit-identical, not approximately equal
-    a = paddle.load(str(tmp_path / "a/checkpoints/step_00000008/model.pdparams"))
-    b = paddle.load(str(tmp_path / "b/checkpoints/step_00000008/model.pdparams"))
+    a = load_tensors(tmp_path / "a/checkpoints/step_00000008/model.safetensors")
+    b = load_tensors(tmp_path / "b/checkpoints/step_00000008/model.safetensors")
     for k in a:
-        np.testing.assert_array_equal(a[k].numpy(), b[k].numpy(), err_msg=k)
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_checkpoints_partial_corrupt_and_keep_last(tiny_cfg, tmp_path, capsys):
@@ -56,7 +57,7 @@ def test_checkpoints_partial_corrupt_and_keep_last(tiny_cfg, tmp_path, capsys):
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000004", "step_00000006"]
     (ckpts / ".tmp-step_00000008-123").mkdir()  # a crash mid-save leaves a temp dir ...
     (ckpts / "step_00000010").mkdir()  # ... or a step dir with no manifest
-    opt = ckpts / "step_00000006" / "optimizer.pdopt"
+    opt = ckpts / "step_00000006" / "optimizer.safetensors"
     opt.write_bytes(opt.read_bytes()[:-10] + b"0123456789")  # and a corrupted newest checkpoint
     tr = Trainer(tiny_cfg("train.max_steps=6", f"run.output_dir={run}"), quiet=True)
     assert tr.resumed_from.name == "step_00000004" and tr.step == 4
