@@ -12,6 +12,13 @@ happens once per source / Paddle install / Python / CPU, into `$ERNIE5_KERNEL_CA
 `~/.cache/ernie5/kernels`), under a file lock so that ranks starting together build it once. `-march=native`:
 the cache key includes the CPU model. Only CPU float32 tensors use them (`usable`); GPU runs never build them.
 
+`-ffp-contract=off` keeps the compiler from fusing multiplies and adds into FMA instructions, whose single
+rounding would make results depend on the CPU: elementwise kernels (AdamW among them) give the same bits on every
+x86-64 CPU, summations differ by their order only. `ERNIE5_KERNEL_ISA` (one of `ISA_VARIANTS`, default
+`native`) builds for less than the native ISA, e.g. `avx2` (`-mno-avx512f`) or `avx2-nofma`; the variant is part
+of the cache key and of the module name. Paddle registers the ops by name, so one process loads one variant (a
+test runs the other in a subprocess).
+
 The library links MKL's OpenMP runtime (libiomp5, shipped in Paddle's libs/), not GCC's libgomp: with two
 runtimes each keeps its own spinning worker threads, and on 2 cores the GEMMs and these kernels then fought
 for the cores (the bench step went from 0.58 s to 0.84 s); with one runtime they share one thread pool.
@@ -32,7 +39,14 @@ from pathlib import Path
 from typing import Optional
 
 SOURCE = Path(__file__).with_name("cpu_fused.cc")
-CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+CXX_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+# extra flags per ISA variant (after -march=native); -mno-avx512f also turns off every AVX-512 extension
+ISA_VARIANTS = {
+    "native": [],
+    "avx2": ["-mno-avx512f"],
+    "avx2-nofma": ["-mno-avx512f", "-mno-fma"],
+    "avx": ["-mno-avx2", "-mno-fma"],
+}
 LD_FLAGS = ["-liomp5"]  # MKL's OpenMP runtime (Paddle's libs/, on the link path): one thread pool, see below
 _STATE: dict = {"tried": False, "ops": None, "error": None}
 
@@ -40,6 +54,24 @@ _STATE: dict = {"tried": False, "ops": None, "error": None}
 def requested() -> bool:
     """False when the user turned the fused kernels off (ERNIE5_FUSED_KERNELS=0)."""
     return os.environ.get("ERNIE5_FUSED_KERNELS", "1") != "0"
+
+
+def isa() -> str:
+    """The ISA variant to build and load: $ERNIE5_KERNEL_ISA, default `native`."""
+    name = os.environ.get("ERNIE5_KERNEL_ISA", "") or "native"
+    if name not in ISA_VARIANTS:
+        raise ValueError(f"ERNIE5_KERNEL_ISA={name!r} is not one of {sorted(ISA_VARIANTS)}")
+    return name
+
+
+def cxx_flags(variant: Optional[str] = None) -> list:
+    """The compiler flags of an ISA variant (default: `isa()`)."""
+    return CXX_FLAGS + ISA_VARIANTS[variant or isa()]
+
+
+def module_name(variant: Optional[str] = None) -> str:
+    variant = variant or isa()
+    return "ernie5_cpu_fused" + ("" if variant == "native" else "_" + variant.replace("-", "_"))
 
 
 def _cpu_model() -> str:
@@ -58,13 +90,13 @@ def _cpu_model() -> str:
     return " | ".join(found.values()) or platform.processor()
 
 
-def build_key() -> str:
-    """What the compiled library depends on: source, flags, the Paddle install (version and path: the library
-    links it by path), Python, the CPU."""
+def build_key(variant: Optional[str] = None) -> str:
+    """What the compiled library depends on: source, flags (with the ISA variant's), the Paddle install (version
+    and path: the library links it by path), Python, the CPU."""
     import paddle
 
     h = hashlib.sha256(SOURCE.read_bytes())
-    for part in (CXX_FLAGS, LD_FLAGS, paddle.__version__, os.path.dirname(paddle.__file__), sys.version,
+    for part in (cxx_flags(variant), LD_FLAGS, paddle.__version__, os.path.dirname(paddle.__file__), sys.version,
                  platform.machine(), _cpu_model()):
         h.update(repr(part).encode())
     return h.hexdigest()[:16]
@@ -127,8 +159,9 @@ def _quiet(log_path: Optional[Path]):
 def _build():
     from paddle.utils.cpp_extension import load
 
-    where = cache_root() / build_key()
-    name = "ernie5_cpu_fused"
+    variant = isa()
+    where = cache_root() / build_key(variant)
+    name = module_name(variant)
     if (where / "ready").exists():
         try:  # built before: import the library without `load`'s ~1 s setuptools up-to-date check (no lock
             # needed: `ready` is written after the build; works in a read-only shared cache too)
@@ -142,8 +175,8 @@ def _build():
     with open(where / "lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent ranks: one builds, the others wait, then `load` finds it
         with _quiet(where / "build.log"):
-            module = load(name=name, sources=[str(SOURCE)], extra_cxx_cflags=CXX_FLAGS, extra_ldflags=LD_FLAGS,
-                          build_directory=str(where), verbose=False)
+            module = load(name=name, sources=[str(SOURCE)], extra_cxx_cflags=cxx_flags(variant),
+                          extra_ldflags=LD_FLAGS, build_directory=str(where), verbose=False)
         (where / "ready").touch()
         return module
 

@@ -4,6 +4,11 @@
 // over memory; these kernels do one pass per row on all OpenMP threads. Each has a plain-Paddle definition it is
 // tested against (tests/model/test_fused_kernels.py). Tensors are contiguous, row-major, float32 (labels
 // int64); leading dimensions are flattened into rows.
+//
+// Built with -march=native but -ffp-contract=off: no a * b + c is fused into one FMA instruction, so every
+// elementwise result is the same bit for bit on every x86-64 CPU (with or without FMA, AVX2 or AVX-512).
+// Only the summations (`omp simd reduction`) may add in a different order when the vector width differs
+// (tests/model/test_kernel_variants.py builds a second ISA variant and checks both).
 
 #include <cmath>
 #include <cstdint>
@@ -432,10 +437,18 @@ std::vector<paddle::Tensor> SumSquares(const std::vector<paddle::Tensor>& xs) {
   return {out};
 }
 
-// One AdamW step (Paddle's CPU formula) over many parameters, in place. lr_decay [n, 2]: per parameter its
-// learning rate and 1 / 0 for decay on / off. Gradients are read times grad_scale (gradient clipping folded in).
+// One AdamW step over many parameters, in place. lr_decay [n, 2]: per parameter its learning rate and 1 / 0 for
+// decay on / off. Gradients are read times grad_scale (gradient clipping folded in).
 // Per parameter: p -= lr * coeff * p (decay on); m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
 // p -= lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps sqrt(1 - b2^t)); then b1^t *= b1, b2^t *= b2.
+//
+// The operations, their order and their precision are those of Paddle's portable CPU AdamW / Adam loop (the one
+// it runs on CPUs without AVX-512): scalars and moments in float, rounded after every operation, and the last
+// line (from sqrt(v) on) in double, rounded to float once, because that loop calls the C library's double sqrt.
+// The library is compiled with -ffp-contract=off, so no multiply-add is fused whatever the ISA: the result is
+// the same, bit for bit, on every x86-64 CPU (elementwise code; vector width does not matter) and equal to that
+// Paddle loop. Paddle on an AVX-512 CPU instead runs a JIT kernel doing all of it in float with three fused
+// multiply-adds; the two then differ by rounding only (bound in tests/model/test_fused_kernels.py).
 void AdamWMulti(std::vector<paddle::Tensor>& params, const std::vector<paddle::Tensor>& grads,
                 std::vector<paddle::Tensor>& m1, std::vector<paddle::Tensor>& m2, std::vector<paddle::Tensor>& b1p,
                 std::vector<paddle::Tensor>& b2p, const paddle::Tensor& lr_decay, float beta1, float beta2,
@@ -457,7 +470,7 @@ void AdamWMulti(std::vector<paddle::Tensor>& params, const std::vector<paddle::T
   for (size_t t = 0; t < n; ++t) {
     const float lr = hp[2 * t], b1t = *b1p[t].data<float>(), b2t = *b2p[t].data<float>();
     decay[t] = hp[2 * t + 1] != 0.f ? lr * coeff : 0.f;
-    step[t] = lr * std::sqrt(1.f - b2t) / (1.f - b1t);
+    step[t] = lr * (std::sqrt(1.f - b2t) / (1.f - b1t));  // Paddle's association (it matters in the last bit)
     eps_t[t] = eps * std::sqrt(1.f - b2t);
   }
   const auto chunks = chunks_of(params);
@@ -468,16 +481,18 @@ void AdamWMulti(std::vector<paddle::Tensor>& params, const std::vector<paddle::T
     const float* g = grads[t].data<float>();
     float* m = m1[t].data<float>();
     float* v = m2[t].data<float>();
-    const float dec = decay[t], st = step[t], et = eps_t[t];
+    const float dec = decay[t];
+    const bool with_decay = dec != 0.f;  // no decay: p as is (also for an infinite p, where p - 0 p is NaN)
+    const double neg_st = -static_cast<double>(step[t]), et = eps_t[t];
 #pragma omp simd
     for (int64_t i = chunks[c].begin; i < chunks[c].end; ++i) {
       const float gi = g[i] * grad_scale;
-      const float pi = p[i] - dec * p[i];
+      const float pi = with_decay ? p[i] - dec * p[i] : p[i];
       const float mi = beta1 * m[i] + (1.f - beta1) * gi;
       const float vi = beta2 * v[i] + (1.f - beta2) * gi * gi;
       m[i] = mi;
       v[i] = vi;
-      p[i] = pi - st * (mi / (std::sqrt(vi) + et));
+      p[i] = static_cast<float>(pi + neg_st * (mi / (std::sqrt(static_cast<double>(vi)) + et)));
     }
   }
   for (size_t t = 0; t < n; ++t) {
