@@ -127,11 +127,9 @@ def read_hf(hf_dir: str):
 
 
 def import_hf(hf_dir: str, out_ckpt_dir: str) -> Path:
-    """Write an ernie5 checkpoint dir (model.pdparams, config.yaml, manifest.json, tokenizer.model if the HF
+    """Write an ernie5 checkpoint dir (model.safetensors, config.yaml, manifest.json, tokenizer.model if the HF
     dir has one) that `ernie5.load_model` and `model.init_from` accept."""
-    import paddle
-
-    from ernie5.train.checkpoint import save_paddle, save_text, write_checkpoint_dir
+    from ernie5.train.checkpoint import save_tensors, save_text, write_checkpoint_dir
 
     src, out = Path(hf_dir), Path(out_ckpt_dir).resolve()
     check_free(out)  # before the (possibly long) read
@@ -142,7 +140,7 @@ def import_hf(hf_dir: str, out_ckpt_dir: str) -> Path:
         cfg.tokenizer.model_path = str(out / TOKENIZER_FILE)
     else:
         print(f"warning: {src} has no {TOKENIZER_FILE}; set tokenizer.model_path before training", file=sys.stderr)
-    writers["model.pdparams"] = save_paddle({k: paddle.to_tensor(v) for k, v in state.items()})
+    writers["model.safetensors"] = save_tensors(state)
     writers["config.yaml"] = save_text(cfg.to_yaml())
     out.parent.mkdir(parents=True, exist_ok=True)
     return write_checkpoint_dir(out, 0, writers)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ernie5.config.schema import join, require
+from ernie5.errors import ConfigError
 
 
 @dataclass
@@ -28,3 +29,15 @@ class ObjectiveConfig:
         require(0 <= self.bit_flip_rate < 0.5, join(path, "bit_flip_rate"), "must be in [0, 0.5)")
         require(0 <= self.posterior_momentum < 1, join(path, "posterior_momentum"), "must be in [0, 1)")
         require(self.token_balance_length >= 0, join(path, "token_balance_length"), "must be >= 0")
+
+    def check_text_only(self, path: str) -> None:
+        """A text-only run (text shards) has one loss: settings that weigh or corrupt other modalities would
+        do nothing there, so they are refused rather than silently ignored. (`token_balanced` works for text.)"""
+        why = "has no effect on a text-only run (data.dir holds text shards); remove it or use multimodal data"
+        if self.modality_weighting != "none":
+            raise ConfigError(join(path, "modality_weighting"), f"{self.modality_weighting!r} {why}")
+        if self.bit_flip_rate > 0:
+            raise ConfigError(join(path, "bit_flip_rate"), f"{self.bit_flip_rate} {why}")
+        for name in ("text_weight", "visual_weight", "audio_weight"):
+            if getattr(self, name) != 1.0:
+                raise ConfigError(join(path, name), f"{getattr(self, name)} {why}")

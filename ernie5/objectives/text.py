@@ -59,14 +59,27 @@ def head_row_losses(model: UnifiedModel, normed_NH: paddle.Tensor, labels_N: pad
     return paddle.concat(chunked_ce([model.logits_from_normed(x) for x in hs], labs)).reshape([-1])
 
 
-def head_ce(model: UnifiedModel, hidden_BSH: paddle.Tensor, labels_BS: paddle.Tensor) -> tuple[paddle.Tensor, int]:
+def token_balanced(total: paddle.Tensor, mean: paddle.Tensor, denom: float) -> paddle.Tensor:
+    """ERNIE 4.5's token-balanced loss: the value of `mean` (a masked mean, for logging and comparison) with the
+    gradient of `total / denom`, `denom` a constant (C tokens per row x rows). A row's per-token gradient then
+    does not depend on how many of its positions carry this loss (image-heavy rows do not shrink their text's)."""
+    tb = total / float(denom)
+    return tb + (mean - tb).detach()
+
+
+def head_ce(model: UnifiedModel, hidden_BSH: paddle.Tensor, labels_BS: paddle.Tensor,
+            balance_length: int = 0) -> tuple[paddle.Tensor, int]:
     """Mean cross-entropy of the text head (final norm + output head) over positions whose label is not IGNORE,
     and how many there were; per-row losses from `head_row_losses` (on CPU no full logits tensor, and the CE
-    kernels in parallel)."""
+    kernels in parallel). `balance_length` C > 0: token-balanced (gradient of the sum / (C x rows))."""
     h = model.norm(hidden_BSH)
     loss_N = head_row_losses(model, h.reshape([-1, h.shape[-1]]), labels_BS.reshape([-1]))
     count = int((labels_BS != IGNORE).astype("int64").sum())
-    return loss_N.sum() / max(count, 1), count  # ignored rows' losses are 0
+    total = loss_N.sum()  # ignored rows' losses are 0
+    mean = total / max(count, 1)
+    if balance_length:
+        mean = token_balanced(total, mean, balance_length * hidden_BSH.shape[0])
+    return mean, count
 
 
 @dataclass
@@ -76,16 +89,18 @@ class TextLoss:
     tokens: int
 
 
-def text_loss(model: UnifiedModel, batch: dict[str, paddle.Tensor], mtp_weight: float, submodel=None) -> TextLoss:
-    """NTP (+ MTP, + balancing aux) loss; `submodel` trains an elastic sub-model (None: the full model)."""
+def text_loss(model: UnifiedModel, batch: dict[str, paddle.Tensor], mtp_weight: float, submodel=None,
+              balance_length: int = 0) -> TextLoss:
+    """NTP (+ MTP, + balancing aux) loss; `submodel` trains an elastic sub-model (None: the full model);
+    `balance_length` C > 0 makes NTP and every MTP depth token-balanced (`token_balanced`)."""
     out = model.backbone(batch["input_ids"], batch["positions"], batch["segment_ids"], submodel)
-    ntp, tokens = head_ce(model, out.hidden_BSH, batch["labels_0"])
+    ntp, tokens = head_ce(model, out.hidden_BSH, batch["labels_0"], balance_length)
     total, terms = ntp, {"loss_ntp": float(ntp)}
     h = out.hidden_BSH
     mtp_terms = []
     for k in range(1, len(model.mtp) + 1):
         h = model.mtp_hidden(k, h, model.embed(batch[f"mtp_ids_{k}"]), out)
-        loss_k, _ = head_ce(model, h, batch[f"labels_{k}"])
+        loss_k, _ = head_ce(model, h, batch[f"labels_{k}"], balance_length)
         terms[f"loss_mtp_{k}"] = float(loss_k)
         mtp_terms.append(loss_k)
     if mtp_terms:

@@ -17,9 +17,12 @@ levels), `loss_aux` (balancing). Rules:
 - **Posterior modality weighting** (`modality_weighting: posterior`): each modality's loss is divided by a
   running mean of its own value (EMA with `posterior_momentum`, detached) and multiplied by the mean of those
   running means, so every modality contributes on the same scale and the total keeps the loss's magnitude.
+  The means move once per applied optimizer step, from that step's finite values averaged over micro-batches
+  and data-parallel ranks (`UnifiedObjective.finish_step`); a modality with no mean yet keeps its fixed weight.
   `none`: fixed `text_weight` / `visual_weight` / `audio_weight`.
-- **Token-balanced loss** (ERNIE 4.5): the forward value of a modality's loss is its masked mean, its gradient
-  is sum(loss * mask) / C with C = `token_balance_length` (default: the row length) x rows.
+- **Token-balanced loss** (ERNIE 4.5): the forward value of a modality's loss (and of each MTP depth's) is its
+  masked mean, its gradient is sum(loss * mask) / C with C = `token_balance_length` (default: the row length)
+  x rows, so samples with many visual tokens do not shrink the per-token gradient of their text.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import paddle.nn.functional as F
 
 from ernie5.data.sequence import AUDIO, HEAD_AUDIO, HEAD_TEXT, HEAD_VISUAL, IMAGE, VIDEO
 from ernie5.objectives.config import ObjectiveConfig
-from ernie5.objectives.text import IGNORE, TextLoss, head_row_losses
+from ernie5.objectives.text import IGNORE, TextLoss, head_row_losses, token_balanced
 
 MODALITY_TERMS = ("text", "visual", "audio")  # per-modality loss terms: loss_text, loss_visual, loss_audio
 
@@ -43,15 +46,17 @@ def unpack_bits(ids: np.ndarray, d: int) -> np.ndarray:
     return (np.maximum(ids, 0)[..., None] >> np.arange(d)) & 1
 
 
-def flip_history(rows: dict, maps: dict, scales: list[int], rate: float, rng: np.random.Generator) -> np.ndarray:
+def flip_history(rows: dict, maps: dict, scales: list[int], rate: float, rngs: list) -> np.ndarray:
     """vis_in with the visual history corrupted: bits of scales < K-1 flipped with probability `rate`, later
-    scales' inputs moved by sum_j A_jk (signs'_j - signs_j). Targets are untouched (the caller keeps them)."""
+    scales' inputs moved by sum_j A_jk (signs'_j - signs_j). Targets are untouched (the caller keeps them).
+    `rngs[b]` draws row b's flips (one generator per row, so a row's corruption depends on that row alone)."""
     vis = rows["vis_in"].copy()
     B = vis.shape[0]
     sizes = [s * s for s in scales]
     offs = np.concatenate([[0], np.cumsum(sizes)])
     d = vis.shape[-1]
     for b in range(B):
+        rng = rngs[b]
         for start in np.nonzero(rows["scale"][b] == 0)[0]:  # each frame's block: scales 0..K-1 back to back
             end = start + offs[-1]
             if end > vis.shape[1] or rows["scale"][b, end - 1] != len(scales) - 1:
@@ -68,8 +73,9 @@ def flip_history(rows: dict, maps: dict, scales: list[int], rate: float, rng: np
 
 def make_unified_batch(rows: dict, *, scales: list[int], audio_end: int, specials: dict, mtp_depth: int,
                        cfg: ObjectiveConfig, maps: Optional[dict] = None,
-                       rng: Optional[np.random.Generator] = None) -> dict:
-    """Model inputs and targets (numpy) from loader rows (`MultimodalLoader.next()`)."""
+                       row_keys: Optional[list] = None) -> dict:
+    """Model inputs and targets (numpy) from loader rows (`MultimodalLoader.next()`). `row_keys[b]` seeds row b's
+    bit-flip draws (default: the row index)."""
     B, S = rows["token"].shape
     target, mask = rows["target"].astype(np.int64), rows["loss_mask"].astype(bool)
     modality = rows["modality"].astype(np.int64)
@@ -79,7 +85,8 @@ def make_unified_batch(rows: dict, *, scales: list[int], audio_end: int, special
            "und_index": rows["und_index"].astype(np.int64), "und_feats": rows["und_feats"].astype(np.float32)}
     vis = rows["vis_in"].astype(np.float32)
     if cfg.bit_flip_rate > 0 and maps is not None:
-        vis = flip_history(rows, maps, scales, cfg.bit_flip_rate, rng or np.random.default_rng(0))
+        keys = row_keys if row_keys is not None else list(range(B))
+        vis = flip_history(rows, maps, scales, cfg.bit_flip_rate, [np.random.default_rng(k) for k in keys])
     out["vis_in"] = vis
     und = out["und_index"] >= 0
     out["und_flat_pos"] = np.nonzero(und.reshape(-1))[0].astype(np.int64)
@@ -112,42 +119,67 @@ def make_unified_batch(rows: dict, *, scales: list[int], audio_end: int, special
 
 # -- loss -----------------------------------------------------------------------------------------------------
 class UnifiedObjective:
-    """Holds the running state of posterior weighting (checkpointed) and computes the loss."""
+    """Holds the running state of posterior weighting (checkpointed) and computes the loss.
+
+    Posterior weighting's running means move once per *applied* optimizer step, never inside `loss()`: each
+    training `loss()` call notes its per-modality values, and the trainer calls `finish_step` when the step's
+    fate is known. A skipped step (non-finite loss or gradient) leaves the running means as they were; an
+    applied one moves each by one EMA update toward the mean of that step's finite values over every
+    micro-batch and, through `sum_fn`, every data-parallel rank, so all ranks hold the same state (and rank 0's
+    checkpoint resumes any of them exactly). Until a modality has a running mean it keeps its fixed weight.
+    """
 
     def __init__(self, cfg: ObjectiveConfig, mtp_weight: float, seq_len: int):
         self.cfg, self.mtp_weight = cfg, mtp_weight
         self.C = cfg.token_balance_length or seq_len
         self.running: dict[str, float] = {}
+        self._noted = np.zeros((2, len(MODALITY_TERMS)))  # this step's [sum; count] per modality, this rank
 
     def state_dict(self) -> dict:
         return {"running": dict(self.running)}
 
     def load_state_dict(self, state: dict) -> None:
         self.running = {k: float(v) for k, v in state.get("running", {}).items()}
+        self._noted[:] = 0
 
     def _reduce(self, loss_N: paddle.Tensor, weight_N: paddle.Tensor, rows: int) -> paddle.Tensor:
         """Masked (weighted) mean; token-balanced: the same value, gradient sum / (C x rows)."""
         total = (loss_N * weight_N).sum()
         mean = total / paddle.clip(weight_N.sum(), min=1e-12)
-        if not self.cfg.token_balanced:
-            return mean
-        tb = total / float(self.C * rows)
-        return tb + (mean - tb).detach()
+        return token_balanced(total, mean, self.C * rows) if self.cfg.token_balanced else mean
 
-    def _weights(self, present: dict[str, paddle.Tensor], update: bool) -> dict[str, float]:
+    def _weights(self, present: dict[str, paddle.Tensor]) -> dict[str, float]:
+        """Each present modality's weight: fixed, or (posterior) fixed x mean(running) / running[modality]."""
         fixed = {"text": self.cfg.text_weight, "visual": self.cfg.visual_weight, "audio": self.cfg.audio_weight}
         if self.cfg.modality_weighting == "none":
             return {k: fixed[k] for k in present}
-        m = self.cfg.posterior_momentum
-        if update:
-            for k, v in present.items():
-                x = float(v)
-                self.running[k] = x if k not in self.running else m * self.running[k] + (1 - m) * x
-        run = {k: self.running.get(k, float(v)) for k, v in present.items()}
-        scale = float(np.mean(list(run.values())))
-        return {k: fixed[k] * scale / max(run[k], 1e-6) for k in present}
+        known = [self.running[k] for k in present if k in self.running]
+        scale = float(np.mean(known)) if known else 1.0
+        return {k: fixed[k] * scale / max(self.running[k], 1e-6) if k in self.running else fixed[k]
+                for k in present}
 
-    def loss(self, model, b: dict, submodel=None, update_running: bool = True) -> TextLoss:
+    def _note(self, values: dict[str, float]) -> None:
+        for i, k in enumerate(MODALITY_TERMS):
+            if k in values and np.isfinite(values[k]):
+                self._noted[:, i] += (values[k], 1.0)
+
+    def finish_step(self, applied: bool, sum_fn=lambda a: a) -> None:
+        """Close the step: if it was applied, move the running means (one EMA update each, from the step's
+        values summed over ranks by `sum_fn`, a collective every rank calls alike); else drop its values."""
+        noted, self._noted = self._noted, np.zeros_like(self._noted)
+        if not applied or self.cfg.modality_weighting != "posterior":
+            return
+        total_2M = sum_fn(noted)
+        m = self.cfg.posterior_momentum
+        for i, k in enumerate(MODALITY_TERMS):
+            if total_2M[1, i] > 0:
+                x = float(total_2M[0, i] / total_2M[1, i])
+                if np.isfinite(x):
+                    self.running[k] = x if k not in self.running else m * self.running[k] + (1 - m) * x
+
+    def loss(self, model, b: dict, submodel=None, record: bool = True) -> TextLoss:
+        """The total loss and its logged terms; `record` (training) notes the per-modality values for
+        `finish_step`."""
         B, S = b["token"].shape
         emb = model.embed_unified(b)
         out = model.backbone(None, b["pos"], b["doc"], submodel, embeds_BSH=emb, groups_BS=b["group"],
@@ -189,10 +221,12 @@ class UnifiedObjective:
             per_token = paddle.add_n(ces) / L
             present["audio"] = self._reduce(per_token, paddle.ones_like(per_token), B)
             tokens += int(aud_idx.shape[0])
-        weights = self._weights(present, update_running and model.training)
+        weights = self._weights(present)
         parts = [weights[k] * v for k, v in present.items()]
         for k, v in present.items():
             terms[f"loss_{k}"] = float(v)
+        if record and model.training:
+            self._note({k: terms[f"loss_{k}"] for k in present})
         # MTP on text positions: depth k embeds x_{t+k}
         mtp_terms = []
         hk = h
@@ -203,7 +237,8 @@ class UnifiedObjective:
             if idx.shape[0] == 0:
                 continue
             hk_sel = model.norm(paddle.gather(hk.reshape([B * S, -1]), idx))
-            ce = head_row_losses(model, hk_sel, paddle.gather(b[f"labels_{k}"].reshape([-1]), idx)).mean()
+            ce_N = head_row_losses(model, hk_sel, paddle.gather(b[f"labels_{k}"].reshape([-1]), idx))
+            ce = self._reduce(ce_N, paddle.ones_like(ce_N), B)
             terms[f"loss_mtp_{k}"] = float(ce)
             mtp_terms.append(ce)
         total = paddle.add_n(parts) if parts else paddle.zeros([1])

@@ -65,7 +65,6 @@ class ParallelRuntime:
 
             self.sharded = fleet.distributed_optimizer(self.dense_opt)._inner_opt  # DygraphShardingOptimizer
         self.expert_opt = build_optimizer(self.expert_params, cfg) if self.expert_params else None
-        self._routed_expert_params = [p for n, p in params.items() if is_expert_name(n)]
 
     @property
     def all_params(self) -> list:
@@ -77,29 +76,46 @@ class ParallelRuntime:
     # ---- per step ----------------------------------------------------------------------------------------
     @paddle.no_grad()
     def sync_grads(self) -> None:
+        """Average gradients over the ranks that hold the same parameters.
+
+        A parameter that produced no gradient on any rank of its group (a layer an elastic depth cut skipped,
+        an expert no token reached, an unused modality head) keeps no gradient, as in one process, so AdamW
+        skips it on every rank instead of applying momentum and weight decay. One that produced a gradient on
+        some rank only gets zeros on the others, so every rank joins the same collectives.
+        """
         topo = self.topo
         if not topo.distributed:
             return
         from paddle.distributed.fleet.utils.hybrid_parallel_util import (fused_allreduce_gradients,
                                                                            fused_allreduce_gradients_with_group)
 
-        for p in self.all_params:  # idle experts / unused params still take part in the collective
-            if p.grad is None:
-                p.grad = paddle.zeros_like(p)
+        dense = self._with_grad_somewhere(self.dense_params, topo.dp_group)
+        experts = self._with_grad_somewhere(self.expert_params, topo.edp_group)
         if self.sharded is not None:
-            self.sharded.reduce_gradients(self.dense_params, topo.hcg)
+            self.sharded.reduce_gradients(dense, topo.hcg)
         else:
-            fused_allreduce_gradients(self.dense_params, topo.hcg)
-        if self.expert_params:
+            fused_allreduce_gradients(dense, topo.hcg)
+        if experts:
             if topo.edp_group is not None:
-                fused_allreduce_gradients_with_group(self.expert_params, topo.edp_group, scale=1.0 / topo.dp)
+                fused_allreduce_gradients_with_group(experts, topo.edp_group, scale=1.0 / topo.dp)
             else:
-                scale_grads(self.expert_params, 1.0 / topo.dp)
-        # an expert no token reached on any rank: no gradient, as in one process (AdamW then skips it rather than
-        # decaying it); the synced zeros are exact, so this is a global decision every replica takes alike
-        for p in self._routed_expert_params:
-            if p.grad is not None and not bool(paddle.any(p.grad != 0)):
-                p.clear_gradient(False)
+                scale_grads(experts, 1.0 / topo.dp)
+
+    def _with_grad_somewhere(self, params: list, group) -> list:
+        """The parameters that have a gradient on at least one rank of `group` (all of its ranks agree), with
+        zeros filled in where this rank has none; `group` None: this rank alone."""
+        if not params:
+            return []
+        has = np.array([p.grad is not None for p in params], dtype=np.float64)
+        if group is not None:
+            has = self.topo.sum_array(has, group=group)
+        out = []
+        for p, h in zip(params, has):
+            if h > 0:
+                if p.grad is None:
+                    p.grad = paddle.zeros_like(p)
+                out.append(p)
+        return out
 
     @paddle.no_grad()
     def grad_norm(self) -> float:

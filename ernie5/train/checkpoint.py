@@ -259,10 +259,6 @@ def save_tensors(state: dict) -> Callable[[Path], None]:
     return write
 
 
-# the older name, still used by the HF importer; it too writes safetensors now (loaders check the content, so a
-# `model.pdparams` that holds safetensors bytes is read without unpickling)
-save_paddle = save_tensors
-
 
 def is_safetensors(path: Path) -> bool:
     """True if `path` starts like a safetensors file (8-byte little-endian header length, then a JSON object)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import shutil
 import signal
 import sys
@@ -103,7 +102,13 @@ class Trainer:
             self.objective = UnifiedObjective(cfg.objective, cfg.model.mtp.loss_weight, cfg.data.seq_len)
             self.train_loader, self.val_loader = self.unified.train, self.unified.val
         else:
+            cfg.objective.check_text_only("objective")
             self.train_loader, self.val_loader = self._loaders()
+        # token-balanced text loss: C tokens per row (0: plain masked means)
+        self.balance_length = (cfg.objective.token_balance_length or cfg.data.seq_len) \
+            if cfg.objective.token_balanced else 0
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self._peak_gflops: Optional[float] = None
         with paddle.utils.unique_name.guard():  # stable parameter names -> stable optimizer-state keys
             self.model = build_model(cfg.model, seed=cfg.run.seed, recompute=cfg.recompute,
                                      placement=self._expert_placement(), fp8=cfg.precision.fp8)
@@ -154,6 +159,17 @@ class Trainer:
                                ExpertParallelDispatcher(E, topo.ep, topo.ep_rank, topo.ep_group,
                                                         native_alltoall=topo.backend == "nccl"))
 
+    @property
+    def peak_gflops(self) -> float:
+        """This machine's measured fp32 GEMM rate (the MFU denominator), measured once on first use."""
+        if self._peak_gflops is None:
+            self._peak_gflops = measure_gemm_gflops()
+        return self._peak_gflops
+
+    @peak_gflops.setter
+    def peak_gflops(self, value: float) -> None:
+        self._peak_gflops = value
+
     def reduce_counts(self, counts: np.ndarray) -> np.ndarray:
         """Sum expert loads over the data-parallel ranks (identity in one process)."""
         return self.topo.sum_array(counts)
@@ -169,11 +185,11 @@ class Trainer:
             state["objective"] = self.objective.state_dict()
         self.last_saved_step = self.step
         r, pause = self.topo.rank, self.cfg.faults.slow_checkpoint_s
-        writers = {ckpt.rank_file("model", ".pdparams", r): ckpt.save_paddle(self.runtime.model_state()),
-                   ckpt.rank_file("optimizer", ".pdopt", r): ckpt.save_paddle(self.runtime.optimizer_state())}
+        writers = {ckpt.rank_file("model", ckpt.TENSORS, r): ckpt.save_tensors(self.runtime.model_state()),
+                   ckpt.rank_file("optimizer", ckpt.TENSORS, r): ckpt.save_tensors(self.runtime.optimizer_state())}
         if self.is_main:
             writers.update({"trainer_state.json": ckpt.save_json(state),
-                            "rng.pkl": ckpt.save_pickle({"paddle": paddle.get_rng_state()}),
+                            ckpt.RNG_FILE: ckpt.save_rng(),
                             "config.yaml": ckpt.save_text(self.cfg.to_yaml())})
         if not self.topo.distributed:
             return ckpt.write_checkpoint(self.ckpt_root, self.step, writers, self.cfg.checkpoint.keep_last, pause)
@@ -193,9 +209,10 @@ class Trainer:
         return final
 
     def load_checkpoint(self, path: Path) -> None:
-        weights = self.runtime.local_model_state(ckpt.load_model_weights(path), str(path))
+        trust = self.cfg.checkpoint.allow_pickle  # legacy pickle files only with the user's opt-in
+        weights = self.runtime.local_model_state(ckpt.load_model_weights(path, trust), str(path))
         ckpt.apply_model_state(self.model, weights, str(path))
-        self.runtime.load_optimizer_state(ckpt.load_merged(path, "optimizer", ".pdopt"))
+        self.runtime.load_optimizer_state(ckpt.load_merged(path, "optimizer", trust))
         state = ckpt.json_load(path / "trainer_state.json")
         self.step = self.last_saved_step = int(state["step"])
         self.bad_streak = int(state.get("bad_streak", 0))
@@ -206,8 +223,7 @@ class Trainer:
         if self.unified is not None and "objective" in state:
             self.objective.load_state_dict(state["objective"])
         self.train_loader.load_state_dict(state["loader"])
-        with open(path / "rng.pkl", "rb") as f:
-            paddle.set_rng_state(pickle.load(f)["paddle"])
+        ckpt.load_rng(path, trust)
 
     def _maybe_resume(self) -> Optional[Path]:
         """Load the newest valid checkpoint (if resuming); drop logged steps that will be redone."""
@@ -217,9 +233,7 @@ class Trainer:
                 ckpt.clean_partial(self.ckpt_root)
             self.topo.barrier()
             problems: list[str] = []
-            path = ckpt.latest_valid_checkpoint(self.ckpt_root, warn=problems.append)
-            chosen = self.topo.broadcast_int(int(path.name[5:]) if path is not None else -1)
-            path = self.ckpt_root / ckpt.step_dir_name(chosen) if chosen >= 0 else None  # rank 0's choice
+            path = self._agreed_checkpoint(problems.append)
             existing = ckpt.list_checkpoints(self.ckpt_root)
             if path is None and existing:
                 newest = ckpt.verify_checkpoint(existing[-1])
@@ -237,6 +251,13 @@ class Trainer:
                 self.event("resumed", checkpoint=str(path))
         return path
 
+    def _agreed_checkpoint(self, warn) -> Optional[Path]:
+        """The newest valid checkpoint as rank 0 sees it, on every rank (each rank verifying on its own could
+        pick different ones, e.g. while a file is being replaced on a shared file system)."""
+        path = ckpt.latest_valid_checkpoint(self.ckpt_root, warn=warn)
+        chosen = self.topo.broadcast_int(int(path.name[5:]) if path is not None else -1)
+        return self.ckpt_root / ckpt.step_dir_name(chosen) if chosen >= 0 else None
+
     def event(self, kind: str, **fields) -> None:
         """Record something a person should know about (skips, spikes, rollbacks, signals) in events.jsonl."""
         record = {"step": self.step, "event": kind, **fields}
@@ -249,7 +270,7 @@ class Trainer:
 
     def rollback(self) -> None:
         """Reload the newest checkpoint but keep the data position: the batches that spiked are skipped."""
-        path = ckpt.latest_valid_checkpoint(self.ckpt_root)
+        path = self._agreed_checkpoint(warn=lambda msg: print(msg, file=sys.stderr) if self.is_main else None)
         if path is None:
             self.event("rollback_unavailable", reason="no checkpoint yet")
             return
@@ -322,6 +343,8 @@ class Trainer:
                 self.runtime.clip(cfg.optim.grad_clip / (grad_norm + 1e-6))
             self.runtime.step(lr)
         self.runtime.clear_grad()
+        if self.unified is not None:  # posterior weighting moves only on applied steps, from all ranks' values
+            self.objective.finish_step(bad is None, self.topo.sum_array)
         if bad is None and self.topo.distributed:  # log the mean over data-parallel ranks
             keys = sorted(terms)
             means = self.topo.sum_array(np.array([total] + [terms[k] for k in keys])) / self.topo.dp
@@ -338,10 +361,11 @@ class Trainer:
             self.event("skipped_step", **bad)
         return metrics
 
-    def _loss(self, batch: dict, submodel=None, update_running: bool = True):
+    def _loss(self, batch: dict, submodel=None, record: bool = True):
         if self.unified is not None:
-            return self.objective.loss(self.model, batch, submodel, update_running)
-        return text_loss(self.model, batch, self.cfg.model.mtp.loss_weight, submodel=submodel)
+            return self.objective.loss(self.model, batch, submodel, record)
+        return text_loss(self.model, batch, self.cfg.model.mtp.loss_weight, submodel=submodel,
+                         balance_length=self.balance_length)
 
     def _guard(self, m: dict) -> None:
         """Count bad steps (abort after too many in a row), detect loss spikes, roll back if configured."""
@@ -381,7 +405,7 @@ class Trainer:
         else:  # unified: the sum of the per-modality losses (fixed batches, so evaluations compare)
             losses = []
             for _ in range(self.cfg.train.eval_batches):
-                terms = self._loss(self._micro_batch(self.val_loader, train=False), update_running=False).terms
+                terms = self._loss(self._micro_batch(self.val_loader, train=False), record=False).terms
                 losses.append(sum(terms.get(f"loss_{m}", 0.0) for m in MODALITY_TERMS))
         self.model.train()
         return float(np.mean(losses))
@@ -400,8 +424,7 @@ class Trainer:
     def train(self) -> list[dict]:
         """Run to max_steps (or until SIGTERM/SIGINT: then checkpoint and return); returns the logged metrics."""
         cfg = self.cfg
-        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
-        self.peak_gflops = measure_gemm_gflops()
+        _ = self.peak_gflops  # measured before the first step, so no step times it
         self.model.train()
         show_bar = cfg.train.progress_bar and not self.quiet and sys.stderr.isatty()
         self._bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc="train", unit="step") if show_bar else None

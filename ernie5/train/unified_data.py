@@ -51,7 +51,7 @@ class UnifiedBatches:
 
         self._make = make_unified_batch
         d, t = cfg.data, cfg.train
-        self.cfg, self.seed = cfg, cfg.run.seed
+        self.cfg, self.seed, self.rank = cfg, cfg.run.seed, rank
         self.meta, train = open_multimodal_split(d.dir, "train")
         self.train = MultimodalLoader(train, t.micro_batch_size, self.seed, rank, world, where=f"{d.dir} (train)")
         self.val = None
@@ -69,10 +69,13 @@ class UnifiedBatches:
     def batch(self, loader: MultimodalLoader, train: bool = True) -> dict:
         import paddle
 
-        key = loader.position  # the corruption draw is a function of the data position: resumable
+        # each row's corruption draw is keyed by (seed, its global row number): resumable, different on every
+        # data-parallel rank (rank r reads rows position + r*B ...), and the same whatever the rank count
+        first = loader.position + loader.rank * loader.B
+        keys = [[self.seed, first + b] for b in range(loader.B)]
         rows = loader.next()
         mm = self.cfg.model.multimodal
         b = self._make(rows, scales=self.meta["scales"], audio_end=mm.audio_codebook, specials=self.meta["specials"],
                        mtp_depth=self.cfg.model.mtp.depth, cfg=self.cfg.objective,
-                       maps=self.maps if train else None, rng=np.random.default_rng([self.seed, key]))
+                       maps=self.maps if train else None, row_keys=keys)
         return {k: paddle.to_tensor(v) for k, v in b.items()}

@@ -97,13 +97,20 @@ UNIFIED_TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2
                 "optim.warmup_steps=1"]
 
 
-def test_unified_training_on_multimodal_shards_resumes_exactly(world):
-    """The trainer feeds the multimodal shards to the unified model: every modality's loss is logged, and
-    2 + 2 steps (resume: loader position, corruption draws, posterior running means) equal 4 straight steps."""
+@pytest.fixture(scope="module")
+def mm_shards(world):
     root, cfg = world
     shards = root / "shards_train"
     r = run_cli("data", "prepare", str(cfg), f"out_dir={shards}", timeout=300)
     assert r.returncode == 0, r.stderr
+    return shards
+
+
+def test_unified_training_on_multimodal_shards_resumes_exactly(world, mm_shards):
+    """The trainer feeds the multimodal shards to the unified model: every modality's loss is logged, and
+    2 + 2 steps (resume: loader position, corruption draws, posterior running means) equal 4 straight steps."""
+    root, _ = world
+    shards = mm_shards
 
     def train(out, steps):
         r = run_cli("train", "configs/demo_unified.yaml", f"data.dir={shards}", f"run.output_dir={out}",
@@ -119,3 +126,59 @@ def test_unified_training_on_multimodal_shards_resumes_exactly(world):
     assert {"loss_text", "loss_visual", "loss_audio", "loss_mtp_1"} <= seen
     routing = [json.loads(line) for line in (root / "u_straight" / "routing.jsonl").read_text().splitlines()]
     assert {"text", "image", "audio"} <= set().union(*(r.get("load_by_modality", {}).keys() for r in routing))
+
+
+def _unified_trainer(shards, out, *extra):
+    from ernie5.config.run import load_config
+    from ernie5.train.trainer import Trainer
+
+    cfg = load_config(Path("configs/demo_unified.yaml"), [f"data.dir={shards}", f"run.output_dir={out}",
+                                                          *UNIFIED_TINY, "train.progress_bar=false", *extra])
+    return Trainer(cfg, quiet=True)
+
+
+def test_nan_inside_the_objective_skips_the_step_and_leaves_posterior_weighting_intact(world, mm_shards, tmp_path):
+    """A NaN from inside the loss (the visual head) on step 2: that step is skipped, the posterior running means
+    keep step 1's values, and training goes on with finite losses (before the fix, the NaN entered the running
+    means inside loss() and every later step was NaN)."""
+    tr = _unified_trainer(mm_shards, tmp_path / "run", "train.max_steps=4", "checkpoint.interval=0",
+                          "train.max_bad_steps=2")
+    real = tr.model.io.visual_logits
+
+    def poisoned(h):
+        out = real(h)
+        return out * float("nan") if tr.step + 1 == 2 else out
+
+    tr.model.io.visual_logits = poisoned
+    m1 = tr.train_step()
+    after_1 = dict(tr.objective.running)
+    assert m1["loss"] is not None and set(after_1) == {"text", "visual", "audio"}
+    m2 = tr.train_step()
+    assert m2.get("skipped") and tr.objective.running == after_1
+    for _ in range(2):
+        m = tr.train_step()
+        assert m["loss"] is not None and np.isfinite(m["loss"]), m
+    assert all(np.isfinite(v) for v in tr.objective.running.values())
+    assert tr.objective.running != after_1  # applied steps moved it again
+
+
+def test_unified_dp2_equals_one_process_with_posterior_weighting_and_bit_flips(world, mm_shards, tmp_path):
+    """2 ranks x 1 micro-batch == 1 process x 2 micro-batches, step for step, with posterior weighting (its running
+    means reduced over the ranks) and bit-flip corruption (drawn per global row, so rank 1's rows are corrupted as
+    the single process corrupts its second micro-batch). Before the fix each rank kept its own running means and
+    both ranks drew the same flips."""
+    from tests.parallel.test_distributed import launch, losses
+
+    common = [f"data.dir={mm_shards}", *UNIFIED_TINY, "train.max_steps=4", "checkpoint.interval=0",
+              "objective.bit_flip_rate=0.3", "--quiet"]
+    single = tmp_path / "single"
+    r = run_cli("train", "configs/demo_unified.yaml", f"run.output_dir={single}", *common,
+                "train.grad_accum_steps=2", timeout=300)
+    assert r.returncode == 0, r.stderr
+    dp2 = tmp_path / "dp2"
+    code, _, logs = launch(["configs/demo_unified.yaml", f"run.output_dir={dp2}", *common], tmp_path / "logs",
+                           timeout=300)
+    assert code == 0, logs
+    # same data, same arithmetic up to the order of one sum over two terms (mean of rank means vs the
+    # accumulated micro-batch gradients): fp32 rounding, ~1e-7 relative per step, compounded over 4 AdamW steps
+    np.testing.assert_allclose(losses(dp2), losses(single), rtol=1e-5)

@@ -56,7 +56,7 @@ def make_batch(seed=0, seq_len=48, cfg=None, maps=None, flip=0.0):
     loader = MultimodalLoader(packed, packed["token"].shape[0], seed=0, shuffle=False)
     rows = loader.next()
     b = make_unified_batch(rows, scales=SCALES, audio_end=BOOK, specials=SP, mtp_depth=1,
-                           cfg=cfg or ObjectiveConfig(bit_flip_rate=flip), maps=maps, rng=np.random.default_rng(1))
+                           cfg=cfg or ObjectiveConfig(bit_flip_rate=flip), maps=maps, row_keys=[[1, r] for r in range(packed["token"].shape[0])])
     return rows, b
 
 
@@ -154,7 +154,7 @@ def test_bit_flips_change_inputs_only_and_match_the_tokenizer():
     rows = {k: v for k, v in packed.items() if k != "und_table"}
     start = int(np.nonzero(rows["scale"][0] == 0)[0][0])
     # with every history bit flipped, the recomputed inputs equal the tokenizer's inputs for the flipped codes
-    flipped = flip_history(rows, maps, SCALES, rate=1.0, rng=np.random.default_rng(0))
+    flipped = flip_history(rows, maps, SCALES, rate=1.0, rngs=[np.random.default_rng(0)])
     want = tq.next_scale_inputs([paddle.to_tensor((1 - codes[0])[None]), paddle.to_tensor(codes[1][None])])[0]
     assert np.allclose(flipped[0, start + 1:start + 5], want.numpy().reshape(4, BITS), atol=1e-6)
     assert np.allclose(rows["vis_in"][0, start + 1:start + 5], inp[0].reshape(4, BITS), atol=1e-6)
@@ -166,7 +166,7 @@ def test_bit_flips_change_inputs_only_and_match_the_tokenizer():
     changed = 0
     for seed in range(6):  # the history is one token of 2 bits: some draws flip nothing
         dirty = make_unified_batch(loader_rows, scales=SCALES, audio_end=BOOK, specials=SP, mtp_depth=0, cfg=cfg,
-                                   maps=maps, rng=np.random.default_rng(seed))
+                                   maps=maps, row_keys=[seed])
         for k in ("vis_bits", "labels_0", "audio_targets", "vis_weight"):
             assert np.array_equal(clean[k], dirty[k]), k
         changed += not np.allclose(clean["vis_in"], dirty["vis_in"])
@@ -212,15 +212,64 @@ def test_isolated_routing_keeps_modalities_in_their_groups():
     assert np.allclose(y.reshape([-1, 32])[i].numpy(), want.numpy()[0], atol=1e-5)
 
 
-def test_posterior_weighting_brings_modalities_to_one_scale():
-    obj = UnifiedObjective(ObjectiveConfig(modality_weighting="posterior", posterior_momentum=0.5), 0.3, 48)
-    present = {"text": paddle.to_tensor(8.0), "visual": paddle.to_tensor(0.5), "audio": paddle.to_tensor(4.0)}
-    w = obj._weights(present, update=True)
-    scaled = {k: w[k] * float(v) for k, v in present.items()}
-    assert all(np.isclose(v, np.mean([8.0, 0.5, 4.0])) for v in scaled.values())
+def _note_step(obj, micro_batches, applied=True, sum_fn=lambda a: a):
+    for values in micro_batches:
+        obj._note(values)
+    obj.finish_step(applied, sum_fn)
+
+
+def test_posterior_weighting_over_several_steps_matches_a_hand_computed_ema():
+    """Running means by hand (momentum 0.5): step 1 text (8 + 6) / 2 = 7, visual (0.5 + 0.7) / 2 = 0.6, audio 4
+    (seeded with the first values); step 2 text 0.5 * 7 + 0.5 * 3 = 5, visual 0.5 * 0.6 + 0.5 * 0.2 = 0.4, audio
+    absent (stays 4); step 3 skipped (its 100s change nothing). Weights: fixed x mean(5, 0.4, 4) / running."""
+    obj = UnifiedObjective(ObjectiveConfig(modality_weighting="posterior", posterior_momentum=0.5,
+                                           visual_weight=2.0), 0.3, 48)
+    present = {k: paddle.to_tensor(1.0) for k in ("text", "visual", "audio")}
+    assert obj._weights(present) == {"text": 1.0, "visual": 2.0, "audio": 1.0}  # no running mean yet: fixed
+    _note_step(obj, [{"text": 8.0, "visual": 0.5, "audio": 4.0}, {"text": 6.0, "visual": 0.7}])
+    assert obj.running == pytest.approx({"text": 7.0, "visual": 0.6, "audio": 4.0})
+    _note_step(obj, [{"text": 3.0, "visual": 0.2}])
+    assert obj.running == pytest.approx({"text": 5.0, "visual": 0.4, "audio": 4.0})
+    _note_step(obj, [{"text": 100.0, "visual": 100.0, "audio": 100.0}], applied=False)
+    assert obj.running == pytest.approx({"text": 5.0, "visual": 0.4, "audio": 4.0})
+    scale = (5.0 + 0.4 + 4.0) / 3
+    want = {"text": scale / 5.0, "visual": 2.0 * scale / 0.4, "audio": scale / 4.0}
+    got = obj._weights(present)
+    assert got == pytest.approx(want)
+    # each modality's running value times its (unit-fixed) weight is the same number: one scale for all
+    assert got["text"] * 5.0 == pytest.approx(got["audio"] * 4.0) == pytest.approx(scale)
+    # a modality absent from a batch is weighed by the others' scale only when present
+    assert obj._weights({"text": present["text"]}) == pytest.approx({"text": 1.0})
     obj2 = UnifiedObjective(ObjectiveConfig(), 0.3, 48)
     obj2.load_state_dict(obj.state_dict())
     assert obj2.running == obj.running
+
+
+def test_posterior_weighting_ignores_non_finite_values_and_sums_over_ranks():
+    obj = UnifiedObjective(ObjectiveConfig(modality_weighting="posterior", posterior_momentum=0.5), 0.3, 48)
+    _note_step(obj, [{"text": float("nan"), "visual": 1.0}, {"text": 2.0, "visual": float("inf")}])
+    assert obj.running == {"text": 2.0, "visual": 1.0}
+    # two ranks: rank 0 saw text 2 and 4, rank 1 saw text 12 -> the step's mean over both is 6
+    other_rank = np.zeros((2, 3))
+    other_rank[:, 0] = (12.0, 1.0)
+    _note_step(obj, [{"text": 2.0}, {"text": 4.0}], sum_fn=lambda a: a + other_rank)
+    assert obj.running["text"] == pytest.approx(0.5 * 2.0 + 0.5 * 6.0)
+
+
+def test_loss_does_not_move_the_running_means():
+    paddle.seed(0)
+    model = build_model(tiny_cfg(), seed=0)
+    obj = UnifiedObjective(ObjectiveConfig(modality_weighting="posterior"), 0.3, 48)
+    _, b = make_batch()
+    t = tensors(b)
+    out = obj.loss(model, t)
+    assert obj.running == {}
+    obj.finish_step(True)
+    assert obj.running == pytest.approx({k: out.terms[f"loss_{k}"] for k in ("text", "visual", "audio")})
+    model.eval()
+    obj.loss(model, t)  # evaluation notes nothing
+    obj.finish_step(True)
+    assert obj.running == pytest.approx({k: out.terms[f"loss_{k}"] for k in ("text", "visual", "audio")})
 
 
 def test_token_balanced_value_is_the_mean_and_gradient_the_sum_over_C():

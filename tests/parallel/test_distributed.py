@@ -197,3 +197,43 @@ def test_mis_sized_topology_exits_2(train_args, tmp_path):
     assert p.stderr.strip() == "error: parallel: data 2 x tensor 1 x pipeline 1 = 2, but 1 processes were launched"
     p = run_cli("train", *train_args(tmp_path / "y", "parallel.expert=3"))
     assert p.returncode == 2 and "parallel.expert: 3 does not divide model.moe.num_experts 4" in p.stderr
+
+
+@pytest.mark.parametrize("mode,zero1", [("both", False), ("one", True)])
+def test_parameters_without_gradient_are_skipped_as_in_one_process(tmp_path, mode, zero1):
+    """A layer no rank ran (elastic depth cut on both ranks) is left untouched by AdamW (no momentum, no weight
+    decay), as one process leaves it; a layer only one rank ran is updated from that rank's gradient and zeros,
+    as one process running both halves updates it. Before the fix, every rank zero-filled missing gradients and
+    AdamW decayed the skipped layer (its q_proj moved by ~lr x weight_decay x |w|)."""
+    from tests.parallel._nograd_check import batches, submodel_of
+
+    overrides = [*MODEL, "model.moe.bias_update_rate=0", "optim.weight_decay=0.1"]
+    extra = ["parallel.sharding_stage=1"] if zero1 else []
+    code, _, logs = launch([tmp_path, mode, *overrides, *extra], tmp_path / "logs", script=HERE / "_nograd_check.py")
+    assert code == 0, logs
+    # one process: both ranks' micro-batches, each loss halved (the ranks' gradients are averaged)
+    cfg = load_config(None, overrides)
+    with paddle.utils.unique_name.guard():
+        model = build_model(cfg.model, seed=3)
+    before = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    from ernie5.parallel.runtime import ParallelRuntime
+    from ernie5.parallel.topology import init_topology
+
+    runtime = ParallelRuntime(model, cfg.optim, init_topology(cfg.parallel, world=1))
+    model.train()
+    for r, b in enumerate(batches(cfg, 2)):
+        (text_loss(model, b, 0.0, submodel=submodel_of(r, mode)).total / 2).backward()
+    runtime.step(1e-2)
+    want = {k: v.numpy() for k, v in model.state_dict().items()}
+    skipped = [k for k in want if k.startswith("layers.1.")]
+    assert skipped
+    for rank in range(2):
+        got = np.load(tmp_path / f"rank{rank}.npz")
+        for k in skipped:
+            if mode == "both":  # nobody ran layer 1: bit-identical to its initial value
+                np.testing.assert_array_equal(got[k], before[k], err_msg=k)
+            else:
+                assert not np.array_equal(got[k], before[k]) or "bias" in k, k
+        for k, v in want.items():  # the same AdamW step from the same averaged gradient; fp32 sums in
+            # another order move an element by a few ulp of lr (1e-2): 1e-6 absolute leaves a wide margin
+            np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
