@@ -1,5 +1,5 @@
 """Hugging Face ERNIE 4.5 interop: `export_hf` writes an `Ernie4_5_MoeForCausalLM` directory, `import_hf` turns
-one into an ernie5 checkpoint, `load_pretrained_state` feeds either kind to a run (`model.init_from`).
+one into an ernie5 checkpoint, `load_pretrained_state` reads either kind as a state dict for a model config.
 
 The exported directory holds config.json, generation_config.json, model.safetensors (or shards + index),
 tokenizer.model, tokenizer.json and tokenizer_config.json (see hf_tokenizer for why tokenizer.json).
@@ -128,7 +128,7 @@ def read_hf(hf_dir: str):
 
 def import_hf(hf_dir: str, out_ckpt_dir: str) -> Path:
     """Write an ernie5 checkpoint dir (model.safetensors, config.yaml, manifest.json, tokenizer.model if the HF
-    dir has one) that `ernie5.load_model` and `model.init_from` accept."""
+    dir has one) that `ernie5.load_model` and `load_pretrained_state` accept."""
     from ernie5.train.checkpoint import save_tensors, save_text, write_checkpoint_dir
 
     src, out = Path(hf_dir), Path(out_ckpt_dir).resolve()

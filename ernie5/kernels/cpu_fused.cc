@@ -6,9 +6,11 @@
 // int64); leading dimensions are flattened into rows.
 //
 // Built with -march=native but -ffp-contract=off: no a * b + c is fused into one FMA instruction, so every
-// elementwise result is the same bit for bit on every x86-64 CPU (with or without FMA, AVX2 or AVX-512).
-// Only the summations (`omp simd reduction`) may add in a different order when the vector width differs
-// (tests/model/test_kernel_variants.py builds a second ISA variant and checks both).
+// elementwise result made of + - * / sqrt and this file's own exp polynomial is the same bit for bit on every
+// x86-64 CPU (with or without FMA, AVX2 or AVX-512). The summations (`omp simd reduction`) may add in another
+// order when the vector width differs, and the cross-entropy's one std::log per row comes from glibc, whose
+// implementation is picked per CPU at run time (tests/model/test_kernel_variants.py builds a second ISA
+// variant and checks both within derived bounds).
 
 #include <cmath>
 #include <cstdint>

@@ -205,9 +205,12 @@ class MoELayer(nn.Layer):
             if not real_T.all():
                 idx_np = np.nonzero(real_T)[0].astype(np.int64)
         dummy = idx_np is not None and idx_np.size == 0  # nothing but padding
+        if dummy and isinstance(self.dispatcher, LocalDispatcher):  # no expert runs, no gradient reaches one
+            y_TH = self.shared(x_TH) if self.shared is not None else paddle.zeros_like(x_TH)
+            return y_TH.reshape([B, S, H]), None
         if dummy:
-            # experts are still called once (on row 0, weight 0) so that expert parallelism's collectives, which
-            # every rank of the group must join, run; nothing is counted and no balancing loss is formed
+            # under expert parallelism the experts are still called once (row 0, weight 0) so that the
+            # collectives every rank of the group must join run; nothing is counted, no balancing loss is formed
             idx_np, counting = np.zeros(1, np.int64), False
         idx = None if idx_np is None else paddle.to_tensor(idx_np)
         xr_TH = x_TH if idx is None else paddle.gather(x_TH, idx)

@@ -29,6 +29,8 @@ class ObjectiveConfig:
         require(0 <= self.bit_flip_rate < 0.5, join(path, "bit_flip_rate"), "must be in [0, 0.5)")
         require(0 <= self.posterior_momentum < 1, join(path, "posterior_momentum"), "must be in [0, 1)")
         require(self.token_balance_length >= 0, join(path, "token_balance_length"), "must be >= 0")
+        require(self.token_balance_length == 0 or self.token_balanced, join(path, "token_balance_length"),
+                "is used only with token_balanced: true")
 
     def check_text_only(self, path: str) -> None:
         """A text-only run (text shards) has one loss: settings that weigh or corrupt other modalities would
@@ -38,6 +40,7 @@ class ObjectiveConfig:
             raise ConfigError(join(path, "modality_weighting"), f"{self.modality_weighting!r} {why}")
         if self.bit_flip_rate > 0:
             raise ConfigError(join(path, "bit_flip_rate"), f"{self.bit_flip_rate} {why}")
-        for name in ("text_weight", "visual_weight", "audio_weight"):
-            if getattr(self, name) != 1.0:
+        defaults = ObjectiveConfig()
+        for name in ("text_weight", "visual_weight", "audio_weight", "visual_scale_power"):
+            if getattr(self, name) != getattr(defaults, name):
                 raise ConfigError(join(path, name), f"{getattr(self, name)} {why}")

@@ -43,6 +43,9 @@ def resolve_multimodal(cfg, meta: dict) -> None:
     mm.enabled = True
 
 
+_FLIP_STREAM = 0xB17F  # tags the bit-flip seeds apart from the loader's [seed, epoch] shuffle seeds
+
+
 class UnifiedBatches:
     """Train / val loaders over the multimodal shards and the numpy -> tensor batch step."""
 
@@ -72,7 +75,7 @@ class UnifiedBatches:
         # each row's corruption draw is keyed by (seed, its global row number): resumable, different on every
         # data-parallel rank (rank r reads rows position + r*B ...), and the same whatever the rank count
         first = loader.position + loader.rank * loader.B
-        keys = [[self.seed, first + b] for b in range(loader.B)]
+        keys = [[self.seed, _FLIP_STREAM, first + b] for b in range(loader.B)]
         rows = loader.next()
         mm = self.cfg.model.multimodal
         b = self._make(rows, scales=self.meta["scales"], audio_end=mm.audio_codebook, specials=self.meta["specials"],

@@ -118,15 +118,42 @@ def test_isolated_routing_skips_padding():
     assert layer.modality_counts.sum() == text_tokens * K + vision_tokens
 
 
+class SpyDispatcher:
+    """Stands in for an expert-parallel dispatcher (not a LocalDispatcher): counts calls and the rows sent."""
+
+    def __init__(self):
+        from ernie5.model.dispatch import LocalDispatcher
+
+        self.inner, self.rows = LocalDispatcher(), []
+
+    def __call__(self, x_TH, ids, w, counts, fn):
+        self.rows.append(int(x_TH.shape[0]))
+        return self.inner(x_TH, ids, w, counts, fn)
+
+
 @pytest.mark.parametrize("isolated", [False, True])
-def test_all_padding_micro_batch(isolated):
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_all_padding_micro_batch(isolated, expert_parallel):
+    """Nothing counted, no balancing loss, shared experts only; under expert parallelism (a non-local dispatcher)
+    the dispatcher is still called once per router group so every rank joins the all-to-all, with weight 0; with
+    local experts no expert runs and none gets a gradient (as when no token reaches it)."""
     extra = ("model.moe.routing=isolated", "model.moe.vision_num_experts=4", "model.moe.vision_top_k=1",
              "model.moe.vision_expert_ffn_size=4") if isolated else ()
     layer = layer_with(*ALL_LOSSES[:2], *extra)
+    spy = SpyDispatcher()
+    if expert_parallel:
+        layer.dispatcher = spy
     x = np.random.default_rng(1).normal(size=(1, 4, H)).astype(np.float32)
-    y, aux = layer(paddle.to_tensor(x), None, paddle.to_tensor(np.full((1, 4), -1, np.int64)))
+    xt = paddle.to_tensor(x, stop_gradient=False)
+    y, aux = layer(xt, None, paddle.to_tensor(np.full((1, 4), -1, np.int64)))
     assert layer.step_counts.sum() == 0 and aux is None
     np.testing.assert_allclose(y.numpy()[0], layer.shared(paddle.to_tensor(x[0])).numpy(), rtol=1e-6, atol=1e-6)
+    y.sum().backward()
+    expert_grads = [p.grad for e in layer.experts for p in e.parameters()]
+    if expert_parallel:
+        assert spy.rows == [1]  # one placeholder row through the dispatcher
+    else:
+        assert all(g is None for g in expert_grads) and layer.router.weight.grad is None
 
 
 def test_without_padding_the_sequence_loss_is_unchanged():

@@ -199,7 +199,7 @@ def test_mis_sized_topology_exits_2(train_args, tmp_path):
     assert p.returncode == 2 and "parallel.expert: 3 does not divide model.moe.num_experts 4" in p.stderr
 
 
-@pytest.mark.parametrize("mode,zero1", [("both", False), ("one", True)])
+@pytest.mark.parametrize("mode,zero1", [("both", False), ("both", True), ("one", True)])
 def test_parameters_without_gradient_are_skipped_as_in_one_process(tmp_path, mode, zero1):
     """A layer no rank ran (elastic depth cut on both ranks) is left untouched by AdamW (no momentum, no weight
     decay), as one process leaves it; a layer only one rank ran is updated from that rank's gradient and zeros,

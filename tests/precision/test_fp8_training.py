@@ -42,7 +42,10 @@ def test_enable_fp8_covers_experts_or_all_block_linears(tiny_cfg):
     assert enable_fp8(model, FP8Config(enabled=True, apply_to="all_linear")) > n_expert
 
 
-def test_fp8_emulated_run_tracks_fp32(tiny_cfg, tmp_path, capfd):
+def test_fp8_emulated_run_tracks_fp32(tiny_cfg, tmp_path, capfd, monkeypatch):
+    import ernie5.precision.fp8_linear as fp8_linear
+
+    monkeypatch.setattr(fp8_linear, "_NOTICE_SHOWN", False)  # once per process: an earlier FP8 test may have said it
     base = ["train.max_steps=16", "data.seq_len=32", "model.hidden_size=128", "model.moe.expert_ffn_size=64"]
     fp32 = Trainer(tiny_cfg(*base, f"run.output_dir={tmp_path / 'a'}"), quiet=True).train()
     fp8 = Trainer(tiny_cfg(*base, f"run.output_dir={tmp_path / 'b'}", "precision.fp8.enabled=true",
