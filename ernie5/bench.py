@@ -32,8 +32,8 @@ from typing import Any, Callable, Optional
 
 import paddle
 
-from ernie5 import _threads, kernels
-from ernie5.config.run import RunConfig
+from ernie5 import env, kernels
+from ernie5.runconfig import RunConfig
 from ernie5.plan import count_parameters, flops_per_token
 
 # Phases in report order. `glue` is residual adds / loss assembly between modules, `other` the step's own
@@ -532,7 +532,7 @@ def run_bench(cfg: RunConfig, opts: Optional[BenchOptions] = None) -> dict:
         "tokens_per_step": tokens, "step_s_all": walls, "steps": opts.steps, "warmup": opts.warmup,
         "gemm": peak, "peak_rss_mb": rss_mb, "total_params": pc.total_params, "active_params": pc.active_params,
         "threads": os.environ.get("OMP_NUM_THREADS"), "mkl_debug_cpu_type": os.environ.get("MKL_DEBUG_CPU_TYPE"),
-        "malloc_retained": _threads.MALLOC_RETAINED,
+        "malloc_retained": env.MALLOC_RETAINED,
         "fused_kernels": kernels.status() if paddle.get_device() == "cpu" else "n/a (not CPU)",
     }
     if brk is not None:

@@ -10,13 +10,13 @@ from ernie5.errors import TrainingError, UserError
 
 
 def _cmd_config(args) -> None:
-    from ernie5.config.run import load_config
+    from ernie5.runconfig import load_config
 
     print(load_config(args.config, args.overrides).to_yaml(), end="")
 
 
 def _cmd_train(args) -> None:
-    from ernie5.config.run import load_config
+    from ernie5.runconfig import load_config
     from ernie5.train.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
@@ -38,7 +38,7 @@ def _cmd_train(args) -> None:
 
 
 def _cmd_tokenizer(args) -> None:
-    from ernie5.config.run import load_config
+    from ernie5.runconfig import load_config
     from ernie5.modality.media_io import recipe_kind
     from ernie5.modality.text_tokenizer import TextTokenizer, train_text_tokenizer
 
@@ -53,7 +53,7 @@ def _cmd_tokenizer(args) -> None:
 def _train_media_tokenizer(args) -> None:
     """`tokenizer train` for a vision / audio recipe: train, save the asset, print the held-out report."""
     from ernie5.modality.media_io import load_recipe
-    from ernie5.modality.tokenizer_train import train_tokenizer
+    from ernie5.tools.tokenizer_train import train_tokenizer
 
     recipe = load_recipe(args.config, args.overrides)
     report = train_tokenizer(recipe, log=lambda line: print(line, file=sys.stderr))
@@ -86,7 +86,7 @@ def _cmd_data(args) -> None:
         stats = prepare_multimodal(args.config, args.overrides, log=lambda line: print(line, file=sys.stderr))
         print(json.dumps(stats, ensure_ascii=False))
         return
-    from ernie5.config.run import load_config
+    from ernie5.runconfig import load_config
     from ernie5.data.prepare import prepare_text
 
     cfg = load_config(args.config, args.overrides)
@@ -95,7 +95,7 @@ def _cmd_data(args) -> None:
 
 
 def _cmd_plan(args) -> None:
-    from ernie5.config.run import load_config
+    from ernie5.runconfig import load_config
     from ernie5.plan import PlanOptions, format_plan, plan_report
 
     cfg = load_config(args.config, args.overrides)
@@ -111,7 +111,7 @@ def _cmd_plan(args) -> None:
 
 def _cmd_bench(args) -> None:
     from ernie5.bench import BenchOptions, format_report, run_bench
-    from ernie5.config.run import load_config
+    from ernie5.runconfig import load_config
 
     cfg = load_config(args.config, args.overrides)
     opts = BenchOptions(steps=args.steps, warmup=args.warmup, breakdown_steps=args.breakdown_steps,
@@ -181,7 +181,7 @@ def _export_submodel(args) -> None:
 
 
 def _cmd_eval(args) -> None:
-    from ernie5.elastic.evaluate import evaluate_elastic, markdown_table
+    from ernie5.evaluation.elastic import evaluate_elastic, markdown_table
 
     if args.crossmodal:
         return _eval_crossmodal(args)
@@ -198,7 +198,7 @@ def _cmd_eval(args) -> None:
 
 
 def _eval_crossmodal(args) -> None:
-    from ernie5.eval_crossmodal import evaluate_crossmodal, format_table
+    from ernie5.evaluation.crossmodal import evaluate_crossmodal, format_table
 
     if args.elastic:
         raise UserError("--crossmodal", "cannot be combined with --elastic")
@@ -341,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from ernie5.env import setup
+
+    setup()  # before anything imports paddle
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     # overrides may come after options (`train CFG --quiet a.b=1`); anything else left over is an error

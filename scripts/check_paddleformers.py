@@ -121,7 +121,7 @@ CASES = {"tiny_tied_mtp1": ["model.mtp.depth=1"],
 
 def _tokenizer(root: Path) -> Path:
     """The export tests' 400-piece sentencepiece model (tests/export/conftest.py)."""
-    from ernie5.config.run import load_config
+    from ernie5.runconfig import load_config
     from ernie5.data.corpus import pydoc_documents
     from ernie5.modality.text_tokenizer import train_text_tokenizer
 
@@ -149,7 +149,7 @@ def check_case(name: str, extra: list[str], tok: Path, root: Path) -> dict:
     import numpy as np
     import paddle
 
-    from ernie5._threads import strided_kernels
+    from ernie5.env import strided_kernels
     from ernie5.export import export_hf
     from paddleformers.transformers import AutoConfig
     from paddleformers.transformers.ernie4_5_moe.modeling import Ernie4_5_MoeForCausalLM
@@ -195,7 +195,9 @@ def check_case(name: str, extra: list[str], tok: Path, root: Path) -> dict:
 
 def run_checks(keep: str | None) -> int:
     sys.path.insert(0, str(ROOT))
-    import ernie5  # noqa: F401  (thread settings before paddle)
+    from ernie5.env import setup
+
+    setup()  # thread settings before paddle loads
     import paddleformers
     from paddleformers.transformers.ernie4_5_moe.modeling import Ernie4_5_MoeSparseMoeBlock
     from paddleformers.utils.log import logger

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
-import ernie5  # noqa: F401  (thread settings before paddle)
-from ernie5.config.run import load_config
+from ernie5.env import setup
+
+setup()  # thread settings before paddle loads
+
+from ernie5.runconfig import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,9 +7,12 @@ import json
 
 import pytest
 
-import ernie5  # noqa: F401  (thread settings before paddle)
+from ernie5.env import setup
+
+setup()  # thread settings before paddle loads
+
 from ernie5.cli import main
-from ernie5.config.run import load_config
+from ernie5.runconfig import load_config
 from tests.conftest import run_cli
 
 CONFIG = "configs/bench/small.yaml"

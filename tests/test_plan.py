@@ -2,7 +2,7 @@
 
 import pytest
 
-from ernie5.config.run import load_config
+from ernie5.runconfig import load_config
 from ernie5.model.transformer import build_model, count_params
 from ernie5.plan import count_parameters, flops_per_token
 
@@ -32,9 +32,9 @@ def test_flops_per_token_hand_count():
     assert flops_per_token(cfg, S) == want
 
 
-# ---- per-device memory (ernie5.plan_memory) ----
+# ---- per-device memory (ernie5.plan.memory) ----
 
-from ernie5.plan_memory import in_flight, memory_plan, stage_layers  # noqa: E402
+from ernie5.plan.memory import in_flight, memory_plan, stage_layers  # noqa: E402
 
 # layer 0 dense, layers 1-2 MoE (4 experts of width 16, top-2), tied embeddings, no MTP, tensor 1
 MEM = BASE + ["model.moe.layer_start=1", "model.moe.top_k=2", "data.seq_len=16", "train.micro_batch_size=2",

@@ -9,10 +9,10 @@ from pathlib import Path
 import paddle
 import pytest
 
-from ernie5.config.run import load_config
+from ernie5.runconfig import load_config
 from ernie5.model.transformer import build_model, count_params
 from ernie5.plan import PlanOptions, count_parameters, flops_per_token, format_plan, plan_report
-from ernie5.plan_lazy import check_buildable, component_of
+from ernie5.plan.lazy import check_buildable, component_of
 
 MODALITIES = ("text", "visual", "visual_understanding", "audio")
 

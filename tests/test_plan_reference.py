@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ernie5.cli import main
-from ernie5.config.run import load_config
+from ernie5.runconfig import load_config
 from ernie5.plan import PlanOptions, plan_report
 
 REF = Path(__file__).resolve().parents[1] / "configs" / "reference"
@@ -95,9 +95,9 @@ def test_param_dtype_option(capsys):
 _LAZY_SCRIPT = textwrap.dedent("""
     import json, resource, sys
     resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
-    from ernie5.config.run import load_config
-    from ernie5.plan_lazy import check_buildable
-    from ernie5.plan_memory import check_layout
+    from ernie5.runconfig import load_config
+    from ernie5.plan.lazy import check_buildable
+    from ernie5.plan.memory import check_layout
     out = {}
     for path in sys.argv[1:]:
         cfg = load_config(path)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ernie5.data.sequence import MODALITY_NAMES
+from ernie5.constants import MODALITY_NAMES
 
 
 def inspect_target(target: str, row: int = 0, split: str = "train", max_positions: int = 64) -> str:

@@ -29,6 +29,8 @@ from typing import Literal
 import numpy as np
 
 from ernie5.config.schema import build, join, require
+from ernie5.config.yaml_io import apply_overrides, load_yaml
+from ernie5.constants import MULTIMODAL_FORMAT
 from ernie5.data.sequence import SPECIALS, Segment, build_document, pack_documents, special_ids
 from ernie5.data.shards import sha256_file
 from ernie5.data.npy import read_npy
@@ -59,15 +61,11 @@ class MultimodalDataConfig:
 
 
 def is_multimodal_config(path: str) -> bool:
-    from ernie5.config.run import _load_with_bases
-
-    return _load_with_bases(Path(path)).get("kind") == "multimodal"
+    return load_yaml(Path(path)).get("kind") == "multimodal"
 
 
 def load_multimodal_config(path: str, overrides=()) -> MultimodalDataConfig:
-    from ernie5.config.run import _load_with_bases, apply_overrides
-
-    return build(MultimodalDataConfig, apply_overrides(_load_with_bases(Path(path)), list(overrides)), "")
+    return build(MultimodalDataConfig, apply_overrides(load_yaml(Path(path)), list(overrides)), "")
 
 
 # -- media readers: every failure is a UserError naming the file ---------------------------------------------
@@ -240,7 +238,7 @@ def prepare_multimodal(config_path: str, overrides=(), log=print) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     und_cnn, und_pix = tok.und_dims
-    meta = {"format": "multimodal-1", "seq_len": cfg.seq_len, "text_vocab_size": tok.text.vocab_size,
+    meta = {"format": MULTIMODAL_FORMAT, "seq_len": cfg.seq_len, "text_vocab_size": tok.text.vocab_size,
             "specials": special_ids(tok.text.vocab_size), "special_names": SPECIALS, "bits": tok.bits,
             "audio_levels": tok.levels, "audio_codebook": tok.audio.cfg.codebook_size, "eos_id": tok.text.eos_id,
             "und_cnn_dim": und_cnn, "und_pix_dim": und_pix, "und_patches": 4,
@@ -297,7 +295,7 @@ def open_multimodal_split(shard_dir: str, split: str) -> tuple[dict, dict]:
     if not meta_path.is_file():
         raise UserError(str(meta_path), "no prepared multimodal shards here (run `ernie5 data prepare CONFIG`)")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format") != "multimodal-1":
+    if meta.get("format") != MULTIMODAL_FORMAT:
         raise UserError(str(meta_path), "not a multimodal shard (text shards have no segments to inspect)")
     arrays = {}
     for name, want in meta["files"].items():

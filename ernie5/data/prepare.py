@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
-from ernie5.config.run import RunConfig
 from ernie5.data.shards import sha256_file, write_shards
 from ernie5.errors import UserError
 from ernie5.modality.text_tokenizer import TextTokenizer
+
+if TYPE_CHECKING:  # the run config sits above data (it assembles every component's config)
+    from ernie5.runconfig import RunConfig
 
 
 def read_documents(files: list[str]) -> list[str]:

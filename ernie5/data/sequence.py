@@ -34,9 +34,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ernie5.constants import AUDIO, IMAGE, PAD, TEXT, VIDEO
 SPECIALS = ["<boi>", "<eoi>", "<bov>", "<eov>", "<boa>", "<eoa>", "<sep>"]
-TEXT, IMAGE, VIDEO, AUDIO, PAD = 0, 1, 2, 3, -1
-MODALITY_NAMES = {TEXT: "text", IMAGE: "image", VIDEO: "video", AUDIO: "audio", PAD: "pad"}
 HEAD_TEXT, HEAD_VISUAL, HEAD_AUDIO = 0, 1, 2
 
 

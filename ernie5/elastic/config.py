@@ -1,9 +1,9 @@
-"""The `elastic:` config section (paddle-free): which sub-models one run trains, and how often (SPEC §3).
+"""The `elastic:` config section (paddle-free): which sub-models one run trains, and how often.
 
 Each dimension is sampled independently per micro-step: with probability `p_full` it stays as in the full model,
-otherwise it is cut. Defaults follow SPEC §3 (full depth / all experts / default k each with p = 0.8).
+otherwise it is cut. Defaults follow ERNIE 5.0 (full depth / all experts / default k each with p = 0.8).
 Rules that need the model (a subset larger than the experts, k above a subset size, ...) are checked by
-`ElasticConfig.check_model`, called from `RunConfig.validate`.
+`ernie5.elastic.space.check_elastic`, called from `RunConfig.validate`.
 """
 
 from __future__ import annotations
@@ -84,14 +84,3 @@ class ElasticConfig:
 
     def validate(self, path: str) -> None:
         require(self.full_model_steps >= 0, join(path, "full_model_steps"), "must be >= 0")
-
-    def check_model(self, model, parallel, path: str = "elastic") -> None:
-        """Cross-section rules (only when enabled): the space must be realisable for this model and EP degree."""
-        if not self.enabled:
-            return
-        from ernie5.elastic.space import ElasticSpace
-
-        require(parallel.pipeline == 1 or self.depth.p_full == 1.0, join(path, "depth.p_full"),
-                "elastic depth with pipeline parallelism (stage-balanced dropping) is not supported yet; "
-                "set it to 1.0")
-        ElasticSpace(self, model, parallel.expert, path)

@@ -175,3 +175,13 @@ class ElasticSpace:
         if len(cut) > 1:
             rows.append((",".join(f"{k}={v}" for k, v in cut.items()), self.canonical(**cut)))
         return rows
+
+
+def check_elastic(cfg: ElasticConfig, model: ModelConfig, parallel, path: str = "elastic") -> None:
+    """Cross-section rules (only when enabled): the space must be realisable for this model and EP degree.
+    Raises ConfigError naming the dotted key."""
+    if not cfg.enabled:
+        return
+    require(parallel.pipeline == 1 or cfg.depth.p_full == 1.0, join(path, "depth.p_full"),
+            "elastic depth with pipeline parallelism (stage-balanced dropping) is not supported yet; set it to 1.0")
+    ElasticSpace(cfg, model, parallel.expert, path)

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ernie5._threads import strided_kernels
+from ernie5.env import strided_kernels
 from ernie5.errors import UserError
 from ernie5.train.checkpoint import publish_dir
 
@@ -81,7 +81,7 @@ def _read_file(path: Path) -> dict[str, np.ndarray]:
     out = {}
     try:
         # the paddle backend reads BF16 (public ERNIE 4.5 weights are bf16); the numpy one cannot. It views
-        # bytes as tensors, which needs Paddle's strided kernels (off in ernie5 processes: ernie5/_threads.py)
+        # bytes as tensors, which needs Paddle's strided kernels (off in ernie5 processes: ernie5/env.py)
         with safe_open(str(path), framework="paddle") as f, strided_kernels():
             for name in f.keys():
                 t = f.get_tensor(name)
@@ -126,7 +126,7 @@ def state_to_numpy(state: dict) -> dict[str, np.ndarray]:
 
 def read_checkpoint(path: str):
     """(checkpoint dir, RunConfig, numpy state) of an ernie5 checkpoint, run dir or native export."""
-    from ernie5.config.run import load_config
+    from ernie5.runconfig import load_config
     from ernie5.train.checkpoint import load_model_weights, resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)

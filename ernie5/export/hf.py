@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ernie5.errors import ConfigError, UserError
-from ernie5.export import hf_layout, hf_tokenizer
+import ernie5.export.hf_layout as hf_layout
+import ernie5.export.hf_tokenizer as hf_tokenizer
 from ernie5.export.files import (DEFAULT_MAX_SHARD_BYTES, check_free, read_checkpoint, read_safetensors_dir,
                                  staging_dir, write_safetensors)
 from ernie5.model.config import ModelConfig
@@ -111,7 +112,7 @@ def read_hf(hf_dir: str):
 
     The rest of the RunConfig is ernie5's defaults, with data.seq_len capped at the model's max_seq_len.
     """
-    from ernie5.config.run import config_from_dict
+    from ernie5.runconfig import config_from_dict
     from ernie5.data.config import DataConfig
 
     src = Path(hf_dir)

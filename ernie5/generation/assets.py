@@ -15,6 +15,7 @@ from typing import Optional
 
 import numpy as np
 
+from ernie5.constants import MULTIMODAL_FORMAT
 from ernie5.errors import UserError
 
 TASKS = ("text", "caption", "asr", "t2i", "tts")
@@ -60,7 +61,7 @@ def shard_meta(cfg) -> Optional[dict]:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(str(path), f"unreadable ({e})") from None
-    if meta.get("format") != "multimodal-1":
+    if meta.get("format") != MULTIMODAL_FORMAT:
         if cfg.model.multimodal.enabled:
             raise UserError(str(path), "not a multimodal shard, but the checkpoint's model is multimodal")
         return None
@@ -69,7 +70,7 @@ def shard_meta(cfg) -> Optional[dict]:
 
 def load_generator(ckpt_path: str, overrides: list[str] = ()) -> Generator:
     """Model of a checkpoint (or a run dir's newest) plus the tokenizers its data was made with."""
-    from ernie5.config.run import load_config
+    from ernie5.runconfig import load_config
     from ernie5.data.multimodal_prepare import MultimodalDataConfig, SegmentTokenizer
     from ernie5.generation.tasks import Vocab
     from ernie5.modality.text_tokenizer import TextTokenizer

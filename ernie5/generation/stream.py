@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import paddle
 
-from ernie5.data.sequence import AUDIO, TEXT
+from ernie5.constants import AUDIO, TEXT
 from ernie5.model.attention import KVCache
 
 ROW_FIELDS = ("token", "modality", "pos", "group", "scale", "audio", "vis_in", "und_index")

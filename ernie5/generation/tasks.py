@@ -20,7 +20,8 @@ from typing import Optional
 import numpy as np
 import paddle
 
-from ernie5.data.sequence import IMAGE, Segment, build_document
+from ernie5.constants import IMAGE
+from ernie5.data.sequence import Segment, build_document
 from ernie5.generation.stream import Stream, sample_bits, sample_categorical, slice_rows
 
 

@@ -3,7 +3,7 @@
 Paddle's CPU build runs its elementwise, softmax and cross-entropy kernels on one thread, one op per pass over
 memory. The training step's non-GEMM work is therefore done by small OpenMP kernels: RMSNorm, SwiGLU, RoPE,
 the attention's masked softmax, the head's softmax cross-entropy (in place), the gradient norm and AdamW over
-all parameters at once. `ernie5.kernels.fused` wraps them with their backward and `ernie5.train.optim.FusedAdamW`
+all parameters at once. `ernie5.kernels.fused` wraps them with their backward and `ernie5.optim.adamw.FusedAdamW`
 uses the optimizer kernel; each has the plain-Paddle definition it replaces as its fallback and test reference.
 
 `ops()` returns the compiled module, or None when the kernels are off: `ERNIE5_FUSED_KERNELS=0`, no C++

@@ -7,7 +7,7 @@ import paddle
 from paddle.autograd import PyLayer
 
 from ernie5.kernels import ops
-from ernie5.objectives.parallel_ce import IGNORE  # the label of positions without a target
+from ernie5.constants import IGNORE  # the label of positions without a target
 
 
 def _c(t: paddle.Tensor) -> paddle.Tensor:

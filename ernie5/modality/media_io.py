@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Literal
 
 from ernie5.config.schema import build, join, require, to_dict
+from ernie5.config.yaml_io import apply_overrides, load_yaml
 from ernie5.errors import UserError
+from ernie5.tensor_io import ALLOW_PICKLE_ENV, is_safetensors, load_tensors, pickle_allowed, save_tensors
 from ernie5.modality.audio import AudioTokenizerConfig
 from ernie5.modality.vision import VisionTokenizerConfig
 
@@ -64,24 +66,18 @@ class TokenizerRecipe:
 
 def recipe_kind(path: str) -> str:
     """The `kind` of a tokenizer recipe file; run configs without one are text recipes."""
-    from ernie5.config.run import _load_with_bases
-
-    kind = _load_with_bases(Path(path)).get("kind", "text")
+    kind = load_yaml(Path(path)).get("kind", "text")
     if kind not in ("text", "vision", "audio"):
         raise UserError(f"{path}: kind", f"{kind!r} is not one of 'text', 'vision', 'audio'")
     return kind
 
 
 def load_recipe(path: str, overrides: list[str] = ()) -> TokenizerRecipe:
-    from ernie5.config.run import _load_with_bases, apply_overrides
-
-    return build(TokenizerRecipe, apply_overrides(_load_with_bases(Path(path)), list(overrides)), "")
+    return build(TokenizerRecipe, apply_overrides(load_yaml(Path(path)), list(overrides)), "")
 
 
 def save_asset(recipe: TokenizerRecipe, model, report: dict) -> Path:
     """Write OUTPUT.safetensors and OUTPUT.json (atomically: temp file then rename)."""
-    from ernie5.train.checkpoint import save_tensors
-
     out = Path(recipe.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".safetensors.tmp")
@@ -121,8 +117,6 @@ def load_asset(path: str):
 def _load_weights(p: Path) -> dict:
     """The asset's weights. safetensors content is read as such whatever the file is called; a `.safetensors`
     name is never unpickled; any other file is a legacy pickle, loaded only with the opt-in."""
-    from ernie5.train.checkpoint import ALLOW_PICKLE_ENV, is_safetensors, load_tensors, pickle_allowed
-
     if is_safetensors(p) or p.suffix == ".safetensors":
         return load_tensors(p)
     if not pickle_allowed():

@@ -28,7 +28,7 @@ def checkpointed(fn, *args):
 
 
 class Linear(nn.Linear):
-    """Bias-free linear; `fp8` (set by `enable_fp8`) runs it under the blockwise FP8 recipe."""
+    """Bias-free linear; `fp8` (set by `model.transformer.enable_fp8`) runs it under the blockwise FP8 recipe."""
 
     fp8 = None
 

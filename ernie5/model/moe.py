@@ -15,6 +15,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from ernie5.constants import IMAGE, NUM_MODALITIES, VIDEO
 from ernie5.model.config import ModelConfig, MoEConfig
 from ernie5.model.dispatch import LocalDispatcher
 from ernie5.precision.fp8_linear import quantize_for_dispatch
@@ -124,9 +125,6 @@ class ExpertPlacement:
 
     expert_ids: list[int]
     dispatcher: object
-
-
-NUM_MODALITIES = 4  # text, image, video, audio (ernie5.data.sequence ids 0..3)
 
 
 class MoELayer(nn.Layer):
@@ -240,7 +238,7 @@ class MoELayer(nn.Layer):
 
     def _isolated(self, x_TH, modality_T):
         """Text/audio tokens -> text experts, image/video tokens -> vision experts; ids in the joint numbering."""
-        vis_T = paddle.logical_or(modality_T == 1, modality_T == 2)
+        vis_T = paddle.logical_or(modality_T == IMAGE, modality_T == VIDEO)
         y_TH = paddle.zeros_like(x_TH)
         counts, aux_terms = [], []
         groups = ((paddle.logical_not(vis_T), self.router, self.experts, self.cfg, 0),

@@ -19,10 +19,10 @@ from __future__ import annotations
 import paddle
 import paddle.nn as nn
 
+from ernie5.constants import AUDIO, IMAGE, TEXT, VIDEO
 from ernie5.model.config import ModelConfig
 from ernie5.model.layers import RMSNorm, linear
 
-TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3
 
 
 def _normal(std: float) -> paddle.ParamAttr:

@@ -13,12 +13,11 @@ import paddle.nn as nn
 
 from ernie5.model.attention import Attention, KVCache, group_mask
 from ernie5.model.config import ModelConfig
-from ernie5.model.layers import RMSNorm, SwiGLU, checkpointed, linear
+from ernie5.model.layers import Linear, RMSNorm, SwiGLU, checkpointed, linear
 from ernie5.model.moe import ExpertPlacement, MoELayer
 from ernie5.model.multimodal import ModalityIO
 from ernie5.model.rope import frequency_table, rope_cos_sin
 from ernie5.precision.config import FP8Config, RecomputeConfig
-from ernie5.precision.fp8_linear import enable_fp8
 
 
 class Block(nn.Layer):
@@ -191,6 +190,20 @@ class UnifiedModel(nn.Layer):
 
     def forward(self, input_ids_BS, pos_thw_BS3=None, segment_ids_BS=None, submodel=None) -> paddle.Tensor:
         return self.logits(self.backbone(input_ids_BS, pos_thw_BS3, segment_ids_BS, submodel).hidden_BSH)
+
+
+def enable_fp8(model, cfg: FP8Config) -> int:
+    """Mark the linears the recipe covers: routed + shared experts, or (`all_linear`) every linear inside the
+    blocks and MTP modules. Embeddings, the output head and the fp32 router stay out. Returns how many."""
+    scopes = [m for m in model.sublayers() if isinstance(m, MoELayer)] if cfg.apply_to == "experts" else \
+        list(model.layers) + list(model.mtp)
+    count = 0
+    for scope in scopes:
+        for m in scope.sublayers(include_self=True):
+            if isinstance(m, Linear) and (cfg.apply_to != "experts" or m is not getattr(scope, "router", None)):
+                m.fp8 = cfg
+                count += 1
+    return count
 
 
 def build_model(cfg: ModelConfig, seed: Optional[int] = None, recompute: Optional[RecomputeConfig] = None,

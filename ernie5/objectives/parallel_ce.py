@@ -20,7 +20,7 @@ import paddle
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
-IGNORE = -100
+from ernie5.constants import IGNORE  # re-exported: the objectives' label constant
 # the one public API returning the softmax with the loss (what the backward reuses); deprecated, not removed
 warnings.filterwarnings("ignore", message=r"(?s).*softmax_with_cross_entropy")
 _POOL: Optional[ThreadPoolExecutor] = None

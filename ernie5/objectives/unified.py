@@ -33,7 +33,8 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from ernie5.data.sequence import AUDIO, HEAD_AUDIO, HEAD_TEXT, HEAD_VISUAL, IMAGE, VIDEO
+from ernie5.constants import AUDIO, IMAGE, VIDEO
+from ernie5.data.sequence import HEAD_AUDIO, HEAD_TEXT, HEAD_VISUAL
 from ernie5.objectives.config import ObjectiveConfig
 from ernie5.objectives.text import IGNORE, TextLoss, head_row_losses, token_balanced
 

@@ -22,8 +22,8 @@ import paddle
 from ernie5 import kernels
 from ernie5.errors import UserError
 from ernie5.parallel.topology import Topology
-from ernie5.train.config import OptimConfig
-from ernie5.train.optim import build_optimizer, scale_grads
+from ernie5.optim.config import OptimConfig
+from ernie5.optim.adamw import build_optimizer, scale_grads
 
 _EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts\.)(\d+)(\..*)$")
 

@@ -71,23 +71,6 @@ def fp8_linear(x: paddle.Tensor, w: paddle.Tensor, cfg: FP8Config) -> paddle.Ten
     return _FP8Matmul.apply(x, w, cfg.tile, cfg.block, cfg.store_activations)
 
 
-def enable_fp8(model, cfg: FP8Config) -> int:
-    """Mark the linears the recipe covers: routed + shared experts, or (`all_linear`) every linear inside the
-    blocks and MTP modules. Embeddings, the output head and the fp32 router stay out. Returns how many."""
-    from ernie5.model.layers import Linear
-    from ernie5.model.moe import MoELayer
-
-    scopes = [m for m in model.sublayers() if isinstance(m, MoELayer)] if cfg.apply_to == "experts" else \
-        list(model.layers) + list(model.mtp)
-    count = 0
-    for scope in scopes:
-        for m in scope.sublayers(include_self=True):
-            if isinstance(m, Linear) and (cfg.apply_to != "experts" or m is not getattr(scope, "router", None)):
-                m.fp8 = cfg
-                count += 1
-    return count
-
-
 def quantize_for_dispatch(x_TH: paddle.Tensor, cfg: FP8Config) -> paddle.Tensor:
     """Tokens rounded through E4M3 before the expert all-to-all (straight-through gradient)."""
     return x_TH + (fake_quant_tiles(x_TH, cfg.tile) - x_TH).detach()

@@ -39,16 +39,15 @@ import numpy as np
 
 from ernie5.data.shards import sha256_file
 from ernie5.errors import UserError
+from ernie5.tensor_io import (ALLOW_PICKLE_ENV, is_safetensors, load_tensors, pickle_allowed,  # noqa: F401
+                              save_tensors)  # (re-exported: the checkpoint API)
 
 MANIFEST = "manifest.json"
 TENSORS = ".safetensors"
 RNG_FILE = "rng.json"
-ALLOW_PICKLE_ENV = "ERNIE5_ALLOW_PICKLE"
 # suffixes of the pickle files older checkpoints used, per stem; only read with the opt-in
 LEGACY_SUFFIX = {"model": ".pdparams", "optimizer": ".pdopt"}
 LEGACY_RNG_FILE = "rng.pkl"
-_META_DTYPES = "ernie5.dtypes"  # safetensors header keys: original dtypes of tensors stored widened ...
-_META_JSON = "ernie5.json"  # ... and non-tensor entries of the state dict
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -213,99 +212,6 @@ def json_load(path: Path) -> dict:
         raise UserError(str(path), f"unreadable ({e})") from None
 
 
-# ---- tensors: safetensors only ---------------------------------------------------------------------------
-
-def _to_numpy(value) -> tuple[np.ndarray, Optional[str]]:
-    """(array to store, original dtype name if it had to be widened). bf16 has no numpy dtype: fp32 holds every
-    bf16 value exactly, so it is stored as fp32 and cast back on load."""
-    if hasattr(value, "numpy") and hasattr(value, "dtype") and not isinstance(value, np.ndarray):
-        import paddle
-
-        if value.dtype == paddle.bfloat16:
-            return np.ascontiguousarray(value.astype("float32").numpy()), "bfloat16"
-        value = value.numpy()
-    return np.ascontiguousarray(value), None
-
-
-def _is_tensor(value) -> bool:
-    return isinstance(value, np.ndarray) or (hasattr(value, "numpy") and hasattr(value, "shape"))
-
-
-def save_tensors(state: dict) -> Callable[[Path], None]:
-    """Writer of a state dict as one safetensors file. Tensors (paddle or numpy) are stored as tensors; other
-    entries must be JSON values and go into the header metadata."""
-    def write(path: Path) -> None:
-        from safetensors.numpy import save_file
-
-        tensors, widened, extra = {}, {}, {}
-        for k, v in state.items():
-            if _is_tensor(v):
-                tensors[k], orig = _to_numpy(v)
-                if orig:
-                    widened[k] = orig
-            else:
-                try:
-                    json.dumps(v)
-                except (TypeError, ValueError):
-                    raise TypeError(f"state entry {k!r} ({type(v).__name__}) is neither a tensor nor JSON") \
-                        from None
-                extra[k] = v
-        meta = {"format": "ernie5"}
-        if widened:
-            meta[_META_DTYPES] = json.dumps(widened)
-        if extra:
-            meta[_META_JSON] = json.dumps(extra)
-        save_file(tensors, str(path), metadata=meta)
-    return write
-
-
-
-def is_safetensors(path: Path) -> bool:
-    """True if `path` starts like a safetensors file (8-byte little-endian header length, then a JSON object)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        return False
-    return len(head) == 9 and 2 <= int.from_bytes(head[:8], "little") <= 100_000_000 and head[8:9] == b"{"
-
-
-def load_tensors(path: Path) -> dict[str, Any]:
-    """A state dict written by `save_tensors` (or any safetensors file): {name: numpy array or JSON value}.
-    Never unpickles anything."""
-    from safetensors import safe_open
-
-    if not is_safetensors(path):
-        raise UserError(str(path), "not a safetensors file")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = f.metadata() or {}
-            out: dict[str, Any] = {k: f.get_tensor(k) for k in f.keys()}
-        widened = json.loads(meta.get(_META_DTYPES, "{}"))
-        extra = json.loads(meta.get(_META_JSON, "{}"))
-    except Exception as e:  # safetensors raises its own types for bad headers / truncated files
-        raise UserError(str(path), f"cannot load ({type(e).__name__}: {str(e).splitlines()[0][:120]})") \
-            from None
-    if not isinstance(widened, dict) or not isinstance(extra, dict):
-        raise UserError(str(path), "malformed ernie5 metadata in the safetensors header")
-    if widened:
-        import paddle
-
-        for k, dtype in widened.items():
-            if k not in out or dtype != "bfloat16":
-                raise UserError(str(path), f"malformed ernie5 metadata in the safetensors header ({k!r})")
-            out[k] = paddle.to_tensor(out[k]).astype(paddle.bfloat16)
-    out.update(extra)
-    return out
-
-
-# ---- legacy pickle files (opt-in) ------------------------------------------------------------------------
-
-def pickle_allowed(allow_pickle: bool = False) -> bool:
-    """The user's opt-in to unpickling legacy files: the run config flag or ERNIE5_ALLOW_PICKLE=1."""
-    return allow_pickle or os.environ.get(ALLOW_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
-
-
 def refuse_pickle(path: Path, allow_pickle: bool = False) -> None:
     """UserError unless the user opted in to loading the pickle at `path`."""
     if not pickle_allowed(allow_pickle):
@@ -449,7 +355,7 @@ def apply_model_state(model, state: dict, where: str) -> None:
 
 def load_model(path: str):
     """Build the model a checkpoint was trained with and load its weights; eval mode."""
-    from ernie5.config.run import load_config
+    from ernie5.runconfig import load_config
     from ernie5.model.transformer import build_model
 
     ckpt = resolve_checkpoint(path)

@@ -16,7 +16,7 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
-from ernie5.config.run import RunConfig
+from ernie5.runconfig import RunConfig
 from ernie5.data.loader import PackedLoader, SyntheticLoader
 from ernie5.data.shards import open_split, read_meta
 from ernie5.elastic.sampler import build_sampler
@@ -34,7 +34,7 @@ from ernie5.train import checkpoint as ckpt
 from ernie5.train.callbacks import (AuxFreeBiasUpdate, Callback, Checkpointer, Evaluator, MetricsLogger,
                                     RouterOrthogonalStep, RoutingStats)
 from ernie5.train.guards import SpikeDetector
-from ernie5.train.optim import lr_at
+from ernie5.optim.schedule import lr_at
 from ernie5.train.perf import measure_gemm_gflops
 from ernie5.train.unified_data import UnifiedBatches, is_multimodal_shard, resolve_multimodal
 

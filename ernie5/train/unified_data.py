@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ernie5.constants import MULTIMODAL_FORMAT
 from ernie5.data.loader import MultimodalLoader
 from ernie5.data.multimodal_prepare import open_multimodal_split
 from ernie5.data.sequence import SPECIALS
@@ -17,7 +18,7 @@ def is_multimodal_shard(shard_dir: str) -> bool:
 
     meta = Path(shard_dir) / "meta.json"
     try:
-        return meta.is_file() and json.loads(meta.read_text(encoding="utf-8")).get("format") == "multimodal-1"
+        return meta.is_file() and json.loads(meta.read_text(encoding="utf-8")).get("format") == MULTIMODAL_FORMAT
     except (OSError, ValueError):
         return False  # the text path reports an unreadable meta.json with its own message
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ernie5.config.run import load_config
+from ernie5.runconfig import load_config
 from ernie5.errors import ConfigError, UserError
 from tests.conftest import run_cli
 

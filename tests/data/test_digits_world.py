@@ -129,7 +129,7 @@ def test_unified_training_on_multimodal_shards_resumes_exactly(world, mm_shards)
 
 
 def _unified_trainer(shards, out, *extra):
-    from ernie5.config.run import load_config
+    from ernie5.runconfig import load_config
     from ernie5.train.trainer import Trainer
 
     cfg = load_config(Path("configs/demo_unified.yaml"), [f"data.dir={shards}", f"run.output_dir={out}",

@@ -7,8 +7,8 @@ from ernie5.model.transformer import build_model
 
 
 def test_eval_of_an_fp8_checkpoint_uses_fp8(tiny_cfg):
-    from ernie5.config.run import load_config
-    from ernie5.elastic.evaluate import _held_out_batches, evaluate_elastic
+    from ernie5.runconfig import load_config
+    from ernie5.evaluation.elastic import _held_out_batches, evaluate_elastic
     from ernie5.objectives.text import text_loss
     from ernie5.train.checkpoint import apply_model_state, load_model_weights, resolve_checkpoint
     from ernie5.train.trainer import Trainer

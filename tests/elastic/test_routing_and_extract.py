@@ -4,7 +4,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ernie5.config.run import load_config
+from ernie5.runconfig import load_config
 from ernie5.elastic.extract import extract, parse_submodel_spec, resolve_submodel
 from ernie5.elastic.submodel import SubModel
 from ernie5.errors import UserError

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ernie5.config.run import load_config
+from ernie5.runconfig import load_config
 from ernie5.elastic.sampler import ElasticSampler
 from ernie5.elastic.space import ElasticSpace
 from ernie5.elastic.submodel import FULL, SubModel

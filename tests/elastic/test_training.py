@@ -9,7 +9,7 @@ import yaml
 
 import ernie5
 from ernie5.cli import main
-from ernie5.config.run import load_config
+from ernie5.runconfig import load_config
 from ernie5.elastic.submodel import SubModel
 from ernie5.train.trainer import Trainer
 from tests.conftest import tiny_overrides

@@ -5,8 +5,11 @@ from pathlib import Path
 import numpy as np
 import paddle
 
-import ernie5  # noqa: F401  (thread settings before paddle)
-from ernie5.config.run import load_config
+from ernie5.env import setup
+
+setup()  # thread settings before paddle loads
+
+from ernie5.runconfig import load_config
 from ernie5.model.transformer import build_model
 from ernie5.train.checkpoint import save_tensors, save_text, write_checkpoint
 

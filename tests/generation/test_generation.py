@@ -7,7 +7,7 @@ import paddle
 import pytest
 
 from ernie5.data.sequence import Segment, build_document, special_ids
-from ernie5.eval_crossmodal import first_digit, score_digit
+from ernie5.evaluation.crossmodal import first_digit, score_digit
 from ernie5.generation import Stream, Vocab, asr_prompt, caption_prompt, continue_text, generate_image, generate_speech
 from ernie5.generation.stream import text_rows
 from ernie5.model.config import ModelConfig, MoEConfig, MultimodalConfig
@@ -173,7 +173,7 @@ def test_score_digit():
 
 
 def test_report_table_and_constant_answer_baseline():
-    from ernie5.eval_crossmodal import _baselines, format_table
+    from ernie5.evaluation.crossmodal import _baselines, format_table
 
     b = _baselines([3, 6, 9, 3])
     assert b["majority"] == 0.5 and b["digit_counts"][3] == 2
@@ -204,7 +204,7 @@ SMALL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", "mod
 
 
 def test_cli_generate_text_only_checkpoint(tmp_path, text_assets):
-    from ernie5.config.run import load_config
+    from ernie5.runconfig import load_config
 
     _, tok, shards = text_assets
     cfg = load_config(None, [f"tokenizer.model_path={tok}", f"data.dir={shards}", "model.vocab_size=600"] + SMALL)
@@ -217,7 +217,7 @@ def test_cli_generate_text_only_checkpoint(tmp_path, text_assets):
 
 
 def test_cli_multimodal_checkpoint_without_shard_meta(tmp_path):
-    from ernie5.config.run import load_config
+    from ernie5.runconfig import load_config
 
     mm = [f"model.vocab_size={V + 7}", "model.multimodal.enabled=true", f"model.multimodal.visual_bits={BITS}",
           f"model.multimodal.num_scales={len(SCALES)}", f"model.multimodal.audio_levels={LEVELS}",

@@ -107,7 +107,7 @@ def test_head_ce_rejects_out_of_range_label():
 def test_tiny_model_step_same_with_and_without_fused_kernels():
     """A small MoE (text loss, MTP) gives the same loss and parameter gradients with the fused kernels and with
     Paddle's own ops."""
-    from ernie5.config.run import load_config
+    from ernie5.runconfig import load_config
     from ernie5.model.transformer import UnifiedModel
     from ernie5.objectives.text import make_text_batch, text_loss
 
@@ -275,7 +275,7 @@ def test_fused_adamw_equals_paddle_adamw():
     bound). Without AVX-512 Paddle runs its portable loop, whose operations the fused kernel repeats: there the
     two must agree bit for bit (they did not before: other association of the bias correction, multiply-adds
     contracted by -march=native, the last line in float instead of double)."""
-    from ernie5.train.optim import FusedAdamW
+    from ernie5.optim.adamw import FusedAdamW
 
     lr_ratio = {2: 0.5}  # LayerNorm weight
     decay_of = lambda name: name.startswith("linear") and ".w_" in name  # noqa: E731
@@ -369,7 +369,7 @@ def test_failed_build_falls_back_with_one_line(tmp_path):
     import subprocess
     import sys
 
-    code = ("import ernie5, paddle\nfrom ernie5 import kernels\nfrom ernie5.model.layers import RMSNorm\n"
+    code = ("from ernie5.env import setup\nsetup()\nimport paddle\nfrom ernie5 import kernels\nfrom ernie5.model.layers import RMSNorm\n"
             "y = RMSNorm(8, 1e-6)(paddle.ones([2, 8]))\nprint(kernels.status(), round(float(y.sum()), 3))\n")
     env = dict(os.environ, CC="/bin/false", CXX="/bin/false", ERNIE5_KERNEL_CACHE=str(tmp_path))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -429,7 +429,7 @@ def test_frozen_inputs_and_partial_grads():
 
 def test_fused_adamw_grad_scale_with_parameter_groups():
     """Parameter groups go through Paddle's op per parameter; grad_scale still applies there (once)."""
-    from ernie5.train.optim import FusedAdamW
+    from ernie5.optim.adamw import FusedAdamW
 
     def run(scale_first):
         paddle.seed(1)

@@ -4,7 +4,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ernie5.config.run import load_config
+from ernie5.runconfig import load_config
 from ernie5.model.moe import MoELayer, Router, balance_losses
 from ernie5.train.callbacks import orthogonal_loss, routing_summary
 

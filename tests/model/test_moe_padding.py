@@ -8,7 +8,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ernie5.config.run import load_config
+from ernie5.runconfig import load_config
 from ernie5.model.moe import MoELayer
 
 E, K, H = 6, 2, 16

@@ -4,7 +4,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ernie5.config.run import load_config
+from ernie5.runconfig import load_config
 from ernie5.model.transformer import build_model, to_tensor_batch
 from ernie5.objectives.text import make_text_batch, text_loss
 

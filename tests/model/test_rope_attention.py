@@ -4,7 +4,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from ernie5.config.run import load_config
+from ernie5.runconfig import load_config
 from ernie5.model.attention import Attention, document_causal_mask
 from ernie5.model.rope import apply_rope, frequency_table, pair_axes, rope_cos_sin, text_positions
 

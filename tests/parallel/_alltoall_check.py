@@ -6,7 +6,10 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
-import ernie5  # noqa: F401
+from ernie5.env import setup
+
+setup()  # thread settings before paddle loads
+
 from ernie5.parallel.alltoall import all_to_all
 
 dist.init_parallel_env()

@@ -6,8 +6,11 @@ import sys
 
 import numpy as np
 
-import ernie5  # noqa: F401
-from ernie5.config.run import load_config
+from ernie5.env import setup
+
+setup()  # thread settings before paddle loads
+
+from ernie5.runconfig import load_config
 from ernie5.train.callbacks import AuxFreeBiasUpdate, Callback
 from ernie5.train.trainer import Trainer
 

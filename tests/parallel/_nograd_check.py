@@ -9,8 +9,11 @@ import sys
 import numpy as np
 import paddle
 
-import ernie5  # noqa: F401
-from ernie5.config.run import load_config
+from ernie5.env import setup
+
+setup()  # thread settings before paddle loads
+
+from ernie5.runconfig import load_config
 from ernie5.elastic.submodel import SubModel
 from ernie5.model.transformer import build_model, to_tensor_batch
 from ernie5.objectives.text import make_text_batch, text_loss

@@ -4,10 +4,11 @@ import numpy as np
 import paddle
 import pytest
 
-from ernie5.config.run import load_config
+from ernie5.runconfig import load_config
 from ernie5.precision.config import FP8Config
 from ernie5.precision.fp8 import fake_quant_blocks, fake_quant_tiles
-from ernie5.precision.fp8_linear import enable_fp8, fp8_linear
+from ernie5.model.transformer import enable_fp8
+from ernie5.precision.fp8_linear import fp8_linear
 from ernie5.train.trainer import Trainer
 
 

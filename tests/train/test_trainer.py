@@ -9,8 +9,9 @@ import pytest
 from ernie5.errors import UserError
 from ernie5.train.callbacks import orthogonal_loss
 from ernie5.train.checkpoint import load_tensors
-from ernie5.train.config import OptimConfig
-from ernie5.train.optim import build_optimizer, lr_at
+from ernie5.optim.config import OptimConfig
+from ernie5.optim.adamw import build_optimizer
+from ernie5.optim.schedule import lr_at
 from ernie5.train.trainer import Trainer
 
 
@@ -139,7 +140,7 @@ def test_schedules():
 
 def test_runtime_grad_norm_and_clip_match_numpy(tiny_cfg):
     from ernie5.objectives.text import text_loss
-    from ernie5.train.optim import scale_grads
+    from ernie5.optim.adamw import scale_grads
 
     tr = Trainer(tiny_cfg("train.max_steps=1"), callbacks=[], quiet=True)
     text_loss(tr.model, tr._micro_batch(tr.train_loader), 0.3).total.backward()

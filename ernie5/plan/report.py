@@ -1,10 +1,10 @@
 """`ernie5 plan`: model size, FLOPs per token, per-device memory and throughput on paper (no tensors are built).
 
 The counting (parameters by component, active parameters and training FLOPs of one token of each modality) is in
-`ernie5.plan_params` and re-exported here; its docstring states the conventions. In short: FLOPs per token follow
+`ernie5.plan.params`; its docstring states the conventions. In short: FLOPs per token follow
 the PaLM accounting, and the per-token figure of a multimodal model is that of a text token, which is what the
 trainer's `mfu` metric and `ernie5 bench` use; the report lists every modality's figure beside it. Memory lives
-in `ernie5.plan_memory`, the allocation-free build check in `ernie5.plan_lazy`.
+in `ernie5.plan.memory`, the allocation-free build check in `ernie5.plan.lazy`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ernie5.errors import UserError
-from ernie5.plan_memory import check_layout, memory_plan, resolve_data
-# the counting lives in plan_params (plan_memory needs it too); these names are the planner's public API
-from ernie5.plan_params import (MODALITIES, ParamCount, count_parameters, embedding_params,  # noqa: F401
-                                flops_per_token, head_params, layer_params, modalities, modality_head_params,
-                                modality_input_params, mtp_params)
+from ernie5.plan.memory import check_layout, memory_plan, resolve_data
+from ernie5.plan.params import count_parameters, flops_per_token, modalities
 
 # Defaults for tokens/day: H100 / H800 SXM dense bf16 peak and an MFU typical of large MoE runs
 # (ERNIE 4.5 reports 47% on H800 for 300B-A47B; 40% leaves room for a less tuned stack).
@@ -69,7 +66,7 @@ def plan_report(run_cfg, opts: PlanOptions | None = None) -> dict[str, Any]:
         "active_params_no_mtp": no_mtp_active,
         "params_by_component": pc.total,
         "active_by_component": pc.active,  # active figures are one text token's
-        "flops_per_token": fpt,  # a text token's (see ernie5.plan_params)
+        "flops_per_token": fpt,  # a text token's (see ernie5.plan.params)
         # one token of each modality (only "text" for a text model)
         "active_params_by_modality": {k: count_parameters(cfg, k).active_params for k in kinds},
         "flops_per_token_by_modality": {k: flops_per_token(cfg, run_cfg.data.seq_len, k) for k in kinds},

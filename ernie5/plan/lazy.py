@@ -3,7 +3,7 @@
 Under `paddle.LazyGuard()` every `create_parameter` returns a parameter with its shape and dtype but no
 storage (its initializer is deferred until `initialize()`, which we never call), so a trillion-parameter
 UnifiedModel costs only the Python objects. The check attributes every built parameter to a plan component
-by its name and compares the counts per component with `ernie5.plan_params`, and checks that no parameter got
+by its name and compares the counts per component with `ernie5.plan.params`, and checks that no parameter got
 storage.
 
 Building every expert of a 512-expert x 58-layer model still means ~60k Python Linear objects (~14 s,
@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from ernie5.model.config import ModelConfig
-from ernie5.plan_params import ParamCount, count_parameters
+from ernie5.plan.params import ParamCount, count_parameters
 
 # parameter name (UnifiedModel attribute paths) -> plan component; first match wins
 _COMPONENTS = [

@@ -53,7 +53,7 @@ def evaluate_elastic(ckpt_path: str, out_dir: Optional[str] = None, batches: int
     only, nothing written (plain `ernie5 eval`)."""
     import paddle
 
-    from ernie5.config.run import load_config
+    from ernie5.runconfig import load_config
     from ernie5.model.transformer import build_model
     from ernie5.train.checkpoint import apply_model_state, load_model_weights, resolve_checkpoint
 

@@ -10,15 +10,18 @@ from typing import Any
 import yaml
 
 from ernie5.config.schema import build, require, to_dict
+from ernie5.config.yaml_io import apply_overrides, load_yaml
 from ernie5.data.config import DataConfig
 from ernie5.elastic.config import ElasticConfig
+from ernie5.elastic.space import check_elastic
 from ernie5.errors import ConfigError, UserError
 from ernie5.model.config import ModelConfig
 from ernie5.objectives.config import ObjectiveConfig
 from ernie5.modality.text_tokenizer import TextTokenizerConfig
 from ernie5.parallel.config import ParallelConfig
 from ernie5.precision.config import PrecisionConfig, RecomputeConfig
-from ernie5.train.config import CheckpointConfig, FaultsConfig, OptimConfig, TrainConfig
+from ernie5.optim.config import OptimConfig
+from ernie5.train.config import CheckpointConfig, FaultsConfig, TrainConfig
 
 
 @dataclass
@@ -53,7 +56,7 @@ class RunConfig:
         experts = self.model.moe.num_experts
         require(experts == 0 or experts % self.parallel.expert == 0, "parallel.expert",
                 f"{self.parallel.expert} does not divide model.moe.num_experts {experts}")
-        self.elastic.check_model(self.model, self.parallel, "elastic")
+        check_elastic(self.elastic, self.model, self.parallel, "elastic")
         if self.model.moe.isolated:
             require(self.parallel.expert == 1, "parallel.expert", "isolated routing runs without expert parallelism")
             require(not self.elastic.enabled, "elastic.enabled", "elastic sub-models need agnostic routing")
@@ -65,70 +68,9 @@ class RunConfig:
         return yaml.safe_dump(to_dict(self), sort_keys=False, allow_unicode=True)
 
 
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(str(path), "config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(str(path), f"invalid YAML{where}: {problem}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(str(path), f"cannot read: {e}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise UserError(str(path), f"top level must be a mapping, got {type(raw).__name__}")
-    return raw
-
-
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    path = path.resolve()
-    if path in seen:
-        raise UserError(str(path), "circular `base:` include")
-    raw = _read_yaml(path)
-    base = raw.pop("base", None)
-    if base is None:
-        return raw
-    if not isinstance(base, str):
-        raise ConfigError("base", f"expected a file path, got {base!r}")
-    return _merge(_load_with_bases(path.parent / base, seen + (path,)), raw)
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` overrides; values are parsed as YAML scalars (`8`, `1e-3`, `true`, `[1, 2]`)."""
-    raw = _merge({}, raw)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(item, "override must look like key.path=value")
-        try:
-            value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError:
-            raise ConfigError(key, f"cannot parse value {text!r}") from None
-        node = raw
-        parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(".".join(parts[: i + 1]), f"is a value ({child!r}), not a section")
-            node = child
-        node[parts[-1]] = value
-    return raw
-
-
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
     """Load, merge and validate. Raises UserError/ConfigError with the file or dotted key path named."""
-    raw = _load_with_bases(Path(path)) if path is not None else {}
+    raw = load_yaml(Path(path)) if path is not None else {}
     return build(RunConfig, apply_overrides(raw, list(overrides)), "")
 
 

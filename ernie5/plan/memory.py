@@ -55,7 +55,7 @@ from typing import Any
 
 from ernie5.errors import ConfigError
 from ernie5.model.config import ModelConfig
-from ernie5.plan_params import (ParamCount, embedding_params, head_params, layer_params, modality_head_params,
+from ernie5.plan.params import (ParamCount, embedding_params, head_params, layer_params, modality_head_params,
                                 modality_input_params, mtp_params)
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}

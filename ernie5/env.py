@@ -1,4 +1,8 @@
-"""CPU thread settings, applied before paddle loads (DESIGN.md platform facts), and a quiet paddle import.
+"""Process setup for ernie5: CPU thread settings applied before paddle loads, and a quiet paddle import.
+
+`setup()` is an explicit call, made first by the CLI (`ernie5.cli.main`), the test suite's conftest,
+`ernie5.load_model` and the multi-process worker scripts; importing ernie5 changes nothing in the process.
+Call it yourself before `import paddle` when using ernie5 as a library.
 
 `import paddle` pins OMP_NUM_THREADS=1 when it is unset, and MKL picks a slow path on AMD CPUs unless
 MKL_DEBUG_CPU_TYPE=5; either alone costs ~5x in fp32 GEMM on 2 cores. The user's own settings always win.
@@ -19,7 +23,7 @@ import os
 import sys
 import warnings
 
-MALLOC_RETAINED = False  # whether `configure` applied `retain_freed_memory`
+MALLOC_RETAINED = False  # whether `setup` applied `retain_freed_memory`
 _BANNER = ("WARNING: OMP_NUM_THREADS set to", "PLEASE USE OMP_NUM_THREADS WISELY")
 
 
@@ -54,7 +58,7 @@ def retain_freed_memory() -> bool:
 @contextlib.contextmanager
 def strided_kernels():
     """Paddle's strided (view) kernels on inside the block, for the few APIs that need them (safetensors'
-    paddle backend); `configure` turns them off for speed."""
+    paddle backend); `setup` turns them off for speed."""
     import paddle
 
     before = paddle.get_flags(["FLAGS_use_stride_kernel"])["FLAGS_use_stride_kernel"]
@@ -65,7 +69,8 @@ def strided_kernels():
         paddle.set_flags({"FLAGS_use_stride_kernel": before})
 
 
-def configure() -> None:
+def setup() -> None:
+    """Thread / MKL / allocator settings (the user's own environment wins), then import paddle quietly."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     os.environ.setdefault("OMP_NUM_THREADS", str(cores))
     if _is_amd():

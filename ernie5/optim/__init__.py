@@ -1,0 +1,1 @@
+"""AdamW (fused multi-tensor on CPU), parameter groups and the learning-rate schedules."""

@@ -1,0 +1,1 @@
+"""Command-line tools above the training stack: tokenizer training."""
