@@ -17,6 +17,7 @@ from ernie5 import kernels
 from ernie5.kernels.fused import HeadCE
 from ernie5.model.rope import text_positions
 from ernie5.model.transformer import UnifiedModel
+from ernie5.objectives.mtp import mtp_loss
 from ernie5.objectives.parallel_ce import IGNORE, ce_threads, chunked_ce
 
 
@@ -96,15 +97,10 @@ def text_loss(model: UnifiedModel, batch: dict[str, paddle.Tensor], mtp_weight: 
     out = model.backbone(batch["input_ids"], batch["positions"], batch["segment_ids"], submodel)
     ntp, tokens = head_ce(model, out.hidden_BSH, batch["labels_0"], balance_length)
     total, terms = ntp, {"loss_ntp": float(ntp)}
-    h = out.hidden_BSH
-    mtp_terms = []
-    for k in range(1, len(model.mtp) + 1):
-        h = model.mtp_hidden(k, h, model.embed(batch[f"mtp_ids_{k}"]), out)
-        loss_k, _ = head_ce(model, h, batch[f"labels_{k}"], balance_length)
-        terms[f"loss_mtp_{k}"] = float(loss_k)
-        mtp_terms.append(loss_k)
-    if mtp_terms:
-        total = total + mtp_weight * paddle.add_n(mtp_terms) / len(mtp_terms)
+    mtp = mtp_loss(model, out, lambda k: model.embed(batch[f"mtp_ids_{k}"]),  # x_{t+k}: ids from the batch
+                   lambda k, h: head_ce(model, h, batch[f"labels_{k}"], balance_length)[0], mtp_weight, terms)
+    if mtp is not None:
+        total = total + mtp
     if out.aux_loss is not None:
         terms["loss_aux"] = float(out.aux_loss)
         total = total + out.aux_loss

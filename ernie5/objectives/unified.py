@@ -36,6 +36,7 @@ import paddle.nn.functional as F
 from ernie5.constants import AUDIO, IMAGE, VIDEO
 from ernie5.data.sequence import HEAD_AUDIO, HEAD_TEXT, HEAD_VISUAL
 from ernie5.objectives.config import ObjectiveConfig
+from ernie5.objectives.mtp import mtp_loss
 from ernie5.objectives.text import IGNORE, TextLoss, head_row_losses, token_balanced
 
 MODALITY_TERMS = ("text", "visual", "audio")  # per-modality loss terms: loss_text, loss_visual, loss_audio
@@ -185,8 +186,7 @@ class UnifiedObjective:
         emb = model.embed_unified(b)
         out = model.backbone(None, b["pos"], b["doc"], submodel, embeds_BSH=emb, groups_BS=b["group"],
                              modality_BS=b["modality"])
-        h = out.hidden_BSH
-        hn = model.norm(h).reshape([B * S, -1])  # heads read only the positions that have their targets
+        hn = model.norm(out.hidden_BSH).reshape([B * S, -1])  # heads read only the positions that have their targets
         present: dict[str, paddle.Tensor] = {}
         terms: dict[str, float] = {}
         tokens = 0
@@ -228,23 +228,23 @@ class UnifiedObjective:
             terms[f"loss_{k}"] = float(v)
         if record and model.training:
             self._note({k: terms[f"loss_{k}"] for k in present})
-        # MTP on text positions: depth k embeds x_{t+k}
-        mtp_terms = []
-        hk = h
-        for k in range(1, len(model.mtp) + 1):
-            nxt = paddle.concat([emb[:, k:], paddle.zeros_like(emb[:, :k])], axis=1)
-            hk = model.mtp_hidden(k, hk, nxt, out)
+        # MTP on text positions: x_{t+k} is the input embedding shifted by k (zeros past the row); the head only
+        # on positions with a depth-k target; weighted like the text loss
+        def next_embeds(k: int) -> paddle.Tensor:
+            return paddle.concat([emb[:, k:], paddle.zeros_like(emb[:, :k])], axis=1)
+
+        def depth_loss(k: int, hk: paddle.Tensor) -> Optional[paddle.Tensor]:
             idx = paddle.nonzero(b[f"labels_{k}"].reshape([-1]) != IGNORE).flatten()
             if idx.shape[0] == 0:
-                continue
+                return None
             hk_sel = model.norm(paddle.gather(hk.reshape([B * S, -1]), idx))
             ce_N = head_row_losses(model, hk_sel, paddle.gather(b[f"labels_{k}"].reshape([-1]), idx))
-            ce = self._reduce(ce_N, paddle.ones_like(ce_N), B)
-            terms[f"loss_mtp_{k}"] = float(ce)
-            mtp_terms.append(ce)
+            return self._reduce(ce_N, paddle.ones_like(ce_N), B)
+
+        mtp = mtp_loss(model, out, next_embeds, depth_loss, self.mtp_weight * weights.get("text", 1.0), terms)
         total = paddle.add_n(parts) if parts else paddle.zeros([1])
-        if mtp_terms:
-            total = total + self.mtp_weight * weights.get("text", 1.0) * paddle.add_n(mtp_terms) / len(mtp_terms)
+        if mtp is not None:
+            total = total + mtp
         if out.aux_loss is not None:
             terms["loss_aux"] = float(out.aux_loss)
             total = total + out.aux_loss
