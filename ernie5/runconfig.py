@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -36,6 +36,7 @@ class RunSection:
 
 @dataclass
 class RunConfig:
+    kind: Literal["run"] = "run"  # what the file is (see config_kind); may be left out of a run config
     run: RunSection = field(default_factory=RunSection)
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TextTokenizerConfig = field(default_factory=TextTokenizerConfig)

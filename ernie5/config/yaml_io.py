@@ -69,3 +69,42 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = child
         node[parts[-1]] = value
     return raw
+
+
+# -- what a config file is: its top-level `kind:` ----------------------------------------------------------------
+# A file without `kind:` is a run config. The values below are the only kinds; each verb of the CLI names the kinds
+# it takes and refuses the others with one line (require_kind).
+CONFIG_KINDS = {
+    "run": "a run config",
+    "multimodal": "a multimodal data config",
+    "vision": "a tokenizer recipe",
+    "audio": "a tokenizer recipe",
+}
+
+
+def config_kind(path: str | Path) -> str:
+    """The `kind:` of a config file (after its `base:` includes): run (the default), multimodal, vision, audio."""
+    kind = load_yaml(Path(path)).get("kind", "run")
+    if not isinstance(kind, str) or kind not in CONFIG_KINDS:
+        choices = ", ".join(repr(k) for k in CONFIG_KINDS)
+        raise UserError(f"{path}: kind", f"{kind!r} is not one of {choices} (no `kind:` means a run config)")
+    return kind
+
+
+def describe_kinds(kinds) -> str:
+    """'a run config (kind: run) or a tokenizer recipe (kind: vision | audio)': kinds grouped by what they are."""
+    groups: dict[str, list[str]] = {}
+    for kind in kinds:
+        groups.setdefault(CONFIG_KINDS[kind], []).append(kind)
+    parts = [f"{what} (kind: {' | '.join(ks)})" for what, ks in groups.items()]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]
+
+
+def require_kind(path: str | Path, kinds, verb: str, also: str = "") -> str:
+    """The file's kind if `ernie5 verb` takes it; otherwise a UserError naming the file, its kind and what the verb
+    takes (`also`: something else it takes, e.g. 'a shard directory')."""
+    kind = config_kind(path)
+    if kind not in kinds:
+        takes = describe_kinds(kinds) + (f" or {also}" if also else "")
+        raise UserError(str(path), f"kind {kind!r} is {CONFIG_KINDS[kind]}; ernie5 {verb} takes {takes}")
+    return kind

@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 
 from ernie5.config.schema import build, join, require
-from ernie5.config.yaml_io import apply_overrides, load_yaml
+from ernie5.config.yaml_io import apply_overrides, config_kind, load_yaml
 from ernie5.constants import MULTIMODAL_FORMAT
 from ernie5.data.sequence import SPECIALS, Segment, build_document, pack_documents, special_ids
 from ernie5.data.shards import sha256_file
@@ -61,7 +61,8 @@ class MultimodalDataConfig:
 
 
 def is_multimodal_config(path: str) -> bool:
-    return load_yaml(Path(path)).get("kind") == "multimodal"
+    """True for a file with `kind: multimodal` (an unknown kind is a UserError, see config_kind)."""
+    return config_kind(path) == "multimodal"
 
 
 def load_multimodal_config(path: str, overrides=()) -> MultimodalDataConfig:

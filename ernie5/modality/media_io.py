@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from ernie5.config.schema import build, join, require, to_dict
-from ernie5.config.yaml_io import apply_overrides, load_yaml
+from ernie5.config.yaml_io import apply_overrides, load_yaml, require_kind
 from ernie5.errors import UserError
 from ernie5.tensor_io import ALLOW_PICKLE_ENV, is_safetensors, load_tensors, pickle_allowed, save_tensors
 from ernie5.modality.audio import AudioTokenizerConfig
@@ -65,11 +65,10 @@ class TokenizerRecipe:
 
 
 def recipe_kind(path: str) -> str:
-    """The `kind` of a tokenizer recipe file; run configs without one are text recipes."""
-    kind = load_yaml(Path(path)).get("kind", "text")
-    if kind not in ("text", "vision", "audio"):
-        raise UserError(f"{path}: kind", f"{kind!r} is not one of 'text', 'vision', 'audio'")
-    return kind
+    """Which tokenizer a config file trains: 'text' for a run config (its `tokenizer:` section), 'vision' or
+    'audio' for a recipe. Any other kind (see config_kind) is refused with one line."""
+    kind = require_kind(path, ("run", "vision", "audio"), "tokenizer train")
+    return "text" if kind == "run" else kind
 
 
 def load_recipe(path: str, overrides: list[str] = ()) -> TokenizerRecipe:
