@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ernie5.constants import AUDIO, IMAGE, PAD, TEXT, VIDEO
+from ernie5.model import mask
 SPECIALS = ["<boi>", "<eoi>", "<bov>", "<eov>", "<boa>", "<eoa>", "<sep>"]
 HEAD_TEXT, HEAD_VISUAL, HEAD_AUDIO = 0, 1, 2
 
@@ -259,14 +260,14 @@ def _pack_row(docs: list[dict], seq_len: int) -> dict:
 
 # -- attention ----------------------------------------------------------------------------------------------------
 def allowed_mask(doc_BS: np.ndarray, group_BS: np.ndarray) -> np.ndarray:
-    """bool [B, S, S]: query i may attend key j (same document, group[j] <= group[i])."""
-    same = doc_BS[:, :, None] == doc_BS[:, None, :]
-    return same & (group_BS[:, None, :] <= group_BS[:, :, None])
+    """bool [B, S, S]: query i may attend key j (the rule of `ernie5.model.mask`: same document,
+    group[j] <= group[i])."""
+    return mask.allowed(doc_BS, group_BS, doc_BS, group_BS)
 
 
 def dense_mask(doc_BS: np.ndarray, group_BS: np.ndarray) -> np.ndarray:
     """Additive float32 [B, 1, S, S] (0 allowed, -inf masked): what the CPU attention (`attn_mask`) takes."""
-    return np.where(allowed_mask(doc_BS, group_BS), 0.0, -np.inf).astype(np.float32)[:, None]
+    return mask.additive(allowed_mask(doc_BS, group_BS))
 
 
 def flashmask_ranges(doc_BS: np.ndarray, group_BS: np.ndarray) -> np.ndarray:

@@ -12,41 +12,43 @@ import paddle.nn.functional as F
 
 from ernie5 import kernels
 from ernie5.kernels.fused import MaskedSoftmax
+from ernie5.model import mask
 from ernie5.model.config import ModelConfig
 from ernie5.model.layers import linear
 from ernie5.model.rope import apply_rope
 
 
-def _mask_on_host(segment_ids_BS: paddle.Tensor, groups_BS=None) -> paddle.Tensor:
-    """`group_mask` built in NumPy (CPU tensors): Paddle's CPU broadcast compare and logical-and kernels made the
-    mask ~4 ms of a ~0.4 s bench step; NumPy takes ~0.5 ms."""
-    seg = segment_ids_BS.numpy()
-    allowed = seg[:, :, None] == seg[:, None, :]
-    if groups_BS is None:
-        allowed &= np.tri(seg.shape[1], dtype=bool)
-    else:
-        grp = groups_BS.numpy()
-        allowed &= grp[:, None, :] <= grp[:, :, None]
-    return paddle.to_tensor(np.where(allowed, np.float32(0.0), np.float32(-np.inf))[:, None], place=paddle.CPUPlace())
+def _mask_on_host(q_doc_BQ: paddle.Tensor, q_group_BQ: paddle.Tensor, k_doc_BK: paddle.Tensor,
+                  k_group_BK: paddle.Tensor) -> paddle.Tensor:
+    """`mask.allowed` in NumPy for CPU tensors (see `ernie5.model.mask` for why), as an additive CPU tensor.
+    Operands may already be NumPy arrays."""
+    ids = (t.numpy() if isinstance(t, paddle.Tensor) else t for t in (q_doc_BQ, q_group_BQ, k_doc_BK, k_group_BK))
+    return paddle.to_tensor(mask.additive(mask.allowed(*ids)), place=paddle.CPUPlace())
 
 
-def _mask_on_device(segment_ids_BS: paddle.Tensor, groups_BS=None) -> paddle.Tensor:
-    """`group_mask` built with Paddle ops where the ids live (accelerators)."""
-    same_doc = segment_ids_BS.unsqueeze(2) == segment_ids_BS.unsqueeze(1)
-    if groups_BS is None:
-        S = segment_ids_BS.shape[1]
-        allowed = paddle.logical_and(same_doc, paddle.tril(paddle.ones([S, S], dtype="bool")).unsqueeze(0))
-    else:
-        allowed = paddle.logical_and(same_doc, groups_BS.unsqueeze(1) <= groups_BS.unsqueeze(2))
+def _mask_on_device(q_doc_BQ: paddle.Tensor, q_group_BQ: paddle.Tensor, k_doc_BK: paddle.Tensor,
+                    k_group_BK: paddle.Tensor) -> paddle.Tensor:
+    """`mask.allowed` as Paddle ops where the ids live (accelerators), as an additive tensor."""
+    allowed = mask.allowed(q_doc_BQ, q_group_BQ, k_doc_BK, k_group_BK)
     zeros = paddle.zeros(allowed.shape, dtype="float32")
     return paddle.where(allowed, zeros, paddle.full_like(zeros, float("-inf"))).unsqueeze(1)
 
 
+def attention_mask(q_doc_BQ: paddle.Tensor, q_group_BQ: paddle.Tensor, k_doc_BK: paddle.Tensor,
+                   k_group_BK: paddle.Tensor) -> paddle.Tensor:
+    """Additive float32 mask [B, 1, Q, K] of `ernie5.model.mask.allowed`, built where the ids live."""
+    build = _mask_on_host if q_doc_BQ.place.is_cpu_place() else _mask_on_device
+    return build(q_doc_BQ, q_group_BQ, k_doc_BK, k_group_BK)
+
+
 def group_mask(segment_ids_BS: paddle.Tensor, groups_BS=None) -> paddle.Tensor:
-    """Additive mask [B, 1, S, S]: query i sees key j iff same document and group[j] <= group[i] (causal across
-    groups, bidirectional inside one: the scale-wise mask of next-scale prediction). groups None: causal."""
-    build = _mask_on_host if segment_ids_BS.place.is_cpu_place() else _mask_on_device
-    return build(segment_ids_BS, groups_BS)
+    """Additive mask [B, 1, S, S] of a row attending to itself (`ernie5.model.mask`: same document, causal across
+    groups, bidirectional inside one). groups None: one group per position, i.e. document-causal."""
+    if groups_BS is None:  # numbered by position; in NumPy for the host path (a Paddle arange costs ~0.07 ms there)
+        S = segment_ids_BS.shape[1]
+        groups_BS = np.arange(S, dtype=np.int64)[None] if segment_ids_BS.place.is_cpu_place() else \
+            paddle.arange(S, dtype="int64").unsqueeze(0)
+    return attention_mask(segment_ids_BS, groups_BS, segment_ids_BS, groups_BS)
 
 
 def document_causal_mask(segment_ids_BS: paddle.Tensor) -> paddle.Tensor:
@@ -80,7 +82,7 @@ def gqa_attention(q_BSND: paddle.Tensor, k_BSKD: paddle.Tensor, v_BSKD: paddle.T
 class KVCache:
     """Keys and values of the positions fed so far, per layer, with their documents and groups: incremental
     decoding feeds only new positions (`UnifiedModel.backbone(..., cache=)`). New queries see cached and new keys
-    under the same rule as `group_mask` (same document, group[key] <= group[query])."""
+    under the same rule (`ernie5.model.mask`: same document, group[key] <= group[query])."""
 
     def __init__(self, num_layers: int):
         self.keys: list = [None] * num_layers
@@ -102,10 +104,7 @@ class KVCache:
         if self.doc_BS is not None:
             doc, grp = paddle.concat([self.doc_BS, doc], 1), paddle.concat([self.group_BS, grp], 1)
         self.doc_BS, self.group_BS = doc, grp
-        q_doc, q_grp = doc[:, -S:], grp[:, -S:]
-        allowed = paddle.logical_and(q_doc.unsqueeze(2) == doc.unsqueeze(1), grp.unsqueeze(1) <= q_grp.unsqueeze(2))
-        zeros = paddle.zeros(allowed.shape, dtype="float32")
-        return paddle.where(allowed, zeros, paddle.full_like(zeros, float("-inf"))).unsqueeze(1)
+        return attention_mask(doc[:, -S:], grp[:, -S:], doc, grp)
 
     def append(self, layer: int, k_BSND: paddle.Tensor, v_BSND: paddle.Tensor):
         """Store layer `layer`'s new keys / values; returns all of them (cached first)."""

@@ -140,7 +140,13 @@ def test_mask_built_on_host_equals_the_device_ops():
 
     segments = paddle.to_tensor(np.array([[0] * 4 + [1] * 5, [0] * 9]), dtype="int64")
     groups = paddle.to_tensor(np.array([[0, 1, 1, 2, 3, 3, 3, 4, 5], list(range(9))]), dtype="int64")
-    for g in (None, groups):
-        host, device = _mask_on_host(segments, g).numpy(), _mask_on_device(segments, g).numpy()
+    causal = paddle.arange(9, dtype="int64").unsqueeze(0)
+    for g in (causal, groups):
+        host, device = _mask_on_host(segments, g, segments, g).numpy(), _mask_on_device(segments, g, segments, g).numpy()
         assert host.shape == device.shape == (2, 1, 9, 9) and host.dtype == device.dtype
+        np.testing.assert_array_equal(host, device)
+        # incremental decoding: the last 3 positions as queries against all 9 keys
+        q = (segments[:, -3:], g[:, -3:])
+        host, device = _mask_on_host(*q, segments, g).numpy(), _mask_on_device(*q, segments, g).numpy()
+        assert host.shape == device.shape == (2, 1, 3, 9)
         np.testing.assert_array_equal(host, device)

@@ -1,0 +1,30 @@
+"""The attention rule of packed rows, written once.
+
+Query i may attend key j iff both lie in the same document and group[j] <= group[i]: causal across groups,
+bidirectional inside one, nothing across documents. A group is one text token, one scale of one visual frame
+(every token of a scale is predicted at once, so they see each other: the scale-wise mask of next-scale
+prediction) or one audio frame (`ernie5.data.sequence` assigns them). Groups numbered by position give the plain
+document-causal mask.
+
+`allowed` uses only indexing with None, `==`, `<=` and `&`, so the same line runs on NumPy arrays and on Paddle
+tensors. CPU masks are built in NumPy on purpose: for a [4, 256, 256] mask Paddle's CPU broadcast-compare and
+logical-and kernels took ~4 ms of a ~0.4 s bench step, NumPy ~0.5 ms. Accelerators run it as Paddle ops where
+the ids live (`ernie5.model.attention`). This module imports no Paddle, so the data layer can use it in NumPy
+alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def allowed(q_doc_BQ, q_group_BQ, k_doc_BK, k_group_BK):
+    """bool [B, Q, K]: query q may attend key k. Queries and keys are passed apart so that incremental decoding
+    (new queries against cached and new keys) uses the same rule; a [1, n] operand broadcasts over the batch."""
+    same_doc = q_doc_BQ[:, :, None] == k_doc_BK[:, None, :]
+    return same_doc & (k_group_BK[:, None, :] <= q_group_BQ[:, :, None])
+
+
+def additive(allowed_BQK: np.ndarray) -> np.ndarray:
+    """float32 [B, 1, Q, K] to add to attention scores: 0 where allowed, -inf elsewhere (one mask for all heads)."""
+    return np.where(allowed_BQK, np.float32(0.0), np.float32(-np.inf))[:, None]
