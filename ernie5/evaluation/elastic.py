@@ -54,14 +54,11 @@ def evaluate_elastic(ckpt_path: str, out_dir: Optional[str] = None, batches: int
     import paddle
 
     from ernie5.runconfig import load_config
-    from ernie5.model.transformer import build_model
-    from ernie5.train.checkpoint import apply_model_state, load_model_weights, resolve_checkpoint
+    from ernie5.train.checkpoint import build_model_from_checkpoint, resolve_checkpoint
 
     ckpt = resolve_checkpoint(ckpt_path)
     cfg = load_config(ckpt / "config.yaml", list(overrides))
-    model = build_model(cfg.model, fp8=cfg.precision.fp8)  # as it was trained: FP8 GEMMs change the numbers
-    apply_model_state(model, load_model_weights(ckpt), str(ckpt))
-    model.eval()
+    model = build_model_from_checkpoint(ckpt, cfg)
     subs = ElasticSpace(cfg.elastic, cfg.model, cfg.parallel.expert).grid() if grid else [("full", FULL)]
     data = _held_out_batches(cfg, batches)
     rows = []

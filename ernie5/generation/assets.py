@@ -74,8 +74,7 @@ def load_generator(ckpt_path: str, overrides: list[str] = ()) -> Generator:
     from ernie5.data.multimodal_prepare import MultimodalDataConfig, SegmentTokenizer
     from ernie5.generation.tasks import Vocab
     from ernie5.modality.text_tokenizer import TextTokenizer
-    from ernie5.model.transformer import build_model
-    from ernie5.train.checkpoint import apply_model_state, load_model_weights, resolve_checkpoint
+    from ernie5.train.checkpoint import build_model_from_checkpoint, resolve_checkpoint
 
     ckpt = resolve_checkpoint(ckpt_path)
     cfg = load_config(ckpt / "config.yaml", list(overrides))
@@ -93,9 +92,7 @@ def load_generator(ckpt_path: str, overrides: list[str] = ()) -> Generator:
         segments = None
         text = TextTokenizer(cfg.tokenizer.model_path)
         vocab = Vocab(text.vocab_size, text.eos_id)
-    model = build_model(cfg.model, fp8=cfg.precision.fp8)
-    apply_model_state(model, load_model_weights(ckpt), str(ckpt))
-    model.eval()
+    model = build_model_from_checkpoint(ckpt, cfg)
     return Generator(model, cfg, ckpt, text, segments, vocab, meta)
 
 

@@ -353,14 +353,23 @@ def apply_model_state(model, state: dict, where: str) -> None:
     model.set_state_dict(state)
 
 
-def load_model(path: str):
-    """Build the model a checkpoint was trained with and load its weights; eval mode."""
-    from ernie5.runconfig import load_config
+def build_model_from_checkpoint(ckpt_dir, cfg=None, allow_pickle: bool = False):
+    """The model of a checkpoint directory (already resolved, see `resolve_checkpoint`) with its weights, in eval
+    mode. `cfg`: the run config to build from (default: the `config.yaml` saved with the checkpoint; callers that
+    apply overrides load it themselves). The FP8 setting is the run's, as trained: FP8 GEMMs change the numbers.
+    Weights are checked against the model's names and shapes (`apply_model_state`)."""
     from ernie5.model.transformer import build_model
+    from ernie5.runconfig import load_config
 
-    ckpt = resolve_checkpoint(path)
-    cfg = load_config(ckpt / "config.yaml")
+    ckpt = Path(ckpt_dir)
+    if cfg is None:
+        cfg = load_config(ckpt / "config.yaml")
     model = build_model(cfg.model, fp8=cfg.precision.fp8)
-    apply_model_state(model, load_model_weights(ckpt), str(ckpt))
+    apply_model_state(model, load_model_weights(ckpt, allow_pickle), str(ckpt))
     model.eval()
     return model
+
+
+def load_model(path: str):
+    """Build the model a checkpoint (or a run dir's newest) was trained with and load its weights; eval mode."""
+    return build_model_from_checkpoint(resolve_checkpoint(path))
