@@ -1,7 +1,7 @@
 """Unified multimodal sequence format: segments -> per-position arrays -> packed rows -> attention masks.
 
 A document is a list of `Segment`s (text / image / video / audio / sep), each an understanding *input* or a
-generation *target*. Layouts (SPEC §2): image `BOI S1 S2 ... EOI`, video `BOV F1S1 F1S2 ... F2S1 ... EOV`,
+generation *target*. Layouts: image `BOI S1 S2 ... EOI`, video `BOV F1S1 F1S2 ... F2S1 ... EOV`,
 audio `BOA frame1 ... EOA`; `SEP` separates an understanding input from what follows.
 
 Special tokens sit at a **fixed offset after the text vocabulary**: id = text_vocab_size + index in `SPECIALS`

@@ -3,7 +3,8 @@
 The result computes exactly what the full model computes with `submodel=...`: kept layers renumbered in order,
 kept experts renumbered in order with their router columns, k set to the sub-model's k. One subtlety is the
 aux-free bias: a sub-model whose experts or k differ from the full model was trained selecting experts without
-it (SPEC §3), so its export carries a zero bias (the kept entries of a depth-only cut are copied as they are).
+it (the router ignores the bias when it routes a sub-model, `ernie5.model.moe`), so its export carries a zero
+bias (the kept entries of a depth-only cut are copied as they are).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Audio tokenizer: a frame-domain codec at a configurable frame rate (12.5 Hz at 16 kHz by default) with residual
-VQ (SPEC §2, NCP). Level 1 can be distilled toward a teacher's features (ERNIE uses Whisper; pluggable here).
+VQ; the unified model predicts every level of the next frame with depth heads (next-codec prediction, NCP).
+Level 1 can be distilled toward a teacher's features (ERNIE uses Whisper; pluggable here).
 
 The codec works on short-time Fourier frames, one per codec frame (hop = sample_rate / frame_rate, Hann window of
 `window_frames` hops). The encoder reads the complex STFT (real / imag, plus log magnitude for its conv branch);

@@ -1,4 +1,5 @@
-"""Multi-scale residual **bitwise** quantiser (Infinity / BSQ style) for the vision tokenizer (SPEC §2).
+"""Multi-scale residual **bitwise** quantiser (Infinity / BSQ style) for the vision tokenizer: its codes are
+the visual tokens of next-scale prediction (`ernie5.data.sequence`).
 
 A latent grid f [N, d, h, w] (N = batch x frames) is quantised coarse to fine over `scales` (side lengths of the
 token grid at each scale, the last equal to the latent side). At scale k the residual r = f - f_hat is

@@ -1,5 +1,6 @@
 """Vision tokenizer: one causal 3D-conv autoencoder for images and video (an image is a one-frame video), with a
-multi-scale residual bitwise quantiser (SPEC §2, NFSP).
+multi-scale residual bitwise quantiser whose codes the unified model generates frame by frame, scale by scale
+(next-frame-and-scale prediction, NFSP).
 
 Causality in time: every temporal convolution pads only the past, by repeating the first frame, so frame 0 is
 encoded on its own and frame k sees frames <= k. No temporal downsampling: one latent frame per video frame.

@@ -16,7 +16,7 @@ class MoEConfig:
     top_k: int = 2
     num_shared_experts: int = 0
     expert_ffn_size: int = 0  # width of one routed expert (shared experts are n_shared times as wide)
-    layer_start: int = 0  # SPEC §7: layer i is MoE iff start <= i <= end and (i + 1) % interval == 0
+    layer_start: int = 0  # layer i is MoE iff start <= i <= end and (i + 1) % interval == 0 (ERNIE 4.5's rule)
     layer_end: Optional[int] = None  # None: the last layer
     layer_interval: int = 1
     # agnostic (ERNIE 5.0): every token, any modality, routes over all experts. isolated (ERNIE 4.5-VL): image and
@@ -31,7 +31,7 @@ class MoEConfig:
     aux_loss_coef: float = 0.0  # Switch load-balancing loss
     seq_aux_loss_coef: float = 0.0  # per-sequence balancing loss (DeepSeek-V3 form)
     z_loss_coef: float = 0.0  # router z-loss: mean(logsumexp(logits)^2)
-    orthogonal_coef: float = 0.0  # router orthogonality step after each optimizer step (SPEC §4), 1e-3 in ERNIE 4.5
+    orthogonal_coef: float = 0.0  # router rows pulled toward orthogonal after each optimizer step (ERNIE 4.5: 1e-3)
 
     def validate(self, path: str) -> None:
         require(self.num_experts >= 0, join(path, "num_experts"), "must be >= 0")
@@ -87,8 +87,8 @@ class MTPConfig:
 
 @dataclass
 class MultimodalConfig:
-    """Modality inputs and heads of the unified model (SPEC §2). `enabled` and the sizes are filled in from the
-    multimodal shards' meta.json when a run starts (set them only to check they match)."""
+    """Modality inputs and heads of the unified model (`ernie5.model.multimodal`). `enabled` and the sizes are
+    filled in from the multimodal shards' meta.json when a run starts (set them only to check they match)."""
 
     enabled: bool = False
     visual_bits: int = 0  # d: a visual token is d sign bits; the bitwise head predicts them

@@ -1,8 +1,9 @@
 """Mixture-of-experts layer: fp32 router with aux-free bias, routed SwiGLU experts, ungated shared experts.
 
-Router math (SPEC §1): probs = softmax(x W_g) in fp32; chosen = topk(probs + b); weights = probs[chosen] /
-max(sum, norm_min). The bias b only chooses experts; it is moved by `update_bias` after each optimizer step from
-the expert loads counted over the whole step.
+Router math (ERNIE 4.5 keeps the gate in fp32 and balances experts with a selection-only bias instead of an aux
+loss): probs = softmax(x W_g) in fp32; chosen = topk(probs + b); weights = probs[chosen] / max(sum, norm_min).
+The bias b only chooses experts; it is moved by `update_bias` after each optimizer step from the expert loads
+counted over the whole step.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ class Router(nn.Layer):
     def forward(self, x_TH: paddle.Tensor, top_k: Optional[int] = None,
                 experts: Optional[Sequence[int]] = None) -> Routing:
         """`experts` (kept expert ids) or a `top_k` other than the configured one route a sub-model (elastic
-        training, SPEC §3): dropped experts' logits are -inf before the softmax, and the aux-free bias, tuned for
-        the full model, is not used for selection."""
+        training, `ernie5.elastic`): dropped experts' logits are -inf before the softmax, and the aux-free bias,
+        tuned for the full model, is not used for selection."""
         k = top_k or self.cfg.top_k
         logits_TE = paddle.matmul(x_TH.astype("float32"), self.weight)
         select_E = self.e_score_correction_bias

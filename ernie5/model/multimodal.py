@@ -1,4 +1,5 @@
-"""Modality inputs and heads of the unified model (SPEC §2): one backbone, every modality.
+"""Modality inputs and heads of the unified model: one backbone, every modality (the sequence
+layout is in `ernie5.data.sequence`).
 
 Inputs (one vector per position, chosen by the position's modality):
 - text / special tokens: the token table (tied to the text head);

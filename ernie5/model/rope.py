@@ -1,4 +1,5 @@
-"""Uni-RoPE: interleaved rotary embedding driven by (t, h, w) positions (SPEC §1).
+"""Uni-RoPE: interleaved rotary embedding driven by (t, h, w) positions. Text and audio advance all three
+together, a visual token takes its frame (t) and cell (h, w): one rotary scheme for every modality (ERNIE 5.0).
 
 Frequency pair i has inverse frequency theta^(-2i/D). The pairs are split into t / h / w sections: t takes the
 last `t` pairs (lowest frequencies), the first h + w pairs alternate h, w, h, w, ... (ERNIE 4.5 VL layout).

@@ -1,5 +1,5 @@
-"""The unified objective on packed multimodal rows (SPEC §2): text NTP + MTP, visual next-scale prediction with
-a bitwise head (NFSP), audio next-codec prediction with depth heads (NCP), one backbone.
+"""The unified objective on packed multimodal rows (`ernie5.data.sequence`): text NTP + MTP, visual next-scale
+prediction with a bitwise head (NFSP), audio next-codec prediction with depth heads (NCP), one backbone.
 
 Per position (see `ernie5.data.sequence`): text / special positions predict the next token with the text head;
 visual positions predict their own d bits from their group's inputs (every token of a scale in parallel);

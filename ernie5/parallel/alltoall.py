@@ -2,7 +2,7 @@
 
 `all_to_all(x, send_splits, recv_splits, group)`: rank i sends rows [sum(send[:j]), +send[j]) of x to rank j
 and receives recv[j] rows from each rank j, concatenated in rank order. Backward is the reverse exchange.
-On NCCL the native `alltoall_single` is used. Gloo has no all-to-all (DESIGN.md platform facts), so there it is
+On NCCL the native `alltoall_single` is used. Paddle's Gloo backend has no all-to-all, so there it is
 built from one all_gather of the padded send buffers plus slicing: it moves `group size` times the data, which
 is fine for CPU tests and small runs, and is exact.
 """

@@ -1,4 +1,5 @@
-"""FP8 linear layers: y = x @ w with the blockwise E4M3 recipe in forward and backward (SPEC §5).
+"""FP8 linear layers: y = x @ w with the blockwise E4M3 recipe in forward and backward (the
+DeepSeek-V3 / ERNIE 4.5 recipe of `ernie5.precision.fp8`).
 
 forward:  y  = Q_tile(x) @ Q_block(w)
 backward: dx = Q_tile(dy) @ Q_block(w)^T            (tiles along the output features)
