@@ -3,21 +3,24 @@
 Measurement plan (each part on the same Trainer, built with no callbacks into a temporary directory):
 1. warm-up steps, then `steps` timed `train_step()` calls with nothing attached: the headline numbers.
 2. GEMM peak right after, same process and threads: a 1024^3 GEMM and the model's own largest GEMM shape.
-3. `breakdown_steps` instrumented steps: wrappers on the model's layer methods and on a few functions the
-   model and trainer call time every phase in place (CPU kernels are synchronous, so the wall time inside
-   a wrapper is that phase's work). Times are exclusive (a phase nested in another is subtracted from it);
-   the backward pass is one phase because autograd runs after, and outside, every forward; whatever no
-   timer covers is `other`.
+3. `breakdown_steps` instrumented steps: the trainer's own phase hooks (`Trainer.timer`, see
+   `ernie5.train.timing`: data, loss, backward, gradient sync / norm / clip, optimizer and router updates),
+   wrappers on the model's layer methods, and on a few model functions that have no layer of their own, time
+   every phase in place (CPU kernels are synchronous, so the wall time inside a region is that phase's
+   work). Times are exclusive (a phase nested in another is subtracted from it); the backward pass is one
+   phase because autograd runs after, and outside, every forward; whatever no timer covers is `other`.
 4. `--profile`: one step under `paddle.profiler` (op-level host times, grouped by the phase they ran in),
    then an isolated replay of the instrumented regions on the inputs they saw, to split the backward pass
    by phase (see `replay_backward`).
-5. `Trainer.train()` with its default callbacks: the loop's own overhead (data, callbacks, logging).
-Nothing here edits the model or trainer; instrumentation is attached at run time and removed afterwards.
+5. `Trainer.train()` with its default callbacks: the loop's own overhead (data, callbacks, logging), timed
+   through the trainer's `step` and `data` hooks.
+Nothing here edits the model or trainer code; instrumentation is attached at run time and removed afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import io
@@ -34,10 +37,12 @@ import paddle
 
 from ernie5 import env, kernels
 from ernie5.runconfig import RunConfig
-from ernie5.plan import count_parameters, flops_per_token
+from ernie5.plan import count_parameters
+from ernie5.train.perf import gemm_gflops
 
 # Phases in report order. `glue` is residual adds / loss assembly between modules, `other` the step's own
-# Python (lr, metrics) plus anything a refactor moved out of reach of the timers.
+# Python (lr, metrics) plus anything a refactor moved out of reach of the timers. The router bias and
+# orthogonal updates are part of the optimizer step, so they count as `optimizer`.
 PHASES = ("attention", "router", "dispatch_combine", "experts", "shared_expert", "dense_ffn", "norms_rope",
           "embedding", "head_loss", "glue", "backward", "grad_clip", "optimizer", "data", "other")
 _LAYER_PHASES = {"Attention": "attention", "RMSNorm": "norms_rope", "Router": "router",
@@ -54,20 +59,7 @@ class BenchOptions:
     gemm_seconds: float = 0.5  # per GEMM peak measurement
 
 
-# ---- GEMM peak ---------------------------------------------------------------------------------------------
-def gemm_gflops(m: int, k: int, n: int, seconds: float = 0.5) -> float:
-    """Sustained fp32 rate of an [m,k] x [k,n] matmul with the current thread settings (GFLOP/s)."""
-    a, b = paddle.randn([m, k], dtype="float32"), paddle.randn([k, n], dtype="float32")
-    c = paddle.matmul(a, b)  # first call: allocation and MKL setup
-    reps, start = 0, time.perf_counter()
-    while True:
-        c = paddle.matmul(a, b)
-        reps += 1
-        if reps >= 3 and time.perf_counter() - start >= seconds:
-            c.numpy()  # sync (a no-op on CPU, needed on GPU)
-            return 2.0 * m * k * n * reps / (time.perf_counter() - start) / 1e9
-
-
+# ---- GEMM peak (the probe itself is ernie5.train.perf.gemm_gflops, shared with the trainer's mfu) ----------
 def largest_gemm(cfg: RunConfig) -> tuple[str, int, int, int]:
     """(name, m, k, n) of the model's biggest single GEMM in one micro-batch (by m*k*n; plain [m,k] x [k,n]
     layout, whatever transposes the model uses)."""
@@ -221,18 +213,41 @@ def _own_methods(layer) -> list[str]:
     return sorted(names)
 
 
+# trainer phase (ernie5.train.timing) -> bench phase; only the loss is captured for the --profile replay
+_TRAINER_PHASES = {"data": "data", "loss": "glue", "backward": "backward", "sync": "grad_clip",
+                   "grad_norm": "grad_clip", "clip": "grad_clip", "optimizer": "optimizer", "algorithm": "optimizer"}
+_REPLAYABLE_TRAINER_PHASES = ("loss",)
+
+
+class TrainerPhases:
+    """The trainer's step timer (`Trainer.timer`) feeding a PhaseTimer: each trainer phase becomes a region
+    `trainer.<phase>` of the matching bench phase (`other` for bookkeeping phases)."""
+
+    def __init__(self, timer: PhaseTimer):
+        self.timer = timer
+
+    def run(self, phase: str, fn: Callable, *args, **kwargs):
+        replay = fn if phase in _REPLAYABLE_TRAINER_PHASES else None
+        self.timer.enter(_TRAINER_PHASES.get(phase, "other"), f"trainer.{phase}", replay, args, kwargs)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.timer.exit()
+
+
 @contextlib.contextmanager
 def instrument(tr, timer: PhaseTimer):
-    """Attach `timer` to the trainer's model, step functions and optimizer; everything is undone on exit.
+    """Attach `timer` to the trainer's phase hooks and the model; everything is undone on exit.
 
-    Layers: their methods are wrapped on the instance. Functions: module globals the trainer and model look
-    up at call time are replaced; a name that no longer exists is listed in `missing` (its time then shows
-    up in the enclosing phase or `other`).
+    Trainer: its `timer` hook (data, loss, backward, gradient sync / norm / clip, optimizer). Layers: their
+    methods are wrapped on the instance. Model functions with no layer of their own (RoPE tables and
+    rotation, the attention mask, the text head's loss) have no hook, so they are wrapped where the model looks
+    them up at call time; a name that no longer exists is listed in `missing` (its time then shows up in the
+    enclosing phase).
     """
     import ernie5.model.attention as attention_mod
     import ernie5.model.transformer as transformer_mod
     import ernie5.objectives.text as text_mod
-    import ernie5.train.trainer as trainer_mod
 
     undo: list[Callable] = []
     missing: list[str] = []
@@ -252,27 +267,15 @@ def instrument(tr, timer: PhaseTimer):
     for path, phase in layer_phases(model).items():
         for name in _own_methods(layers[path]):
             patch(layers[path], name, phase, label=f"{path}:{name}")
-    patch(tr, "_micro_batch", "data", replayable=False)
-    runtime = getattr(tr, "runtime", None)
-    if runtime is not None:  # a ParallelRuntime owns gradient sync, norm, clip and the optimizer step
-        for name, phase in (("sync_grads", "grad_clip"), ("grad_norm", "grad_clip"), ("clip", "grad_clip"),
-                            ("step", "optimizer"), ("clear_grad", "optimizer")):
-            patch(runtime, name, phase, replayable=False, label=f"runtime.{name}")
-    else:  # the trainer drives a paddle optimizer itself
-        patch(tr.optimizer, "step", "optimizer", replayable=False, label="optimizer.step")
-        patch(tr.optimizer, "clear_grad", "optimizer", replayable=False, label="optimizer.clear_grad")
-        patch(trainer_mod, "grad_global_norm", "grad_clip", replayable=False)
-        patch(trainer_mod, "scale_grads", "grad_clip", replayable=False)
-    patch(trainer_mod, "text_loss", "glue")
     patch(text_mod, "head_ce", "head_loss", scoped=True)
     patch(attention_mod, "apply_rope", "norms_rope", scoped=True)
     patch(transformer_mod, "rope_cos_sin", "norms_rope", scoped=True)
     patch(transformer_mod, "group_mask", "attention", scoped=True)
-    patch(paddle.Tensor, "backward", "backward", replayable=False, label="Tensor.backward")
-    patch(paddle.autograd, "backward", "backward", replayable=False, label="paddle.autograd.backward")
+    previous, tr.timer = tr.timer, TrainerPhases(timer)
     try:
         yield missing
     finally:
+        tr.timer = previous
         for fn in reversed(undo):
             fn()
 
@@ -434,52 +437,61 @@ class _Clock:
         pass
 
 
+class _LoopTimer:
+    """The trainer's step timer for `train_overhead`: wall seconds of every step, and of the micro-batch data
+    inside each step (an evaluation's batches are callback time: they do not go through the `data` hook)."""
+
+    def __init__(self):
+        self.step_s: list[float] = []
+        self.data_s: list[float] = []
+        self._in_step = False
+
+    def run(self, phase: str, fn: Callable, *args, **kwargs):
+        if phase == "step":
+            self.data_s.append(0.0)
+            self._in_step = True
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            elapsed = time.perf_counter() - start
+            if phase == "step":
+                self.step_s.append(elapsed)
+                self._in_step = False
+            elif phase == "data" and self._in_step:
+                self.data_s[-1] += elapsed
+
+
 def train_overhead(tr, steps: int) -> dict:
     """Share of `ernie5 train`'s time that is not the model step: data loading, callbacks, logging, loop
     bookkeeping, plus periodic evaluation and checkpoints amortised over their intervals.
 
     `Trainer.train()` runs with the default callbacks for 1 + N + 1 iterations, N = max(steps, log interval)
-    so the window holds a logging step. Evaluation and checkpointing are switched off inside the window and
-    costed apart: one `evaluate()` call / eval_interval, and the final checkpoint (the last iteration's
-    extra time) / checkpoint.interval (or / max_steps when only the final one is written). Log lines go to
-    a buffer (their formatting cost is kept).
+    so the window holds a logging step. Evaluation and checkpointing are switched off inside the window (the
+    trainer runs on a copy of its config for it) and costed apart: one `evaluate()` call / eval_interval, and
+    the final checkpoint (the last iteration's extra time) / checkpoint.interval (or / max_steps when only the
+    final one is written). Log lines go to a buffer (their formatting cost is kept).
     """
     t_cfg, c_cfg = tr.cfg.train, tr.cfg.checkpoint
     eval_every, ckpt_every, run_steps = t_cfg.eval_interval, c_cfg.interval, t_cfg.max_steps
     steps = max(steps, t_cfg.log_interval)
-    clock, step_s, data_s = _Clock(), [], []
-    step_fn, batch_fn = tr.train_step, tr._micro_batch
-
-    def timed_step_fn():
-        data_s.append(0.0)
-        start = time.perf_counter()
-        try:
-            return step_fn()
-        finally:
-            step_s.append(time.perf_counter() - start)
-
-    def timed_batch(loader, *args, **kwargs):  # same signature as Trainer._micro_batch (unified runs pass train=)
-        start = time.perf_counter()
-        try:
-            return batch_fn(loader, *args, **kwargs)
-        finally:
-            if len(data_s) > len(step_s):  # inside a step (an evaluation's batches are callback time)
-                data_s[-1] += time.perf_counter() - start
-
-    tr.callbacks = tr.default_callbacks() + [clock]
-    t_cfg.max_steps, t_cfg.eval_interval, c_cfg.interval = tr.step + steps + 2, 0, 0
-    tr.train_step, tr._micro_batch = timed_step_fn, timed_batch
+    clock, loop_timer = _Clock(), _LoopTimer()
+    window = copy.deepcopy(tr.cfg)
+    window.train.max_steps, window.train.eval_interval, window.checkpoint.interval = tr.step + steps + 2, 0, 0
+    saved = tr.cfg, tr.callbacks, tr.timer
+    tr.cfg, tr.callbacks, tr.timer = window, tr.default_callbacks() + [clock], loop_timer
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             tr.train()
+            tr.cfg = saved[0]
             eval_s = 0.0
-            if eval_every and getattr(tr, "val_loader", None) is not None:
+            if eval_every and tr.val_loader is not None:
                 start = time.perf_counter()
                 tr.evaluate()
                 eval_s = time.perf_counter() - start
     finally:
-        del tr.train_step, tr._micro_batch
-        t_cfg.max_steps, t_cfg.eval_interval, c_cfg.interval = run_steps, eval_every, ckpt_every
+        tr.cfg, tr.callbacks, tr.timer = saved
+    step_s, data_s = loop_timer.step_s, loop_timer.data_s
     loops = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]  # iterations 2 .. steps + 2
     loop, step, data = sum(loops[:steps]), sum(step_s[1:steps + 1]), sum(data_s[1:steps + 1])
     per_step = (loop - step + data) / steps  # data + callbacks + logging + loop
@@ -501,15 +513,17 @@ def _peak_rss_mb() -> float:
 def run_bench(cfg: RunConfig, opts: Optional[BenchOptions] = None) -> dict:
     """Build a callback-free Trainer in a temporary directory and measure it (see the module docstring).
 
-    `cfg` is changed in place (output_dir, checkpoint.resume): the bench never touches the run's directory.
+    Runs on a copy of `cfg` with output_dir a temporary directory and no resume: the bench never touches the
+    run's directory. (Callbacks only observe: the trainer trains the same algorithm without them.)
     """
     from ernie5.train.trainer import Trainer
 
     opts = opts or BenchOptions()
     with tempfile.TemporaryDirectory(prefix="ernie5-bench-") as tmp:
+        cfg = copy.deepcopy(cfg)
         cfg.run.output_dir, cfg.checkpoint.resume = tmp, False
         tr = Trainer(cfg, callbacks=[], quiet=True)
-        tr.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        cfg = tr.cfg  # resolved: vocabulary size from the data
         tr.peak_gflops = 1.0  # the trainer's own mfu metric is not used here; the real peak is measured below
         tr.model.train()
         for _ in range(opts.warmup):

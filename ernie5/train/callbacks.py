@@ -1,6 +1,9 @@
-"""Cross-cutting training work as callbacks, run in list order after every optimizer step.
+"""What is observed or written after a step, as callbacks run in list order after every optimizer step:
+routing statistics, held-out evaluation, metrics.jsonl / progress, periodic checkpoints.
 
-A callback sees the trainer and the step's metrics dict (it may add keys before the logger writes them).
+A callback sees the trainer and the step's metrics dict (it may add keys before the logger writes them). The
+training algorithm itself (optimizer step, router updates) is not a callback: removing callbacks never changes
+what is trained.
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import paddle
 
 from ernie5.errors import UserError
+from ernie5.train.algorithm import orthogonal_loss  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from ernie5.train.trainer import Trainer
@@ -28,42 +31,15 @@ class Callback:
 
 
 class AuxFreeBiasUpdate(Callback):
-    """b_i += u * sign(mean_load - load_i) from the loads of the whole step (all micro-batches, all ranks)."""
+    """The aux-free bias update is part of every optimizer step (`ernie5.train.algorithm`), with or without
+    this callback. Listing it moves that update to this point of the callback sequence (still once per applied
+    step, same loads, same math), so callbacks before it see the biases as they were before the update."""
+
+    takes_bias_update = True
 
     def on_step_end(self, tr, metrics):
-        rate = tr.cfg.model.moe.bias_update_rate
-        if rate > 0 and not metrics.get("skipped"):
-            for layer in tr.model.moe_layers():
-                layer.update_bias(rate, tr.reduce_counts(layer.step_counts))
-
-
-def orthogonal_loss(weight_HE: paddle.Tensor) -> paddle.Tensor:
-    """||W^ W^T - I||_F^2 / E^2 with W = weight^T (E x H) and W^ its row-normalised form (SPEC §4)."""
-    w_EH = weight_HE.transpose([1, 0])
-    w_hat = w_EH / paddle.clip(paddle.linalg.norm(w_EH, axis=1, keepdim=True), min=1e-12)
-    E = w_EH.shape[0]
-    gram = paddle.matmul(w_hat, w_hat, transpose_y=True)
-    return ((gram - paddle.eye(E)) ** 2).sum() / (E * E)
-
-
-class RouterOrthogonalStep(Callback):
-    """After each optimizer step, one gradient step on every router weight toward orthogonal expert rows."""
-
-    def on_step_end(self, tr, metrics):
-        coef = tr.cfg.model.moe.orthogonal_coef
-        if coef <= 0 or metrics.get("skipped"):
-            return
-        lr = metrics["lr"] * tr.cfg.optim.router_lr_ratio
-        total = 0.0
-        routers = [r for layer in tr.model.moe_layers() for r in layer.routers()]
-        for router in routers:
-            w = router.weight
-            loss = orthogonal_loss(w)
-            (grad,) = paddle.grad([loss], [w])
-            with paddle.no_grad():
-                w.set_value(w - lr * coef * grad)
-            total += float(loss)
-        metrics["router_orthogonal_loss"] = total / max(len(routers), 1)
+        if not metrics.get("skipped"):
+            tr.algorithm.update_bias(tr.model)
 
 
 def routing_summary(counts_LE: np.ndarray) -> dict:
@@ -148,7 +124,7 @@ class MetricsLogger(Callback):
             self.writer.close()
 
 
-class Checkpointer(Callback):
+class PeriodicCheckpoint(Callback):
     """Save every `checkpoint.interval` steps and at the end of training."""
 
     def on_step_end(self, tr, metrics):

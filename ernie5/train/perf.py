@@ -1,4 +1,4 @@
-"""Hardware peak as measured in this process: the denominator of MFU on CPU."""
+"""Hardware peak as measured in this process: the denominator of MFU on CPU (the trainer's metric and bench)."""
 
 from __future__ import annotations
 
@@ -7,19 +7,24 @@ import time
 import paddle
 
 
-def measure_gemm_gflops(n: int = 1024, seconds: float = 0.5) -> float:
-    """Sustained fp32 GEMM rate (GFLOP/s) of an n x n x n matmul with the current thread settings."""
-    a = paddle.randn([n, n], dtype="float32")
-    b = paddle.randn([n, n], dtype="float32")
-    for _ in range(3):
-        c = paddle.matmul(a, b)
-    c.numpy()
+def gemm_gflops(m: int, k: int, n: int, seconds: float = 0.5) -> float:
+    """Sustained fp32 rate (GFLOP/s) of an [m,k] x [k,n] matmul with the current thread settings."""
+    a_MK = paddle.randn([m, k], dtype="float32")
+    b_KN = paddle.randn([k, n], dtype="float32")
+    for _ in range(3):  # allocation, MKL setup, warm caches
+        c_MN = paddle.matmul(a_MK, b_KN)
+    c_MN.numpy()
     reps, start = 0, time.perf_counter()
     while True:
-        c = paddle.matmul(a, b)
+        c_MN = paddle.matmul(a_MK, b_KN)
         reps += 1
         if reps % 4 == 0:
-            c.numpy()  # sync (no-op on CPU, needed on GPU)
+            c_MN.numpy()  # sync (no-op on CPU, needed on GPU)
             elapsed = time.perf_counter() - start
             if elapsed >= seconds:
-                return 2.0 * n ** 3 * reps / elapsed / 1e9
+                return 2.0 * m * k * n * reps / elapsed / 1e9
+
+
+def measure_gemm_gflops(n: int = 1024, seconds: float = 0.5) -> float:
+    """The square n x n x n case of `gemm_gflops`."""
+    return gemm_gflops(n, n, n, seconds)

@@ -76,7 +76,8 @@ def test_load_model_api_returns_logits(tiny_cfg, tmp_path):
     assert not model.training
     ids = paddle.to_tensor(np.arange(10, dtype=np.int64).reshape(2, 5))
     logits = model(ids)
-    assert list(logits.shape) == [2, 5, cfg.model.vocab_size]
+    assert cfg.model.vocab_size is None  # the caller's config is not changed; the trainer resolved a copy
+    assert list(logits.shape) == [2, 5, tr.cfg.model.vocab_size]
     tr.model.eval()
     np.testing.assert_allclose(logits.numpy(), tr.model(ids).numpy(), atol=1e-6)
 
@@ -143,7 +144,7 @@ def test_runtime_grad_norm_and_clip_match_numpy(tiny_cfg):
     from ernie5.optim.adamw import scale_grads
 
     tr = Trainer(tiny_cfg("train.max_steps=1"), callbacks=[], quiet=True)
-    text_loss(tr.model, tr._micro_batch(tr.train_loader), 0.3).total.backward()
+    text_loss(tr.model, tr.task.batch(tr.task.train_loader), 0.3).total.backward()
     grads = [p.grad.numpy().astype(np.float64) for p in tr.runtime.all_params if p.grad is not None]
     want = np.sqrt(sum((g ** 2).sum() for g in grads))
     assert tr.runtime.grad_norm() == pytest.approx(want, rel=1e-5)
@@ -154,7 +155,7 @@ def test_runtime_grad_norm_and_clip_match_numpy(tiny_cfg):
     tr.runtime.step(1e-3)
     assert [o.grad_scale for o in tr.runtime._optimizers()] == [1.0]
     ref = Trainer(tiny_cfg("train.max_steps=1"), callbacks=[], quiet=True)
-    text_loss(ref.model, ref._micro_batch(ref.train_loader), 0.3).total.backward()
+    text_loss(ref.model, ref.task.batch(ref.task.train_loader), 0.3).total.backward()
     scale_grads(ref.runtime.all_params, 0.5)
     ref.runtime.step(1e-3)
     for a, b in zip(tr.runtime.all_params, ref.runtime.all_params):

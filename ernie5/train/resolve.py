@@ -1,0 +1,48 @@
+"""The run config a trainer actually uses: sizes the prepared data decides, filled in on a copy.
+
+The caller's config is never changed; the trainer builds from, and saves, the resolved copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+from ernie5.data.shards import read_meta
+from ernie5.errors import UserError
+from ernie5.runconfig import RunConfig
+from ernie5.train.unified_data import is_multimodal_shard, resolve_multimodal
+
+_DETERMINISM_FLAGS = ("FLAGS_cudnn_deterministic", "FLAGS_embedding_deterministic")
+
+
+def check_determinism(cfg: RunConfig) -> None:
+    """`run.deterministic` on a CUDA build needs paddle's determinism flags, which paddle reads at import.
+
+    CPU kernels here are deterministic already (same config + seed -> bit-identical losses, tested).
+    """
+    import paddle
+
+    if cfg.run.deterministic and paddle.is_compiled_with_cuda():
+        for flag in _DETERMINISM_FLAGS:
+            if os.environ.get(flag, "").lower() not in ("1", "true"):
+                raise UserError("run.deterministic", f"export {flag}=1 before launching (paddle reads it at import)")
+
+
+def resolve_run_config(cfg: RunConfig) -> RunConfig:
+    """A copy of `cfg` with model.vocab_size (and, for multimodal shards, model.multimodal) taken from the
+    prepared shards' meta.json, after checking that what the config already says covers them."""
+    cfg = copy.deepcopy(cfg)
+    if cfg.data.synthetic:
+        if cfg.model.vocab_size is None:
+            raise UserError("model.vocab_size", "must be set when data.synthetic is true")
+        return cfg
+    if is_multimodal_shard(cfg.data.dir):
+        resolve_multimodal(cfg, read_meta(cfg.data.dir))  # fills the copy
+        return cfg
+    vocab = int(read_meta(cfg.data.dir)["vocab_size"])
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = vocab
+    elif cfg.model.vocab_size < vocab:
+        raise UserError("model.vocab_size", f"{cfg.model.vocab_size} < tokenizer vocabulary {vocab}")
+    return cfg

@@ -1,0 +1,119 @@
+"""What a workload contributes to the training loop: its data, the loss of a micro-batch, the held-out loss,
+FLOPs per token, and the state it carries across steps.
+
+A task is built from the resolved run config. The loop (`ernie5.train.trainer.Trainer`) only calls the methods
+below, so a new workload is a new task class, not a branch in the loop:
+
+- `train_loader` / `val_loader` (None: no held-out split): resumable loaders (`position`, `state_dict`);
+- `batch(loader, train)`: the next micro-batch of `loader` as tensors;
+- `loss(model, batch, submodel)`: an object with `.total` (the tensor to differentiate) and `.terms`
+  (floats to log);
+- `eval_loss(model, batches)`: the mean held-out loss over the first `batches` micro-batches;
+- `finish_step(applied, sum_fn)`: end-of-step bookkeeping (`applied` False on a skipped step; `sum_fn`
+  sums an array over the data-parallel ranks);
+- `stateful()`: name -> object with `state_dict` / `load_state_dict`, saved in the checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ernie5.data.loader import PackedLoader, SyntheticLoader
+from ernie5.data.shards import open_split
+from ernie5.model.transformer import to_tensor_batch
+from ernie5.objectives.text import make_text_batch, text_loss
+from ernie5.objectives.unified import MODALITY_TERMS, UnifiedObjective
+from ernie5.plan import flops_per_token
+from ernie5.runconfig import RunConfig
+from ernie5.train.unified_data import UnifiedBatches
+
+
+class TextTask:
+    """Next-token (+ MTP) prediction on packed text rows, or synthetic tokens (`data.synthetic`)."""
+
+    def __init__(self, cfg: RunConfig, rank: int, world: int):
+        cfg.objective.check_text_only("objective")
+        self.cfg = cfg
+        self.train_loader, self.val_loader = self._loaders(rank, world)
+        # token-balanced loss: C tokens per row (0: plain masked means)
+        self.balance_length = (cfg.objective.token_balance_length or cfg.data.seq_len) \
+            if cfg.objective.token_balanced else 0
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+
+    def _loaders(self, rank: int, world: int):
+        d, t, seed = self.cfg.data, self.cfg.train, self.cfg.run.seed
+        if d.synthetic:
+            V = self.cfg.model.vocab_size
+            return (SyntheticLoader(V, d.seq_len, t.micro_batch_size, seed, rank, world),
+                    SyntheticLoader(V, d.seq_len, t.micro_batch_size, seed + 1))
+        train = PackedLoader(open_split(d.dir, "train"), d.seq_len, t.micro_batch_size, seed, rank, world,
+                             where=f"{d.dir} (train split)")
+        val_split = open_split(d.dir, "val")
+        val = (PackedLoader(val_split, d.seq_len, t.micro_batch_size, seed, shuffle=False, where=f"{d.dir} (val)")
+               if val_split.tokens.shape[0] > d.seq_len else None)
+        return train, val
+
+    def batch(self, loader, train: bool = True) -> dict:
+        tokens_BR, segments_BR = loader.next()
+        return to_tensor_batch(make_text_batch(tokens_BR, segments_BR, self.cfg.model.mtp.depth))
+
+    def loss(self, model, batch: dict, submodel=None):
+        return text_loss(model, batch, self.cfg.model.mtp.loss_weight, submodel=submodel,
+                         balance_length=self.balance_length)
+
+    def eval_loss(self, model, batches: int) -> Optional[float]:
+        """Mean plain next-token loss (no MTP, no token balancing), so evaluations of any run compare."""
+        if self.val_loader is None:
+            return None
+        self.val_loader.position = 0
+        losses = [float(text_loss(model, self.batch(self.val_loader), 0.0).terms["loss_ntp"])
+                  for _ in range(batches)]
+        return float(np.mean(losses))
+
+    def finish_step(self, applied: bool, sum_fn) -> None:
+        pass
+
+    def stateful(self) -> dict:
+        return {}
+
+
+class UnifiedTask:
+    """The unified multimodal objective on multimodal shards; its modality weighting is stateful."""
+
+    def __init__(self, cfg: RunConfig, rank: int, world: int):
+        self.cfg = cfg
+        self.data = UnifiedBatches(cfg, rank, world)
+        self.objective = UnifiedObjective(cfg.objective, cfg.model.mtp.loss_weight, cfg.data.seq_len)
+        self.train_loader, self.val_loader = self.data.train, self.data.val
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)  # a text token's (see plan.params)
+
+    def batch(self, loader, train: bool = True) -> dict:
+        return self.data.batch(loader, train)
+
+    def loss(self, model, batch: dict, submodel=None):
+        return self.objective.loss(model, batch, submodel)
+
+    def eval_loss(self, model, batches: int) -> Optional[float]:
+        """Mean over fixed held-out batches (no corruption) of the sum of the per-modality losses."""
+        if self.val_loader is None:
+            return None
+        self.val_loader.position = 0
+        losses = []
+        for _ in range(batches):
+            terms = self.objective.loss(model, self.batch(self.val_loader, train=False), None, record=False).terms
+            losses.append(sum(terms.get(f"loss_{m}", 0.0) for m in MODALITY_TERMS))
+        return float(np.mean(losses))
+
+    def finish_step(self, applied: bool, sum_fn) -> None:
+        """The posterior weighting moves only on applied steps, from all ranks' values."""
+        self.objective.finish_step(applied, sum_fn)
+
+    def stateful(self) -> dict:
+        return {"objective": self.objective}
+
+
+def build_task(cfg: RunConfig, rank: int, world: int):
+    """The task a resolved config describes: unified when the shards are multimodal, else text."""
+    return (UnifiedTask if cfg.model.multimodal.enabled else TextTask)(cfg, rank, world)
