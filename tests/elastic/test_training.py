@@ -85,7 +85,7 @@ def test_export_submodel_cli_round_trips_exactly(elastic_run, tmp_path, capsys):
     assert saved["model"]["num_layers"] == 3 and saved["model"]["moe"]["num_experts"] == 2
     assert saved["model"]["moe"]["top_k"] == 1 and saved["elastic"]["enabled"] is False
     full = ernie5.load_model(str(run))
-    ids = paddle.to_tensor(np.random.default_rng(0).integers(0, cfg.model.vocab_size, (2, 16)))
+    ids = paddle.to_tensor(np.random.default_rng(0).integers(0, saved["model"]["vocab_size"], (2, 16)))
     sub = SubModel(layers=(0, 2, 3), experts=(0, 1), top_k=1)  # the canonical cut of depth=3,experts=2
     np.testing.assert_allclose(small(ids).numpy(), full(ids, submodel=sub).numpy(), atol=1e-5, rtol=0)
     assert main(["export", str(run), "--submodel", "experts=9", "--out", str(tmp_path / "x")]) == 2
