@@ -24,7 +24,8 @@ def is_multimodal_shard(shard_dir: str) -> bool:
 
 
 def resolve_multimodal(cfg, meta: dict) -> None:
-    """Fill model.vocab_size and model.multimodal from the shards (or check what the config already says)."""
+    """Fill model.vocab_size and model.multimodal of `cfg` from the shards (or check what it already says).
+    Called on the trainer's own copy of the run config (`ernie5.train.resolve.resolve_run_config`)."""
     d, mm = cfg.data, cfg.model.multimodal
     if d.seq_len != meta["seq_len"]:
         raise UserError("data.seq_len", f"{d.seq_len} != the multimodal shards' row length {meta['seq_len']}")
