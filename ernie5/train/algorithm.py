@@ -33,14 +33,10 @@ class RouterUpdates:
     def __init__(self, moe: MoEConfig, router_lr_ratio: float, sum_fn: Callable[[np.ndarray], np.ndarray]):
         self.bias_rate, self.orthogonal_coef = moe.bias_update_rate, moe.orthogonal_coef
         self.router_lr_ratio, self.sum_fn = router_lr_ratio, sum_fn
-        # a caller that wants to observe the biases around the update may take it over (`defer_bias`):
-        # it then calls `update_bias` itself, once per applied step
-        self.defer_bias = False
 
     def after_step(self, model, lr: float) -> dict:
         """Run both updates after an applied optimizer step at learning rate `lr`; returns metrics to log."""
-        if not self.defer_bias:
-            self.update_bias(model)
+        self.update_bias(model)
         return self.orthogonal_step(model, lr)
 
     def update_bias(self, model) -> None:

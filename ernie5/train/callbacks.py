@@ -30,18 +30,6 @@ class Callback:
         pass
 
 
-class AuxFreeBiasUpdate(Callback):
-    """The aux-free bias update is part of every optimizer step (`ernie5.train.algorithm`), with or without
-    this callback. Listing it moves that update to this point of the callback sequence (still once per applied
-    step, same loads, same math), so callbacks before it see the biases as they were before the update."""
-
-    takes_bias_update = True
-
-    def on_step_end(self, tr, metrics):
-        if not metrics.get("skipped"):
-            tr.algorithm.update_bias(tr.model)
-
-
 def routing_summary(counts_LE: np.ndarray) -> dict:
     """Max/mean load and normalised load entropy (1 = perfectly balanced), per layer and averaged."""
     frac = counts_LE / np.maximum(counts_LE.sum(1, keepdims=True), 1)

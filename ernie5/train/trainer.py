@@ -250,7 +250,6 @@ class Trainer:
                 run("clip", self.runtime.clip, cfg.optim.grad_clip / (grad_norm + 1e-6))
             run("optimizer", self.runtime.step, lr)
         run("optimizer", self.runtime.clear_grad)
-        self.algorithm.defer_bias = any(getattr(cb, "takes_bias_update", False) for cb in self.callbacks)
         router_metrics = run("algorithm", self.algorithm.after_step, self.model, lr) if bad is None else {}
         run("objective", self.task.finish_step, bad is None, self.topo.sum_array)
         if bad is None and self.topo.distributed:  # log the mean over data-parallel ranks

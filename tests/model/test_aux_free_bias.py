@@ -10,7 +10,6 @@ import paddle
 
 from ernie5.model.config import ModelConfig, MoEConfig
 from ernie5.model.moe import MoELayer
-from ernie5.train.callbacks import AuxFreeBiasUpdate, Callback
 from ernie5.train.trainer import Trainer
 
 
@@ -45,18 +44,22 @@ def test_update_bias_balances_each_isolated_group_against_its_own_mean():
     np.testing.assert_array_equal(layer.vision_router.e_score_correction_bias.numpy(), [-0.5, 0.5, 0.5])
 
 
-class _Snapshot(Callback):
-    """Records each MoE layer's router bias (and, before the update, the loads the hooks counted this step)."""
+class _AroundAlgorithm:
+    """A step timer (the trainer's phase hook) that records each MoE layer's router bias just before and just
+    after the router updates of every applied step, and the loads the router hooks counted that step."""
 
-    def __init__(self, log, key, counter=None):
-        self.log, self.key, self.counter = log, key, counter
+    def __init__(self, log, counter):
+        self.log, self.counter = log, counter
 
-    def on_step_end(self, tr, metrics):
-        assert not metrics.get("skipped")
-        entry = {"bias": [l.router.e_score_correction_bias.numpy().copy() for l in tr.model.moe_layers()]}
-        if self.counter is not None:
-            entry["micro"] = self.counter.take()
-        self.log.setdefault(self.key, []).append(entry)
+    def run(self, phase, fn, *args, **kwargs):
+        if phase != "algorithm":
+            return fn(*args, **kwargs)
+        model = args[0]
+        bias = lambda: [l.router.e_score_correction_bias.numpy().copy() for l in model.moe_layers()]  # noqa: E731
+        self.log.setdefault("before", []).append({"bias": bias(), "micro": self.counter.take()})
+        out = fn(*args, **kwargs)
+        self.log.setdefault("after", []).append({"bias": bias()})
+        return out
 
 
 class _RouterCounter:
@@ -89,7 +92,7 @@ def test_trainer_step_updates_the_bias_from_the_loads_of_all_micro_batches(tiny_
     log = {}
     tr = Trainer(cfg, callbacks=[], quiet=True)
     counter = _RouterCounter(tr.model, cfg.model.moe.num_experts)
-    tr.callbacks = [_Snapshot(log, "before", counter), AuxFreeBiasUpdate(), _Snapshot(log, "after")]
+    tr.timer = _AroundAlgorithm(log, counter)
     tr.train()
     assert len(log["before"]) == 4
     discriminating = 0

@@ -11,7 +11,6 @@ from ernie5.env import setup
 setup()  # thread settings before paddle loads
 
 from ernie5.runconfig import load_config
-from ernie5.train.callbacks import AuxFreeBiasUpdate, Callback
 from ernie5.train.trainer import Trainer
 
 out_dir, overrides = sys.argv[1], sys.argv[2:]
@@ -34,21 +33,27 @@ for i, layer in enumerate(layers):
 log = {"before": [], "after": [], "loads": []}
 
 
-class Snapshot(Callback):
-    def __init__(self, key):
-        self.key = key
-
-    def on_step_end(self, tr, metrics):
-        assert not metrics.get("skipped")
-        log[self.key].append(np.stack([l.router.e_score_correction_bias.numpy() for l in layers]))
-        if self.key == "before":
-            assert all(len(m) == cfg.train.grad_accum_steps for m in micro), [len(m) for m in micro]
-            log["loads"].append(np.stack([np.sum(m, 0) for m in micro]))  # [layer, E], this rank, whole step
-            for m in micro:
-                m.clear()
+def snap(key):
+    log[key].append(np.stack([l.router.e_score_correction_bias.numpy() for l in layers]))
 
 
-tr.callbacks = [Snapshot("before"), AuxFreeBiasUpdate(), Snapshot("after")]
+class AroundAlgorithm:
+    """The trainer's step-timer hook: biases just before and after the router updates of each applied step."""
+
+    def run(self, phase, fn, *args, **kwargs):
+        if phase != "algorithm":
+            return fn(*args, **kwargs)
+        snap("before")
+        assert all(len(m) == cfg.train.grad_accum_steps for m in micro), [len(m) for m in micro]
+        log["loads"].append(np.stack([np.sum(m, 0) for m in micro]))  # [layer, E], this rank, whole step
+        for m in micro:
+            m.clear()
+        out = fn(*args, **kwargs)
+        snap("after")
+        return out
+
+
+tr.timer = AroundAlgorithm()
 tr.train()
 np.savez(f"{out_dir}/bias.rank{tr.topo.rank}.npz", **{k: np.stack(v) for k, v in log.items()})
 print(f"rank {tr.topo.rank} ok", flush=True)
