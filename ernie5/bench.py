@@ -5,8 +5,8 @@ Measurement plan (each part on the same Trainer, built with no callbacks into a 
 2. GEMM peak right after, same process and threads: a 1024^3 GEMM and the model's own largest GEMM shape.
 3. `breakdown_steps` instrumented steps: the trainer's own phase hooks (`Trainer.timer`, see
    `ernie5.train.timing`: data, loss, backward, gradient sync / norm / clip, optimizer and router updates),
-   wrappers on the model's layer methods, and on a few model functions that have no layer of their own, time
-   every phase in place (CPU kernels are synchronous, so the wall time inside a region is that phase's
+   the model's probe (`ernie5.model.probe`: the attention's steps, RoPE, the mask, the head's loss) and
+   Paddle's forward hooks on its layers time every phase in place (CPU kernels are synchronous, so the wall time inside a region is that phase's
    work). Times are exclusive (a phase nested in another is subtracted from it); the backward pass is one
    phase because autograd runs after, and outside, every forward; whatever no timer covers is `other`.
 4. `--profile`: one step under `paddle.profiler` (op-level host times, grouped by the phase they ran in),
@@ -14,7 +14,8 @@ Measurement plan (each part on the same Trainer, built with no callbacks into a 
    by phase (see `replay_backward`).
 5. `Trainer.train()` with its default callbacks: the loop's own overhead (data, callbacks, logging), timed
    through the trainer's `step` and `data` hooks.
-Nothing here edits the model or trainer code; instrumentation is attached at run time and removed afterwards.
+Nothing here replaces a name of the model or trainer code: the probe, the hooks and the trainer's timer
+are attached at run time through the interfaces those offer, and detached afterwards.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import functools
 import io
 import os
 import resource
@@ -36,6 +36,7 @@ from typing import Any, Callable, Optional
 import paddle
 
 from ernie5 import env, kernels
+from ernie5.model.probe import NO_PROBE
 from ernie5.runconfig import RunConfig
 from ernie5.plan import count_parameters
 from ernie5.train.perf import gemm_gflops
@@ -128,7 +129,7 @@ class PhaseTimer:
     """Nested regions -> exclusive seconds per phase; optionally profiler ranges and first-call captures.
 
     A region's key names the call site: `layers.1.attn:qkv` for a layer method, `<enclosing key>/apply_rope`
-    for a wrapped function (so one function called from many layers gets one key per caller).
+    for a probed function (so one function called from many layers gets one key per caller).
     """
 
     def __init__(self, record_events: bool = False, capture: bool = False):
@@ -159,16 +160,6 @@ class PhaseTimer:
         self.exclusive[phase] += elapsed - child
         if self._stack:
             self._stack[-1][3] += elapsed
-
-    def wrap(self, phase: str, key: str, fn: Callable, replayable: bool = True, scoped: bool = False) -> Callable:
-        @functools.wraps(fn)
-        def timed(*args, **kwargs):
-            self.enter(phase, key, fn if replayable else None, args, kwargs, scoped)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.exit()
-        return timed
 
 
 def layer_phases(model) -> dict[str, str]:
@@ -202,17 +193,6 @@ def layer_phases(model) -> dict[str, str]:
     return phases
 
 
-def _own_methods(layer) -> list[str]:
-    """`forward` plus the functions an ernie5 layer class defines (callers may use them directly, like
-    `attn.qkv`); for paddle's own layers just `forward`."""
-    names = {"forward"}
-    for cls in type(layer).__mro__:
-        if cls.__module__.startswith("ernie5"):
-            names |= {n for n, v in vars(cls).items() if callable(v) and not isinstance(v, type)
-                      and not (n.startswith("__") and n.endswith("__"))}
-    return sorted(names)
-
-
 # trainer phase (ernie5.train.timing) -> bench phase; only the loss is captured for the --profile replay
 _TRAINER_PHASES = {"data": "data", "loss": "glue", "backward": "backward", "sync": "grad_clip",
                    "grad_norm": "grad_clip", "clip": "grad_clip", "optimizer": "optimizer", "algorithm": "optimizer"}
@@ -235,49 +215,80 @@ class TrainerPhases:
             self.timer.exit()
 
 
+# the model's probed function calls (ernie5.model.probe) that every text step reaches
+_PROBED_FUNCTIONS = ("rope_cos_sin", "group_mask", "apply_rope", "head_ce")
+
+
+class ModelPhases:
+    """The model's probe (`UnifiedModel.set_probe`, see `ernie5.model.probe`) and forward hooks feeding a
+    PhaseTimer.
+
+    A layer's own step (a bound method of a sublayer, like `attn.qkv`, and every sublayer's forward through
+    Paddle's forward pre / post hooks) is region `<path>:<method>` of the phase `layer_phases` gives that
+    path; a function the model runs through its probe (`apply_rope`, ...) is region `<enclosing key>/<name>`
+    of the phase the call site names. Every region is captured for the --profile replay.
+    """
+
+    def __init__(self, timer: PhaseTimer, model):
+        self.timer = timer
+        self.phases = layer_phases(model)
+        self.paths = {id(layer): path for path, layer in model.named_sublayers() if path in self.phases}
+        self.reached: set[str] = set()  # probed function names that ran
+
+    def run(self, phase: str, key: str, fn: Callable, *args, **kwargs):
+        path = self.paths.get(id(getattr(fn, "__self__", None)))
+        if path is not None:
+            self.timer.enter(self.phases[path], f"{path}:{key}", fn, args, kwargs)
+        else:
+            self.reached.add(key)
+            self.timer.enter(phase, key, fn, args, kwargs, scoped=True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.timer.exit()
+
+    def hook_forwards(self, model) -> list:
+        """Forward pre / post hooks on every sublayer with a phase; returns their handles (`.remove()`)."""
+        handles = []
+        for path, layer in model.named_sublayers():
+            if path not in self.phases:
+                continue
+            phase, key = self.phases[path], f"{path}:forward"
+
+            def enter(layer, args, kwargs, phase=phase, key=key):
+                self.timer.enter(phase, key, layer.forward, args, kwargs)
+
+            def exit_(layer, args, output):
+                self.timer.exit()
+
+            handles.append(layer.register_forward_pre_hook(enter, with_kwargs=True))
+            handles.append(layer.register_forward_post_hook(exit_, always_call=True))  # also when forward raises
+        return handles
+
+
 @contextlib.contextmanager
 def instrument(tr, timer: PhaseTimer):
-    """Attach `timer` to the trainer's phase hooks and the model; everything is undone on exit.
+    """Attach `timer` to the trainer's and the model's hooks; everything is detached on exit.
 
-    Trainer: its `timer` hook (data, loss, backward, gradient sync / norm / clip, optimizer). Layers: their
-    methods are wrapped on the instance. Model functions with no layer of their own (RoPE tables and
-    rotation, the attention mask, the text head's loss) have no hook, so they are wrapped where the model looks
-    them up at call time; a name that no longer exists is listed in `missing` (its time then shows up in the
-    enclosing phase).
+    Trainer: its `timer` hook (data, loss, backward, gradient sync / norm / clip, optimizer). Model: its probe
+    (the attention's q/k/v and core steps, RoPE tables and rotation, the attention mask, the text head's loss)
+    and forward hooks on its layers (`ModelPhases`). Yields a list that, on exit, holds the probed functions no
+    step reached (a call site no longer probed: its time then shows up in the enclosing phase).
     """
-    import ernie5.model.attention as attention_mod
-    import ernie5.model.transformer as transformer_mod
-    import ernie5.objectives.text as text_mod
-
-    undo: list[Callable] = []
-    missing: list[str] = []
-
-    def patch(owner, name, phase, replayable=True, label=None, scoped=False):
-        original = getattr(owner, name, None)
-        if original is None:
-            missing.append(label or name)
-            return
-        own = name in vars(owner)  # else a method found on the class: undo by dropping the override
-        setattr(owner, name, timer.wrap(phase, label or name, original, replayable, scoped))
-        undo.append(functools.partial(setattr, owner, name, original) if own
-                    else functools.partial(delattr, owner, name))
-
     model = tr.model
-    layers = dict(model.named_sublayers())
-    for path, phase in layer_phases(model).items():
-        for name in _own_methods(layers[path]):
-            patch(layers[path], name, phase, label=f"{path}:{name}")
-    patch(text_mod, "head_ce", "head_loss", scoped=True)
-    patch(attention_mod, "apply_rope", "norms_rope", scoped=True)
-    patch(transformer_mod, "rope_cos_sin", "norms_rope", scoped=True)
-    patch(transformer_mod, "group_mask", "attention", scoped=True)
+    probe = ModelPhases(timer, model)
+    missing: list[str] = []
+    handles = probe.hook_forwards(model)
+    model.set_probe(probe)
     previous, tr.timer = tr.timer, TrainerPhases(timer)
     try:
         yield missing
     finally:
         tr.timer = previous
-        for fn in reversed(undo):
-            fn()
+        model.set_probe(NO_PROBE)
+        for handle in handles:
+            handle.remove()
+        missing += [name for name in _PROBED_FUNCTIONS if name not in probe.reached]
 
 
 def timed_step(tr, timer: Optional[PhaseTimer] = None) -> float:
@@ -599,7 +610,8 @@ def format_report(r: dict, title: str = "") -> str:
                      "forward phases timed in place, backward one phase, exclusive times):")
         lines += _phase_table(r["breakdown_s"], r["breakdown"])
         if r["uninstrumented"]:
-            lines.append(f"  (not found, time left in the enclosing phase: {', '.join(r['uninstrumented'])})")
+            lines.append(f"  (probed calls no step reached, their time is in the enclosing phase: "
+                         f"{', '.join(r['uninstrumented'])})")
     p = r.get("profile")
     if p and "breakdown_split" in p:
         s = p["breakdown_split"]

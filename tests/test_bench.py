@@ -108,14 +108,87 @@ def test_instrumentation_is_removed():
     assert (cfg.run.output_dir, cfg.checkpoint.resume) == (fresh.run.output_dir, fresh.checkpoint.resume)
 
 
+def _bench_trainer(tmp_path, name):
+    from ernie5.train.trainer import Trainer
+
+    cfg = load_config(CONFIG, TINY + ["model.mtp.depth=1", f"run.output_dir={tmp_path / name}"])
+    return Trainer(cfg, callbacks=[], quiet=True)
+
+
+def test_probe_leaves_the_step_bit_identical(tmp_path):
+    """A step with bench's probe and hooks attached computes exactly what a bare step does (MoE, shared expert,
+    MTP head loss included): same loss terms, same parameters afterwards."""
+    import numpy as np
+
+    from ernie5.bench import PhaseTimer, instrument
+
+    bare, probed = _bench_trainer(tmp_path, "bare"), _bench_trainer(tmp_path, "probed")
+    want = bare.train_step()
+    timer = PhaseTimer(capture=True)
+    with instrument(probed, timer) as missing:
+        got = probed.train_step()
+    assert missing == [] and timer.calls["trainer.loss/head_ce"] == 2  # next-token and the MTP depth
+    assert {k: got[k] for k in got if k.startswith("loss")} == {k: want[k] for k in want if k.startswith("loss")}
+    assert got["loss"] == want["loss"] and got["loss_mtp_1"] == want["loss_mtp_1"]
+    for (name, a), b in zip(bare.model.named_parameters(), probed.model.parameters()):
+        assert np.array_equal(a.numpy(), b.numpy()), name
+
+
+def test_instrument_replaces_no_names(tmp_path):
+    """Bench attaches to the model's probe and forward hooks only: while it is attached and afterwards, every
+    module attribute of ernie5.model.* / ernie5.objectives.* is the same object, and no layer instance gets an
+    attribute other than the probe (no method overrides); afterwards the layers are as before."""
+    import sys
+
+    import ernie5.model.attention as attention_mod
+    import ernie5.model.transformer as transformer_mod
+    import ernie5.objectives.text as text_mod
+    from ernie5.bench import PhaseTimer, instrument, timed_step
+    from ernie5.model.probe import NO_PROBE
+
+    originals = (text_mod.head_ce, attention_mod.apply_rope, transformer_mod.rope_cos_sin,
+                 transformer_mod.group_mask)
+    tr = _bench_trainer(tmp_path, "run")
+    model = tr.model
+    modules = {n: m for n, m in sys.modules.items()
+               if m is not None and n.split(".")[:2] in (["ernie5", "model"], ["ernie5", "objectives"])}
+    attrs = {n: dict(vars(m)) for n, m in modules.items()}
+    layers = dict(model.named_sublayers(include_self=True))
+    keys = {p: set(vars(layer)) for p, layer in layers.items()}
+
+    absent = object()
+
+    def changed_module_attrs():  # replaced, added or removed
+        return [f"{n}.{a}" for n, m in modules.items() for a in set(attrs[n]) | set(vars(m))
+                if vars(m).get(a, absent) is not attrs[n].get(a, absent)]
+
+    timer = PhaseTimer()
+    with instrument(tr, timer):
+        timed_step(tr, timer)
+        assert changed_module_attrs() == []
+        assert {p: set(vars(layer)) - keys[p] for p, layer in layers.items()} == \
+            {p: {"probe"} if hasattr(type(layer), "probe") else set() for p, layer in layers.items()}
+        assert model.layers[0].attn.probe is model.probe is not NO_PROBE
+    assert timer.calls["layers.1.attn:qkv"] and timer.calls["layers.1.attn:qkv/apply_rope"]
+    assert timer.calls["layers.0:forward"] and timer.calls["layers.1.mlp.router:forward"]
+    assert changed_module_attrs() == []
+    assert (text_mod.head_ce, attention_mod.apply_rope, transformer_mod.rope_cos_sin,
+            transformer_mod.group_mask) == originals
+    assert {p: set(vars(layer)) for p, layer in layers.items()} == keys
+    assert all(layer.probe is NO_PROBE for layer in layers.values() if hasattr(type(layer), "probe"))
+    assert not any(layer._forward_pre_hooks or layer._forward_post_hooks for layer in layers.values())
+
+
 def test_bench_does_not_patch_the_trainer_or_paddle():
-    """The trainer and autograd are timed through the trainer's hooks: bench names neither module."""
+    """The trainer and autograd are timed through the trainer's hooks: bench names neither module; the model
+    through its probe and forward hooks: bench sets no attribute anywhere."""
     from pathlib import Path
 
     import ernie5.bench as bench
 
     src = Path(bench.__file__).read_text()
-    for name in ("ernie5.train.trainer as", "patch(paddle", "_micro_batch", "tr.train_step ="):
+    for name in ("ernie5.train.trainer as", "patch(paddle", "_micro_batch", "tr.train_step =", "setattr(",
+                 "delattr("):
         assert name not in src, name
 
 

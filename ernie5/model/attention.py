@@ -15,6 +15,7 @@ from ernie5.kernels.fused import MaskedSoftmax
 from ernie5.model import mask
 from ernie5.model.config import ModelConfig
 from ernie5.model.layers import linear
+from ernie5.model.probe import NO_PROBE
 from ernie5.model.rope import apply_rope
 
 
@@ -118,6 +119,8 @@ class KVCache:
 class Attention(nn.Layer):
     """q/k/v/o projections without bias; GQA (kv heads shared by groups of query heads)."""
 
+    probe = NO_PROBE  # RoPE runs through it (`ernie5.model.probe`)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.dim_head
@@ -130,8 +133,11 @@ class Attention(nn.Layer):
     def qkv(self, x_BSH, cos, sin):
         """Projections with RoPE applied to q and k (k and v keep num_kv_heads heads)."""
         B, S, _ = x_BSH.shape
-        q = apply_rope(self.q_proj(x_BSH).reshape([B, S, self.num_heads, self.head_dim]), cos, sin)
-        k = apply_rope(self.k_proj(x_BSH).reshape([B, S, self.num_kv_heads, self.head_dim]), cos, sin)
+        run = self.probe.run
+        q = run("norms_rope", "apply_rope", apply_rope,
+                self.q_proj(x_BSH).reshape([B, S, self.num_heads, self.head_dim]), cos, sin)
+        k = run("norms_rope", "apply_rope", apply_rope,
+                self.k_proj(x_BSH).reshape([B, S, self.num_kv_heads, self.head_dim]), cos, sin)
         v = self.v_proj(x_BSH).reshape([B, S, self.num_kv_heads, self.head_dim])
         return q, k, v  # GQA: scaled_dot_product_attention shares each kv head over its query-head group
 

@@ -16,6 +16,7 @@ from ernie5.model.config import ModelConfig
 from ernie5.model.layers import Linear, RMSNorm, SwiGLU, checkpointed, linear
 from ernie5.model.moe import ExpertPlacement, MoELayer
 from ernie5.model.multimodal import ModalityIO
+from ernie5.model.probe import NO_PROBE, Probe, attach
 from ernie5.model.rope import frequency_table, rope_cos_sin
 from ernie5.precision.config import FP8Config, RecomputeConfig
 
@@ -27,6 +28,8 @@ class Block(nn.Layer):
     pieces: `norm_qkv` (input norm + q/k/v projections + RoPE), `attention` (the softmax(qk^T)v core),
     `expert_gate_up` (routed and shared experts' gate/up GEMMs and activation).
     """
+
+    probe = NO_PROBE  # the attention's q/k/v and core steps run through it (`ernie5.model.probe`)
 
     def __init__(self, cfg: ModelConfig, moe: bool, recompute: Optional[RecomputeConfig] = None, index: int = 0,
                  placement: Optional[ExpertPlacement] = None, seed: int = 0):
@@ -42,17 +45,20 @@ class Block(nn.Layer):
                     else SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_std))
 
     def _norm_qkv(self, x_BSH, cos, sin):
-        return self.attn.qkv(self.input_norm(x_BSH), cos, sin)
+        return self.probe.run("attention", "qkv", self.attn.qkv, self.input_norm(x_BSH), cos, sin)
+
+    def _core(self, q, k, v, mask):
+        return self.probe.run("attention", "core", self.attn.core, q, k, v, mask)
 
     def _attention(self, x_BSH, cos, sin, mask, kv=None):
         if kv is not None:  # incremental decoding: new positions' keys / values join the cached ones
             q, k, v = self._norm_qkv(x_BSH, cos, sin)
-            return self.attn.o_proj(self.attn.core(q, *kv(k, v), mask))
+            return self.attn.o_proj(self._core(q, *kv(k, v), mask))
         replay = self.training
         q, k, v = (checkpointed(self._norm_qkv, x_BSH, cos, sin) if replay and "norm_qkv" in self.selective
                    else self._norm_qkv(x_BSH, cos, sin))
-        o = (checkpointed(self.attn.core, q, k, v, mask) if replay and "attention" in self.selective
-             else self.attn.core(q, k, v, mask))
+        o = (checkpointed(self._core, q, k, v, mask) if replay and "attention" in self.selective
+             else self._core(q, k, v, mask))
         return self.attn.o_proj(o)
 
     def _forward(self, x_BSH, cos, sin, mask, submodel=None, modality_BS=None, kv=None):
@@ -107,6 +113,8 @@ class BackboneOut:
 class UnifiedModel(nn.Layer):
     """The ernie5 transformer. `forward(input_ids)` returns text logits [B, S, V]."""
 
+    probe = NO_PROBE  # RoPE tables and the attention mask run through it, and so does the objectives' head loss
+
     def __init__(self, cfg: ModelConfig, recompute: Optional[RecomputeConfig] = None,
                  placement: Optional[ExpertPlacement] = None, seed: int = 0):
         super().__init__()
@@ -123,6 +131,11 @@ class UnifiedModel(nn.Layer):
         self.io = ModalityIO(cfg) if cfg.multimodal.enabled else None  # non-text inputs and heads
         table = frequency_table(cfg.dim_head, cfg.rope_theta, cfg.sections_thw)
         self.register_buffer("rope_table", paddle.to_tensor(table), persistable=False)
+
+    def set_probe(self, probe: Probe) -> None:
+        """Run the model's probed steps through `probe` (on this model and every sublayer that has a `probe`);
+        `NO_PROBE` takes it off again. See `ernie5.model.probe`."""
+        attach(self, probe)
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.mlp for b in self.layers if b.is_moe]
@@ -145,8 +158,10 @@ class UnifiedModel(nn.Layer):
             pos_thw_BS3 = paddle.arange(start, start + S, dtype="int64").reshape([1, S, 1]).expand([B, S, 3])
         if segment_ids_BS is None:
             segment_ids_BS = paddle.zeros([B, S], dtype="int64")
-        cos, sin = rope_cos_sin(pos_thw_BS3, self.rope_table)
-        mask = group_mask(segment_ids_BS, groups_BS) if cache is None else cache.extend(segment_ids_BS, groups_BS)
+        run = self.probe.run
+        cos, sin = run("norms_rope", "rope_cos_sin", rope_cos_sin, pos_thw_BS3, self.rope_table)
+        mask = (run("attention", "group_mask", group_mask, segment_ids_BS, groups_BS) if cache is None
+                else cache.extend(segment_ids_BS, groups_BS))
         aux_terms = []
         for i, block in enumerate(self.layers):
             if submodel is not None and not submodel.keeps_layer(i):

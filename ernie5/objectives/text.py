@@ -95,10 +95,12 @@ def text_loss(model: UnifiedModel, batch: dict[str, paddle.Tensor], mtp_weight: 
     """NTP (+ MTP, + balancing aux) loss; `submodel` trains an elastic sub-model (None: the full model);
     `balance_length` C > 0 makes NTP and every MTP depth token-balanced (`token_balanced`)."""
     out = model.backbone(batch["input_ids"], batch["positions"], batch["segment_ids"], submodel)
-    ntp, tokens = head_ce(model, out.hidden_BSH, batch["labels_0"], balance_length)
+    run = model.probe.run  # the head's loss is a probed step of the model (`ernie5.model.probe`)
+    ntp, tokens = run("head_loss", "head_ce", head_ce, model, out.hidden_BSH, batch["labels_0"], balance_length)
     total, terms = ntp, {"loss_ntp": float(ntp)}
     mtp = mtp_loss(model, out, lambda k: model.embed(batch[f"mtp_ids_{k}"]),  # x_{t+k}: ids from the batch
-                   lambda k, h: head_ce(model, h, batch[f"labels_{k}"], balance_length)[0], mtp_weight, terms)
+                   lambda k, h: run("head_loss", "head_ce", head_ce, model, h, batch[f"labels_{k}"],
+                                    balance_length)[0], mtp_weight, terms)
     if mtp is not None:
         total = total + mtp
     if out.aux_loss is not None:
