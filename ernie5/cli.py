@@ -55,10 +55,9 @@ def _cmd_train(args) -> None:
 
 def _cmd_tokenizer(args) -> None:
     from ernie5.runconfig import load_config
-    from ernie5.modality.media_io import recipe_kind
     from ernie5.modality.text_tokenizer import TextTokenizer, train_text_tokenizer
 
-    if recipe_kind(args.config) != "text":  # vision / audio recipes; a run config trains its `tokenizer:`
+    if args.kind != "run":  # vision / audio recipes; a run config trains its `tokenizer:`
         return _train_media_tokenizer(args)
     cfg = load_config(args.config, args.overrides)
     path = train_text_tokenizer(cfg.tokenizer, seed=cfg.run.seed)
@@ -92,17 +91,13 @@ def _cmd_data(args) -> None:
             print(f"{args.out}/digits_world: {fetch_real_videos(f'{args.out}/digits_world')}")
         return
     if args.data_verb == "inspect":
-        from pathlib import Path
-
         from ernie5.data.inspect import inspect_target
 
-        if Path(args.target).is_file():
-            require_kind(args.target, ("multimodal",), "data inspect", also="a shard directory")
         print(inspect_target(args.target, args.row, args.split, args.max_positions), end="")
         return
-    from ernie5.data.multimodal_prepare import is_multimodal_config, prepare_multimodal
+    from ernie5.data.multimodal_prepare import prepare_multimodal
 
-    if is_multimodal_config(args.config):
+    if args.kind == "multimodal":
         stats = prepare_multimodal(args.config, args.overrides, log=lambda line: print(line, file=sys.stderr))
         print(json.dumps(stats, ensure_ascii=False))
         return
@@ -555,13 +550,13 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv=None) -> int:
     from ernie5.env import setup
 
+    args = parse_args(argv)  # --help and usage errors answer without loading paddle
     setup()  # before anything imports paddle
-    args = parse_args(argv)
     try:
         check_args(args)
         verb = getattr(args, "kind_verb", None)
         if verb is not None:  # a verb that reads a config file: refuse the kinds it does not take
-            require_kind(args.config, VERB_KINDS[verb], verb)
+            args.kind = require_kind(args.config, VERB_KINDS[verb], verb)
         args.fn(args)
     except UserError as e:
         print(e.line(), file=sys.stderr)

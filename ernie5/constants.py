@@ -6,6 +6,9 @@ MODALITY_NAMES = {TEXT: "text", IMAGE: "image", VIDEO: "video", AUDIO: "audio", 
 NUM_MODALITIES = 4  # text, image, video, audio
 VISUAL = (IMAGE, VIDEO)  # the modalities of the vision tokenizer (and of isolated routing's vision experts)
 
+# the unified objective's per-modality loss terms (logged as loss_text, loss_visual, loss_audio)
+MODALITY_TERMS = ("text", "visual", "audio")
+
 IGNORE = -100  # label of a position with no target (cross-entropy skips it)
 
 MULTIMODAL_FORMAT = "multimodal-1"  # meta.json "format" of multimodal shards

@@ -14,7 +14,6 @@ from ernie5.config.yaml_io import apply_overrides, load_yaml
 from ernie5.data.config import DataConfig
 from ernie5.elastic.config import ElasticConfig
 from ernie5.elastic.space import check_elastic
-from ernie5.errors import ConfigError, UserError
 from ernie5.model.config import ModelConfig
 from ernie5.objectives.config import ObjectiveConfig
 from ernie5.modality.text_tokenizer import TextTokenizerConfig

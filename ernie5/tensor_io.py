@@ -108,3 +108,23 @@ def load_tensors(path: Path) -> dict[str, Any]:
 def pickle_allowed(allow_pickle: bool = False) -> bool:
     """The user's opt-in to unpickling legacy files: the run config flag or ERNIE5_ALLOW_PICKLE=1."""
     return allow_pickle or os.environ.get(ALLOW_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def load_state_file(path: Path, allow_pickle: bool = False, what: str = "checkpoint",
+                    how_to_allow: str = f"{ALLOW_PICKLE_ENV}=1", remedy: str = "") -> dict:
+    """A state dict from `path`: safetensors content is read as such whatever the file is called, and a
+    `.safetensors` name is never unpickled; anything else is a legacy `paddle.save` pickle, loaded only after
+    the user's opt-in (`allow_pickle` or the environment) and otherwise refused in one line naming `what` and
+    `how_to_allow`."""
+    path = Path(path)
+    if is_safetensors(path) or path.suffix == ".safetensors":
+        return load_tensors(path)
+    if not pickle_allowed(allow_pickle):
+        raise UserError(str(path), f"legacy pickle {what}; loading it can run code, set {how_to_allow} only if you "
+                                   f"trust its source{remedy}")
+    import paddle
+
+    try:
+        return paddle.load(str(path))
+    except Exception as e:  # paddle raises assorted types for bad files
+        raise UserError(str(path), f"cannot load ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None

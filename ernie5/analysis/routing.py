@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ernie5.constants import MODALITY_NAMES, NUM_MODALITIES
 from ernie5.errors import UserError
 
-# report order; anything else (and the "all" fallback) follows
-MODALITY_ORDER = ("text", "image", "video", "audio")
+# report order (the modality ids' order); anything else (and the "all" fallback) follows
+MODALITY_ORDER = tuple(MODALITY_NAMES[m] for m in range(NUM_MODALITIES))
 
 
 def _as_LE(load_LE, name: str = "load_LE") -> np.ndarray:

@@ -10,13 +10,13 @@ from ernie5.constants import MODALITY_NAMES
 
 
 def inspect_target(target: str, row: int = 0, split: str = "train", max_positions: int = 64) -> str:
-    from ernie5.data.multimodal_prepare import is_multimodal_config, load_multimodal_config, open_multimodal_split
+    from ernie5.config.yaml_io import require_kind
+    from ernie5.data.multimodal_prepare import load_multimodal_config, open_multimodal_split
     from ernie5.errors import UserError
 
     shard = target
     if Path(target).is_file():
-        if not is_multimodal_config(target):
-            raise UserError(target, "not a `kind: multimodal` data config (or pass a shard directory)")
+        require_kind(target, ("multimodal",), "data inspect", also="a shard directory")
         shard = load_multimodal_config(target).out_dir
     meta, a = open_multimodal_split(shard, split)
     if row >= a["token"].shape[0]:

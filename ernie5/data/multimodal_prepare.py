@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 
 from ernie5.config.schema import build, join, require
-from ernie5.config.yaml_io import apply_overrides, config_kind, load_yaml
+from ernie5.config.yaml_io import apply_overrides, load_yaml
 from ernie5.constants import MULTIMODAL_FORMAT
 from ernie5.data.sequence import SPECIALS, Segment, build_document, pack_documents, special_ids
 from ernie5.data.shards import sha256_file
@@ -58,11 +58,6 @@ class MultimodalDataConfig:
         require(self.text_documents >= 0, join(path, "text_documents"), "must be >= 0")
         require(8 <= self.text_doc_tokens < self.seq_len, join(path, "text_doc_tokens"),
                 f"{self.text_doc_tokens} must be in [8, seq_len)")
-
-
-def is_multimodal_config(path: str) -> bool:
-    """True for a file with `kind: multimodal` (an unknown kind is a UserError, see config_kind)."""
-    return config_kind(path) == "multimodal"
 
 
 def load_multimodal_config(path: str, overrides=()) -> MultimodalDataConfig:

@@ -130,7 +130,8 @@ def read_hf(hf_dir: str):
 def import_hf(hf_dir: str, out_ckpt_dir: str) -> Path:
     """Write an ernie5 checkpoint dir (model.safetensors, config.yaml, manifest.json, tokenizer.model if the HF
     dir has one) that `ernie5.load_model` and `load_pretrained_state` accept."""
-    from ernie5.train.checkpoint import save_tensors, save_text, write_checkpoint_dir
+    from ernie5.tensor_io import save_tensors
+    from ernie5.train.checkpoint import save_text, write_checkpoint_dir
 
     src, out = Path(hf_dir), Path(out_ckpt_dir).resolve()
     check_free(out)  # before the (possibly long) read

@@ -15,7 +15,8 @@ import numpy as np
 
 from ernie5.errors import UserError
 from ernie5.export.files import SINGLE_FILE, check_free, read_checkpoint
-from ernie5.train.checkpoint import load_tensors, save_text, write_checkpoint_dir
+from ernie5.tensor_io import load_tensors
+from ernie5.train.checkpoint import save_text, write_checkpoint_dir
 
 TOKENIZER_FILE = "tokenizer.model"
 

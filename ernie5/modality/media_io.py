@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Literal
 
 from ernie5.config.schema import build, join, require, to_dict
-from ernie5.config.yaml_io import apply_overrides, load_yaml, require_kind
+from ernie5.config.yaml_io import apply_overrides, load_yaml
 from ernie5.errors import UserError
-from ernie5.tensor_io import ALLOW_PICKLE_ENV, is_safetensors, load_tensors, pickle_allowed, save_tensors
+from ernie5.tensor_io import load_state_file, save_tensors
 from ernie5.modality.audio import AudioTokenizerConfig
 from ernie5.modality.vision import VisionTokenizerConfig
 
@@ -62,13 +62,6 @@ class TokenizerRecipe:
     def validate(self, path: str) -> None:
         require(self.output.endswith(".safetensors"), join(path, "output"),
                 f"{self.output!r} must end in .safetensors")
-
-
-def recipe_kind(path: str) -> str:
-    """Which tokenizer a config file trains: 'text' for a run config (its `tokenizer:` section), 'vision' or
-    'audio' for a recipe. Any other kind (see config_kind) is refused with one line."""
-    kind = require_kind(path, ("run", "vision", "audio"), "tokenizer train")
-    return "text" if kind == "run" else kind
 
 
 def load_recipe(path: str, overrides: list[str] = ()) -> TokenizerRecipe:
@@ -116,14 +109,4 @@ def load_asset(path: str):
 def _load_weights(p: Path) -> dict:
     """The asset's weights. safetensors content is read as such whatever the file is called; a `.safetensors`
     name is never unpickled; any other file is a legacy pickle, loaded only with the opt-in."""
-    if is_safetensors(p) or p.suffix == ".safetensors":
-        return load_tensors(p)
-    if not pickle_allowed():
-        raise UserError(str(p), f"legacy pickle tokenizer asset; loading it can run code, set {ALLOW_PICKLE_ENV}=1 "
-                                "only if you trust its source (or retrain it with `ernie5 tokenizer train`)")
-    import paddle
-
-    try:
-        return paddle.load(str(p))
-    except Exception as e:  # paddle raises assorted types for bad files
-        raise UserError(str(p), f"unreadable tokenizer asset ({type(e).__name__}: {str(e)[:120]})") from None
+    return load_state_file(p, what="tokenizer asset", remedy=" (or retrain it with `ernie5 tokenizer train`)")

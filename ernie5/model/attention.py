@@ -23,7 +23,12 @@ def _mask_on_host(q_doc_BQ: paddle.Tensor, q_group_BQ: paddle.Tensor, k_doc_BK: 
                   k_group_BK: paddle.Tensor) -> paddle.Tensor:
     """`mask.allowed` in NumPy for CPU tensors (see `ernie5.model.mask` for why), as an additive CPU tensor.
     Operands may already be NumPy arrays."""
-    ids = (t.numpy() if isinstance(t, paddle.Tensor) else t for t in (q_doc_BQ, q_group_BQ, k_doc_BK, k_group_BK))
+    host: dict[int, np.ndarray] = {}  # one copy per distinct tensor (a row attending to itself passes each twice)
+    ids = []
+    for t in (q_doc_BQ, q_group_BQ, k_doc_BK, k_group_BK):
+        if isinstance(t, paddle.Tensor) and id(t) not in host:
+            host[id(t)] = t.numpy()
+        ids.append(host[id(t)] if isinstance(t, paddle.Tensor) else t)
     return paddle.to_tensor(mask.additive(mask.allowed(*ids)), place=paddle.CPUPlace())
 
 

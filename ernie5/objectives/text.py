@@ -18,7 +18,8 @@ from ernie5.kernels.fused import HeadCE
 from ernie5.model.rope import text_positions
 from ernie5.model.transformer import UnifiedModel
 from ernie5.objectives.mtp import mtp_loss
-from ernie5.objectives.parallel_ce import IGNORE, ce_threads, chunked_ce
+from ernie5.constants import IGNORE
+from ernie5.objectives.parallel_ce import ce_threads, chunked_ce
 
 
 def make_text_batch(tokens_BR: np.ndarray, segments_BR: np.ndarray, mtp_depth: int) -> dict[str, np.ndarray]:

@@ -33,13 +33,12 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from ernie5.constants import AUDIO, IMAGE, VIDEO
+from ernie5.constants import AUDIO, IGNORE, IMAGE, MODALITY_TERMS, VIDEO
 from ernie5.data.sequence import HEAD_AUDIO, HEAD_TEXT, HEAD_VISUAL
 from ernie5.objectives.config import ObjectiveConfig
 from ernie5.objectives.mtp import mtp_loss
-from ernie5.objectives.text import IGNORE, TextLoss, head_row_losses, token_balanced
+from ernie5.objectives.text import TextLoss, head_row_losses, token_balanced
 
-MODALITY_TERMS = ("text", "visual", "audio")  # per-modality loss terms: loss_text, loss_visual, loss_audio
 
 
 # -- batches (numpy) -------------------------------------------------------------------------------------------

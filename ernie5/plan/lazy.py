@@ -52,7 +52,7 @@ def component_of(name: str) -> str:
     for pattern, component in _COMPONENTS:
         if re.match(pattern, name):
             return component
-    raise ValueError(f"cannot attribute parameter {name!r} to a plan component (update plan_lazy._COMPONENTS)")
+    raise ValueError(f"cannot attribute parameter {name!r} to a plan component (update ernie5.plan.lazy._COMPONENTS)")
 
 
 @dataclass

@@ -1,1 +1,1 @@
-"""Command-line tools above the training stack: tokenizer training."""
+"""Command-line tools above the training stack: tokenizer training, the run summary."""

@@ -15,7 +15,9 @@ import statistics
 import sys
 from pathlib import Path
 
-MODALITY_TERMS = ("loss_text", "loss_visual", "loss_audio")  # the unified run's per-modality terms
+from ernie5.constants import MODALITY_TERMS
+
+LOSS_TERMS = tuple(f"loss_{m}" for m in MODALITY_TERMS)  # the unified run's per-modality loss terms
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -36,7 +38,7 @@ def train_text_loss(row: dict, unified: bool) -> float | None:
     """The training loss the held-out loss measures, for one logged step (None if the step did not log it)."""
     if not unified:
         return row.get("loss_ntp")
-    terms = [row.get(k) for k in MODALITY_TERMS if k in row]
+    terms = [row.get(k) for k in LOSS_TERMS if k in row]
     return None if not terms or any(t is None for t in terms) else float(sum(terms))
 
 
@@ -102,7 +104,7 @@ def unified_summary(run_dir: str | Path) -> str:
     run = Path(run_dir)
     rows = read_metrics(run)
     lines = ["", "== unified summary", f"run dir          {run}  ({rows[-1]['step']} steps)"]
-    for key in MODALITY_TERMS:
+    for key in LOSS_TERMS:
         fl = _first_last(rows, lambda r, k=key: r.get(k))
         if fl:
             lines.append(f"{key:<16} {fl[0][0]:.3f} -> {fl[1][0]:.3f}")

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ernie5.constants import MODALITY_NAMES, NUM_MODALITIES
 from ernie5.errors import UserError
-from ernie5.train.algorithm import orthogonal_loss  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from ernie5.train.trainer import Trainer
@@ -53,7 +53,7 @@ class RoutingStats(Callback):
             return
         counts = np.stack([tr.reduce_counts(l.step_counts) for l in layers])
         self.window = counts if self.window is None else self.window + counts
-        by_mod = np.stack([np.stack([tr.reduce_counts(l.modality_counts[m]) for l in layers]) for m in range(4)])
+        by_mod = np.stack([np.stack([tr.reduce_counts(l.modality_counts[m]) for l in layers]) for m in range(NUM_MODALITIES)])
         self.by_modality = by_mod if self.by_modality is None else self.by_modality + by_mod
         if not metrics.get("log"):
             return
@@ -63,10 +63,9 @@ class RoutingStats(Callback):
         if tr.is_main:
             rec = {"step": metrics["step"], "load": self.window.tolist(),
                    "max_over_mean": s["max_over_mean"].round(4).tolist(), "entropy": s["entropy"].round(4).tolist()}
-            names = ("text", "image", "video", "audio")
             if self.by_modality.any():  # unified runs: which experts each modality's tokens chose
-                rec["load_by_modality"] = {names[m]: self.by_modality[m].tolist() for m in range(4)
-                                           if self.by_modality[m].any()}
+                rec["load_by_modality"] = {MODALITY_NAMES[m]: self.by_modality[m].tolist()
+                                           for m in range(NUM_MODALITIES) if self.by_modality[m].any()}
             with open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         self.window = None

@@ -33,14 +33,11 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
-
-import numpy as np
+from typing import Callable, Optional
 
 from ernie5.data.shards import sha256_file
 from ernie5.errors import UserError
-from ernie5.tensor_io import (ALLOW_PICKLE_ENV, is_safetensors, load_tensors, pickle_allowed,  # noqa: F401
-                              save_tensors)  # (re-exported: the checkpoint API)
+from ernie5.tensor_io import ALLOW_PICKLE_ENV, load_state_file, load_tensors, pickle_allowed
 
 MANIFEST = "manifest.json"
 TENSORS = ".safetensors"
@@ -48,6 +45,7 @@ RNG_FILE = "rng.json"
 # suffixes of the pickle files older checkpoints used, per stem; only read with the opt-in
 LEGACY_SUFFIX = {"model": ".pdparams", "optimizer": ".pdopt"}
 LEGACY_RNG_FILE = "rng.pkl"
+_HOW_TO_ALLOW = f"checkpoint.allow_pickle=true (or {ALLOW_PICKLE_ENV}=1)"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -215,23 +213,13 @@ def json_load(path: Path) -> dict:
 def refuse_pickle(path: Path, allow_pickle: bool = False) -> None:
     """UserError unless the user opted in to loading the pickle at `path`."""
     if not pickle_allowed(allow_pickle):
-        raise UserError(str(path), "legacy pickle checkpoint; loading it can run code, set "
-                                   f"checkpoint.allow_pickle=true (or {ALLOW_PICKLE_ENV}=1) only if you trust its "
-                                   "source")
+        raise UserError(str(path), f"legacy pickle checkpoint; loading it can run code, set {_HOW_TO_ALLOW} only "
+                                   "if you trust its source")
 
 
 def _load_legacy(path: Path, allow_pickle: bool) -> dict:
-    """A `paddle.save` pickle, after the opt-in check. A file that is really safetensors is read as such."""
-    if is_safetensors(path):
-        return load_tensors(path)
-    refuse_pickle(path, allow_pickle)
-    import paddle
-
-    try:
-        return paddle.load(str(path))
-    except Exception as e:  # paddle raises assorted types for bad files
-        raise UserError(str(path), f"cannot load ({type(e).__name__}: {str(e).splitlines()[0][:120]})") \
-            from None
+    """A legacy `paddle.save` pickle of a checkpoint, after the opt-in check (safetensors content read as such)."""
+    return load_state_file(path, allow_pickle, "checkpoint", _HOW_TO_ALLOW)
 
 
 def rank_file(stem: str, suffix: str, rank: int) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ernie5.errors import UserError
+from ernie5.tensor_io import save_tensors
 from ernie5.train import checkpoint as ckpt
 from ernie5.train.config import CheckpointConfig
 
@@ -37,8 +38,8 @@ class Checkpointer:
         """Write checkpoint `step`: every rank's model / optimizer share; rank 0 adds the counters, the parts'
         states, the RNG state and the config. Returns the published directory."""
         r = self.topo.rank
-        writers = {ckpt.rank_file("model", ckpt.TENSORS, r): ckpt.save_tensors(runtime.model_state()),
-                   ckpt.rank_file("optimizer", ckpt.TENSORS, r): ckpt.save_tensors(runtime.optimizer_state())}
+        writers = {ckpt.rank_file("model", ckpt.TENSORS, r): save_tensors(runtime.model_state()),
+                   ckpt.rank_file("optimizer", ckpt.TENSORS, r): save_tensors(runtime.optimizer_state())}
         if self.topo.is_main:
             state = {**counters, **{name: part.state_dict() for name, part in parts.items()}}
             writers.update({STATE_FILE: ckpt.save_json(state), ckpt.RNG_FILE: ckpt.save_rng(),
@@ -60,17 +61,24 @@ class Checkpointer:
         return final
 
     # ---- restore -----------------------------------------------------------------------------------------
-    def restore(self, path: Path, runtime, model, parts: dict) -> dict:
-        """Load weights, optimizer state, every part named in the saved state (in `parts` order) and the RNG.
-        Returns the saved state (the caller reads its counters from it)."""
+    def restore(self, path: Path, runtime, model, parts: dict, defaults: Optional[dict] = None,
+                required: tuple[str, ...] = ("loader",)) -> dict:
+        """Load weights, optimizer state, every part (in `parts` order) and the RNG; returns the saved state (the
+        caller reads its counters from it). A part the checkpoint lacks gets its entry in `defaults` (older
+        checkpoints), stays as it is if it has none, and is an error (before anything is loaded) if `required`."""
         trust = self.cfg.allow_pickle  # legacy pickle files only with the user's opt-in
+        state = ckpt.json_load(path / STATE_FILE)
+        missing = [name for name in required if name in parts and name not in state]
+        if missing:
+            raise UserError(str(path / STATE_FILE), f"no {missing[0]!r} state: this checkpoint cannot resume a run")
         weights = runtime.local_model_state(ckpt.load_model_weights(path, trust), str(path))
         ckpt.apply_model_state(model, weights, str(path))
         runtime.load_optimizer_state(ckpt.load_merged(path, "optimizer", trust))
-        state = ckpt.json_load(path / STATE_FILE)
         for name, part in parts.items():
             if name in state:
                 part.load_state_dict(state[name])
+            elif defaults and name in defaults:
+                part.load_state_dict(defaults[name])
         ckpt.load_rng(path, trust)
         return state
 

@@ -8,29 +8,54 @@ below, so a new workload is a new task class, not a branch in the loop:
 - `batch(loader, train)`: the next micro-batch of `loader` as tensors;
 - `loss(model, batch, submodel)`: an object with `.total` (the tensor to differentiate) and `.terms`
   (floats to log);
-- `eval_loss(model, batches)`: the mean held-out loss over the first `batches` micro-batches;
+- `eval_loss(model, batches)`: the mean held-out loss over the first `batches` micro-batches (None without a
+  held-out split), from the task's `held_out_term` of each;
 - `finish_step(applied, sum_fn)`: end-of-step bookkeeping (`applied` False on a skipped step; `sum_fn`
   sums an array over the data-parallel ranks);
 - `stateful()`: name -> object with `state_dict` / `load_state_dict`, saved in the checkpoint.
+
+FLOPs per token are the planner's (a text token's for every workload: see `ernie5.plan.params`).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Optional
 
 import numpy as np
 
+from ernie5.constants import MODALITY_TERMS
 from ernie5.data.loader import PackedLoader, SyntheticLoader
 from ernie5.data.shards import open_split
 from ernie5.model.transformer import to_tensor_batch
 from ernie5.objectives.text import make_text_batch, text_loss
-from ernie5.objectives.unified import MODALITY_TERMS, UnifiedObjective
-from ernie5.plan import flops_per_token
+from ernie5.objectives.unified import UnifiedObjective
 from ernie5.runconfig import RunConfig
 from ernie5.train.unified_data import UnifiedBatches
 
 
-class TextTask:
+class _Task(ABC):
+    val_loader = None
+
+    def eval_loss(self, model, batches: int) -> Optional[float]:
+        if self.val_loader is None:
+            return None
+        self.val_loader.position = 0  # the same held-out batches every time, so evaluations compare
+        return float(np.mean([self.held_out_term(model, self.batch(self.val_loader, train=False))
+                              for _ in range(batches)]))
+
+    @abstractmethod
+    def held_out_term(self, model, batch: dict) -> float:
+        """The number one held-out micro-batch contributes to `eval_loss`."""
+
+    def finish_step(self, applied: bool, sum_fn) -> None:
+        pass
+
+    def stateful(self) -> dict:
+        return {}
+
+
+class TextTask(_Task):
     """Next-token (+ MTP) prediction on packed text rows, or synthetic tokens (`data.synthetic`)."""
 
     def __init__(self, cfg: RunConfig, rank: int, world: int):
@@ -40,7 +65,6 @@ class TextTask:
         # token-balanced loss: C tokens per row (0: plain masked means)
         self.balance_length = (cfg.objective.token_balance_length or cfg.data.seq_len) \
             if cfg.objective.token_balanced else 0
-        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
 
     def _loaders(self, rank: int, world: int):
         d, t, seed = self.cfg.data, self.cfg.train, self.cfg.run.seed
@@ -63,23 +87,12 @@ class TextTask:
         return text_loss(model, batch, self.cfg.model.mtp.loss_weight, submodel=submodel,
                          balance_length=self.balance_length)
 
-    def eval_loss(self, model, batches: int) -> Optional[float]:
-        """Mean plain next-token loss (no MTP, no token balancing), so evaluations of any run compare."""
-        if self.val_loader is None:
-            return None
-        self.val_loader.position = 0
-        losses = [float(text_loss(model, self.batch(self.val_loader), 0.0).terms["loss_ntp"])
-                  for _ in range(batches)]
-        return float(np.mean(losses))
-
-    def finish_step(self, applied: bool, sum_fn) -> None:
-        pass
-
-    def stateful(self) -> dict:
-        return {}
+    def held_out_term(self, model, batch: dict) -> float:
+        """The plain next-token loss (no MTP, no token balancing), so evaluations of any run compare."""
+        return float(text_loss(model, batch, 0.0).terms["loss_ntp"])
 
 
-class UnifiedTask:
+class UnifiedTask(_Task):
     """The unified multimodal objective on multimodal shards; its modality weighting is stateful."""
 
     def __init__(self, cfg: RunConfig, rank: int, world: int):
@@ -87,7 +100,6 @@ class UnifiedTask:
         self.data = UnifiedBatches(cfg, rank, world)
         self.objective = UnifiedObjective(cfg.objective, cfg.model.mtp.loss_weight, cfg.data.seq_len)
         self.train_loader, self.val_loader = self.data.train, self.data.val
-        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)  # a text token's (see plan.params)
 
     def batch(self, loader, train: bool = True) -> dict:
         return self.data.batch(loader, train)
@@ -95,16 +107,10 @@ class UnifiedTask:
     def loss(self, model, batch: dict, submodel=None):
         return self.objective.loss(model, batch, submodel)
 
-    def eval_loss(self, model, batches: int) -> Optional[float]:
-        """Mean over fixed held-out batches (no corruption) of the sum of the per-modality losses."""
-        if self.val_loader is None:
-            return None
-        self.val_loader.position = 0
-        losses = []
-        for _ in range(batches):
-            terms = self.objective.loss(model, self.batch(self.val_loader, train=False), None, record=False).terms
-            losses.append(sum(terms.get(f"loss_{m}", 0.0) for m in MODALITY_TERMS))
-        return float(np.mean(losses))
+    def held_out_term(self, model, batch: dict) -> float:
+        """The sum of the per-modality losses (held-out batches are never corrupted, nothing is noted)."""
+        terms = self.objective.loss(model, batch, None, record=False).terms
+        return sum(terms.get(f"loss_{m}", 0.0) for m in MODALITY_TERMS)
 
     def finish_step(self, applied: bool, sum_fn) -> None:
         """The posterior weighting moves only on applied steps, from all ranks' values."""

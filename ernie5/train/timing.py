@@ -11,7 +11,7 @@ Phases, in the order a step runs them:
 - `sync`, `grad_norm`, `clip`: gradient all-reduce, the global norm, the clip factor;
 - `optimizer`: the AdamW step and clearing the gradients;
 - `algorithm`: the router bias update and the router orthogonal step after the optimizer step;
-- `objective`: the task's end-of-step bookkeeping (posterior weighting, cross-rank loss means);
+- `objective`: the task's end-of-step bookkeeping (posterior weighting);
 - `callbacks`: every callback after a step (logging, evaluation, checkpoints).
 """
 

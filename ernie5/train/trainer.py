@@ -32,6 +32,7 @@ from ernie5.optim.schedule import lr_at
 from ernie5.parallel.expert_parallel import ExpertParallelDispatcher
 from ernie5.parallel.runtime import ParallelRuntime
 from ernie5.parallel.topology import init_topology
+from ernie5.plan import flops_per_token
 from ernie5.precision.fp8_linear import notice_once
 from ernie5.runconfig import RunConfig
 from ernie5.train.algorithm import RouterUpdates
@@ -71,7 +72,7 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.log = RunLog(self.out, self.is_main)
         self.task = build_task(cfg, self.rank, self.world)
-        self.flops_per_token = self.task.flops_per_token
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)  # a text token's (ernie5.plan.params)
         self._peak_gflops: Optional[float] = None
         with paddle.utils.unique_name.guard():  # stable parameter names -> stable optimizer-state keys
             self.model = build_model(cfg.model, seed=cfg.run.seed, recompute=cfg.recompute,
@@ -112,24 +113,6 @@ class Trainer:
                                                         native_alltoall=topo.backend == "nccl"))
 
     @property
-    def train_loader(self):
-        return self.task.train_loader
-
-    @property
-    def val_loader(self):
-        return self.task.val_loader
-
-    @property
-    def balance_length(self) -> int:
-        """Tokens per row of the token-balanced text loss (0: plain means); 0 for tasks without one."""
-        return getattr(self.task, "balance_length", 0)
-
-    @property
-    def objective(self):
-        """The unified objective (posterior weighting state) of a unified run, else None."""
-        return getattr(self.task, "objective", None)
-
-    @property
     def peak_gflops(self) -> float:
         """This machine's measured fp32 GEMM rate (the MFU denominator), measured once on first use."""
         if self._peak_gflops is None:
@@ -165,9 +148,9 @@ class Trainer:
         return self.checkpointer.save(self.step, self.runtime, self._stateful(), counters, self.cfg.to_yaml())
 
     def load_checkpoint(self, path: Path) -> None:
-        state = self.checkpointer.restore(path, self.runtime, self.model, self._stateful())
-        if "spikes" not in state:  # checkpoints from before spike detection was saved
-            self.spikes.load_state_dict({"history": [], "streak": 0})
+        # checkpoints from before spike detection was saved start it empty
+        state = self.checkpointer.restore(path, self.runtime, self.model, self._stateful(),
+                                          defaults={"spikes": {"history": [], "streak": 0}})
         self.step = self.last_saved_step = int(state["step"])
         self.bad_streak = int(state.get("bad_streak", 0))
         self.rollbacks = max(self.rollbacks, int(state.get("rollbacks", 0)))  # the budget survives resume

@@ -151,15 +151,15 @@ def test_nan_inside_the_objective_skips_the_step_and_leaves_posterior_weighting_
 
     tr.model.io.visual_logits = poisoned
     m1 = tr.train_step()
-    after_1 = dict(tr.objective.running)
+    after_1 = dict(tr.task.objective.running)
     assert m1["loss"] is not None and set(after_1) == {"text", "visual", "audio"}
     m2 = tr.train_step()
-    assert m2.get("skipped") and tr.objective.running == after_1
+    assert m2.get("skipped") and tr.task.objective.running == after_1
     for _ in range(2):
         m = tr.train_step()
         assert m["loss"] is not None and np.isfinite(m["loss"]), m
-    assert all(np.isfinite(v) for v in tr.objective.running.values())
-    assert tr.objective.running != after_1  # applied steps moved it again
+    assert all(np.isfinite(v) for v in tr.task.objective.running.values())
+    assert tr.task.objective.running != after_1  # applied steps moved it again
 
 
 def test_unified_dp2_equals_one_process_with_posterior_weighting_and_bit_flips(world, mm_shards, tmp_path):

@@ -11,7 +11,8 @@ setup()  # thread settings before paddle loads
 
 from ernie5.runconfig import load_config
 from ernie5.model.transformer import build_model
-from ernie5.train.checkpoint import save_tensors, save_text, write_checkpoint
+from ernie5.tensor_io import save_tensors
+from ernie5.train.checkpoint import save_text, write_checkpoint
 
 VOCAB = 416  # > the 400 pieces of the test tokenizer, so the model vocab is padded as in real runs
 

@@ -193,7 +193,8 @@ def test_special_ids_layout():
 
 
 def _write_ckpt(root, model, cfg):
-    from ernie5.train.checkpoint import save_tensors, save_text, write_checkpoint
+    from ernie5.tensor_io import save_tensors
+    from ernie5.train.checkpoint import save_text, write_checkpoint
 
     return write_checkpoint(root / "checkpoints", 1, {"model.safetensors": save_tensors(model.state_dict()),
                                                       "config.yaml": save_text(cfg.to_yaml())}, keep_last=1)

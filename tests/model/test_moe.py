@@ -6,7 +6,8 @@ import pytest
 
 from ernie5.runconfig import load_config
 from ernie5.model.moe import MoELayer, Router, balance_losses
-from ernie5.train.callbacks import orthogonal_loss, routing_summary
+from ernie5.train.algorithm import orthogonal_loss
+from ernie5.train.callbacks import routing_summary
 
 
 def moe_cfg(*extra):

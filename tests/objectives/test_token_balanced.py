@@ -129,7 +129,7 @@ def test_token_balanced_text_run_trains(tiny_cfg):
     from ernie5.train.trainer import Trainer
 
     tr = Trainer(tiny_cfg("objective.token_balanced=true", "train.max_steps=12"), quiet=True)
-    assert tr.balance_length == 32  # data.seq_len
+    assert tr.task.balance_length == 32  # data.seq_len
     logged = tr.train()
     assert logged[-1]["loss"] < logged[0]["loss"] - 0.3
 

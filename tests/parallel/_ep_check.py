@@ -23,7 +23,7 @@ from ernie5.objectives.text import make_text_batch, text_loss
 from ernie5.parallel.expert_parallel import ExpertParallelDispatcher
 from ernie5.parallel.runtime import ParallelRuntime
 from ernie5.parallel.topology import init_topology
-from ernie5.train.checkpoint import save_tensors
+from ernie5.tensor_io import save_tensors
 
 out_dir, overrides = sys.argv[1], [a for a in sys.argv[2:] if a != "--native"]
 native = "--native" in sys.argv[2:]

@@ -13,7 +13,8 @@ import pytest
 from ernie5.runconfig import load_config
 from ernie5.model.transformer import build_model, to_tensor_batch
 from ernie5.objectives.text import make_text_batch, text_loss
-from ernie5.train.checkpoint import apply_model_state, load_tensors
+from ernie5.tensor_io import load_tensors
+from ernie5.train.checkpoint import apply_model_state
 from tests.conftest import REPO, run_cli, tiny_overrides
 
 HERE = Path(__file__).parent

@@ -12,6 +12,7 @@ import pytest
 import ernie5
 from ernie5.data.shards import sha256_file
 from ernie5.errors import UserError
+from ernie5 import tensor_io
 from ernie5.train import checkpoint as ckpt
 from ernie5.train.trainer import Trainer
 from tests.conftest import run_cli
@@ -108,10 +109,10 @@ def test_native_export_never_prefers_a_pickle(trained, tmp_path, monkeypatch):
     marker = tmp_path / "pwned"
     (out / "model.pdparams").write_bytes(payload_bytes(marker))
     refresh_manifest(out)
-    monkeypatch.setenv(ckpt.ALLOW_PICKLE_ENV, "1")  # even with the opt-in, the safetensors file wins
+    monkeypatch.setenv(tensor_io.ALLOW_PICKLE_ENV, "1")  # even with the opt-in, the safetensors file wins
     state = ckpt.load_model_weights(out, allow_pickle=True)
     assert not marker.exists()
-    assert set(state) == set(ckpt.load_tensors(out / "model.safetensors"))
+    assert set(state) == set(tensor_io.load_tensors(out / "model.safetensors"))
     ernie5.load_model(str(out))
     assert not marker.exists()
 
@@ -126,7 +127,7 @@ def test_crafted_pickle_tokenizer_asset_is_refused_unrun(tmp_path, monkeypatch):
     with pytest.raises(UserError) as e:
         load_asset(str(tmp_path / "vision.pdparams"))
     assert "legacy pickle tokenizer asset; loading it can run code" in e.value.line()
-    monkeypatch.setenv(ckpt.ALLOW_PICKLE_ENV, "1")  # a .safetensors name is never unpickled, opt-in or not
+    monkeypatch.setenv(tensor_io.ALLOW_PICKLE_ENV, "1")  # a .safetensors name is never unpickled, opt-in or not
     with pytest.raises(UserError, match="not a safetensors file"):
         load_asset(str(tmp_path / "vision.safetensors"))
     assert not marker.exists()
@@ -143,7 +144,7 @@ def test_recipe_output_must_be_safetensors():
 def _to_legacy(step):
     """Rewrite a checkpoint in the old pickle layout (what earlier versions wrote)."""
     for stem, suffix in (("model", ".pdparams"), ("optimizer", ".pdopt")):
-        state = {k: paddle.to_tensor(v) for k, v in ckpt.load_tensors(step / f"{stem}.safetensors").items()}
+        state = {k: paddle.to_tensor(v) for k, v in tensor_io.load_tensors(step / f"{stem}.safetensors").items()}
         paddle.save(state, str(step / f"{stem}{suffix}"))
         (step / f"{stem}.safetensors").unlink()
     saved = paddle.get_rng_state()
@@ -167,12 +168,12 @@ def test_legacy_pickle_checkpoint_resumes_exactly_with_opt_in(tiny_cfg, tmp_path
     _to_legacy(tmp_path / "b" / "checkpoints" / "step_00000002")
     with pytest.raises(UserError, match="legacy pickle checkpoint"):
         run("b", 4)
-    monkeypatch.delenv(ckpt.ALLOW_PICKLE_ENV, raising=False)
+    monkeypatch.delenv(tensor_io.ALLOW_PICKLE_ENV, raising=False)
     with pytest.raises(UserError):
         ernie5.load_model(str(tmp_path / "b"))
-    monkeypatch.setenv(ckpt.ALLOW_PICKLE_ENV, "1")  # the env var opens the read-only paths ...
+    monkeypatch.setenv(tensor_io.ALLOW_PICKLE_ENV, "1")  # the env var opens the read-only paths ...
     ernie5.load_model(str(tmp_path / "b"))
-    monkeypatch.delenv(ckpt.ALLOW_PICKLE_ENV)
+    monkeypatch.delenv(tensor_io.ALLOW_PICKLE_ENV)
     assert run("b", 4, "checkpoint.allow_pickle=true") == straight  # ... the config flag a resume, bit-exactly
 
 
@@ -196,8 +197,8 @@ def test_safetensors_state_round_trip_dtypes_and_extras(tmp_path):
              "b16": paddle.to_tensor(np.array([1.5, -2.25, 3e-3], np.float32)).astype(paddle.bfloat16),
              "i": np.array([1, 2, 3], np.int64), "flag": paddle.to_tensor(np.array([True, False])),
              "LR_Scheduler": {"last_epoch": 3, "last_lr": 0.1}}
-    ckpt.save_tensors(state)(tmp_path / "s.safetensors")
-    back = ckpt.load_tensors(tmp_path / "s.safetensors")
+    tensor_io.save_tensors(state)(tmp_path / "s.safetensors")
+    back = tensor_io.load_tensors(tmp_path / "s.safetensors")
     assert set(back) == set(state) and back["LR_Scheduler"] == state["LR_Scheduler"]
     np.testing.assert_array_equal(back["w"], state["w"].numpy())
     np.testing.assert_array_equal(back["i"], state["i"])
@@ -205,7 +206,7 @@ def test_safetensors_state_round_trip_dtypes_and_extras(tmp_path):
     assert back["b16"].dtype == paddle.bfloat16
     np.testing.assert_array_equal(back["b16"].astype("float32").numpy(), state["b16"].astype("float32").numpy())
     with pytest.raises(TypeError, match="neither a tensor nor JSON"):
-        ckpt.save_tensors({"x": object()})(tmp_path / "t.safetensors")
+        tensor_io.save_tensors({"x": object()})(tmp_path / "t.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x80\x04junk")
     with pytest.raises(UserError, match="not a safetensors file"):
-        ckpt.load_tensors(tmp_path / "junk.safetensors")
+        tensor_io.load_tensors(tmp_path / "junk.safetensors")

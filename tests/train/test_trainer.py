@@ -7,8 +7,8 @@ import paddle
 import pytest
 
 from ernie5.errors import UserError
-from ernie5.train.callbacks import orthogonal_loss
-from ernie5.train.checkpoint import load_tensors
+from ernie5.train.algorithm import orthogonal_loss
+from ernie5.tensor_io import load_tensors
 from ernie5.optim.config import OptimConfig
 from ernie5.optim.adamw import build_optimizer
 from ernie5.optim.schedule import lr_at
