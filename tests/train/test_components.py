@@ -66,3 +66,30 @@ def test_checkpoint_restores_every_stateful_part(tiny_cfg, tmp_path):
     assert again.task.train_loader.state_dict() == tr.task.train_loader.state_dict()
     assert again.spikes.state_dict() == tr.spikes.state_dict()
     assert set(again._stateful()) == {"spikes", "loader"}
+
+
+def test_a_checkpoint_without_loader_state_is_refused_not_restarted(tiny_cfg):
+    """A trainer_state.json that lost its data position cannot resume exactly: one clear error, nothing loaded."""
+    import json
+
+    import pytest
+
+    from ernie5.errors import UserError
+    from ernie5.train.checkpoint import finalize_checkpoint_dir
+    from ernie5.train.trainer import Trainer
+
+    import shutil
+    from pathlib import Path
+
+    cfg = tiny_cfg("train.max_steps=2", "checkpoint.interval=2")
+    Trainer(cfg, quiet=True).train()
+    step = Path(cfg.run.output_dir) / "checkpoints" / "step_00000002"
+    tmp = step.parent / ".tmp-edit"
+    shutil.copytree(step, tmp)
+    state = json.loads((tmp / "trainer_state.json").read_text())
+    del state["loader"]
+    (tmp / "trainer_state.json").write_text(json.dumps(state))
+    (tmp / "manifest.json").unlink()
+    finalize_checkpoint_dir(tmp, step, 2)  # a fresh manifest, so only the content is wrong
+    with pytest.raises(UserError, match="no 'loader' state"):
+        Trainer(cfg, quiet=True)
