@@ -60,6 +60,20 @@ def reference(tokens):
     return model, grads, model(paddle.to_tensor(tokens[:, :12])).numpy()
 
 
+def assert_ranks_match_one_process(ranks, ref_logits, ref_grads) -> None:
+    """Every rank's logits equal the one-process logits; the union of the ranks' synced gradients (with EP each
+    expert's gradient comes from the rank holding it) equals the one-process gradients."""
+    got = {}
+    for z in ranks:
+        np.testing.assert_allclose(z["logits"], ref_logits, atol=1e-5)
+        for k in z.files:
+            if k.startswith("g::"):
+                got.setdefault(k[3:], z[k])
+    assert got.keys() == ref_grads.keys()
+    for k, g in ref_grads.items():
+        np.testing.assert_allclose(got[k], g, rtol=1e-4, atol=1e-6, err_msg=k)
+
+
 @pytest.mark.parametrize("expert", [1, 2])
 def test_dp2_and_ep2_gradients_and_logits_equal_one_process(tmp_path, expert):
     code, _, logs = launch([tmp_path, *MODEL, f"parallel.expert={expert}"], tmp_path / "log",
@@ -68,15 +82,7 @@ def test_dp2_and_ep2_gradients_and_logits_equal_one_process(tmp_path, expert):
     tokens = np.random.default_rng(7).integers(0, 97, (4, 13))
     model, ref_grads, ref_logits = reference(tokens)
     ranks = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
-    got = {}
-    for z in ranks:
-        np.testing.assert_allclose(z["logits"], ref_logits, atol=1e-5)
-        for k in z.files:
-            if k.startswith("g::"):
-                got.setdefault(k[3:], z[k])
-    assert got.keys() == ref_grads.keys()  # with EP=2 each expert's gradient comes from the rank holding it
-    for k, g in ref_grads.items():
-        np.testing.assert_allclose(got[k], g, rtol=1e-4, atol=1e-6, err_msg=k)
+    assert_ranks_match_one_process(ranks, ref_logits, ref_grads)
     assert float(ranks[0]["norm"]) == pytest.approx(float(ranks[1]["norm"]), rel=1e-6)
     # resharding: the two ranks' shares (global names) load into a one-process model and give the same logits
     state = {}
@@ -100,15 +106,7 @@ def test_ep2_native_alltoall_branch_equals_one_process(tmp_path):
     # 2 MoE layers x 2 exchanges (dispatch, combine) x (training forward, its backward, eval forward) = 12:
     # every exchange, backward included, went through the native branch
     assert [int(z["native_calls"]) for z in ranks] == [12, 12]
-    got = {}
-    for z in ranks:
-        np.testing.assert_allclose(z["logits"], ref_logits, atol=1e-5)
-        for k in z.files:
-            if k.startswith("g::"):
-                got.setdefault(k[3:], z[k])
-    assert got.keys() == ref_grads.keys()
-    for k, g in ref_grads.items():
-        np.testing.assert_allclose(got[k], g, rtol=1e-4, atol=1e-6, err_msg=k)
+    assert_ranks_match_one_process(ranks, ref_logits, ref_grads)
 
 
 @pytest.fixture
