@@ -17,7 +17,7 @@ from ernie5.elastic.space import check_elastic
 from ernie5.model.config import ModelConfig
 from ernie5.objectives.config import ObjectiveConfig
 from ernie5.modality.text_tokenizer import TextTokenizerConfig
-from ernie5.parallel.config import ParallelConfig
+from ernie5.parallel.config import ParallelConfig, check_tensor_parallel
 from ernie5.precision.config import PrecisionConfig, RecomputeConfig
 from ernie5.optim.config import OptimConfig
 from ernie5.train.config import CheckpointConfig, FaultsConfig, TrainConfig
@@ -57,6 +57,7 @@ class RunConfig:
         require(experts == 0 or experts % self.parallel.expert == 0, "parallel.expert",
                 f"{self.parallel.expert} does not divide model.moe.num_experts {experts}")
         check_elastic(self.elastic, self.model, self.parallel, "elastic")
+        check_tensor_parallel(self.parallel, self.model, self.data.seq_len)
         if self.model.moe.isolated:
             require(self.parallel.expert == 1, "parallel.expert", "isolated routing runs without expert parallelism")
             require(not self.elastic.enabled, "elastic.enabled", "elastic sub-models need agnostic routing")

@@ -17,6 +17,7 @@ LAYERS = [
     ("configs", []),  # every `ernie5.<package>.config` module: component config dataclasses
     ("kernels", ["ernie5.kernels"]),
     ("precision", ["ernie5.precision"]),
+    ("comm", ["ernie5.comm"]),
     ("model", ["ernie5.model"]),
     ("modality", ["ernie5.modality"]),
     ("data", ["ernie5.data"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 
@@ -14,7 +15,8 @@ from ernie5 import kernels
 from ernie5.kernels.fused import MaskedSoftmax
 from ernie5.model import mask
 from ernie5.model.config import ModelConfig
-from ernie5.model.layers import linear
+from ernie5.comm.regions import TPGroup, enter_column, leave_row
+from ernie5.model.tensor_parallel import sharded_linear, tp_shard
 from ernie5.model.probe import NO_PROBE
 from ernie5.model.rope import apply_rope
 
@@ -122,21 +124,37 @@ class KVCache:
 
 
 class Attention(nn.Layer):
-    """q/k/v/o projections without bias; GQA (kv heads shared by groups of query heads)."""
+    """q/k/v/o projections without bias; GQA (kv heads shared by groups of query heads).
+
+    Tensor parallelism (`tp`, degree P) splits the heads: rank r holds query heads [r N/P, (r+1) N/P) (q columns,
+    o rows) and the kv heads they read: K/P of them when P divides K, else the one kv head its query heads share,
+    replicated on P/K ranks (P must then be a multiple of K). Query head n reads kv head n // (N/K) either way.
+    `qkv` takes the block's normed input as it is between TP regions (a sequence shard under sequence
+    parallelism) and gathers / copies it; `out` leaves through the row-parallel region."""
 
     probe = NO_PROBE  # RoPE runs through it (`ernie5.model.probe`)
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: Optional[TPGroup] = None):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.dim_head
-        std, H = cfg.init_std, cfg.hidden_size
-        self.q_proj = linear(H, self.num_heads * self.head_dim, std)
-        self.k_proj = linear(H, self.num_kv_heads * self.head_dim, std)
-        self.v_proj = linear(H, self.num_kv_heads * self.head_dim, std)
-        self.o_proj = linear(self.num_heads * self.head_dim, H, std / math.sqrt(2 * cfg.num_layers))
+        P = tp.degree if tp is not None else 1
+        self.tp = tp
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads // P, max(cfg.num_kv_heads // P, 1), \
+            cfg.dim_head
+        std, H, D = cfg.init_std, cfg.hidden_size, cfg.dim_head
+        kv = tp_shard(tp, axis=1, shards=min(cfg.num_kv_heads, P))
+        self.q_proj = sharded_linear(H, cfg.num_heads * D, std, tp_shard(tp, axis=1))
+        self.k_proj = sharded_linear(H, cfg.num_kv_heads * D, std, kv)
+        self.v_proj = sharded_linear(H, cfg.num_kv_heads * D, std, kv)
+        self.o_proj = sharded_linear(cfg.num_heads * D, H, std / math.sqrt(2 * cfg.num_layers),
+                                     tp_shard(tp, axis=0))
+
+    def out(self, o_BSX: paddle.Tensor) -> paddle.Tensor:
+        """Output projection; under TP the partial sums leave through the row-parallel region."""
+        return leave_row(self.o_proj(o_BSX), self.tp)
 
     def qkv(self, x_BSH, cos, sin):
         """Projections with RoPE applied to q and k (k and v keep num_kv_heads heads)."""
+        x_BSH = enter_column(x_BSH, self.tp)
         B, S, _ = x_BSH.shape
         run = self.probe.run
         q = run("norms_rope", "apply_rope", apply_rope,
@@ -156,4 +174,4 @@ class Attention(nn.Layer):
         return gqa_attention(q_BSND, k_BSND, v_BSND, mask_B1SS)
 
     def forward(self, x_BSH, cos, sin, mask_B1SS):
-        return self.o_proj(self.core(*self.qkv(x_BSH, cos, sin), mask_B1SS))
+        return self.out(self.core(*self.qkv(x_BSH, cos, sin), mask_B1SS))

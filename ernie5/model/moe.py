@@ -21,6 +21,8 @@ from ernie5.model.config import ModelConfig, MoEConfig
 from ernie5.model.dispatch import LocalDispatcher
 from ernie5.precision.fp8_linear import quantize_for_dispatch
 from ernie5.model.layers import SwiGLU
+from ernie5.comm.regions import TPGroup, sum_numpy
+from ernie5.model.tensor_parallel import ParallelSwiGLU, mark_sequence_parallel
 
 
 @dataclass
@@ -88,36 +90,61 @@ class Router(nn.Layer):
         return Routing(topk_ids_TK, chosen_TK / denom_T1, probs_TE, logits_TE)
 
 
-def balance_losses(cfg: MoEConfig, r: Routing, counts_E: np.ndarray, batch_size: int,
-                   row_T: Optional[np.ndarray] = None) -> Optional[paddle.Tensor]:
+def _identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def balance_losses(cfg: MoEConfig, r: Optional[Routing], counts_E: np.ndarray, batch_size: int,
+                   row_T: Optional[np.ndarray] = None, reduce=_identity) -> Optional[paddle.Tensor]:
     """Optional Switch aux loss, sequence aux loss and router z-loss (None when all coefficients are 0).
 
     Every term is over the routed tokens only. `row_T` gives each routed token's row (sequence) when they are
     not all B x S positions (padding is not routed): the sequence loss then averages over each row's own tokens.
+
+    `reduce` sums a NumPy vector over the ranks whose tokens together make the batch (sequence parallelism:
+    each tensor-parallel rank routes its own sequence shard). The terms are then this rank's share of the
+    whole batch's loss: with the batch's token count T, loads f and per-row hit fractions held fixed, each term
+    is a sum over tokens, so the shares add up (over the group) to the one-process loss and its gradient.
+    `r` None: this rank routed nothing (all padding); it still joins the one reduction and returns None.
+        switch = coef * E * sum_e f_e * (sum_t p_te) / T,        f_e = load_e / (T K)
+        seq    = coef * mean_rows sum_e frac_be * (sum_{t in b} p_te) / n_b,   frac_be = hits_be E / (K n_b)
+        z      = coef * sum_t logsumexp(logits_t)^2 / T
     """
-    E, (T, K) = cfg.num_experts, r.topk_ids_TK.shape
+    if not (cfg.aux_loss_coef > 0 or cfg.seq_aux_loss_coef > 0 or cfg.z_loss_coef > 0):
+        return None
+    E, K, B = cfg.num_experts, cfg.top_k, batch_size
+    T = 0 if r is None else r.topk_ids_TK.shape[0]
+    seq = cfg.seq_aux_loss_coef > 0
+    if seq and r is not None:
+        if row_T is None:
+            row_T = np.repeat(np.arange(B, dtype=np.int64), T // B)
+        hits_TE = F.one_hot(r.topk_ids_TK, E).sum(1).astype("float32")
+        rows_BT = F.one_hot(paddle.to_tensor(row_T, dtype="int64"), B).astype("float32").T
+        hits_BE = paddle.matmul(rows_BT, hits_TE).numpy()
+        n_B = np.bincount(row_T, minlength=B).astype(np.float64)
+    else:
+        hits_BE, n_B = np.zeros((B, E)), np.zeros(B)
+    local = np.concatenate([[T], np.asarray(counts_E, np.float64) if r is not None else np.zeros(E),
+                            *((n_B, hits_BE.reshape(-1)) if seq else ())])
+    total = reduce(local.astype(np.float64))
+    if r is None:
+        return None
+    T_all, load_E = max(float(total[0]), 1.0), total[1:1 + E]
     terms = []
     if cfg.aux_loss_coef > 0:
-        frac_E = paddle.to_tensor(counts_E / max(T * K, 1), dtype="float32")
-        terms.append(cfg.aux_loss_coef * E * (frac_E * r.probs_TE.mean(0)).sum())
-    if cfg.seq_aux_loss_coef > 0:
-        hits_TE = F.one_hot(r.topk_ids_TK, E).sum(1)
-        if row_T is None:
-            S = T // batch_size
-            frac_BE = hits_TE.reshape([batch_size, S, E]).sum(1) * (E / (K * S))
-            terms.append(cfg.seq_aux_loss_coef * (frac_BE * r.probs_TE.reshape([batch_size, S, E]).mean(1))
-                         .sum(-1).mean())
-        else:  # per-row sums as one-hot(row)^T GEMMs; rows with no routed token drop out of the mean
-            n_B = np.bincount(row_T, minlength=batch_size).astype(np.float32)
-            rows_BT = F.one_hot(paddle.to_tensor(row_T, dtype="int64"), batch_size).astype("float32").T
-            inv_B1 = paddle.to_tensor(1.0 / np.maximum(n_B, 1.0))[:, None]
-            frac_BE = paddle.matmul(rows_BT, hits_TE.astype("float32")) * inv_B1 * (E / K)
-            mean_probs_BE = paddle.matmul(rows_BT, r.probs_TE) * inv_B1
-            per_row_B = (frac_BE * mean_probs_BE).sum(-1)
-            terms.append(cfg.seq_aux_loss_coef * per_row_B.sum() / float(max((n_B > 0).sum(), 1)))
+        frac_E = paddle.to_tensor(load_E / (T_all * K), dtype="float32")
+        terms.append(cfg.aux_loss_coef * E * (frac_E * r.probs_TE.sum(0)).sum() / T_all)
+    if seq:
+        n_all_B = total[1 + E:1 + E + B]
+        hits_all_BE = total[1 + E + B:].reshape(B, E)
+        inv_B1 = (1.0 / np.maximum(n_all_B, 1.0))[:, None]
+        frac_BE = paddle.to_tensor(hits_all_BE * inv_B1 * (E / K), dtype="float32")
+        mean_probs_BE = paddle.matmul(rows_BT, r.probs_TE) * paddle.to_tensor(inv_B1, dtype="float32")
+        rows = float(max((n_all_B > 0).sum(), 1))  # rows with no routed token drop out of the mean
+        terms.append(cfg.seq_aux_loss_coef * (frac_BE * mean_probs_BE).sum() / rows)
     if cfg.z_loss_coef > 0:
-        terms.append(cfg.z_loss_coef * paddle.logsumexp(r.logits_TE, axis=-1).pow(2).mean())
-    return paddle.add_n(terms) if terms else None
+        terms.append(cfg.z_loss_coef * paddle.logsumexp(r.logits_TE, axis=-1).pow(2).sum() / T_all)
+    return paddle.add_n(terms)
 
 
 @dataclass
@@ -135,10 +162,18 @@ class MoELayer(nn.Layer):
     `self.experts[l]` is global expert `self.expert_ids[l]`; with no placement every expert is local.
     Isolated routing (ERNIE 4.5-VL) adds `vision_router` / `vision_experts`: image and video tokens route among
     those, text and audio tokens among the text experts; counts list the text experts first, then the vision ones.
+
+    Under tensor parallelism (`tp`) the routed experts and the router are replicated on every TP rank and the
+    shared experts are split like the dense FFN. With sequence parallelism each TP rank routes its own sequence
+    shard through its full copy of the experts: no TP communication inside the routed path, the experts'
+    gradients are summed over the TP group like any sequence-parallel weight, and expert parallelism stays over
+    the data-parallel ranks of the same TP rank. (Megatron's alternative, "parallel folding", shards experts over
+    TP x DP ranks; it saves expert memory at TP > 1 but needs the token all-to-all across TP ranks too. ERNIE's
+    layouts use TP <= 4 with EP carried by data ranks, so replication keeps the expert path unchanged.)
     """
 
     def __init__(self, cfg: ModelConfig, placement: Optional[ExpertPlacement] = None,
-                 recompute_gate_up: bool = False, layer: int = 0, seed: int = 0):
+                 recompute_gate_up: bool = False, layer: int = 0, seed: int = 0, tp: Optional[TPGroup] = None):
         super().__init__()
         m = cfg.moe
         self.cfg = m
@@ -147,8 +182,9 @@ class MoELayer(nn.Layer):
         # each routed expert's init is keyed by (seed, layer, global id): identical under any EP layout
         self.experts = nn.LayerList([SwiGLU(cfg.hidden_size, m.expert_ffn_size, cfg.init_std, recompute_gate_up,
                                             init_key=[seed, layer, gid]) for gid in self.expert_ids])
-        self.shared = (SwiGLU(cfg.hidden_size, m.expert_ffn_size * m.num_shared_experts, cfg.init_std,
-                              recompute_gate_up) if m.num_shared_experts else None)
+        self.shared = (ParallelSwiGLU(cfg.hidden_size, m.expert_ffn_size * m.num_shared_experts, cfg.init_std, tp,
+                                      recompute_gate_up) if m.num_shared_experts else None)
+        self.tp = tp
         self.dispatcher = placement.dispatcher if placement else LocalDispatcher()
         if m.isolated:
             if placement is not None and len(placement.expert_ids) != m.num_experts:
@@ -159,6 +195,11 @@ class MoELayer(nn.Layer):
             self.vision_experts = nn.LayerList([
                 SwiGLU(cfg.hidden_size, m.vision_expert_ffn_size, cfg.init_std, recompute_gate_up,
                        init_key=[seed, layer, m.num_experts + gid]) for gid in range(m.vision_num_experts)])
+        mark_sequence_parallel(self.router, tp)
+        mark_sequence_parallel(self.experts, tp)
+        if m.isolated:
+            mark_sequence_parallel(self.vision_router, tp)
+            mark_sequence_parallel(self.vision_experts, tp)
         self.step_counts = np.zeros(m.total_experts, dtype=np.int64)
         self.modality_counts = np.zeros((NUM_MODALITIES, m.total_experts), dtype=np.int64)
         self.fp8 = None  # FP8Config when precision.fp8 is on (tokens may be quantised before dispatch)
@@ -205,7 +246,9 @@ class MoELayer(nn.Layer):
                 idx_np = np.nonzero(real_T)[0].astype(np.int64)
         dummy = idx_np is not None and idx_np.size == 0  # nothing but padding
         if dummy and isinstance(self.dispatcher, LocalDispatcher):  # no expert runs, no gradient reaches one
-            y_TH = self.shared(x_TH) if self.shared is not None else paddle.zeros_like(x_TH)
+            if self.training and not self.cfg.isolated:  # the balancing reduction every TP rank joins
+                balance_losses(self.cfg, None, counts_E=None, batch_size=B, reduce=self._reduce)
+            y_TH = self.shared(x_BSH).reshape([B * S, H]) if self.shared is not None else paddle.zeros_like(x_TH)
             return y_TH.reshape([B, S, H]), None
         if dummy:
             # under expert parallelism the experts are still called once (row 0, weight 0) so that the
@@ -218,14 +261,14 @@ class MoELayer(nn.Layer):
             yr_TH, aux, counts_E, ids_TK = self._isolated(xr_TH, modr_T)
         else:
             yr_TH, r, counts_E = self._routed(xr_TH, self.router, self.experts, self.cfg, experts, top_k)
-            aux = balance_losses(self.cfg, r, counts_E, B, None if idx_np is None else idx_np // S) \
-                if self.training else None
+            aux = balance_losses(self.cfg, None if dummy else r, counts_E, B,  # a dummy row adds no statistics
+                                 None if idx_np is None else idx_np // S, self._reduce) if self.training else None
             ids_TK = r.topk_ids_TK
         if dummy:
             yr_TH, aux = yr_TH * 0.0, None
         y_TH = yr_TH if idx is None else paddle.scatter(paddle.zeros_like(x_TH), idx, yr_TH, overwrite=True)
-        if self.shared is not None:
-            y_TH = y_TH + self.shared(x_TH)
+        if self.shared is not None:  # [B, S, H]: under sequence parallelism the shared experts gather along S
+            y_TH = y_TH + self.shared(x_BSH).reshape([B * S, H])
         # not in recompute's no-grad first pass (one count per micro-batch), and not for a sub-model's
         # routing: the aux-free bias balances the full model only, so its loads alone move the bias
         if counting:
@@ -236,6 +279,10 @@ class MoELayer(nn.Layer):
                 keep = (m_T >= 0)[:, None] & (ids >= 0)  # isolated routing pads ids with -1
                 np.add.at(self.modality_counts, (np.broadcast_to(m_T[:, None], ids.shape)[keep], ids[keep]), 1)
         return y_TH.reshape([B, S, H]), aux
+
+    def _reduce(self, stats: np.ndarray) -> np.ndarray:
+        """Balancing statistics summed over the TP ranks that routed other tokens (sequence parallelism)."""
+        return sum_numpy(stats, self.tp)
 
     def _isolated(self, x_TH, modality_T):
         """Text/audio tokens -> text experts, image/video tokens -> vision experts; ids in the joint numbering."""

@@ -76,7 +76,7 @@ class ModalityIO(nn.Layer):
         """Sum of the level embeddings of each frame's codes [B, S, L] (negative codes read as 0)."""
         return paddle.add_n([self.audio_level_embedding(l, codes_BSL[..., l]) for l in range(self.levels)])
 
-    def embed(self, text_embed: nn.Embedding, b: dict) -> paddle.Tensor:
+    def embed(self, text_embed: nn.Layer, b: dict) -> paddle.Tensor:
         """Input vectors [B, S, H] of a unified batch (see `ernie5.objectives.unified.make_unified_batch`)."""
         mod = b["modality"]
         is_text = (mod == TEXT).astype("float32").unsqueeze(-1)
@@ -84,7 +84,7 @@ class ModalityIO(nn.Layer):
         is_vis = paddle.logical_and(paddle.logical_or(mod == IMAGE, mod == VIDEO), paddle.logical_not(und))
         is_vis = is_vis.astype("float32").unsqueeze(-1)
         is_audio = (mod == AUDIO).astype("float32").unsqueeze(-1)
-        x = text_embed(paddle.clip(b["token"], 0, text_embed.weight.shape[0] - 1)) * is_text
+        x = text_embed(paddle.clip(b["token"], 0, text_embed.vocab_size - 1)) * is_text
         x = x + (self.vis_proj(b["vis_in"]) + self.scale_embed(paddle.clip(b["scale"], min=0))) * is_vis
         x = x + self.audio_frame_embedding(b["audio"]) * is_audio
         if b["und_feats"].shape[0]:

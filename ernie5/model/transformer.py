@@ -11,13 +11,16 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
+from ernie5.comm.regions import TPGroup, gather_seq_replicated, reduce_from, scatter_seq
 from ernie5.model.attention import Attention, KVCache, group_mask
 from ernie5.model.config import ModelConfig
-from ernie5.model.layers import Linear, RMSNorm, SwiGLU, checkpointed, linear
+from ernie5.model.layers import Linear, RMSNorm, checkpointed, linear
 from ernie5.model.moe import ExpertPlacement, MoELayer
 from ernie5.model.multimodal import ModalityIO
 from ernie5.model.probe import NO_PROBE, Probe, attach
 from ernie5.model.rope import frequency_table, rope_cos_sin
+from ernie5.model.tensor_parallel import ParallelSwiGLU, VocabEmbedding, mark_sequence_parallel, sharded_linear, \
+    tp_shard
 from ernie5.precision.config import FP8Config, RecomputeConfig
 
 
@@ -27,22 +30,28 @@ class Block(nn.Layer):
     Recompute (training only): `full` re-runs the whole block in backward; `selective` re-runs only the chosen
     pieces: `norm_qkv` (input norm + q/k/v projections + RoPE), `attention` (the softmax(qk^T)v core),
     `expert_gate_up` (routed and shared experts' gate/up GEMMs and activation).
+
+    Under tensor parallelism (`tp`) attention and the FFN are split over the TP ranks (`Attention`,
+    `ParallelSwiGLU`, `MoELayer`); with sequence parallelism the block's input, norms and residuals are this
+    rank's sequence shard.
     """
 
     probe = NO_PROBE  # the attention's q/k/v and core steps run through it (`ernie5.model.probe`)
 
     def __init__(self, cfg: ModelConfig, moe: bool, recompute: Optional[RecomputeConfig] = None, index: int = 0,
-                 placement: Optional[ExpertPlacement] = None, seed: int = 0):
+                 placement: Optional[ExpertPlacement] = None, seed: int = 0, tp: Optional[TPGroup] = None):
         super().__init__()
         on = recompute is not None and recompute.applies_to(index)
         self.full_recompute = on and recompute.mode == "full"
         self.selective = set(recompute.modules) if on and recompute.mode == "selective" else set()
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, tp)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        mark_sequence_parallel(self.input_norm, tp)
+        mark_sequence_parallel(self.post_attn_norm, tp)
         self.is_moe = moe
-        self.mlp = (MoELayer(cfg, placement, "expert_gate_up" in self.selective, index, seed) if moe
-                    else SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_std))
+        self.mlp = (MoELayer(cfg, placement, "expert_gate_up" in self.selective, index, seed, tp) if moe
+                    else ParallelSwiGLU(cfg.hidden_size, cfg.ffn_hidden_size, cfg.init_std, tp))
 
     def _norm_qkv(self, x_BSH, cos, sin):
         return self.probe.run("attention", "qkv", self.attn.qkv, self.input_norm(x_BSH), cos, sin)
@@ -53,13 +62,13 @@ class Block(nn.Layer):
     def _attention(self, x_BSH, cos, sin, mask, kv=None):
         if kv is not None:  # incremental decoding: new positions' keys / values join the cached ones
             q, k, v = self._norm_qkv(x_BSH, cos, sin)
-            return self.attn.o_proj(self._core(q, *kv(k, v), mask))
+            return self.attn.out(self._core(q, *kv(k, v), mask))
         replay = self.training
         q, k, v = (checkpointed(self._norm_qkv, x_BSH, cos, sin) if replay and "norm_qkv" in self.selective
                    else self._norm_qkv(x_BSH, cos, sin))
         o = (checkpointed(self._core, q, k, v, mask) if replay and "attention" in self.selective
              else self._core(q, k, v, mask))
-        return self.attn.o_proj(o)
+        return self.attn.out(o)
 
     def _forward(self, x_BSH, cos, sin, mask, submodel=None, modality_BS=None, kv=None):
         x_BSH = x_BSH + self._attention(x_BSH, cos, sin, mask, kv)
@@ -86,19 +95,29 @@ class Block(nn.Layer):
 
 
 class MTPModule(nn.Layer):
-    """One multi-token-prediction depth: h' = Block(Linear_{2H->H}(concat(Norm(embed(x_{t+k})), Norm(h_t))))."""
+    """One multi-token-prediction depth: h' = Block(Linear_{2H->H}(concat(Norm(embed(x_{t+k})), Norm(h_t)))).
 
-    def __init__(self, cfg: ModelConfig):
+    Inputs and output are whole sequences; under sequence parallelism the module works on this rank's shard
+    in between, like a backbone block (its norms and projection replicated, the block split)."""
+
+    def __init__(self, cfg: ModelConfig, tp: Optional[TPGroup] = None):
         super().__init__()
+        self.tp = tp
         self.emb_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.proj = linear(2 * cfg.hidden_size, cfg.hidden_size, cfg.init_std)
-        self.block = Block(cfg, moe=False)
+        for part in (self.emb_norm, self.hidden_norm, self.proj):
+            mark_sequence_parallel(part, tp)
+        self.block = Block(cfg, moe=False, tp=tp)
 
     def forward(self, h_BSH, emb_BSH, cos, sin, mask):
         """`emb_BSH`: the input embeddings of the positions one step ahead."""
+        sp = self.tp is not None and self.tp.sequence_parallel
+        if sp:
+            h_BSH, emb_BSH = scatter_seq(h_BSH, self.tp), scatter_seq(emb_BSH, self.tp)
         x = self.proj(paddle.concat([self.emb_norm(emb_BSH), self.hidden_norm(h_BSH)], axis=-1))
-        return self.block(x, cos, sin, mask)[0]
+        y = self.block(x, cos, sin, mask)[0]
+        return gather_seq_replicated(y, self.tp) if sp else y
 
 
 @dataclass
@@ -111,23 +130,30 @@ class BackboneOut:
 
 
 class UnifiedModel(nn.Layer):
-    """The ernie5 transformer. `forward(input_ids)` returns text logits [B, S, V]."""
+    """The ernie5 transformer. `forward(input_ids)` returns text logits [B, S, V].
+
+    `tp` (a `TPGroup`): this model is one tensor-parallel rank's share (Megatron-style; see
+    `ernie5.comm.regions` and `ernie5.model.tensor_parallel`). The embedding and the text head are split by
+    vocabulary (logits are then this rank's vocabulary slice: `ernie5.objectives.vocab_parallel` reduces the
+    cross-entropy over the group); the modality inputs and heads are replicated and see the whole sequence.
+    Under sequence parallelism the blocks see sequence shards; `backbone` returns whole sequences."""
 
     probe = NO_PROBE  # RoPE tables and the attention mask run through it, and so does the objectives' head loss
 
     def __init__(self, cfg: ModelConfig, recompute: Optional[RecomputeConfig] = None,
-                 placement: Optional[ExpertPlacement] = None, seed: int = 0):
+                 placement: Optional[ExpertPlacement] = None, seed: int = 0, tp: Optional[TPGroup] = None):
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be resolved before building the model")
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
-                                  weight_attr=paddle.ParamAttr(initializer=nn.initializer.Normal(0.0, cfg.init_std)))
-        self.layers = nn.LayerList([Block(cfg, cfg.is_moe_layer(i), recompute, i, placement, seed)
+        self.tp = tp if tp is not None and tp.active else None
+        self.embed = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.init_std, self.tp)
+        self.layers = nn.LayerList([Block(cfg, cfg.is_moe_layer(i), recompute, i, placement, seed, self.tp)
                                     for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else linear(cfg.hidden_size, cfg.vocab_size, cfg.init_std)
-        self.mtp = nn.LayerList([MTPModule(cfg) for _ in range(cfg.mtp.depth)])
+        self.lm_head = None if cfg.tie_embeddings else \
+            sharded_linear(cfg.hidden_size, cfg.vocab_size, cfg.init_std, tp_shard(self.tp, axis=1))
+        self.mtp = nn.LayerList([MTPModule(cfg, self.tp) for _ in range(cfg.mtp.depth)])
         self.io = ModalityIO(cfg) if cfg.multimodal.enabled else None  # non-text inputs and heads
         table = frequency_table(cfg.dim_head, cfg.rope_theta, cfg.sections_thw)
         self.register_buffer("rope_table", paddle.to_tensor(table), persistable=False)
@@ -162,6 +188,12 @@ class UnifiedModel(nn.Layer):
         cos, sin = run("norms_rope", "rope_cos_sin", rope_cos_sin, pos_thw_BS3, self.rope_table)
         mask = (run("attention", "group_mask", group_mask, segment_ids_BS, groups_BS) if cache is None
                 else cache.extend(segment_ids_BS, groups_BS))
+        sp = self.tp is not None and self.tp.sequence_parallel
+        if sp:  # the blocks work on this rank's sequence shard
+            x = scatter_seq(x, self.tp)
+            if modality_BS is not None:
+                a, b = self.tp.seq_slice(S)
+                modality_BS = modality_BS[:, a:b]
         aux_terms = []
         for i, block in enumerate(self.layers):
             if submodel is not None and not submodel.keeps_layer(i):
@@ -171,6 +203,12 @@ class UnifiedModel(nn.Layer):
             if aux is not None:
                 aux_terms.append(aux)
         aux_loss = paddle.add_n(aux_terms) if aux_terms else None
+        if sp:
+            x = gather_seq_replicated(x, self.tp)
+            if self.training and any(l.has_aux for l in self.moe_layers()):
+                # each rank's balancing losses are its shard's share of the batch's (`balance_losses`): the sum
+                # over the group is the loss; every rank joins even if its shard routed nothing
+                aux_loss = reduce_from(aux_loss if aux_loss is not None else paddle.zeros([]), self.tp)
         return BackboneOut(x, aux_loss, cos, sin, mask)
 
     def logits(self, hidden_BSH: paddle.Tensor) -> paddle.Tensor:
@@ -187,7 +225,7 @@ class UnifiedModel(nn.Layer):
         return None, False
 
     def logits_from_normed(self, h: paddle.Tensor) -> paddle.Tensor:
-        """The text head on already normalised hidden states."""
+        """The text head on already normalised hidden states (under TP: this rank's vocabulary slice)."""
         if self.lm_head is None:
             return paddle.matmul(h, self.embed.weight, transpose_y=True)
         return self.lm_head(h)
@@ -222,12 +260,13 @@ def enable_fp8(model, cfg: FP8Config) -> int:
 
 
 def build_model(cfg: ModelConfig, seed: Optional[int] = None, recompute: Optional[RecomputeConfig] = None,
-                placement: Optional[ExpertPlacement] = None, fp8: Optional[FP8Config] = None) -> UnifiedModel:
+                placement: Optional[ExpertPlacement] = None, fp8: Optional[FP8Config] = None,
+                tp: Optional[TPGroup] = None) -> UnifiedModel:
     """Build with a fixed parameter-init seed (paddle.seed) so runs are reproducible; `fp8` (if enabled) puts
-    the covered linears under the blockwise FP8 recipe."""
+    the covered linears under the blockwise FP8 recipe; `tp`: this tensor-parallel rank's share."""
     if seed is not None:
         paddle.seed(seed)
-    model = UnifiedModel(cfg, recompute, placement, seed or 0)
+    model = UnifiedModel(cfg, recompute, placement, seed or 0, tp)
     if fp8 is not None and fp8.enabled:
         enable_fp8(model, fp8)
         for layer in model.moe_layers():

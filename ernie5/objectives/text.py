@@ -20,6 +20,7 @@ from ernie5.model.transformer import UnifiedModel
 from ernie5.objectives.mtp import mtp_loss
 from ernie5.constants import IGNORE
 from ernie5.objectives.parallel_ce import ce_threads, chunked_ce
+from ernie5.objectives.vocab_parallel import vocab_parallel_row_losses
 
 
 def make_text_batch(tokens_BR: np.ndarray, segments_BR: np.ndarray, mtp_depth: int) -> dict[str, np.ndarray]:
@@ -46,7 +47,10 @@ def head_row_losses(model: UnifiedModel, normed_NH: paddle.Tensor, labels_N: pad
     """Per-row cross-entropy [N] of the text head on already normalised hidden rows (0 where the label is
     IGNORE). On CPU with the fused kernels: one head GEMM whose logits become their own gradient in place
     (`HeadCE`); on CPU without them, row chunks whose CE kernels run in parallel (`chunked_ce`, one chunk per OMP
-    thread); elsewhere one logits tensor and `F.cross_entropy`."""
+    thread); elsewhere one logits tensor and `F.cross_entropy`. Under tensor parallelism: the vocabulary-parallel
+    CE (`ernie5.objectives.vocab_parallel`)."""
+    if model.tp is not None:  # vocabulary-parallel head: the CE is reduced over the tensor-parallel group
+        return vocab_parallel_row_losses(model, normed_NH, labels_N)
     lab_N1 = labels_N.reshape([-1, 1])
     N = normed_NH.shape[0]
     weight, w_is_VH = model.head_weight()

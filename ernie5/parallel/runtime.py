@@ -2,13 +2,17 @@
 
 Gradients are synced once per step, after all micro-batches and before the non-finite check and clipping, so
 every rank sees the same gradient norm and takes the same decision:
+- tensor parallelism first: parameters a TP rank applies to its own sequence shard (`param.sequence_parallel`:
+  norms, routers, routed experts, MTP projections) are summed over the TP group, and kv-head weights replicated on
+  several TP ranks are summed over the ranks holding them;
 - dense (replicated) parameters: fleet's `fused_allreduce_gradients` over the data-parallel group, or, with
   ZeRO-1, fleet's sharding optimizer `reduce_gradients` (each parameter's gradient lands on its owner rank);
 - expert parameters under expert parallelism: all-reduce over the expert-data-parallel group (ranks holding
   the same experts); each rank's local expert gradient already sums the contributions of its whole EP group
   through the all-to-all backward. Both are divided by the data-parallel degree (the loss is a mean over ranks).
 Checkpoint state uses global names: `layers.3.mlp.experts.{global id}...` for weights and
-`{global name}::{accumulator}` for optimizer state, so a checkpoint loads under any other EP / DP layout.
+`{global name}::{accumulator}` for optimizer state, so a checkpoint loads under any other EP / DP layout;
+tensor-parallel shards are saved whole (gathered over the TP group) and cut again on load (`tp_state`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import paddle
 from ernie5 import kernels
 from ernie5.errors import UserError
 from ernie5.parallel.topology import Topology
+from ernie5.parallel.tp_state import gather_full, local_piece, shard_of, sum_replicated_grad, unique_squares
 from ernie5.optim.config import OptimConfig
 from ernie5.optim.adamw import build_optimizer, scale_grads
 
@@ -58,6 +63,13 @@ class ParallelRuntime:
         expert_ids = {id(p) for p in self.expert_params}
         self.dense_params = [p for p in params.values() if not p.stop_gradient and id(p) not in expert_ids]
         self.name_of = {p.name: n for n, p in params.items()}  # paddle var name -> structured local name
+        self.tp = topo.tp
+        self.shards = {n: shard_of(p) for n, p in params.items() if shard_of(p) is not None}
+        self.local_shapes = {n: list(p.shape) for n, p in params.items()}
+        trainable = [p for p in params.values() if not p.stop_gradient]
+        self.sp_params = [p for p in trainable if getattr(p, "sequence_parallel", False)]
+        self.kv_replicated = [p for p in trainable if shard_of(p) is not None
+                              and shard_of(p)[0].shards < self.tp.degree]
         self.dense_opt = build_optimizer(self.dense_params, cfg)
         self.sharded = None
         if topo.distributed and topo.sharding_stage == 1:
@@ -89,6 +101,14 @@ class ParallelRuntime:
         from paddle.distributed.fleet.utils.hybrid_parallel_util import (fused_allreduce_gradients,
                                                                            fused_allreduce_gradients_with_group)
 
+        if self.tp.active:
+            sp = self._with_grad_somewhere(self.sp_params, self.tp.group)
+            if sp:
+                fused_allreduce_gradients_with_group(sp, self.tp.group, scale=1.0)
+            for p in self._with_grad_somewhere(self.kv_replicated, self.tp.group):
+                sum_replicated_grad(p, self.shards_of(p), self.tp)
+        if topo.dp == 1:
+            return
         dense = self._with_grad_somewhere(self.dense_params, topo.dp_group)
         experts = self._with_grad_somewhere(self.expert_params, topo.edp_group)
         if self.sharded is not None:
@@ -100,6 +120,9 @@ class ParallelRuntime:
                 fused_allreduce_gradients_with_group(experts, topo.edp_group, scale=1.0 / topo.dp)
             else:
                 scale_grads(experts, 1.0 / topo.dp)
+
+    def shards_of(self, p):
+        return shard_of(p)[0]
 
     def _with_grad_somewhere(self, params: list, group) -> list:
         """The parameters that have a gradient on at least one rank of `group` (all of its ranks agree), with
@@ -136,7 +159,13 @@ class ParallelRuntime:
         if kernels.usable(*[p.grad for p in self.all_params if p.grad is not None]):
             sq = sq_fused
 
-        dense = sq(self._owned_dense())
+        owned = self._owned_dense()
+        if self.tp.active:  # a TP shard's square counts once per piece over the group; whole weights once
+            pieces = [p for p in owned if shard_of(p) is not None]
+            dense = unique_squares([(p, sq([p])) for p in pieces], self.tp) + \
+                sq([p for p in owned if shard_of(p) is None])
+        else:
+            dense = sq(owned)
         if self.sharded is not None:
             dense = float(self.topo.sum_array(np.array([dense]))[0])
         experts = sq(self.expert_params)
@@ -172,14 +201,26 @@ class ParallelRuntime:
 
     # ---- state -------------------------------------------------------------------------------------------
     def _writes_experts(self) -> bool:
-        """Only the first replica of each expert slice writes it (the others hold identical copies)."""
-        return self.topo.dp_rank < self.topo.ep
+        """Only the first replica of each expert slice writes it (the others hold identical copies); under TP
+        the first TP rank's."""
+        return self.topo.dp_rank < self.topo.ep and self.tp.rank == 0
+
+    def _whole(self, local: str, value):
+        """`value` (a weight or an accumulator of weight `local`) as the global tensor: TP shards are gathered
+        (every rank of the TP group calls this for the same tensors in the same order)."""
+        sh = self.shards.get(local)
+        if sh is None or list(value.shape) != self.local_shapes[local]:
+            return value
+        return gather_full(value, sh[0], sh[1], self.tp)
 
     def model_state(self) -> dict:
-        """This rank's share of the weights, under global names (dense on rank 0, experts by first replica)."""
+        """This rank's share of the weights, under global names (dense on rank 0, experts by first replica);
+        tensor-parallel shards gathered whole by the TP group of data rank 0."""
         out = {}
         for local, value in self.model.state_dict().items():
             expert = is_expert_name(local)
+            if not expert and self.topo.dp_rank == 0:
+                value = self._whole(local, value)
             if (expert and self._writes_experts()) or (not expert and self.topo.is_main):
                 out[self.to_global[local]] = value
         return out
@@ -187,16 +228,18 @@ class ParallelRuntime:
     def optimizer_state(self) -> dict:
         """This rank's optimizer accumulators as {global name::accumulator: tensor}."""
         out = {}
-        writers = []
-        if self.topo.is_main or self.sharded is not None:
-            writers.append(self.dense_opt if self.sharded is None else self.sharded)
+        writers = []  # (optimizer, whether this rank writes it); TP ranks of a writer join its gathers
+        if self.topo.dp_rank == 0 or self.sharded is not None:
+            writers.append((self.dense_opt if self.sharded is None else self.sharded, self.tp.rank == 0))
         if self.expert_opt is not None and self._writes_experts():
-            writers.append(self.expert_opt)
-        for opt in writers:
+            writers.append((self.expert_opt, True))
+        for opt, writes in writers:
             for key, value in opt.state_dict().items():
                 split = self._split_key(key)
                 if split is not None:
-                    out[f"{self.to_global[split[0]]}::{split[1]}"] = value
+                    value = self._whole(split[0], value)
+                    if writes:
+                        out[f"{self.to_global[split[0]]}::{split[1]}"] = value
         return out
 
     def _split_key(self, key: str) -> Optional[tuple[str, str]]:
@@ -219,6 +262,8 @@ class ParallelRuntime:
             if local is None or local not in params:
                 continue  # another rank's expert
             p = params[local]
+            if local in self.shards and list(value.shape) == self.shards[local][1]:
+                value = local_piece(value, self.shards[local][0])
             opt = self.expert_opt if id(p) in expert_ids else (self.sharded or self.dense_opt)
             by_opt.setdefault(id(opt), {})[f"{p.name}_{acc}"] = value
         for opt in (self.sharded or self.dense_opt, self.expert_opt):
@@ -242,4 +287,5 @@ class ParallelRuntime:
         if missing or unexpected:
             detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
             raise UserError(where, f"checkpoint does not match the model config ({detail})")
-        return {local: global_state[g] for local, g in self.to_global.items()}
+        return {local: (local_piece(global_state[g], self.shards[local][0]) if local in self.shards
+                        else global_state[g]) for local, g in self.to_global.items()}

@@ -1,15 +1,19 @@
 """Process topology: which rank does what, and the communication groups, from `parallel:` and the launch env.
 
-world = data x tensor x pipeline. Expert parallelism is carved from the data-parallel ranks (ERNIE 4.5 /
+world = data x tensor x pipeline. Tensor-parallel groups are consecutive ranks (fleet's order: the tensor axis is
+innermost); a TP group's ranks share one data-parallel rank and read the same batches. Expert parallelism is carved from the data-parallel ranks (ERNIE 4.5 /
 Megatron): data rank d is in expert-parallel group d // ep (consecutive blocks of `ep` ranks share one copy of
 all experts, rank d % ep holding the slice [e * E/ep, (e+1) * E/ep)), and in expert-data-parallel group
 d % ep (the ranks holding the same expert slice, whose expert gradients are averaged together).
 Fleet's hybrid communicate group carries data parallel and ZeRO-1 sharding (and tensor / pipeline on GPUs).
+Experts are replicated over the TP ranks (see `ernie5.model.moe.MoELayer`), so expert-parallel groups are formed
+among the data-parallel ranks of one TP rank.
 A single process gets a trivial topology and no communication at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -17,6 +21,7 @@ from typing import Any, Optional
 import numpy as np
 import paddle
 
+from ernie5.comm.regions import TPGroup
 from ernie5.errors import UserError
 from ernie5.parallel.config import ParallelConfig
 
@@ -34,6 +39,7 @@ class Topology:
     dp_rank: int = 0
     ep: int = 1
     ep_rank: int = 0  # which expert slice this rank holds
+    tp: TPGroup = field(default_factory=TPGroup)  # this rank's tensor-parallel group (degree 1: none)
     sharding_stage: int = 0
     backend: str = "gloo"
     hcg: Any = None  # fleet's HybridCommunicateGroup (None in one process)
@@ -54,6 +60,17 @@ class Topology:
     def edp(self) -> int:
         """Size of the expert-data-parallel group (ranks holding the same experts)."""
         return self.dp // self.ep
+
+    def sum_over_token_ranks(self, x: np.ndarray) -> np.ndarray:
+        """Sum over the ranks that see different tokens: the data-parallel ranks, and with sequence parallelism
+        their tensor-parallel ranks too (every rank, without pipeline parallelism)."""
+        if not self.distributed:
+            return x
+        if not self.tp.sequence_parallel:
+            return self.sum_array(x)
+        t = paddle.to_tensor(np.ascontiguousarray(x, dtype=np.float64))
+        paddle.distributed.all_reduce(t)
+        return t.numpy().astype(x.dtype)
 
     def local_experts(self, num_experts: int) -> list[int]:
         per = num_experts // self.ep
@@ -98,14 +115,36 @@ def resolve_data_degree(cfg: ParallelConfig, world: int) -> int:
     return cfg.data
 
 
+@contextlib.contextmanager
+def _one_group_at_a_time(gloo: bool):
+    """Gloo (CPU) fails to set up overlapping subgroups created back to back (4 ranks, TP groups {0,1} {2,3}
+    then DP groups {0,2} {1,3}: "connection refused" / TIMEOUT while pairing); with a barrier after each
+    `new_group` every layout comes up. Applies to fleet's own hybrid groups too, which it creates through
+    `paddle.distributed.new_group`. NCCL needs no such care."""
+    if not gloo:
+        yield
+        return
+    original = paddle.distributed.new_group
+
+    def new_group(*args, **kwargs):
+        group = original(*args, **kwargs)
+        paddle.distributed.barrier()
+        return group
+
+    paddle.distributed.new_group = new_group
+    try:
+        yield
+    finally:
+        paddle.distributed.new_group = original
+
+
 def init_topology(cfg: ParallelConfig, world: Optional[int] = None) -> Topology:
     """Validate the layout against the launched processes and build the groups (fleet when world > 1)."""
-    # the model has no tensor or pipeline split yet: every rank would silently compute the whole model, so
-    # these layouts are refused on every build until the split exists (`ernie5 plan` still sizes them)
-    for name in ("tensor", "pipeline"):
-        if getattr(cfg, name) > 1:
-            raise UserError(f"parallel.{name}", f"{getattr(cfg, name)} > 1 is not supported yet (the model has no "
-                                                f"{name}-parallel split); use data / sharding / expert parallelism")
+    # the model has no pipeline split yet: every rank would silently compute the whole model, so this layout
+    # is refused on every build until the split exists (`ernie5 plan` still sizes it)
+    if cfg.pipeline > 1:
+        raise UserError("parallel.pipeline", f"{cfg.pipeline} > 1 is not supported yet (the model has no "
+                                             "pipeline-parallel split); use data / sharding / expert / tensor parallelism")
     world = launched_world_size() if world is None else world
     dp = resolve_data_degree(cfg, world)
     want = dp * cfg.tensor * cfg.pipeline
@@ -122,24 +161,47 @@ def init_topology(cfg: ParallelConfig, world: Optional[int] = None) -> Topology:
     sharding = dp if cfg.sharding_stage == 1 else 1
     strategy.hybrid_configs = {"dp_degree": dp // sharding, "sharding_degree": sharding,
                                "mp_degree": cfg.tensor, "pp_degree": cfg.pipeline}
-    fleet.init(is_collective=True, strategy=strategy)
-    hcg = fleet.get_hybrid_communicate_group()
+    gloo = not paddle.is_compiled_with_cuda()
+    if gloo and cfg.tensor > 1 and sharding > 1:
+        # measured: fleet's sharding + model-parallel groups fail to connect on gloo even one at a time
+        raise UserError("parallel.sharding_stage", "ZeRO-1 with tensor parallelism does not start on gloo (CPU): "
+                                                   "fleet's process groups fail to connect; use it on GPUs (NCCL, "
+                                                   "untested here) or set parallel.sharding_stage=0")
+    with _one_group_at_a_time(gloo):
+        fleet.init(is_collective=True, strategy=strategy)
+        hcg = fleet.get_hybrid_communicate_group()
+        topo = _with_groups(cfg, world, dp, hcg, gloo)
+    return topo
+
+
+def _with_groups(cfg: ParallelConfig, world: int, dp: int, hcg, gloo: bool) -> Topology:
+    """This rank's topology from fleet's hybrid groups, plus the expert-parallel groups."""
+    sharding = dp if cfg.sharding_stage == 1 else 1
     rank = paddle.distributed.get_rank()
     dp_group = hcg.get_sharding_parallel_group() if sharding > 1 else hcg.get_data_parallel_group()
     dp_ranks = list(dp_group.ranks)
     dp_rank = dp_ranks.index(rank)
+    backend = "gloo" if gloo else "nccl"
+    tp = TPGroup()
+    if cfg.tensor > 1:
+        mp_group = hcg.get_model_parallel_group()
+        tp = TPGroup(cfg.tensor, list(mp_group.ranks).index(rank), cfg.sequence_parallel_on, mp_group,
+                     native=backend == "nccl")
     topo = Topology(world=world, rank=rank, dp=dp, dp_rank=dp_rank, ep=cfg.expert, ep_rank=dp_rank % cfg.expert,
-                    sharding_stage=cfg.sharding_stage, backend="nccl" if paddle.is_compiled_with_cuda() else "gloo",
-                    hcg=hcg, dp_group=dp_group)
-    if cfg.expert > 1:  # every rank must create every group, in the same order
-        for block in range(dp // cfg.expert):
-            ranks = [dp_ranks[block * cfg.expert + i] for i in range(cfg.expert)]
-            g = paddle.distributed.new_group(ranks)
-            if rank in ranks:
-                topo.ep_group = g
-        for slot in range(cfg.expert):
-            ranks = [dp_ranks[i] for i in range(slot, dp, cfg.expert)]
-            g = paddle.distributed.new_group(ranks) if len(ranks) > 1 else None
-            if rank in ranks:
-                topo.edp_group = g
+                    tp=tp, sharding_stage=cfg.sharding_stage, backend=backend, hcg=hcg, dp_group=dp_group)
+    if cfg.expert > 1:  # every rank must create every group (those of every TP rank), in the same order
+        # fleet orders ranks data-major, tensor innermost: data rank d of TP rank m is global rank d * tensor + m
+        assert dp_ranks == [d * cfg.tensor + tp.rank for d in range(dp)], dp_ranks
+        for m in range(cfg.tensor):
+            ranks_of = [d * cfg.tensor + m for d in range(dp)]
+            for block in range(dp // cfg.expert):
+                ranks = [ranks_of[block * cfg.expert + i] for i in range(cfg.expert)]
+                g = paddle.distributed.new_group(ranks)
+                if rank in ranks:
+                    topo.ep_group = g
+            for slot in range(cfg.expert):
+                ranks = [ranks_of[i] for i in range(slot, dp, cfg.expert)]
+                g = paddle.distributed.new_group(ranks) if len(ranks) > 1 else None
+                if rank in ranks:
+                    topo.edp_group = g
     return topo

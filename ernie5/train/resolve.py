@@ -31,7 +31,18 @@ def check_determinism(cfg: RunConfig) -> None:
 
 def resolve_run_config(cfg: RunConfig) -> RunConfig:
     """A copy of `cfg` with model.vocab_size (and, for multimodal shards, model.multimodal) taken from the
-    prepared shards' meta.json, after checking that what the config already says covers them."""
+    prepared shards' meta.json, after checking that what the config already says covers them. Under tensor
+    parallelism the vocabulary must split evenly (set model.vocab_size to a multiple of parallel.tensor: the
+    extra rows are never a target)."""
+    cfg = _resolved(cfg)
+    P, V = cfg.parallel.tensor, cfg.model.vocab_size
+    if P > 1 and V % P:
+        raise UserError("model.vocab_size", f"{V} is not divisible by parallel.tensor {P} (set model.vocab_size "
+                                            f"to a multiple of {P}, e.g. {-(-V // P) * P})")
+    return cfg
+
+
+def _resolved(cfg: RunConfig) -> RunConfig:
     cfg = copy.deepcopy(cfg)
     if cfg.data.synthetic:
         if cfg.model.vocab_size is None:
