@@ -167,12 +167,13 @@ def _cmd_export(args) -> None:
     if args.format in (None, "hf"):
         from ernie5.export.hf import export_hf
 
-        out = export_hf(args.ckpt, args.out, tokenizer_model=args.tokenizer, max_shard_bytes=args.max_shard_size)
+        out = export_hf(args.ckpt, args.out, tokenizer_model=args.tokenizer, max_shard_bytes=args.max_shard_size,
+                        dtype=args.dtype)
         print(f"exported {args.ckpt} as Hugging Face ERNIE 4.5 to {out}")
     else:
         from ernie5.export.native import export_native
 
-        out = export_native(args.ckpt, args.out, tokenizer_model=args.tokenizer)
+        out = export_native(args.ckpt, args.out, tokenizer_model=args.tokenizer, dtype=args.dtype)
         print(f"exported {args.ckpt} (native safetensors) to {out}")
 
 
@@ -191,7 +192,8 @@ def _export_submodel(args) -> None:
         chosen["sub"] = sub.describe(cfg.model.num_layers, cfg.model.moe.num_experts, cfg.model.moe.top_k)
         return extract(cfg, state, sub)
 
-    out = export_native(args.ckpt, args.out, tokenizer_model=args.tokenizer, transform=cut)
+    out = export_native(args.ckpt, args.out, tokenizer_model=args.tokenizer, transform=cut,
+                        dtype=args.dtype)
     print(f"exported sub-model {chosen['sub']} of {args.ckpt} (native safetensors) to {out}")
 
 
@@ -444,6 +446,8 @@ Export a checkpoint (a checkpoint dir, or a run dir for its newest checkpoint):
     ex.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     ex.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's tokenizer.model_path)")
     ex.add_argument("--max-shard-size", type=_byte_size, default="2GB", help="hf: split weights above this size")
+    ex.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="stored weight type (default fp32); bf16 rounds to nearest even, routers stay fp32")
     ex.set_defaults(fn=_cmd_export)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint: held-out loss, elastic sub-models, cross-modal scores",

@@ -1,6 +1,10 @@
 """State dicts as safetensors files: tensors as tensors, other entries as JSON in the header. Nothing read here
 can run code (no pickle). Bottom layer: numpy and safetensors; paddle only for bf16 tensors.
 
+bf16 has no numpy dtype. `save_tensors` stores a bf16 paddle tensor widened to fp32 (exact) and marks it, so it
+loads back as bf16; `write_safetensors_file` stores chosen fp32 arrays as real BF16 entries (exports: what
+Hugging Face loaders expect), which `load_tensors` reads back as fp32 arrays holding the bf16 values.
+
 `pickle_allowed` is the one place that reads the user's opt-in (`ERNIE5_ALLOW_PICKLE=1`) to unpickling legacy
 files; the callers that still can read such files check it first.
 """
@@ -66,6 +70,36 @@ def save_tensors(state: dict) -> Callable[[Path], None]:
 
 
 
+def bf16_bits(a: np.ndarray) -> np.ndarray:
+    """The bf16 bit patterns (uint16) of `a` rounded to nearest even (Paddle's cast, as in training)."""
+    import paddle
+
+    return np.ascontiguousarray(paddle.to_tensor(np.asarray(a, np.float32)).astype(paddle.bfloat16).numpy()
+                                .view(np.uint16))
+
+
+def write_safetensors_file(tensors: dict[str, np.ndarray], path: Path, metadata: Optional[dict] = None,
+                           bf16: frozenset = frozenset()) -> None:
+    """One safetensors file of numpy arrays; the floating arrays named in `bf16` are rounded to bf16 and stored
+    as BF16 entries (2 bytes a value)."""
+    import safetensors
+
+    arrays, dtypes = {}, {}
+    for k, v in tensors.items():
+        v = np.asarray(v)
+        if k in bf16 and np.issubdtype(v.dtype, np.floating):
+            arrays[k], dtypes[k] = bf16_bits(v), "bfloat16"
+        else:
+            arrays[k] = np.ascontiguousarray(v, dtype=v.dtype.newbyteorder("<"))  # the format is little-endian
+            dtypes[k] = arrays[k].dtype.name
+    if hasattr(safetensors, "TensorSpec"):  # safetensors >= 0.8: tensors by pointer
+        specs = {k: safetensors.TensorSpec(dtype=dtypes[k], shape=list(a.shape), data_ptr=a.ctypes.data,
+                                           data_len=a.nbytes) for k, a in arrays.items()}
+    else:  # earlier versions take the bytes (not exercised here)
+        specs = {k: {"dtype": dtypes[k], "shape": list(a.shape), "data": a.tobytes()} for k, a in arrays.items()}
+    safetensors.serialize_file(specs, str(path), metadata=metadata)
+
+
 def is_safetensors(path: Path) -> bool:
     """True if `path` starts like a safetensors file (8-byte little-endian header length, then a JSON object)."""
     try:
@@ -86,7 +120,11 @@ def load_tensors(path: Path) -> dict[str, Any]:
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
-            out: dict[str, Any] = {k: f.get_tensor(k) for k in f.keys()}
+            keys = list(f.keys())
+            bf16 = {k for k in keys if f.get_slice(k).get_dtype() == "BF16"}
+            out: dict[str, Any] = {k: f.get_tensor(k) for k in keys if k not in bf16}
+        if bf16:
+            out.update(_read_bf16_as_fp32(path, bf16))
         widened = json.loads(meta.get(_META_DTYPES, "{}"))
         extra = json.loads(meta.get(_META_JSON, "{}"))
     except Exception as e:  # safetensors raises its own types for bad headers / truncated files
@@ -103,6 +141,17 @@ def load_tensors(path: Path) -> dict[str, Any]:
             out[k] = paddle.to_tensor(out[k]).astype(paddle.bfloat16)
     out.update(extra)
     return out
+
+
+def _read_bf16_as_fp32(path: Path, keys) -> dict[str, np.ndarray]:
+    """BF16 entries as fp32 arrays (exact), through safetensors' paddle backend (numpy's cannot read BF16)."""
+    import paddle
+    from safetensors import safe_open
+
+    from ernie5.env import strided_kernels
+
+    with safe_open(str(path), framework="paddle") as f, strided_kernels():
+        return {k: f.get_tensor(k).astype(paddle.float32).numpy() for k in keys}
 
 
 def pickle_allowed(allow_pickle: bool = False) -> bool:

@@ -13,6 +13,7 @@ import numpy as np
 
 from ernie5.env import strided_kernels
 from ernie5.errors import UserError
+from ernie5.tensor_io import write_safetensors_file
 from ernie5.train.checkpoint import publish_dir
 
 SINGLE_FILE = "model.safetensors"
@@ -46,32 +47,47 @@ def staging_dir(out_dir: Path) -> Iterator[Path]:
 
 
 def write_safetensors(tensors: dict[str, np.ndarray], out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                      metadata: dict[str, str] | None = None) -> list[str]:
-    """Write `model.safetensors`, or shards plus `model.safetensors.index.json` when over `max_shard_bytes`."""
-    from safetensors.numpy import save_file
-
+                      metadata: dict[str, str] | None = None, bf16: frozenset = frozenset()) -> list[str]:
+    """Write `model.safetensors`, or shards plus `model.safetensors.index.json` when over `max_shard_bytes`.
+    The floating tensors named in `bf16` are stored as BF16 (rounded to nearest even)."""
     meta = {"format": "pt", **(metadata or {})}  # transformers checks format == "pt" for numpy-written files
-    total = sum(v.nbytes for v in tensors.values())
+    stored = {k: 2 * v.size if k in bf16 and np.issubdtype(v.dtype, np.floating) else v.nbytes
+              for k, v in tensors.items()}
+    total = sum(stored.values())
     if total <= max_shard_bytes:
-        save_file(tensors, str(out_dir / SINGLE_FILE), metadata=meta)
+        write_safetensors_file(tensors, out_dir / SINGLE_FILE, meta, bf16)
         return [SINGLE_FILE]
     shards: list[list[str]] = [[]]
     size = 0
-    for name, arr in tensors.items():  # in model order, so one layer's tensors mostly share a file
-        if shards[-1] and size + arr.nbytes > max_shard_bytes:
+    for name in tensors:  # in model order, so one layer's tensors mostly share a file
+        if shards[-1] and size + stored[name] > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(name)
-        size += arr.nbytes
+        size += stored[name]
     files, weight_map = [], {}
     for i, names in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: tensors[n] for n in names}, str(out_dir / fname), metadata=meta)
+        write_safetensors_file({n: tensors[n] for n in names}, out_dir / fname, meta, bf16)
         files.append(fname)
         weight_map.update({n: fname for n in names})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
     return files + [INDEX_FILE]
+
+
+EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # export dtype -> the stored floating type's name
+
+
+def bf16_names(tensors: dict[str, np.ndarray], dtype: str, keep_fp32) -> frozenset:
+    """The floating tensors to store as bf16 under export `dtype` ("fp32" or "bf16"): none for fp32; for bf16 all
+    but the `keep_fp32(name)` ones (the router, as in training)."""
+    if dtype not in EXPORT_DTYPES:
+        raise UserError("--dtype", f"{dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
+    if dtype == "fp32":
+        return frozenset()
+    return frozenset(k for k, v in tensors.items() if np.issubdtype(np.asarray(v).dtype, np.floating)
+                     and not keep_fp32(k))
 
 
 def _read_file(path: Path) -> dict[str, np.ndarray]:

@@ -17,25 +17,28 @@ import numpy as np
 from ernie5.errors import ConfigError, UserError
 import ernie5.export.hf_layout as hf_layout
 import ernie5.export.hf_tokenizer as hf_tokenizer
-from ernie5.export.files import (DEFAULT_MAX_SHARD_BYTES, check_free, read_checkpoint, read_safetensors_dir,
-                                 staging_dir, write_safetensors)
+from ernie5.export.files import (DEFAULT_MAX_SHARD_BYTES, EXPORT_DTYPES, bf16_names, check_free, read_checkpoint,
+                                 read_safetensors_dir, staging_dir, write_safetensors)
 from ernie5.model.config import ModelConfig
 
 TOKENIZER_FILE = "tokenizer.model"
 
 
 def export_hf(ckpt_path: str, out_dir: str, tokenizer_model: str | None = None,
-              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: str = "fp32") -> Path:
     """Export a text checkpoint as an HF `Ernie4_5_MoeForCausalLM` dir (`Ernie4_5ForCausalLM` if it has no MoE).
 
     `tokenizer_model` defaults to the checkpoint's `tokenizer.model_path`; weights over `max_shard_bytes`
-    are split into shards with an index.
+    are split into shards with an index. `dtype` "bf16" stores the weights as BF16 (rounded to nearest even)
+    except the router's gate and statistics, which stay fp32 as transformers keeps them
+    (`_keep_in_fp32_modules_strict`); config.json then says bfloat16.
     """
     check_free(Path(out_dir))  # before the (possibly long) read and conversion
     ckpt, cfg, state = read_checkpoint(ckpt_path)
     mcfg = cfg.model
     hf_layout.check_exportable(mcfg, str(ckpt))
     tensors = hf_layout.to_hf_tensors(state, mcfg, str(ckpt))
+    bf16 = bf16_names(tensors, dtype, lambda k: k.endswith(".mlp.gate.weight") or ".mlp.moe_statics." in k)
     moe_mtp = [k for k in range(mcfg.mtp.depth) if mcfg.is_moe_layer(k)]
     if moe_mtp:  # PaddleFormers picks dense or MoE for MTP block k by the rule for decoder layer k
         print(f"warning: {ckpt}: PaddleFormers builds MTP block(s) {moe_mtp} as MoE layers (the MoE-layer rule for "
@@ -50,10 +53,9 @@ def export_hf(ckpt_path: str, out_dir: str, tokenizer_model: str | None = None,
     tok_json = hf_tokenizer.tokenizer_json(tok)
     out = Path(out_dir)
     with staging_dir(out) as tmp:
-        dtype = tensors["model.embed_tokens.weight"].dtype.name  # float32 unless the checkpoint stores less
-        _write_json(tmp / "config.json", hf_layout.hf_config(mcfg, ids, dtype))
+        _write_json(tmp / "config.json", hf_layout.hf_config(mcfg, ids, EXPORT_DTYPES[dtype]))
         _write_json(tmp / "generation_config.json", ids)
-        write_safetensors(tensors, tmp, max_shard_bytes, metadata={"source": "ernie5"})
+        write_safetensors(tensors, tmp, max_shard_bytes, metadata={"source": "ernie5"}, bf16=bf16)
         shutil.copyfile(tok, tmp / TOKENIZER_FILE)
         _write_json(tmp / "tokenizer.json", tok_json)
         _write_json(tmp / "tokenizer_config.json", hf_tokenizer.tokenizer_config(tokens, mcfg.max_seq_len))

@@ -14,27 +14,29 @@ from pathlib import Path
 import numpy as np
 
 from ernie5.errors import UserError
-from ernie5.export.files import SINGLE_FILE, check_free, read_checkpoint
-from ernie5.tensor_io import load_tensors
+from ernie5.export.files import SINGLE_FILE, bf16_names, check_free, read_checkpoint
+from ernie5.tensor_io import load_tensors, write_safetensors_file
 from ernie5.train.checkpoint import save_text, write_checkpoint_dir
 
 TOKENIZER_FILE = "tokenizer.model"
 
 
-def export_native(ckpt_path: str, out_dir: str, tokenizer_model: str | None = None, transform=None) -> Path:
+def export_native(ckpt_path: str, out_dir: str, tokenizer_model: str | None = None, transform=None,
+                  dtype: str = "fp32") -> Path:
     """Write `out_dir` with model.safetensors, config.yaml, tokenizer.model and manifest.json; returns it.
 
-    `transform(cfg, state) -> (cfg, state)` rewrites the model first (the elastic sub-model export uses it)."""
-    from safetensors.numpy import save_file
-
+    `transform(cfg, state) -> (cfg, state)` rewrites the model first (the elastic sub-model export uses it).
+    `dtype` "bf16" stores the weights as BF16 (rounded to nearest even) except the routers' gate weights and
+    aux-free biases (fp32, as in training); loading reads them back as fp32 holding the bf16 values."""
     out = Path(out_dir).resolve()
     check_free(out)
     ckpt, cfg, state = read_checkpoint(ckpt_path)
     if transform is not None:
         cfg, state = transform(cfg, state)
+    bf16 = bf16_names(state, dtype, lambda k: "router." in k)
     tok = Path(tokenizer_model or cfg.tokenizer.model_path)
-    writers = {SINGLE_FILE: lambda p: save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(p),
-                                                metadata={"format": "ernie5-native", "source": str(ckpt)})}
+    meta = {"format": "ernie5-native", "source": str(ckpt)}
+    writers = {SINGLE_FILE: lambda p: write_safetensors_file(state, p, meta, bf16)}
     if tok.is_file():
         writers[TOKENIZER_FILE] = lambda p: shutil.copyfile(tok, p)
         cfg.tokenizer.model_path = str(out / TOKENIZER_FILE)

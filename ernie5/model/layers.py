@@ -13,6 +13,7 @@ from paddle.autograd import PyLayer
 
 from ernie5 import kernels
 from ernie5.kernels.fused import RMSNormFused, SwiGLUFused, needed_grads, record_needs
+from ernie5.precision.bf16 import bf16_linear
 from ernie5.precision.fp8_linear import fp8_linear
 
 
@@ -28,13 +29,18 @@ def checkpointed(fn, *args):
 
 
 class Linear(nn.Linear):
-    """Bias-free linear; `fp8` (set by `model.transformer.enable_fp8`) runs it under the blockwise FP8 recipe."""
+    """Bias-free linear; `fp8` (set by `model.transformer.enable_fp8`) runs it under the blockwise FP8 recipe,
+    `bf16` (the PrecisionConfig, set by `model.mixed_precision.enable_bf16` on CPU) as an emulated bf16 GEMM;
+    FP8 wins when both are set."""
 
     fp8 = None
+    bf16 = None
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         if self.fp8 is not None:
             return fp8_linear(x, self.weight, self.fp8)
+        if self.bf16 is not None:
+            return bf16_linear(x, self.weight, fp32_wgrad=self.bf16.grad_allreduce_fp32)
         return super().forward(x)
 
 

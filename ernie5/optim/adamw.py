@@ -77,16 +77,20 @@ class FusedAdamW(paddle.optimizer.AdamW):
 
 
 def build_optimizer(model_or_params, cfg: OptimConfig) -> paddle.optimizer.AdamW:
-    """AdamW (decoupled decay) with no decay on norms, biases and the router; router LR scaled by its ratio."""
+    """AdamW (decoupled decay) with no decay on norms, biases and the router; router LR scaled by its ratio;
+    fp32 master weights for bf16 / fp16 parameters."""
     source = model_or_params.parameters() if isinstance(model_or_params, paddle.nn.Layer) else model_or_params
     params = [p for p in source if not p.stop_gradient]
     no_decay = {p.name for p in params if _no_decay(p)}
     for p in params:
         if getattr(p, "is_router", False):
             p.optimize_attr["learning_rate"] = cfg.router_lr_ratio
+    # bf16 weights (AMP O2 on GPU: ernie5.model.mixed_precision) get fp32 master weights and fp32 Adam states;
+    # fp32 parameters (every CPU run, the bf16 emulation included) are their own master weights
+    low = any(p.dtype in (paddle.bfloat16, paddle.float16) for p in params)
     return FusedAdamW(
         learning_rate=cfg.lr, parameters=params, beta1=cfg.beta1, beta2=cfg.beta2, epsilon=cfg.eps,
-        weight_decay=cfg.weight_decay, apply_decay_param_fun=lambda name: name not in no_decay,
+        weight_decay=cfg.weight_decay, apply_decay_param_fun=lambda name: name not in no_decay, multi_precision=low,
     )
 
 

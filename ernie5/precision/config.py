@@ -29,6 +29,20 @@ class FP8Config:
 
 @dataclass
 class PrecisionConfig:
+    """`dtype: bf16`: bf16 weights and activations with fp32 master weights and Adam states; the router (weight,
+    aux-free bias), norms' statistics and losses stay fp32 (ernie5/model/mixed_precision.py). GPUs run Paddle's
+    AMP O2; CPUs have no bf16 GEMM, so it is emulated there (ernie5/precision/bf16.py): GEMM operands and outputs
+    rounded to bf16, fp32 accumulation, fp32 parameters (they are the master weights).
+
+    `grad_allreduce_fp32` (bf16 only): weight gradients are fp32 from the GEMM on, so they are accumulated over
+    micro-batches, all-reduced, clipped and applied in fp32 (Paddle O2 `master_grad`). false: they are bf16, as
+    Paddle's O2 leaves them, and all-reduced in bf16 (half the bytes); the CPU emulation then rounds each
+    micro-batch's weight gradient to bf16 (its sums over micro-batches and ranks stay fp32 sums).
+
+    With `fp8.enabled` too, the FP8 recipe keeps the linears it covers (FP8 wins) and bf16 takes the others."""
+
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    grad_allreduce_fp32: bool = True
     fp8: FP8Config = field(default_factory=FP8Config)
 
 
