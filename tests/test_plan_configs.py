@@ -27,7 +27,7 @@ MM = ["model.vocab_size=8007", "model.multimodal.enabled=true", "model.multimoda
       "model.multimodal.und_cnn_dim=32", "model.multimodal.und_pix_dim=4", "model.multimodal.und_patches=4"]
 # the 1T target is a unified model: also plan it with modality parts and isolated routing
 ISOLATED = ["model.moe.routing=isolated", "model.moe.vision_num_experts=64", "model.moe.vision_expert_ffn_size=1024",
-            "model.moe.vision_top_k=4", "parallel.expert=1"]
+            "model.moe.vision_top_k=4", "parallel.expert=1", "parallel.sequence_parallel=false"]
 VARIANTS = [(name, []) for name in RUN_CONFIGS] + [("reference/ernie5_1t.yaml", MM[1:] + ISOLATED),
                                                   ("tiny_text.yaml", ["model.tie_embeddings=false"])]
 

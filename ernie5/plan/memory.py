@@ -6,10 +6,13 @@ Placement (world = data x tensor x pipeline; expert-parallel ranks are carved fr
   modality inputs (multimodal models: visual projection / scale table, audio tables, patch merger) sit on
   stage 0; the final norm, the head, MTP and the modality heads on the last stage. With tied embeddings and
   pipeline > 1 the last stage keeps its own copy of the embedding for the head (as Megatron does).
-- Routed experts (text and, with isolated routing, vision experts) are divided over `parallel.expert` (not
-  over tensor: every tensor rank of a stage holds the same expert shard); attention, dense FFN, shared
-  experts, embeddings, head and MTP over `parallel.tensor`; norms, routers and the (small) modality inputs
-  and heads are replicated.
+- Each device holds one tensor-parallel rank's share of its stage, counted as `build_model(cfg, tp=...)` builds
+  it (`ernie5.plan.params`, `tensor`): q/o projections, the dense FFN, shared experts, embedding and untied
+  head are divided by `parallel.tensor`; k/v projections too when tensor divides num_kv_heads, else each rank
+  holds one kv head (replicated on tensor / num_kv_heads ranks); norms, routers, routed experts, MTP's input
+  norms and projection, and the modality inputs and heads are replicated on every tensor rank. Routed experts
+  (text and, with isolated routing, vision experts) are divided over `parallel.expert` (carved from the data
+  ranks: every tensor rank of a stage holds the same expert shard).
 - Weights are `param_dtype` (router fp32), grads `grad_dtype` (router fp32). Adam keeps an fp32 master copy
   (unless the weights already are fp32) and two fp32 moments: 12 (or 8) bytes per parameter. ZeRO-1
   (`sharding_stage: 1`) divides those by the parameter's data-parallel degree: `data` for dense parts,
@@ -19,7 +22,8 @@ Activations (bytes kept for backward per micro-batch; T = micro_batch_size x seq
 param_dtype, everything / tensor since tensor parallel runs with sequence parallelism; a fused (flash)
 attention kernel is assumed, so no seq x seq matrix is kept):
 - attention half of a block: norm input H*a (the layer input, always kept) + norm rstd 4 + norm output H*a
-  + q, k, v (nq + 2 nkv) d a + attention output nq d a + its log-sum-exp nq*4.
+  + q, k, v (nq + 2 nkv) d a (nkv at least tensor: a rank keeps one kv head when they are replicated)
+  + attention output nq d a + its log-sum-exp nq*4.
 - dense FFN: norm input H*a + rstd 4 + norm output H*a + gate|up 2F*a + silu(gate)*up F*a.
 - MoE FFN: norm input H*a + rstd 4 + norm output H*a + router probs E*4 + top-k ids and weights 12k
   + dispatched tokens kH*a + expert gate|up 2k Fe*a + expert products k Fe*a + expert outputs kH*a (for the
@@ -60,12 +64,9 @@ from ernie5.plan.params import (ParamCount, embedding_params, head_params, layer
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
-# component -> how it is split: "tensor" (over tensor ranks), "expert" (over expert ranks), "replicated"
-# (isolated routing runs with expert = 1, so its vision experts are whole on every rank)
-SPLIT = {"embeddings": "tensor", "lm_head": "tensor", "attention": "tensor", "dense_ffn": "tensor",
-         "shared_experts": "tensor", "mtp": "tensor", "experts": "expert", "vision_experts": "expert",
-         "router": "replicated", "norms": "replicated", "modality_embeddings": "replicated",
-         "patch_merger": "replicated", "visual_head": "replicated", "audio_heads": "replicated"}
+# components divided over expert-parallel ranks (on top of the tensor-rank count, where they are replicated);
+# isolated routing runs with expert = 1, so its vision experts are whole on every rank
+EXPERT_COMPONENTS = {"experts", "vision_experts"}
 FP32_COMPONENTS = {"router"}  # the router weight is kept and trained in fp32 whatever param_dtype is
 
 
@@ -89,16 +90,12 @@ def resolve_data(run_cfg, devices: int | None = None):
 
 
 def check_layout(run_cfg) -> None:
-    """Raise ConfigError when the layout cannot shard this model's shapes evenly."""
+    """Raise ConfigError when the layout cannot shard this model's shapes evenly. The tensor-parallel shape rules
+    (heads, kv heads, FFN and shared-expert widths) are `check_tensor_parallel`'s, run when the RunConfig is
+    validated; the vocabulary one is checked at run start, once the vocabulary is known (as here)."""
     m, p = run_cfg.model, run_cfg.parallel
-    t = p.tensor
-    for key, value in (("num_heads", m.num_heads), ("num_kv_heads", m.num_kv_heads),
-                       ("ffn_hidden_size", m.ffn_hidden_size), ("vocab_size", m.vocab_size or 0)):
-        if value % t:
-            raise ConfigError("parallel.tensor", f"{t} does not divide model.{key} {value}")
-    shared = m.moe.expert_ffn_size * m.moe.num_shared_experts
-    if m.moe.num_experts and shared % t:
-        raise ConfigError("parallel.tensor", f"{t} does not divide the shared-expert width {shared}")
+    if p.tensor > 1 and (m.vocab_size or 0) % p.tensor:
+        raise ConfigError("model.vocab_size", f"{m.vocab_size} is not divisible by parallel.tensor {p.tensor}")
     chunks = p.pipeline * p.virtual_pipeline
     if m.num_layers < chunks:
         raise ConfigError("parallel.pipeline", f"{p.pipeline} x virtual_pipeline {p.virtual_pipeline} = {chunks} "
@@ -117,35 +114,39 @@ def stage_layers(num_layers: int, pipeline: int, virtual: int = 1) -> list[list[
             for s in range(pipeline)]
 
 
-def stage_params(cfg: ModelConfig, layers: list[int], first: bool, last: bool, pipeline: int) -> ParamCount:
-    """Parameters of one pipeline stage (all tensor/expert ranks of it together)."""
+def stage_params(cfg: ModelConfig, layers: list[int], first: bool, last: bool, pipeline: int,
+                 tensor: int = 1) -> ParamCount:
+    """Parameters of one tensor rank of one pipeline stage (every routed expert of it: `_per_device` divides
+    them over the expert ranks); `tensor` 1: the whole stage."""
     pc = ParamCount()
     if first or (last and cfg.tie_embeddings and pipeline > 1):
-        pc.merge(embedding_params(cfg))
+        pc.merge(embedding_params(cfg, tensor=tensor))
     if first:
         pc.merge(modality_input_params(cfg))
     for i in layers:
-        pc.merge(layer_params(cfg, i))
+        pc.merge(layer_params(cfg, i, tensor=tensor))
     if last:
-        pc.merge(head_params(cfg)).merge(mtp_params(cfg)).merge(modality_head_params(cfg))
+        pc.merge(head_params(cfg, tensor=tensor)).merge(mtp_params(cfg, tensor=tensor))
+        pc.merge(modality_head_params(cfg))
     return pc
 
 
-def _per_device(count: int, split: str, tensor: int, expert: int) -> int:
-    return math.ceil(count / {"tensor": tensor, "expert": expert, "replicated": 1}[split])
+def _per_device(name: str, count: int, expert: int) -> int:
+    """A tensor rank's count of component `name` on one device: routed experts divided over the expert ranks."""
+    return math.ceil(count / expert) if name in EXPERT_COMPONENTS else count
 
 
 def state_bytes(pc: ParamCount, run_cfg, param_dtype: str, grad_dtype: str) -> dict[str, int]:
-    """Weights, grads and Adam states of one device of the stage whose parameters are `pc`."""
+    """Weights, grads and Adam states of one device of the stage whose one-tensor-rank parameters are `pc`
+    (`stage_params(..., tensor=parallel.tensor)`); `params` is the device's exact parameter count."""
     p = run_cfg.parallel
     out = {"params": 0, "params_bytes": 0, "grads_bytes": 0, "optimizer_bytes": 0}
     for name, count in pc.total.items():
-        split = SPLIT[name]
-        n = _per_device(count, split, p.tensor, p.expert)
+        n = _per_device(name, count, p.expert)
         w = 4 if name in FP32_COMPONENTS else DTYPE_BYTES[param_dtype]
         g = 4 if name in FP32_COMPONENTS else DTYPE_BYTES[grad_dtype]
         adam = 8 + (4 if w < 4 else 0)
-        dp = p.data // p.expert if split == "expert" else p.data
+        dp = p.data // p.expert if name in EXPERT_COMPONENTS else p.data
         out["params"] += n
         out["params_bytes"] += n * w
         out["grads_bytes"] += n * g
@@ -171,7 +172,8 @@ def _fp8_bytes(run_cfg, a: int, kind: str) -> float:
 def block_pieces(run_cfg, moe: bool, a: int) -> dict[str, float]:
     """Bytes per token (before / tensor) a block saves for backward, by the piece recompute can drop."""
     m = run_cfg.model
-    H, d, nq, nkv = m.hidden_size, m.dim_head, m.num_heads, m.num_kv_heads
+    # under TP with fewer kv heads than ranks each rank still computes one kv head (replicated)
+    H, d, nq, nkv = m.hidden_size, m.dim_head, m.num_heads, max(m.num_kv_heads, run_cfg.parallel.tensor)
     lin = _fp8_bytes(run_cfg, a, "linear")
     pieces = {
         "inputs": 2 * (H * a + 4),  # the two norm inputs (the first is the layer input) and their fp32 rstd
@@ -259,7 +261,8 @@ def memory_plan(run_cfg, param_dtype: str = "bf16", grad_dtype: str = "fp32") ->
     stages = []
     for s, layers in enumerate(stage_layers(m.num_layers, p.pipeline, p.virtual_pipeline)):
         first, last = s == 0, s == p.pipeline - 1
-        st = state_bytes(stage_params(m, layers, first, last, p.pipeline), run_cfg, param_dtype, grad_dtype)
+        st = state_bytes(stage_params(m, layers, first, last, p.pipeline, p.tensor), run_cfg, param_dtype,
+                         grad_dtype)
         acts = [layer_activation_bytes(run_cfg, i, a) for i in layers]
         fly = in_flight(s, p.pipeline, p.virtual_pipeline, run_cfg.train.grad_accum_steps)
         act = fly * sum(k for k, _ in acts)

@@ -11,6 +11,14 @@ The counts follow what `ernie5.model.transformer.build_model` builds, component 
   embedding, audio level tables), `patch_merger` (the understanding-input merger), `visual_head` (bitwise NFSP
   head) and `audio_heads` (one depth head per RVQ level; level 1 has the extra END class).
 
+Tensor parallelism (`tensor` = P > 1, one TP rank's share, as `build_model(cfg, tp=TPGroup(P, r))` builds it;
+every rank holds the same number): q_proj [H, N*D] columns and o_proj rows are divided by P; k_proj / v_proj
+[H, K*D] too when P divides K, else (P a multiple of K) each rank holds one kv head's columns, D*H each; the
+dense SwiGLU FFN and the shared experts (gate|up columns, down rows), the embedding and the untied head (by
+vocabulary) are divided by P. Routed experts, routers, every RMSNorm, MTP's input norms and 2H -> H projection
+and the multimodal inputs and heads are replicated on every TP rank (routed experts are divided by expert
+parallelism, which `ernie5.plan.memory` applies). The shapes must divide (`check_tensor_parallel`, vocab % P).
+
 `total` counts every parameter. `active` is per token and depends on the token's modality (`MODALITIES`): a
 component counts when the token's forward pass goes through it, with two readings kept from the published
 ERNIE 4.5 counts: lookup tables count whole (the text table for a text token, the modality tables for a visual
@@ -82,31 +90,36 @@ def _check_modality(cfg: ModelConfig, modality: str) -> None:
                          f"(model.multimodal.enabled is {cfg.multimodal.enabled})")
 
 
-def _attn_params(cfg: ModelConfig) -> int:
+def _attn_params(cfg: ModelConfig, tensor: int = 1) -> int:
+    """q, k, v, o projections of one TP rank: query heads / P; kv heads / P, or one (replicated) when K < P."""
     H, hd = cfg.hidden_size, cfg.dim_head
-    return H * cfg.num_heads * hd * 2 + H * cfg.num_kv_heads * hd * 2
+    kv_heads = cfg.num_kv_heads // tensor if cfg.num_kv_heads % tensor == 0 else 1
+    return H * (cfg.num_heads // tensor) * hd * 2 + H * kv_heads * hd * 2
 
 
-def _swiglu(H: int, F: int) -> int:
-    return 3 * H * F
+def _swiglu(H: int, F: int, tensor: int = 1) -> int:
+    """gate|up [H, 2F] and down [F, H]; a TP-split SwiGLU holds F / P of the width."""
+    return 3 * H * (F // tensor)
 
 
-def embedding_params(cfg: ModelConfig, modality: str = "text") -> ParamCount:
-    """Token embedding [V, H] (also the output head when tied); used by text tokens only."""
+def embedding_params(cfg: ModelConfig, modality: str = "text", tensor: int = 1) -> ParamCount:
+    """Token embedding [V, H] (also the output head when tied; divided by vocabulary over TP); used by text
+    tokens only."""
     pc = ParamCount()
-    n = (cfg.vocab_size or 0) * cfg.hidden_size
+    n = (cfg.vocab_size or 0) // tensor * cfg.hidden_size
     pc.add("embeddings", n, n if modality == "text" else 0)
     return pc
 
 
-def layer_params(cfg: ModelConfig, i: int, modality: str = "text") -> ParamCount:
-    """Block i: two RMSNorms, attention, then a dense SwiGLU or router(s) + routed experts + shared experts."""
+def layer_params(cfg: ModelConfig, i: int, modality: str = "text", tensor: int = 1) -> ParamCount:
+    """Block i: two RMSNorms, attention, then a dense SwiGLU or router(s) + routed experts + shared experts.
+    `tensor` > 1: one TP rank's share (attention, dense FFN and shared experts split; the rest replicated)."""
     H, m = cfg.hidden_size, cfg.moe
     pc = ParamCount()
     pc.add("norms", 2 * H)
-    pc.add("attention", _attn_params(cfg))
+    pc.add("attention", _attn_params(cfg, tensor))
     if not cfg.is_moe_layer(i):
-        pc.add("dense_ffn", _swiglu(H, cfg.ffn_hidden_size))
+        pc.add("dense_ffn", _swiglu(H, cfg.ffn_hidden_size, tensor))
         return pc
     vision = m.isolated and modality in VISION_ROUTED  # this token routes among the vision experts
     expert, vexpert = _swiglu(H, m.expert_ffn_size), _swiglu(H, m.vision_expert_ffn_size)
@@ -115,32 +128,34 @@ def layer_params(cfg: ModelConfig, i: int, modality: str = "text") -> ParamCount
     if m.isolated:
         pc.add("router", H * m.vision_num_experts, H * m.vision_num_experts if vision else 0)
         pc.add("vision_experts", m.vision_num_experts * vexpert, m.vision_k * vexpert if vision else 0)
-    pc.add("shared_experts", _swiglu(H, m.expert_ffn_size * m.num_shared_experts))
+    pc.add("shared_experts", _swiglu(H, m.expert_ffn_size * m.num_shared_experts, tensor))
     return pc
 
 
-def head_params(cfg: ModelConfig, modality: str = "text") -> ParamCount:
-    """Final RMSNorm and, when not tied to the embedding, the text head [H, V] (text tokens only)."""
+def head_params(cfg: ModelConfig, modality: str = "text", tensor: int = 1) -> ParamCount:
+    """Final RMSNorm and, when not tied to the embedding, the text head [H, V] (text tokens only; divided by
+    vocabulary over TP)."""
     H = cfg.hidden_size
     pc = ParamCount()
     pc.add("norms", H)
     if not cfg.tie_embeddings:
-        n = (cfg.vocab_size or 0) * H
+        n = (cfg.vocab_size or 0) // tensor * H
         pc.add("lm_head", n, n if modality == "text" else 0)
     return pc
 
 
-def _mtp_depth_params(cfg: ModelConfig) -> int:
+def _mtp_depth_params(cfg: ModelConfig, tensor: int = 1) -> int:
+    """Input norms and 2H -> H projection (replicated over TP), then a dense block (its norms replicated)."""
     H = cfg.hidden_size
-    return 2 * H + 2 * H * H + 2 * H + _attn_params(cfg) + _swiglu(H, cfg.ffn_hidden_size)
+    return 2 * H + 2 * H * H + 2 * H + _attn_params(cfg, tensor) + _swiglu(H, cfg.ffn_hidden_size, tensor)
 
 
-def mtp_params(cfg: ModelConfig, modality: str = "text") -> ParamCount:
+def mtp_params(cfg: ModelConfig, modality: str = "text", tensor: int = 1) -> ParamCount:
     """Each MTP depth: two input norms, the 2H -> H projection and one dense block (its norms included).
     The blocks run over every position, so every modality counts them as active."""
     pc = ParamCount()
     for _ in range(cfg.mtp.depth):
-        pc.add("mtp", _mtp_depth_params(cfg))
+        pc.add("mtp", _mtp_depth_params(cfg, tensor))
     return pc
 
 
@@ -185,14 +200,15 @@ def modality_head_params(cfg: ModelConfig, modality: str = "text") -> ParamCount
     return pc
 
 
-def count_parameters(cfg: ModelConfig, modality: str = "text") -> ParamCount:
-    """Every parameter of the built model by component; `active` for one token of `modality`."""
+def count_parameters(cfg: ModelConfig, modality: str = "text", tensor: int = 1) -> ParamCount:
+    """Every parameter of the built model by component; `active` for one token of `modality`. `tensor` > 1:
+    what one tensor-parallel rank builds (every rank the same; routed experts not divided by EP here)."""
     _check_modality(cfg, modality)
-    pc = embedding_params(cfg, modality).merge(modality_input_params(cfg, modality))
+    pc = embedding_params(cfg, modality, tensor).merge(modality_input_params(cfg, modality))
     for i in range(cfg.num_layers):
-        pc.merge(layer_params(cfg, i, modality))
-    pc.merge(head_params(cfg, modality))
-    pc.merge(mtp_params(cfg, modality))
+        pc.merge(layer_params(cfg, i, modality, tensor))
+    pc.merge(head_params(cfg, modality, tensor))
+    pc.merge(mtp_params(cfg, modality, tensor))
     return pc.merge(modality_head_params(cfg, modality))
 
 
