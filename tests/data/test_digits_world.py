@@ -182,3 +182,26 @@ def test_unified_dp2_equals_one_process_with_posterior_weighting_and_bit_flips(w
     # same data, same arithmetic up to the order of one sum over two terms (mean of rank means vs the
     # accumulated micro-batch gradients): fp32 rounding, ~1e-7 relative per step, compounded over 4 AdamW steps
     np.testing.assert_allclose(losses(dp2), losses(single), rtol=1e-5)
+
+
+def test_unified_training_under_tensor_parallel_equals_one_process(world, mm_shards, tmp_path):
+    """The unified model on real multimodal shards, TP 2 with sequence parallelism (2 ranks): the same 4 losses
+    as one process (the vocabulary is padded to an even size so it splits over the two ranks)."""
+    from tests.parallel.test_tensor_parallel import launch
+
+    root, _ = world
+    from ernie5.data.sequence import SPECIALS
+
+    vocab = json.loads((mm_shards / "meta.json").read_text())["text_vocab_size"] + len(SPECIALS)
+    args = ["configs/demo_unified.yaml", f"data.dir={mm_shards}", "train.max_steps=4", *UNIFIED_TINY,
+            "checkpoint.interval=0", f"model.vocab_size={-(-vocab // 2) * 2}", "--quiet"]
+    one = tmp_path / "one"
+    r = run_cli("train", *args, f"run.output_dir={one}", timeout=300)
+    assert r.returncode == 0, r.stderr
+    tp2 = tmp_path / "tp2"
+    code, logs = launch(2, [*args, f"run.output_dir={tp2}", "parallel.tensor=2"], tmp_path / "log")
+    assert code == 0, logs
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(losses(tp2), losses(one), rtol=1e-5)
