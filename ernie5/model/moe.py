@@ -71,7 +71,8 @@ class Router(nn.Layer):
         training, `ernie5.elastic`): dropped experts' logits are -inf before the softmax, and the aux-free bias,
         tuned for the full model, is not used for selection."""
         k = top_k or self.cfg.top_k
-        logits_TE = paddle.matmul(x_TH.astype("float32"), self.weight)
+        with paddle.amp.auto_cast(enable=False):  # fp32 under GPU AMP O2 too (matmul is on its bf16 list)
+            logits_TE = paddle.matmul(x_TH.astype("float32"), self.weight)
         select_E = self.e_score_correction_bias
         keep_E = None
         if experts is not None or k != self.cfg.top_k:

@@ -21,6 +21,7 @@ from ernie5.model.probe import NO_PROBE, Probe, attach
 from ernie5.model.rope import frequency_table, rope_cos_sin
 from ernie5.model.tensor_parallel import ParallelSwiGLU, VocabEmbedding, mark_sequence_parallel, sharded_linear, \
     tp_shard
+from ernie5.precision.bf16 import bf16_linear
 from ernie5.precision.config import FP8Config, RecomputeConfig
 
 
@@ -139,6 +140,7 @@ class UnifiedModel(nn.Layer):
     Under sequence parallelism the blocks see sequence shards; `backbone` returns whole sequences."""
 
     probe = NO_PROBE  # RoPE tables and the attention mask run through it, and so does the objectives' head loss
+    head_bf16 = None  # PrecisionConfig (`ernie5.model.mixed_precision.enable_bf16`): the tied head as an emulated bf16 GEMM
 
     def __init__(self, cfg: ModelConfig, recompute: Optional[RecomputeConfig] = None,
                  placement: Optional[ExpertPlacement] = None, seed: int = 0, tp: Optional[TPGroup] = None):
@@ -218,15 +220,18 @@ class UnifiedModel(nn.Layer):
     def head_weight(self):
         """(weight, weight is [V, H]) of the text head as one plain matrix (the tied embedding, or the head's own
         [H, V] weight), or (None, False) when the head is not a plain GEMM (FP8): what fused heads consume."""
-        if self.lm_head is None:
-            return self.embed.weight, True
-        if getattr(self.lm_head, "fp8", None) is None:
+        if self.lm_head is None:  # (under TP the vocab-parallel CE keeps the head fp32, bf16 or not)
+            return (None, False) if self.head_bf16 is not None and self.tp is None else (self.embed.weight, True)
+        plain = getattr(self.lm_head, "fp8", None) is None and getattr(self.lm_head, "bf16", None) is None
+        if plain or (self.tp is not None and getattr(self.lm_head, "fp8", None) is None):
             return self.lm_head.weight, False
         return None, False
 
     def logits_from_normed(self, h: paddle.Tensor) -> paddle.Tensor:
         """The text head on already normalised hidden states (under TP: this rank's vocabulary slice)."""
         if self.lm_head is None:
+            if self.head_bf16 is not None:
+                return bf16_linear(h, self.embed.weight, transpose_w=True, fp32_wgrad=self.head_bf16.grad_allreduce_fp32)
             return paddle.matmul(h, self.embed.weight, transpose_y=True)
         return self.lm_head(h)
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ernie5.elastic.sampler import build_sampler
 from ernie5.errors import TrainingError
+from ernie5.model.mixed_precision import autocast, enable_bf16
 from ernie5.model.moe import ExpertPlacement
 from ernie5.model.transformer import build_model, count_params
 from ernie5.optim.schedule import lr_at
@@ -33,6 +34,7 @@ from ernie5.parallel.expert_parallel import ExpertParallelDispatcher
 from ernie5.parallel.runtime import ParallelRuntime
 from ernie5.parallel.topology import init_topology
 from ernie5.plan import flops_per_token
+from ernie5.precision.bf16 import notice_once as bf16_notice_once
 from ernie5.precision.fp8_linear import notice_once
 from ernie5.runconfig import RunConfig
 from ernie5.train.algorithm import RouterUpdates
@@ -76,9 +78,12 @@ class Trainer:
         self._peak_gflops: Optional[float] = None
         with paddle.utils.unique_name.guard():  # stable parameter names -> stable optimizer-state keys
             self.model = build_model(cfg.model, seed=cfg.run.seed, recompute=cfg.recompute,
-                                     placement=self._expert_placement(), fp8=cfg.precision.fp8)
+                                     placement=self._expert_placement(), fp8=cfg.precision.fp8, tp=self.topo.tp)
+        if cfg.precision.dtype == "bf16":
+            enable_bf16(self.model, cfg.precision)
         if self.is_main:
             notice_once(cfg.precision.fp8.enabled)
+            bf16_notice_once(cfg.precision.dtype == "bf16")
         self.runtime = ParallelRuntime(self.model, cfg.optim, self.topo)
         self.algorithm = RouterUpdates(cfg.model.moe, cfg.optim.router_lr_ratio, self.reduce_counts)
         self.faults = FaultInjector(cfg.faults, self.topo.rank)
@@ -124,8 +129,9 @@ class Trainer:
         self._peak_gflops = value
 
     def reduce_counts(self, counts: np.ndarray) -> np.ndarray:
-        """Sum expert loads over the data-parallel ranks (identity in one process)."""
-        return self.topo.sum_array(counts)
+        """Sum expert loads over the ranks that routed different tokens: the data-parallel ranks, and their
+        tensor-parallel ranks under sequence parallelism (identity in one process)."""
+        return self.topo.sum_over_token_ranks(counts)
 
     def event(self, kind: str, **fields) -> None:
         """Record something a person should know about (skips, spikes, rollbacks, signals) in events.jsonl."""
@@ -207,7 +213,8 @@ class Trainer:
             if bad is not None and not self.topo.distributed:
                 continue  # (with several ranks every micro-batch runs: forward may hold collectives)
             sub = self.elastic.sample(self.step + 1, mb) if self.elastic is not None else None
-            out = run("loss", self.task.loss, self.model, batch, sub)
+            with autocast(cfg.precision):  # AMP O2 bf16 on GPU builds; nothing on CPU
+                out = run("loss", self.task.loss, self.model, batch, sub)
             loss = self.faults.poison_loss(out.total, self.step + 1, mb)
             value = float(loss)
             if self.topo.any(not math.isfinite(value) or bad is not None):  # every rank decides the same
@@ -284,7 +291,8 @@ class Trainer:
             return None
         self.model.eval()
         try:
-            return self.task.eval_loss(self.model, self.cfg.train.eval_batches)
+            with autocast(self.cfg.precision):
+                return self.task.eval_loss(self.model, self.cfg.train.eval_batches)
         finally:
             self.model.train()
 
