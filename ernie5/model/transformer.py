@@ -220,7 +220,7 @@ class UnifiedModel(nn.Layer):
     def head_weight(self):
         """(weight, weight is [V, H]) of the text head as one plain matrix (the tied embedding, or the head's own
         [H, V] weight), or (None, False) when the head is not a plain GEMM (FP8): what fused heads consume."""
-        if self.lm_head is None:  # (under TP the vocab-parallel CE keeps the head fp32, bf16 or not)
+        if self.lm_head is None:  # (under TP the vocab-parallel CE rounds the operands itself)
             return (None, False) if self.head_bf16 is not None and self.tp is None else (self.embed.weight, True)
         plain = getattr(self.lm_head, "fp8", None) is None and getattr(self.lm_head, "bf16", None) is None
         if plain or (self.tp is not None and getattr(self.lm_head, "fp8", None) is None):

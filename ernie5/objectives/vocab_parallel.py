@@ -26,6 +26,7 @@ from paddle.autograd import PyLayer
 from ernie5 import kernels
 from ernie5.comm.regions import TPGroup, all_reduce_max, all_reduce_sum, copy_to
 from ernie5.constants import IGNORE
+from ernie5.precision.bf16 import round_bf16
 
 
 def _slice_softmax_ce_(logits_NV: paddle.Tensor, target_N: np.ndarray, fused: bool):
@@ -102,6 +103,9 @@ def vocab_parallel_row_losses(model, normed_NH: paddle.Tensor, labels_N: paddle.
     if weight is None:
         raise ValueError("tensor parallelism needs a plain text head (FP8 on the head is not supported with it)")
     h = copy_to(normed_NH, tp)
+    if model.head_bf16 is not None:  # emulated bf16 head GEMM: operands rounded (h's gradient too), fp32 weight grad
+        h = round_bf16(h)
+        weight = weight + (round_bf16(weight) - weight).detach()
     fused = kernels.usable(h, weight)
     start = model.embed.vocab_start if w_is_VH else model.lm_head.weight.tp_shard.bounds(model.cfg.vocab_size)[0][0]
     return VocabParallelHeadCE.apply(h, weight, labels_N.reshape([-1]).astype("int64"), w_is_VH, tp, start, fused)

@@ -35,7 +35,8 @@ from ernie5.parallel.tp_state import gather_full, shard_of  # noqa: E402
 TOL = 1e-5  # fp32: the TP sums regroup additions (rounding ~1e-7 relative per op, a few dozen ops deep)
 
 UNIFIED = "--unified" in sys.argv  # the unified model (text, image, audio) of tests/objectives/test_unified.py
-overrides = [a for a in sys.argv[1:] if a != "--unified"]
+BF16 = "--bf16" in sys.argv  # emulated bf16 on both models: only the loss is compared (see below)
+overrides = [a for a in sys.argv[1:] if a not in ("--unified", "--bf16")]
 cfg = load_config(None, overrides)
 if UNIFIED:  # its tiny multimodal model: 2 heads / 1 kv head (replicated over TP 2), MTP depth 1, vocab 48
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -98,6 +99,25 @@ else:
 
     def loss_of(m, b):
         return text_loss(m, b, cfg.model.mtp.loss_weight)
+
+if BF16:
+    # bf16 rounds every GEMM's operands and output; under TP a row-parallel GEMM rounds each rank's partial sum
+    # and the vocab-parallel head keeps its logits fp32, so the runs are not equal: each rounding moves a value by
+    # at most u = 2^-8 relative, and the loss (~ln V) by a few u relative. Checked: the TP loss is within 4u of
+    # the one-process bf16 loss, and bf16 really ran (the TP loss moved from its fp32 value).
+    from ernie5.model.mixed_precision import enable_bf16  # noqa: E402
+
+    model.train()
+    fp32_loss = float(loss_of(model, batch).total)
+    for m in (ref, model):
+        enable_bf16(m, cfg.precision)
+    ref.train()
+    want = float(loss_of(ref, batch).total)
+    got = float(loss_of(model, batch).total)
+    print(f"CHECK bf16_loss {abs(got - want) / abs(want):.2e} (fp32 {fp32_loss:.6f} bf16 {got:.6f})", flush=True)
+    assert abs(got - want) <= 4 * 2 ** -8 * abs(want) and got != fp32_loss, (got, want, fp32_loss)
+    print("TP_CHECK_DONE", flush=True)
+    sys.exit(0)
 
 ref.train()
 loss_of(ref, full_batch).total.backward()

@@ -47,13 +47,14 @@ def losses(run_dir):
     (4, ["parallel.tensor=2"]),  # x DP 2 (no balancing loss: a per-rank Switch loss is not the batch's)
     (4, ["parallel.tensor=2", "parallel.expert=2"]),  # x EP 2 over the data ranks of each TP rank
     (2, ["parallel.tensor=2", "--unified", "data.seq_len=48"]),  # text + image + audio, kv head replicated
-], ids=["tp2", "tp2-no-sp", "tp4-kv-replicated", "tp2xdp2", "tp2xep2", "tp2-unified"])
+    (2, ["parallel.tensor=2", "--bf16", *AUX]),  # emulated bf16: the loss within 4u of one process's
+], ids=["tp2", "tp2-no-sp", "tp4-kv-replicated", "tp2xdp2", "tp2xep2", "tp2-unified", "tp2-bf16"])
 def test_forward_backward_equals_one_process(tmp_path, nproc, layout):
     extra = MODEL if "--unified" not in layout else []
     code, logs = launch(nproc, [*extra, *layout], tmp_path / "log", script=HERE / "_tp_check.py")
     assert code == 0, logs
     assert logs.count("TP_CHECK_DONE") == nproc, logs
-    for name in ("init", "loss", "grad_norm", "logits", "model_state"):
+    for name in ("init", "bf16_loss") if "--bf16" in layout else ("init", "loss", "grad_norm", "logits", "model_state"):
         assert f"CHECK {name} " in logs, name
 
 
