@@ -58,6 +58,14 @@ class RunConfig:
                 f"{self.parallel.expert} does not divide model.moe.num_experts {experts}")
         check_elastic(self.elastic, self.model, self.parallel, "elastic")
         check_tensor_parallel(self.parallel, self.model, self.data.seq_len)
+        P = self.parallel.pipeline
+        if P > 1:
+            require(self.train.grad_accum_steps >= P, "train.grad_accum_steps",
+                    f"{self.train.grad_accum_steps} < parallel.pipeline {P} (1F1B needs a micro-batch per stage)")
+            require(self.model.num_layers >= P, "parallel.pipeline",
+                    f"{P} stages > model.num_layers {self.model.num_layers}")
+            require(not self.elastic.enabled, "elastic.enabled",
+                    "elastic sub-models under pipeline parallelism are not built yet")
         if self.model.moe.isolated:
             require(self.parallel.expert == 1, "parallel.expert", "isolated routing runs without expert parallelism")
             require(not self.elastic.enabled, "elastic.enabled", "elastic sub-models need agnostic routing")

@@ -17,6 +17,7 @@ from ernie5.model.config import ModelConfig
 from ernie5.model.layers import Linear, RMSNorm, checkpointed, linear
 from ernie5.model.moe import ExpertPlacement, MoELayer
 from ernie5.model.multimodal import ModalityIO
+from ernie5.model.pipeline import PipelineStage
 from ernie5.model.probe import NO_PROBE, Probe, attach
 from ernie5.model.rope import frequency_table, rope_cos_sin
 from ernie5.model.tensor_parallel import ParallelSwiGLU, VocabEmbedding, mark_sequence_parallel, sharded_linear, \
@@ -121,6 +122,19 @@ class MTPModule(nn.Layer):
         return gather_seq_replicated(y, self.tp) if sp else y
 
 
+class OnAnotherStage(nn.Layer):
+    """The place of a block that another pipeline stage holds (keeps `layers.{i}` names global)."""
+
+    is_moe = False
+    present = False
+
+
+def _layer_seed(seed: int, part: int) -> int:
+    """The generator seed each block (part = layer + 1) and the model's tail (part = num_layers + 1) are built
+    from: every pipeline stage draws a block's weights as one process does, whichever blocks it skips."""
+    return seed * 1_000_003 + 7_919 * part
+
+
 @dataclass
 class BackboneOut:
     hidden_BSH: paddle.Tensor  # last block output, before the final norm
@@ -143,20 +157,34 @@ class UnifiedModel(nn.Layer):
     head_bf16 = None  # PrecisionConfig (`ernie5.model.mixed_precision.enable_bf16`): the tied head as an emulated bf16 GEMM
 
     def __init__(self, cfg: ModelConfig, recompute: Optional[RecomputeConfig] = None,
-                 placement: Optional[ExpertPlacement] = None, seed: int = 0, tp: Optional[TPGroup] = None):
+                 placement: Optional[ExpertPlacement] = None, seed: int = 0, tp: Optional[TPGroup] = None,
+                 stage: Optional[PipelineStage] = None, reseed: bool = False):
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be resolved before building the model")
         self.cfg = cfg
         self.tp = tp if tp is not None and tp.active else None
-        self.embed = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.init_std, self.tp)
-        self.layers = nn.LayerList([Block(cfg, cfg.is_moe_layer(i), recompute, i, placement, seed, self.tp)
-                                    for i in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else \
+        self.stage = stage if stage is not None and stage.size > 1 else None
+        first, last = self.stage is None or self.stage.first, self.stage is None or self.stage.last
+        # the last stage keeps its own copy of the embedding for a tied head and for MTP's input embeddings
+        self.embed = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.init_std, self.tp) \
+            if first or (last and (cfg.tie_embeddings or cfg.mtp.depth)) else None
+        blocks = []
+        for i in range(cfg.num_layers):
+            if reseed:
+                paddle.seed(_layer_seed(seed, i + 1))
+            held = self.stage is None or self.stage.holds(i)
+            blocks.append(Block(cfg, cfg.is_moe_layer(i), recompute, i, placement, seed, self.tp) if held
+                          else OnAnotherStage())
+        self.layers = nn.LayerList(blocks)
+        if reseed:
+            paddle.seed(_layer_seed(seed, cfg.num_layers + 1))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if last else None
+        self.lm_head = None if cfg.tie_embeddings or not last else \
             sharded_linear(cfg.hidden_size, cfg.vocab_size, cfg.init_std, tp_shard(self.tp, axis=1))
-        self.mtp = nn.LayerList([MTPModule(cfg, self.tp) for _ in range(cfg.mtp.depth)])
-        self.io = ModalityIO(cfg) if cfg.multimodal.enabled else None  # non-text inputs and heads
+        self.mtp = nn.LayerList([MTPModule(cfg, self.tp) for _ in range(cfg.mtp.depth if last else 0)])
+        # non-text inputs (first stage) and heads (last stage) are one module: both ends hold it
+        self.io = ModalityIO(cfg) if cfg.multimodal.enabled and (first or last) else None
         table = frequency_table(cfg.dim_head, cfg.rope_theta, cfg.sections_thw)
         self.register_buffer("rope_table", paddle.to_tensor(table), persistable=False)
 
@@ -166,10 +194,11 @@ class UnifiedModel(nn.Layer):
         attach(self, probe)
 
     def moe_layers(self) -> list[MoELayer]:
+        """The MoE layers this model (this pipeline stage) holds."""
         return [b.mlp for b in self.layers if b.is_moe]
 
     def backbone(self, input_ids_BS, pos_thw_BS3=None, segment_ids_BS=None, submodel=None, *, embeds_BSH=None,
-                 groups_BS=None, modality_BS=None, cache: Optional[KVCache] = None) -> BackboneOut:
+                 groups_BS=None, modality_BS=None, cache: Optional[KVCache] = None, pipe_in=None) -> BackboneOut:
         """`submodel` (elastic training): layers it does not keep are identities; MoE layers route with its
         expert subset and top-k. None: the full model.
 
@@ -178,9 +207,19 @@ class UnifiedModel(nn.Layer):
 
         `cache` (a `KVCache`, incremental decoding): the inputs are only the new positions; they attend to the
         cached ones too (the mask follows the same document / group rule) and their keys / values are added.
-        Default positions then continue after the cached ones. The returned mask covers new x all positions."""
-        x = self.embed(input_ids_BS) if embeds_BSH is None else embeds_BSH
-        B, S = x.shape[:2]
+        Default positions then continue after the cached ones. The returned mask covers new x all positions.
+
+        Pipeline stages after the first pass `pipe_in`, the previous stage's output as sent (a sequence shard
+        under sequence parallelism; `embeds_BSH` / `input_ids_BS` then only give the shape), and every stage
+        but the last returns its blocks' output in that form for the next stage."""
+        first = self.stage is None or self.stage.first
+        last = self.stage is None or self.stage.last
+        if first:
+            x = self.embed(input_ids_BS) if embeds_BSH is None else embeds_BSH
+            B, S = x.shape[:2]
+        else:
+            x = pipe_in
+            B, S = (input_ids_BS if input_ids_BS is not None else embeds_BSH).shape[:2]
         start = cache.length if cache is not None else 0
         if pos_thw_BS3 is None:
             pos_thw_BS3 = paddle.arange(start, start + S, dtype="int64").reshape([1, S, 1]).expand([B, S, 3])
@@ -192,13 +231,14 @@ class UnifiedModel(nn.Layer):
                 else cache.extend(segment_ids_BS, groups_BS))
         sp = self.tp is not None and self.tp.sequence_parallel
         if sp:  # the blocks work on this rank's sequence shard
-            x = scatter_seq(x, self.tp)
+            if first:
+                x = scatter_seq(x, self.tp)
             if modality_BS is not None:
                 a, b = self.tp.seq_slice(S)
                 modality_BS = modality_BS[:, a:b]
         aux_terms = []
         for i, block in enumerate(self.layers):
-            if submodel is not None and not submodel.keeps_layer(i):
+            if not getattr(block, "present", True) or (submodel is not None and not submodel.keeps_layer(i)):
                 continue
             kv = None if cache is None else functools.partial(cache.append, i)
             x, aux = block(x, cos, sin, mask, submodel, modality_BS, kv)
@@ -206,7 +246,8 @@ class UnifiedModel(nn.Layer):
                 aux_terms.append(aux)
         aux_loss = paddle.add_n(aux_terms) if aux_terms else None
         if sp:
-            x = gather_seq_replicated(x, self.tp)
+            if last:
+                x = gather_seq_replicated(x, self.tp)
             if self.training and any(l.has_aux for l in self.moe_layers()):
                 # each rank's balancing losses are its shard's share of the batch's (`balance_losses`): the sum
                 # over the group is the loss; every rank joins even if its shard routed nothing
@@ -266,12 +307,12 @@ def enable_fp8(model, cfg: FP8Config) -> int:
 
 def build_model(cfg: ModelConfig, seed: Optional[int] = None, recompute: Optional[RecomputeConfig] = None,
                 placement: Optional[ExpertPlacement] = None, fp8: Optional[FP8Config] = None,
-                tp: Optional[TPGroup] = None) -> UnifiedModel:
+                tp: Optional[TPGroup] = None, stage: Optional[PipelineStage] = None) -> UnifiedModel:
     """Build with a fixed parameter-init seed (paddle.seed) so runs are reproducible; `fp8` (if enabled) puts
     the covered linears under the blockwise FP8 recipe; `tp`: this tensor-parallel rank's share."""
     if seed is not None:
         paddle.seed(seed)
-    model = UnifiedModel(cfg, recompute, placement, seed or 0, tp)
+    model = UnifiedModel(cfg, recompute, placement, seed or 0, tp, stage, reseed=seed is not None)
     if fp8 is not None and fp8.enabled:
         enable_fp8(model, fp8)
         for layer in model.moe_layers():

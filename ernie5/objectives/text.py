@@ -95,11 +95,21 @@ class TextLoss:
     tokens: int
 
 
+def text_backbone(model: UnifiedModel, batch: dict[str, paddle.Tensor], submodel=None, pipe_in=None):
+    """The backbone on a text batch (`pipe_in`: a later pipeline stage's input, see `UnifiedModel.backbone`)."""
+    return model.backbone(batch["input_ids"], batch["positions"], batch["segment_ids"], submodel, pipe_in=pipe_in)
+
+
 def text_loss(model: UnifiedModel, batch: dict[str, paddle.Tensor], mtp_weight: float, submodel=None,
               balance_length: int = 0) -> TextLoss:
     """NTP (+ MTP, + balancing aux) loss; `submodel` trains an elastic sub-model (None: the full model);
     `balance_length` C > 0 makes NTP and every MTP depth token-balanced (`token_balanced`)."""
-    out = model.backbone(batch["input_ids"], batch["positions"], batch["segment_ids"], submodel)
+    return text_heads(model, batch, text_backbone(model, batch, submodel), mtp_weight, balance_length)
+
+
+def text_heads(model: UnifiedModel, batch: dict[str, paddle.Tensor], out, mtp_weight: float,
+               balance_length: int = 0) -> TextLoss:
+    """The loss from the backbone's output `out` (the last pipeline stage's part of `text_loss`)."""
     run = model.probe.run  # the head's loss is a probed step of the model (`ernie5.model.probe`)
     ntp, tokens = run("head_loss", "head_ce", head_ce, model, out.hidden_BSH, batch["labels_0"], balance_length)
     total, terms = ntp, {"loss_ntp": float(ntp)}

@@ -2,7 +2,9 @@
 
 Gradients are synced once per step, after all micro-batches and before the non-finite check and clipping, so
 every rank sees the same gradient norm and takes the same decision:
-- tensor parallelism first: parameters a TP rank applies to its own sequence shard (`param.sequence_parallel`:
+- pipeline parallelism first: the first and last stage's copies of the tied embedding (and of the modality
+  inputs / heads module) add their gradients, so both copies take the same step;
+- tensor parallelism next: parameters a TP rank applies to its own sequence shard (`param.sequence_parallel`:
   norms, routers, routed experts, MTP projections) are summed over the TP group, and kv-head weights replicated on
   several TP ranks are summed over the ranks holding them;
 - dense (replicated) parameters: fleet's `fused_allreduce_gradients` over the data-parallel group, or, with
@@ -70,6 +72,13 @@ class ParallelRuntime:
         self.sp_params = [p for p in trainable if getattr(p, "sequence_parallel", False)]
         self.kv_replicated = [p for p in trainable if shard_of(p) is not None
                               and shard_of(p)[0].shards < self.tp.degree]
+        stage = getattr(model, "stage", None)
+        both_ends = stage is not None and topo.embed_group is not None
+        # parameters both the first and the last stage hold (names in model order: the same list on both)
+        self.end_shared = [p for n, p in params.items() if both_ends and n.split(".")[0] in ("embed", "io")]
+        second_copies = set() if stage is None or stage.first else {id(q) for q in self.end_shared}
+        self.counts_here = lambda p: id(p) not in second_copies
+        self.stage = stage
         self.dense_opt = build_optimizer(self.dense_params, cfg)
         self.sharded = None
         if topo.distributed and topo.sharding_stage == 1:
@@ -101,6 +110,10 @@ class ParallelRuntime:
         from paddle.distributed.fleet.utils.hybrid_parallel_util import (fused_allreduce_gradients,
                                                                            fused_allreduce_gradients_with_group)
 
+        if self.end_shared:
+            shared = self._with_grad_somewhere(self.end_shared, topo.embed_group)
+            if shared:
+                fused_allreduce_gradients_with_group(shared, topo.embed_group, scale=1.0)
         if self.tp.active:
             sp = self._with_grad_somewhere(self.sp_params, self.tp.group)
             if sp:
@@ -159,7 +172,7 @@ class ParallelRuntime:
         if kernels.usable(*[p.grad for p in self.all_params if p.grad is not None]):
             sq = sq_fused
 
-        owned = self._owned_dense()
+        owned = [p for p in self._owned_dense() if self.counts_here(p)]  # a tied copy counts on the first stage
         if self.tp.active:  # a TP shard's square counts once per piece over the group; whole weights once
             pieces = [p for p in owned if shard_of(p) is not None]
             dense = unique_squares([(p, sq([p])) for p in pieces], self.tp) + \
@@ -171,7 +184,10 @@ class ParallelRuntime:
         experts = sq(self.expert_params)
         if self.expert_params and self.topo.ep_group is not None:
             experts = float(self.topo.sum_array(np.array([experts]), group=self.topo.ep_group)[0])
-        return float(np.sqrt(dense + experts))
+        total = dense + experts
+        if self.topo.pipe is not None:  # every stage's layers
+            total = float(self.topo.sum_array(np.array([total]), group=self.topo.pipe.group)[0])
+        return float(np.sqrt(total))
 
     def clip(self, factor: float) -> None:
         """Scale this step's gradients by `factor`: folded into the optimizer step (`FusedAdamW.grad_scale`)."""
@@ -221,9 +237,16 @@ class ParallelRuntime:
             expert = is_expert_name(local)
             if not expert and self.topo.dp_rank == 0:
                 value = self._whole(local, value)
-            if (expert and self._writes_experts()) or (not expert and self.topo.is_main):
+            if (expert and self._writes_experts()) or (not expert and self._writes_dense(local)):
                 out[self.to_global[local]] = value
         return out
+
+    def _writes_dense(self, local: str) -> bool:
+        """Replicated weights are written by the first data / TP rank of each pipeline stage (the tied
+        embedding's second copy, on the last stage, is not written)."""
+        if self.topo.dp_rank != 0 or self.tp.rank != 0:
+            return False
+        return self.stage is None or self.stage.first or local.split(".")[0] not in ("embed", "io")
 
     def optimizer_state(self) -> dict:
         """This rank's optimizer accumulators as {global name::accumulator: tensor}."""
@@ -238,7 +261,8 @@ class ParallelRuntime:
                 split = self._split_key(key)
                 if split is not None:
                     value = self._whole(split[0], value)
-                    if writes:
+                    if writes and (self.stage is None or self.stage.first
+                                   or split[0].split(".")[0] not in ("embed", "io")):
                         out[f"{self.to_global[split[0]]}::{split[1]}"] = value
         return out
 
@@ -278,11 +302,11 @@ class ParallelRuntime:
         The checkpoint must describe the same model: every global name this layout expects is there, and no
         name (expert ids included) that the config does not have.
         """
-        E = max((l.cfg.num_experts for l in self.model.moe_layers()), default=0)
+        E = self.model.cfg.moe.num_experts
         dense = {g for l, g in self.to_global.items() if not is_expert_name(l)}
         unexpected = [k for k in global_state
                       if (is_expert_name(k) and int(_EXPERT.match(k).group(2)) >= E)
-                      or (not is_expert_name(k) and k not in dense)]
+                      or (not is_expert_name(k) and k not in dense and self.stage is None)]
         missing = [g for g in self.to_global.values() if g not in global_state]
         if missing or unexpected:
             detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"

@@ -22,6 +22,7 @@ import numpy as np
 import paddle
 
 from ernie5.comm.regions import TPGroup
+from ernie5.parallel.pipeline import PipeGroup
 from ernie5.errors import UserError
 from ernie5.parallel.config import ParallelConfig
 
@@ -40,6 +41,8 @@ class Topology:
     ep: int = 1
     ep_rank: int = 0  # which expert slice this rank holds
     tp: TPGroup = field(default_factory=TPGroup)  # this rank's tensor-parallel group (degree 1: none)
+    pipe: Optional[PipeGroup] = None  # this rank's pipeline (None: no pipeline parallelism)
+    embed_group: Any = None  # first + last stage of this pipeline: the tied embedding's two copies
     sharding_stage: int = 0
     backend: str = "gloo"
     hcg: Any = None  # fleet's HybridCommunicateGroup (None in one process)
@@ -62,15 +65,12 @@ class Topology:
         return self.dp // self.ep
 
     def sum_over_token_ranks(self, x: np.ndarray) -> np.ndarray:
-        """Sum over the ranks that see different tokens: the data-parallel ranks, and with sequence parallelism
-        their tensor-parallel ranks too (every rank, without pipeline parallelism)."""
+        """Sum over the ranks that see different tokens with the same layers: the data-parallel ranks, and with
+        sequence parallelism their tensor-parallel ranks too."""
         if not self.distributed:
             return x
-        if not self.tp.sequence_parallel:
-            return self.sum_array(x)
-        t = paddle.to_tensor(np.ascontiguousarray(x, dtype=np.float64))
-        paddle.distributed.all_reduce(t)
-        return t.numpy().astype(x.dtype)
+        x = self.sum_array(x)
+        return self.sum_array(x, group=self.tp.group) if self.tp.sequence_parallel else x
 
     def local_experts(self, num_experts: int) -> list[int]:
         per = num_experts // self.ep
@@ -140,11 +140,9 @@ def _one_group_at_a_time(gloo: bool):
 
 def init_topology(cfg: ParallelConfig, world: Optional[int] = None) -> Topology:
     """Validate the layout against the launched processes and build the groups (fleet when world > 1)."""
-    # the model has no pipeline split yet: every rank would silently compute the whole model, so this layout
-    # is refused on every build until the split exists (`ernie5 plan` still sizes it)
-    if cfg.pipeline > 1:
-        raise UserError("parallel.pipeline", f"{cfg.pipeline} > 1 is not supported yet (the model has no "
-                                             "pipeline-parallel split); use data / sharding / expert / tensor parallelism")
+    if cfg.virtual_pipeline > 1:
+        raise UserError("parallel.virtual_pipeline", f"{cfg.virtual_pipeline} > 1 (interleaved 1F1B) is not built "
+                                                     "yet; use virtual_pipeline 1")
     world = launched_world_size() if world is None else world
     dp = resolve_data_degree(cfg, world)
     want = dp * cfg.tensor * cfg.pipeline
@@ -162,9 +160,10 @@ def init_topology(cfg: ParallelConfig, world: Optional[int] = None) -> Topology:
     strategy.hybrid_configs = {"dp_degree": dp // sharding, "sharding_degree": sharding,
                                "mp_degree": cfg.tensor, "pp_degree": cfg.pipeline}
     gloo = not paddle.is_compiled_with_cuda()
-    if gloo and cfg.tensor > 1 and sharding > 1:
+    if gloo and (cfg.tensor > 1 or cfg.pipeline > 1) and sharding > 1:
         # measured: fleet's sharding + model-parallel groups fail to connect on gloo even one at a time
-        raise UserError("parallel.sharding_stage", "ZeRO-1 with tensor parallelism does not start on gloo (CPU): "
+        raise UserError("parallel.sharding_stage", "ZeRO-1 with tensor / pipeline parallelism does not start on "
+                                                   "gloo (CPU): "
                                                    "fleet's process groups fail to connect; use it on GPUs (NCCL, "
                                                    "untested here) or set parallel.sharding_stage=0")
     with _one_group_at_a_time(gloo):
@@ -189,11 +188,19 @@ def _with_groups(cfg: ParallelConfig, world: int, dp: int, hcg, gloo: bool) -> T
                      native=backend == "nccl")
     topo = Topology(world=world, rank=rank, dp=dp, dp_rank=dp_rank, ep=cfg.expert, ep_rank=dp_rank % cfg.expert,
                     tp=tp, sharding_stage=cfg.sharding_stage, backend=backend, hcg=hcg, dp_group=dp_group)
-    if cfg.expert > 1:  # every rank must create every group (those of every TP rank), in the same order
-        # fleet orders ranks data-major, tensor innermost: data rank d of TP rank m is global rank d * tensor + m
-        assert dp_ranks == [d * cfg.tensor + tp.rank for d in range(dp)], dp_ranks
-        for m in range(cfg.tensor):
-            ranks_of = [d * cfg.tensor + m for d in range(dp)]
+    fleet_topo = hcg.topology()
+    if cfg.pipeline > 1:
+        pp_group = hcg.get_pipe_parallel_group()
+        ranks = list(pp_group.ranks)
+        s = ranks.index(rank)
+        topo.pipe = PipeGroup(s, cfg.pipeline, ranks[s - 1] if s > 0 else None,
+                              ranks[s + 1] if s + 1 < len(ranks) else None, pp_group, ranks[-1])
+        for line in fleet_topo.get_comm_list("pipe"):  # every rank creates every pipeline's pair, in order
+            g = paddle.distributed.new_group([line[0], line[-1]])
+            if rank in (line[0], line[-1]):
+                topo.embed_group = g
+    if cfg.expert > 1:  # every rank must create every group (those of every TP / PP rank), in the same order
+        for ranks_of in fleet_topo.get_comm_list("sharding" if sharding > 1 else "data"):
             for block in range(dp // cfg.expert):
                 ranks = [ranks_of[block * cfg.expert + i] for i in range(cfg.expert)]
                 g = paddle.distributed.new_group(ranks)
@@ -204,4 +211,5 @@ def _with_groups(cfg: ParallelConfig, world: int, dp: int, hcg, gloo: bool) -> T
                 g = paddle.distributed.new_group(ranks) if len(ranks) > 1 else None
                 if rank in ranks:
                     topo.edp_group = g
+        assert topo.ep_group is not None
     return topo

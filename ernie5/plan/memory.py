@@ -58,6 +58,7 @@ import math
 from typing import Any
 
 from ernie5.errors import ConfigError
+from ernie5.model.pipeline import stage_layers  # the runtime builds the same stages
 from ernie5.model.config import ModelConfig
 from ernie5.plan.params import (ParamCount, embedding_params, head_params, layer_params, modality_head_params,
                                 modality_input_params, mtp_params)
@@ -102,16 +103,6 @@ def check_layout(run_cfg) -> None:
                                                f"chunks > model.num_layers {m.num_layers}")
     if m.moe.num_experts and m.moe.num_experts % p.expert:
         raise ConfigError("parallel.expert", f"{p.expert} does not divide model.moe.num_experts {m.moe.num_experts}")
-
-
-def stage_layers(num_layers: int, pipeline: int, virtual: int = 1) -> list[list[int]]:
-    """Layer indices held by each pipeline stage (contiguous chunks dealt round-robin to the stages)."""
-    n = pipeline * virtual
-    # the extra layers go to the last chunks: stage 0 keeps the most micro-batches in flight under 1F1B
-    sizes = [num_layers // n + (1 if c >= n - num_layers % n else 0) for c in range(n)]
-    starts = [sum(sizes[:c]) for c in range(n)]
-    return [[i for c in range(s, n, pipeline) for i in range(starts[c], starts[c] + sizes[c])]
-            for s in range(pipeline)]
 
 
 def stage_params(cfg: ModelConfig, layers: list[int], first: bool, last: bool, pipeline: int,

@@ -48,12 +48,11 @@ class RoutingStats(Callback):
         self.by_modality = None  # [4, L, E] for unified runs
 
     def on_step_end(self, tr, metrics):
-        layers = tr.model.moe_layers()
-        if not layers:
+        if not any(tr.cfg.model.is_moe_layer(i) for i in range(tr.cfg.model.num_layers)):
             return
-        counts = np.stack([tr.reduce_counts(l.step_counts) for l in layers])
+        counts = tr.routing_counts("step_counts")  # every MoE layer, whichever pipeline stage holds it
         self.window = counts if self.window is None else self.window + counts
-        by_mod = np.stack([np.stack([tr.reduce_counts(l.modality_counts[m]) for l in layers]) for m in range(NUM_MODALITIES)])
+        by_mod = tr.routing_counts("modality_counts").transpose(1, 0, 2)  # [4, L, E]
         self.by_modality = by_mod if self.by_modality is None else self.by_modality + by_mod
         if not metrics.get("log"):
             return

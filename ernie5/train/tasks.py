@@ -28,7 +28,7 @@ from ernie5.constants import MODALITY_TERMS
 from ernie5.data.loader import PackedLoader, SyntheticLoader
 from ernie5.data.shards import open_split
 from ernie5.model.transformer import to_tensor_batch
-from ernie5.objectives.text import make_text_batch, text_loss
+from ernie5.objectives.text import make_text_batch, text_backbone, text_heads, text_loss
 from ernie5.objectives.unified import UnifiedObjective
 from ernie5.runconfig import RunConfig
 from ernie5.train.unified_data import UnifiedBatches
@@ -86,6 +86,22 @@ class TextTask(_Task):
     def loss(self, model, batch: dict, submodel=None):
         return text_loss(model, batch, self.cfg.model.mtp.loss_weight, submodel=submodel,
                          balance_length=self.balance_length)
+
+    def batch_shape(self, batch: dict) -> tuple[int, int]:
+        return tuple(batch["input_ids"].shape)
+
+    def pipeline_forward(self, model, batch: dict, pipe_in):
+        """This pipeline stage's part of `loss`: (output to send, its balancing loss or None) on a stage before
+        the last; (the loss, None) on the last."""
+        out = text_backbone(model, batch, None, pipe_in)
+        if not model.stage.last:
+            return out.hidden_BSH, out.aux_loss
+        return text_heads(model, batch, out, self.cfg.model.mtp.loss_weight, self.balance_length), None
+
+    @staticmethod
+    def held_out_value(loss) -> float:
+        """The held-out number of a micro-batch's loss object (the last pipeline stage's)."""
+        return loss.terms["loss_ntp"]
 
     def held_out_term(self, model, batch: dict) -> float:
         """The plain next-token loss (no MTP, no token balancing), so evaluations of any run compare."""

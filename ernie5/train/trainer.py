@@ -25,12 +25,15 @@ import paddle
 from tqdm import tqdm
 
 from ernie5.elastic.sampler import build_sampler
+from ernie5.constants import NUM_MODALITIES
 from ernie5.errors import TrainingError
 from ernie5.model.mixed_precision import autocast, enable_bf16
 from ernie5.model.moe import ExpertPlacement
 from ernie5.model.transformer import build_model, count_params
 from ernie5.optim.schedule import lr_at
+from ernie5.model.pipeline import build_stage
 from ernie5.parallel.expert_parallel import ExpertParallelDispatcher
+from ernie5.parallel.pipeline import OneFOneB
 from ernie5.parallel.runtime import ParallelRuntime
 from ernie5.parallel.topology import init_topology
 from ernie5.plan import flops_per_token
@@ -77,8 +80,14 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)  # a text token's (ernie5.plan.params)
         self._peak_gflops: Optional[float] = None
         with paddle.utils.unique_name.guard():  # stable parameter names -> stable optimizer-state keys
+            pipe = self.topo.pipe
+            if pipe is not None and cfg.model.multimodal.enabled:
+                raise TrainingError("parallel.pipeline: the unified (multimodal) model under pipeline parallelism "
+                                    "is not built yet")
+            stage = build_stage(cfg.model.num_layers, pipe.size, pipe.stage) if pipe is not None else None
             self.model = build_model(cfg.model, seed=cfg.run.seed, recompute=cfg.recompute,
-                                     placement=self._expert_placement(), fp8=cfg.precision.fp8, tp=self.topo.tp)
+                                     placement=self._expert_placement(), fp8=cfg.precision.fp8, tp=self.topo.tp,
+                                     stage=stage)
         if cfg.precision.dtype == "bf16":
             enable_bf16(self.model, cfg.precision)
         if self.is_main:
@@ -132,6 +141,24 @@ class Trainer:
         """Sum expert loads over the ranks that routed different tokens: the data-parallel ranks, and their
         tensor-parallel ranks under sequence parallelism (identity in one process)."""
         return self.topo.sum_over_token_ranks(counts)
+
+    def routing_counts(self, attr: str) -> np.ndarray:
+        """[L, ...] `attr` (`step_counts` or `modality_counts`) of every MoE layer of the model, summed over the
+        ranks that routed different tokens and gathered from every pipeline stage (the same on every rank)."""
+        m = self.cfg.model
+        ids = [i for i in range(m.num_layers) if m.is_moe_layer(i)]
+        out = None
+        for block_id, block in enumerate(self.model.layers):
+            if getattr(block, "present", True) and block.is_moe:
+                counts = self.reduce_counts(getattr(block.mlp, attr))
+                out = np.zeros((len(ids),) + counts.shape, counts.dtype) if out is None else out
+                out[ids.index(block_id)] = counts
+        if self.topo.pipe is not None:
+            E = m.moe.total_experts
+            shape = (len(ids), E) if attr == "step_counts" else (len(ids), NUM_MODALITIES, E)
+            out = self.topo.sum_array(out if out is not None else np.zeros(shape, np.int64),
+                                      group=self.topo.pipe.group)
+        return out
 
     def event(self, kind: str, **fields) -> None:
         """Record something a person should know about (skips, spikes, rollbacks, signals) in events.jsonl."""
@@ -208,7 +235,9 @@ class Trainer:
         self._clear_routing_counts()  # expert loads of this step only (the bias update reads them)
         terms: dict[str, float] = {}
         total, bad = 0.0, None
-        for mb in range(accum):
+        if self.topo.pipe is not None:
+            total, terms, bad = self._pipeline_micro_batches(accum)
+        for mb in range(accum if self.topo.pipe is None else 0):
             batch = run("data", self.task.batch, self.task.train_loader)
             if bad is not None and not self.topo.distributed:
                 continue  # (with several ranks every micro-batch runs: forward may hold collectives)
@@ -259,6 +288,37 @@ class Trainer:
             self.event("skipped_step", **bad)
         return metrics
 
+    def _schedule(self, accum: int, poison=None) -> OneFOneB:
+        """This rank's 1F1B schedule over `accum` micro-batches of the task."""
+        cfg, tp, H = self.cfg, self.topo.tp, self.cfg.model.hidden_size
+
+        def shape(batch):  # the activation a stage receives: [B, S, H], a sequence shard under SP
+            B, S = self.task.batch_shape(batch)
+            return [B, S // tp.degree if tp.sequence_parallel else S, H]
+
+        def forward(batch, pipe_in):
+            with autocast(cfg.precision):
+                return self.task.pipeline_forward(self.model, batch, pipe_in)
+
+        return OneFOneB(self.topo.pipe, forward, shape, accum, **({"poison": poison} if poison else {}))
+
+    def _pipeline_micro_batches(self, accum: int):
+        """The step's micro-batches through the 1F1B schedule (`ernie5.parallel.pipeline`): (mean loss, mean
+        terms, None or the skip reason), the same on every rank."""
+        cfg, run, step = self.cfg, self.timer.run, self.step + 1
+        batches = [run("data", self.task.batch, self.task.train_loader) for _ in range(accum)]
+        schedule = self._schedule(accum, poison=lambda loss, mb: self.faults.poison_loss(loss, step, mb))
+        results = run("loss", schedule.run, batches)
+        values = [r.value for r in results]
+        bad_mb = next((mb for mb, v in enumerate(values) if not math.isfinite(v)), None)
+        if self.topo.any(bad_mb is not None):
+            return 0.0, {}, {"reason": "non-finite loss", "micro_batch": bad_mb}
+        terms: dict[str, float] = {}
+        for r in results:
+            for k, v in r.terms.items():
+                terms[k] = terms.get(k, 0.0) + v / accum
+        return float(np.mean(values)), terms, None
+
     def _guard(self, m: dict) -> None:
         """Count bad steps (abort after too many in a row), detect loss spikes, roll back if configured."""
         t = self.cfg.train
@@ -291,10 +351,18 @@ class Trainer:
             return None
         self.model.eval()
         try:
+            if self.topo.pipe is not None:
+                return self._pipeline_eval()
             with autocast(self.cfg.precision):
                 return self.task.eval_loss(self.model, self.cfg.train.eval_batches)
         finally:
             self.model.train()
+
+    def _pipeline_eval(self) -> float:
+        loader = self.task.val_loader
+        loader.position = 0  # the same held-out batches every time
+        batches = [self.task.batch(loader, train=False) for _ in range(self.cfg.train.eval_batches)]
+        return float(np.mean(self._schedule(len(batches)).forward_only(batches, self.task.held_out_value)))
 
     def report(self, m: dict) -> None:
         """Human-facing progress: the tqdm bar's postfix, or one line per log step when there is no bar."""

@@ -1,0 +1,44 @@
+"""Pipeline stages: which layers a pipeline rank holds, and which of the model's ends.
+
+Stage s of P holds a contiguous run of blocks (`stage_layers`); the first stage also holds the token embedding
+(and the modality inputs), the last the final norm, the text head, the MTP depths and the modality heads. With
+tied embeddings the last stage keeps its own copy of the embedding for the head (and MTP's input embeddings);
+the two copies start equal and stay equal because their gradients are summed between the first and last stage
+(Megatron's treatment), so they take identical optimizer steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def stage_layers(num_layers: int, pipeline: int, virtual: int = 1) -> list[list[int]]:
+    """Layer indices held by each pipeline stage (contiguous chunks dealt round-robin to the stages)."""
+    n = pipeline * virtual
+    # the extra layers go to the last chunks: stage 0 keeps the most micro-batches in flight under 1F1B
+    sizes = [num_layers // n + (1 if c >= n - num_layers % n else 0) for c in range(n)]
+    starts = [sum(sizes[:c]) for c in range(n)]
+    return [[i for c in range(s, n, pipeline) for i in range(starts[c], starts[c] + sizes[c])]
+            for s in range(pipeline)]
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    index: int
+    size: int
+    layers: tuple[int, ...]
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.size - 1
+
+    def holds(self, layer: int) -> bool:
+        return layer in self.layers
+
+
+def build_stage(num_layers: int, pipeline: int, index: int) -> PipelineStage:
+    return PipelineStage(index, pipeline, tuple(stage_layers(num_layers, pipeline)[index]))

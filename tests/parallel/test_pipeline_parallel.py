@@ -1,0 +1,89 @@
+"""Pipeline parallelism (1F1B over blocking send / recv) on 2 and 4 CPU processes, against one process: whole
+`ernie5 train` runs under paddle.distributed.launch must give the one-process losses."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli, tiny_overrides
+from tests.parallel.test_tensor_parallel import launch, losses
+
+
+@pytest.fixture
+def train_args(text_assets):
+    _, tok, shards = text_assets
+
+    def make(run, *extra):  # 4 layers: 2 per stage; MTP and the tied embedding on the last stage
+        return ["configs/tiny_text.yaml", *tiny_overrides(run, shards, tok), "model.num_layers=4",
+                "train.grad_accum_steps=4", "checkpoint.interval=3", "--quiet", *extra]
+    return make
+
+
+def test_pp2_training_equals_one_process_and_checkpoints_reshard(tmp_path, train_args):
+    """6 steps of PP 2 (1F1B over 4 micro-batches, balancing loss on both stages, held-out evaluation through the
+    pipeline) give the one-process losses, gradient norms, held-out loss and per-layer expert loads; the PP 2 checkpoint of step 3
+    resumes in one process, and the one-process checkpoint under PP 2, with the uninterrupted losses."""
+    common = ("train.max_steps=6", "model.moe.aux_loss_coef=0.01", "train.eval_interval=3", "train.eval_batches=2")
+    single = tmp_path / "single"
+    assert run_cli("train", *train_args(single, *common)).returncode == 0
+    pp2 = tmp_path / "pp2"
+    code, logs = launch(2, train_args(pp2, *common, "parallel.pipeline=2"), tmp_path / "l1")
+    assert code == 0, logs
+    np.testing.assert_allclose(losses(pp2), losses(single), rtol=1e-5)
+    metrics = [[json.loads(line) for line in open(run / "metrics.jsonl")] for run in (single, pp2)]
+    np.testing.assert_allclose([m["grad_norm"] for m in metrics[1]], [m["grad_norm"] for m in metrics[0]], rtol=1e-4)
+    evals = [[m["val_loss"] for m in ms if m.get("val_loss") is not None] for ms in metrics]
+    assert evals[0] and np.allclose(evals[1], evals[0], rtol=1e-5), evals
+    # routing.jsonl lists every MoE layer (3 of 4, on both stages) with the one-process loads
+    routing = [[json.loads(line)["load"] for line in open(run / "routing.jsonl")] for run in (single, pp2)]
+    assert len(routing[1][0]) == 3 and routing[1] == routing[0]
+    for src, dst, nproc in ((pp2, tmp_path / "to_pp1", 1), (single, tmp_path / "to_pp2", 2)):
+        (dst / "checkpoints").mkdir(parents=True)
+        shutil.copytree(src / "checkpoints" / "step_00000003", dst / "checkpoints" / "step_00000003")
+        if nproc == 1:
+            p = run_cli("train", *train_args(dst, *common))
+            assert p.returncode == 0 and "step_00000003" in p.stderr, p.stderr
+        else:
+            code, logs = launch(2, train_args(dst, *common, "parallel.pipeline=2"), tmp_path / "l2")
+            assert code == 0, logs
+        np.testing.assert_allclose(losses(dst)[-3:], losses(single)[3:], rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [["parallel.tensor=2"], ["parallel.expert=2"], []],
+                         ids=["pp2xtp2", "pp2xep2", "pp2xdp2"])
+def test_pp2_composed_on_4_ranks_equals_one_process(tmp_path, train_args, layout):
+    """PP 2 x TP 2 (sequence parallel), PP 2 x EP 2 and PP 2 x DP 2 (4 rows per rank) for 6 steps."""
+    base = ("train.max_steps=6", "model.moe.aux_loss_coef=0")  # a per-rank Switch loss is not the batch's
+    dp2 = "parallel.tensor=2" not in layout
+    single = tmp_path / "single"
+    assert run_cli("train", *train_args(single, *base, *(["train.micro_batch_size=8"] if dp2 else []))
+                   ).returncode == 0
+    run = tmp_path / "pp"
+    code, logs = launch(4, train_args(run, *base, "parallel.pipeline=2", *layout), tmp_path / "l")
+    assert code == 0, logs
+    np.testing.assert_allclose(losses(run), losses(single), rtol=1e-5)
+
+
+def test_nan_on_the_last_stage_skips_the_step_on_every_rank(tmp_path, train_args):
+    run = tmp_path / "nan"
+    code, logs = launch(2, train_args(run, "train.max_steps=3", "parallel.pipeline=2", "faults.nan_loss_steps=[2]"),
+                        tmp_path / "l")
+    assert code == 0, logs
+    steps = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [m.get("skipped", False) for m in steps] == [False, True, False]
+    assert "skipped_step" in (run / "events.jsonl").read_text()
+
+
+@pytest.mark.parametrize("override,message", [
+    (["train.grad_accum_steps=1"], "train.grad_accum_steps: 1 < parallel.pipeline 2 (1F1B needs a micro-batch per "
+                                   "stage)"),
+    (["parallel.data=2"], "parallel: data 2 x tensor 1 x pipeline 2 = 4, but 1 processes were launched"),
+    (["elastic.enabled=true", "elastic.depth.p_full=1.0"],
+     "elastic.enabled: elastic sub-models under pipeline parallelism are not built yet"),
+])
+def test_bad_pipeline_layouts_exit_2(tmp_path, train_args, override, message):
+    p = run_cli("train", *train_args(tmp_path / "x", "parallel.pipeline=2", *override))
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip() == f"error: {message}", p.stderr
