@@ -120,6 +120,14 @@ def _cmd_plan(args) -> None:
         value = getattr(opts, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name.replace('_', '-')}", f"{value} must be > 0")
+    if args.check_build:  # the layout's end-stage shards, built lazily, against the plan
+        from ernie5.plan.lazy import check_layout_build
+
+        check = check_layout_build(cfg, opts.param_dtype, opts.devices)
+        print(json.dumps(check.as_dict()) if args.json else check.format())
+        if not check.ok:
+            raise UserError("--check-build", f"built shard differs from the plan: {check.first_problem()}")
+        return
     rep = plan_report(cfg, opts)
     print(json.dumps(rep) if args.json else format_plan(rep))
 
@@ -399,11 +407,17 @@ position by position. Takes a multimodal data config (kind: multimodal; its out_
                                      **_help(f"""
 Size a run on paper without building the model: parameters (total / active), FLOPs per token, memory per
 device under the config's parallel layout, and tokens/day at an assumed MFU. {_takes("plan")}
+--check-build instead builds the first and last pipeline stage of every tensor rank (expert rank 0) under
+paddle.LazyGuard (no weight is allocated) and compares each shard's parameters and weight bytes with the plan.
 """, ["ernie5 plan configs/reference/ernie4_5_21b_a3b.yaml",
-      "ernie5 plan configs/reference/ernie5_1t.yaml --devices 4096 --mfu 0.35 --json"])), "plan")
+      "ernie5 plan configs/reference/ernie5_1t.yaml --devices 4096 --mfu 0.35 --json",
+      "ernie5 plan configs/reference/ernie5_1t.yaml --check-build"])), "plan")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
+    pl.add_argument("--check-build", action="store_true",
+                    help="build the layout's first / last stage shards lazily and check them against the plan "
+                         "(exit 2 on a mismatch)")
     pl.add_argument("--param-dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
-                    help="weight and activation dtype on the device (default bf16; the router stays fp32)")
+                    help="weight and activation dtype on the device (default bf16; routers and norms stay fp32)")
     pl.add_argument("--grad-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                     help="gradient dtype (default fp32 main grads)")
     pl.add_argument("--devices", type=int, help="devices for tokens/day (default: the layout's world size); "

@@ -11,6 +11,14 @@ Building every expert of a 512-expert x 58-layer model still means ~60k Python L
 one dense block (if the model has one) and one MoE block (if it has one), plus embeddings, head, MTP and the
 modality inputs and heads; the whole model's counts follow from the per-layer-kind counts. Blocks depend only
 on the config and their kind (`Block(cfg, moe)`), so this is the same shape check.
+
+`check_layout_build` (`ernie5 plan CONFIG --check-build`) checks the layout instead of the whole model: it builds,
+as the trainer does (`build_model(..., placement, tp, stage)`), the first and the last pipeline stage's shard
+of every tensor rank and of expert rank 0, with the stage's whole layer set (virtual chunks dealt round robin,
+`stage_layers`), and compares each shard's parameters and weight bytes, per component, with what
+`ernie5.plan.memory` plans for that device. Bytes are numel x the dtype the runtime stores each built parameter
+in: fp32 for the weights of the layers bf16 AMP keeps in fp32 (`_fp32_layer_types`: RMSNorm, Router), the
+param dtype for every other parameter.
 """
 
 from __future__ import annotations
@@ -127,3 +135,188 @@ def check_buildable(cfg: ModelConfig, full: bool | None = None) -> BuildCheck:
                        seconds=time.perf_counter() - t0, rss_growth_bytes=max(0, _rss_bytes() - rss0))
     del model
     return check
+
+
+# ---- `ernie5 plan CONFIG --check-build`: the planned layout's shards, built lazily -----------------------------
+
+def _fp32_layer_types() -> tuple:
+    """The layers whose weights the runtime keeps in fp32 whatever the param dtype (Paddle AMP O2's
+    `excluded_layers` in `ernie5.model.mixed_precision`); every other parameter is stored in param_dtype."""
+    from ernie5.model.layers import RMSNorm
+    from ernie5.model.moe import Router
+
+    return (RMSNorm, Router)
+
+
+@dataclass
+class ShardCheck:
+    """One device's shard (pipeline stage x tensor rank x expert rank): plan vs. lazily built model.
+    `planned` / `built`: component -> [params, weight bytes]; `planned_params` / `planned_bytes`: the per-device
+    figures `memory_plan` reports for the stage (what `ernie5 plan` prints)."""
+
+    stage: int
+    pipeline: int
+    tensor_rank: int
+    tensor: int
+    expert_rank: int
+    expert: int
+    layers: list[int]
+    planned_params: int
+    planned_bytes: int
+    planned: dict[str, list[int]] = field(default_factory=dict)
+    built: dict[str, list[int]] = field(default_factory=dict)
+    allocated: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def built_params(self) -> int:
+        return sum(n for n, _ in self.built.values())
+
+    @property
+    def built_bytes(self) -> int:
+        return sum(b for _, b in self.built.values())
+
+    @property
+    def name(self) -> str:
+        from ernie5.plan.memory import _ranges
+
+        return (f"stage {self.stage}/{self.pipeline} (layers {_ranges(self.layers)}) tensor rank "
+                f"{self.tensor_rank}/{self.tensor} expert rank {self.expert_rank}/{self.expert}")
+
+    def problem(self) -> str | None:
+        """The first disagreement with the plan, as one sentence; None when the shard is exactly as planned."""
+        if self.allocated:
+            return (f"{self.name}: {len(self.allocated)} parameter(s) got storage under LazyGuard, "
+                    f"e.g. {self.allocated[0]}")
+        for comp in list(self.planned) + [c for c in self.built if c not in self.planned]:
+            p, b = self.planned.get(comp, [0, 0]), self.built.get(comp, [0, 0])
+            for i, what in ((0, "params"), (1, "bytes")):
+                if p[i] != b[i]:
+                    return f"{self.name}: {comp} {what} planned {p[i]:,} built {b[i]:,}"
+        if (self.planned_params, self.planned_bytes) != (self.built_params, self.built_bytes):
+            return (f"{self.name}: params planned {self.planned_params:,} built {self.built_params:,}, bytes planned "
+                    f"{self.planned_bytes:,} built {self.built_bytes:,}")
+        return None
+
+    def line(self) -> str:
+        return (f"{self.name}: params planned {self.planned_params:,} built {self.built_params:,}; bytes planned "
+                f"{self.planned_bytes:,} built {self.built_bytes:,}; {self.seconds:.2f} s; "
+                f"{'ok' if self.problem() is None else 'MISMATCH'}")
+
+    def as_dict(self) -> dict:
+        return {"stage": self.stage, "tensor_rank": self.tensor_rank, "expert_rank": self.expert_rank,
+                "layers": self.layers, "planned_params": self.planned_params, "built_params": self.built_params,
+                "planned_bytes": self.planned_bytes, "built_bytes": self.built_bytes, "planned": self.planned,
+                "built": self.built, "allocated": self.allocated[:10], "seconds": self.seconds,
+                "ok": self.problem() is None, "problem": self.problem()}
+
+
+@dataclass
+class LayoutBuildCheck:
+    """Every checked shard of a layout; `rss_growth_bytes` over all the builds (the weights never get storage)."""
+
+    shards: list[ShardCheck]
+    param_dtype: str
+    seconds: float
+    rss_growth_bytes: int
+
+    @property
+    def ok(self) -> bool:
+        return all(s.problem() is None for s in self.shards)
+
+    def first_problem(self) -> str | None:
+        return next((p for p in (s.problem() for s in self.shards) if p), None)
+
+    def format(self) -> str:
+        lines = [s.line() for s in self.shards]
+        lines.append(f"{len(self.shards)} shard(s) built under paddle.LazyGuard in {self.seconds:.2f} s, RSS "
+                     f"+{self.rss_growth_bytes / 1e6:.0f} MB; weight bytes at param dtype {self.param_dtype} (norms "
+                     f"and routers fp32): {'all as planned' if self.ok else 'MISMATCH'}")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "problem": self.first_problem(), "param_dtype": self.param_dtype,
+                "seconds": self.seconds, "rss_growth_bytes": self.rss_growth_bytes,
+                "shards": [s.as_dict() for s in self.shards]}
+
+
+def _planned_shard(run_cfg, layers: list[int], first: bool, last: bool, param_dtype: str) -> dict[str, list[int]]:
+    """The plan's per-device [params, weight bytes] by component, with `ernie5.plan.memory`'s own rules."""
+    from ernie5.plan.memory import DTYPE_BYTES, _per_device, fp32_params, stage_params
+
+    m, p = run_cfg.model, run_cfg.parallel
+    out = {}
+    for comp, count in stage_params(m, layers, first, last, p.pipeline, p.tensor).total.items():
+        n = _per_device(comp, count, p.expert)
+        if n:
+            n32 = fp32_params(m, comp, n, p.tensor)
+            out[comp] = [n, 4 * n32 + DTYPE_BYTES[param_dtype] * (n - n32)]
+    return out
+
+
+def _build_shard(run_cfg, stage, tensor_rank: int, expert_rank: int, param_dtype: str) -> tuple[dict, list[str]]:
+    """Build one device's shard under LazyGuard as the trainer does; ({component: [params, bytes]}, allocated)."""
+    import paddle
+
+    from ernie5.comm.regions import TPGroup
+    from ernie5.model.moe import ExpertPlacement
+    from ernie5.model.transformer import build_model
+    from ernie5.plan.memory import DTYPE_BYTES
+
+    m, p = run_cfg.model, run_cfg.parallel
+    E = m.moe.num_experts
+    tp = TPGroup(p.tensor, tensor_rank, p.sequence_parallel_on, None) if p.tensor > 1 else None
+    placement = None  # the dispatcher is not called while building
+    if p.expert > 1 and E:
+        per = E // p.expert  # as Topology.local_experts
+        placement = ExpertPlacement(list(range(expert_rank * per, (expert_rank + 1) * per)), dispatcher=None)
+    with paddle.LazyGuard(), paddle.utils.unique_name.guard():
+        model = build_model(m, seed=run_cfg.run.seed, recompute=run_cfg.recompute, placement=placement,
+                            fp8=run_cfg.precision.fp8, tp=tp, stage=stage)
+    fp32 = {f"{prefix}.{n}" for prefix, layer in model.named_sublayers() if isinstance(layer, _fp32_layer_types())
+            for n, _ in layer.named_parameters(include_sublayers=False)}
+    built: dict[str, list[int]] = {}
+    allocated = []
+    for name, param in model.named_parameters():
+        n = math.prod(param.shape)
+        c = built.setdefault(component_of(name), [0, 0])
+        c[0] += n
+        c[1] += n * (4 if name in fp32 else DTYPE_BYTES[param_dtype])
+        if param._is_initialized():
+            allocated.append(name)
+    return built, allocated
+
+
+def check_layout_build(run_cfg, param_dtype: str = "bf16", devices: int | None = None,
+                       tensor_ranks: list[int] | None = None,
+                       expert_ranks: list[int] | None = None) -> LayoutBuildCheck:
+    """Build, under paddle.LazyGuard, the first and the last pipeline stage's shard of every tensor rank (default)
+    and of expert rank 0 (default) for `run_cfg`'s layout, and compare each with the plan: per-device parameters
+    and weight bytes, per component and in total, must be equal. No weight gets storage."""
+    from ernie5.errors import UserError
+    from ernie5.model.pipeline import PipelineStage, stage_layers
+    from ernie5.plan.memory import check_layout, memory_plan, resolve_data
+
+    if run_cfg.model.vocab_size is None:
+        raise UserError("model.vocab_size", "must be set for `plan` (it is otherwise read from the data)")
+    run_cfg, _ = resolve_data(run_cfg, devices)
+    check_layout(run_cfg)
+    m, p = run_cfg.model, run_cfg.parallel
+    per_stage = memory_plan(run_cfg, param_dtype)["per_stage"]
+    layout = stage_layers(m.num_layers, p.pipeline, p.virtual_pipeline)
+    shards = []
+    rss0, t0 = _rss_bytes(), time.perf_counter()
+    for s in sorted({0, p.pipeline - 1}):
+        # the stage's whole layer set, virtual chunks included (dealt round robin as the plan deals them)
+        stage = PipelineStage(s, p.pipeline, tuple(layout[s]))
+        planned = _planned_shard(run_cfg, layout[s], s == 0, s == p.pipeline - 1, param_dtype)
+        for r in (range(p.tensor) if tensor_ranks is None else tensor_ranks):
+            for e in (expert_ranks or [0]):
+                t = time.perf_counter()
+                built, allocated = _build_shard(run_cfg, stage, r, e, param_dtype)
+                shards.append(ShardCheck(stage=s, pipeline=p.pipeline, tensor_rank=r, tensor=p.tensor, expert_rank=e,
+                                         expert=p.expert, layers=list(layout[s]),
+                                         planned_params=per_stage[s]["params"],
+                                         planned_bytes=per_stage[s]["params_bytes"], planned=planned, built=built,
+                                         allocated=allocated, seconds=time.perf_counter() - t))
+    return LayoutBuildCheck(shards, param_dtype, time.perf_counter() - t0, max(0, _rss_bytes() - rss0))

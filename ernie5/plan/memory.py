@@ -4,8 +4,10 @@ Placement (world = data x tensor x pipeline; expert-parallel ranks are carved fr
 - Layers are split into `pipeline x virtual_pipeline` contiguous chunks (sizes differ by at most one, the
   later chunks take the extra layers); stage s holds chunks s, s + P, s + 2P, ... The embedding and the
   modality inputs (multimodal models: visual projection / scale table, audio tables, patch merger) sit on
-  stage 0; the final norm, the head, MTP and the modality heads on the last stage. With tied embeddings and
-  pipeline > 1 the last stage keeps its own copy of the embedding for the head (as Megatron does).
+  stage 0; the final norm, the head, MTP and the modality heads on the last stage. With pipeline > 1 the last
+  stage keeps its own copy of the embedding when the head is tied to it or MTP embeds its inputs (as Megatron
+  does), and the multimodal inputs and heads are one module (`ModalityIO`) held whole on both end stages, as
+  `build_model(cfg, stage=...)` builds them.
 - Each device holds one tensor-parallel rank's share of its stage, counted as `build_model(cfg, tp=...)` builds
   it (`ernie5.plan.params`, `tensor`): q/o projections, the dense FFN, shared experts, embedding and untied
   head are divided by `parallel.tensor`; k/v projections too when tensor divides num_kv_heads, else each rank
@@ -13,7 +15,8 @@ Placement (world = data x tensor x pipeline; expert-parallel ranks are carved fr
   norms and projection, and the modality inputs and heads are replicated on every tensor rank. Routed experts
   (text and, with isolated routing, vision experts) are divided over `parallel.expert` (carved from the data
   ranks: every tensor rank of a stage holds the same expert shard).
-- Weights are `param_dtype` (router fp32), grads `grad_dtype` (router fp32). Adam keeps an fp32 master copy
+- Weights are `param_dtype`, grads `grad_dtype`, except the layers the runtime keeps in fp32 under bf16 AMP
+  (`ernie5.model.mixed_precision`: routers and every RMSNorm weight, `fp32_params`). Adam keeps an fp32 master copy
   (unless the weights already are fp32) and two fp32 moments: 12 (or 8) bytes per parameter. ZeRO-1
   (`sharding_stage: 1`) divides those by the parameter's data-parallel degree: `data` for dense parts,
   `data / expert` for routed experts. Grads and weights are not sharded by ZeRO-1.
@@ -60,15 +63,17 @@ from typing import Any
 from ernie5.errors import ConfigError
 from ernie5.model.pipeline import stage_layers  # the runtime builds the same stages
 from ernie5.model.config import ModelConfig
-from ernie5.plan.params import (ParamCount, embedding_params, head_params, layer_params, modality_head_params,
-                                modality_input_params, mtp_params)
+from ernie5.plan.params import (ParamCount, _merger_params, _mtp_depth_params, embedding_params, head_params,
+                                layer_params, modality_head_params, modality_input_params, mtp_params)
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 # components divided over expert-parallel ranks (on top of the tensor-rank count, where they are replicated);
 # isolated routing runs with expert = 1, so its vision experts are whole on every rank
 EXPERT_COMPONENTS = {"experts", "vision_experts"}
-FP32_COMPONENTS = {"router"}  # the router weight is kept and trained in fp32 whatever param_dtype is
+# components kept and trained in fp32 whatever param_dtype is: the weights of the layers Paddle's AMP O2 leaves
+# in fp32 (`ernie5.model.mixed_precision`: Router, RMSNorm); MTP depths and the patch merger hold RMSNorms too
+FP32_COMPONENTS = {"router", "norms"}
 
 
 def resolve_data(run_cfg, devices: int | None = None):
@@ -110,16 +115,32 @@ def stage_params(cfg: ModelConfig, layers: list[int], first: bool, last: bool, p
     """Parameters of one tensor rank of one pipeline stage (every routed expert of it: `_per_device` divides
     them over the expert ranks); `tensor` 1: the whole stage."""
     pc = ParamCount()
-    if first or (last and cfg.tie_embeddings and pipeline > 1):
+    # the last stage's own embedding copy: the tied head and MTP's input embeddings read it
+    if first or (last and pipeline > 1 and (cfg.tie_embeddings or cfg.mtp.depth > 0)):
         pc.merge(embedding_params(cfg, tensor=tensor))
-    if first:
+    if first or last:  # ModalityIO (inputs and heads in one module) sits whole on both ends
         pc.merge(modality_input_params(cfg))
     for i in layers:
         pc.merge(layer_params(cfg, i, tensor=tensor))
     if last:
         pc.merge(head_params(cfg, tensor=tensor)).merge(mtp_params(cfg, tensor=tensor))
+    if first or last:
         pc.merge(modality_head_params(cfg))
     return pc
+
+
+def fp32_params(cfg: ModelConfig, name: str, count: int, tensor: int = 1) -> int:
+    """How many of component `name`'s `count` parameters (one tensor rank's) are fp32 whatever param_dtype is:
+    routers and norms whole, each MTP depth's four RMSNorms (two input norms, its block's two), the patch
+    merger's two RMSNorms."""
+    H = cfg.hidden_size
+    if name in FP32_COMPONENTS:
+        return count
+    if name == "mtp" and count:
+        return count // _mtp_depth_params(cfg, tensor) * 4 * H
+    if name == "patch_merger" and count:
+        return count // _merger_params(cfg) * 2 * H
+    return 0
 
 
 def _per_device(name: str, count: int, expert: int) -> int:
@@ -134,14 +155,14 @@ def state_bytes(pc: ParamCount, run_cfg, param_dtype: str, grad_dtype: str) -> d
     out = {"params": 0, "params_bytes": 0, "grads_bytes": 0, "optimizer_bytes": 0}
     for name, count in pc.total.items():
         n = _per_device(name, count, p.expert)
-        w = 4 if name in FP32_COMPONENTS else DTYPE_BYTES[param_dtype]
-        g = 4 if name in FP32_COMPONENTS else DTYPE_BYTES[grad_dtype]
-        adam = 8 + (4 if w < 4 else 0)
         dp = p.data // p.expert if name in EXPERT_COMPONENTS else p.data
-        out["params"] += n
-        out["params_bytes"] += n * w
-        out["grads_bytes"] += n * g
-        out["optimizer_bytes"] += math.ceil(n * adam / (dp if p.sharding_stage >= 1 else 1))
+        n32 = fp32_params(run_cfg.model, name, n, p.tensor)
+        for k, w, g in ((n32, 4, 4), (n - n32, DTYPE_BYTES[param_dtype], DTYPE_BYTES[grad_dtype])):
+            adam = 8 + (4 if w < 4 else 0)  # fp32 weights are their own master copy
+            out["params"] += k
+            out["params_bytes"] += k * w
+            out["grads_bytes"] += k * g
+            out["optimizer_bytes"] += math.ceil(k * adam / (dp if p.sharding_stage >= 1 else 1))
     return out
 
 

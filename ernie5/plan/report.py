@@ -33,7 +33,7 @@ def tokens_per_day(flops_token: float, devices: int, mfu: float = DEFAULT_MFU,
 class PlanOptions:
     """What the config does not say: storage dtypes, the throughput assumptions and the device budget."""
 
-    param_dtype: str = "bf16"  # weights (and activations) on the device; the router stays fp32
+    param_dtype: str = "bf16"  # weights (and activations) on the device; routers and norms stay fp32
     grad_dtype: str = "fp32"  # fp32 main grads accumulate over micro-batches (Paddle amp_master_grad)
     devices: int | None = None  # None: the layout's world size
     mfu: float = DEFAULT_MFU
