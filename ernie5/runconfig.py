@@ -64,8 +64,6 @@ class RunConfig:
                     f"{self.train.grad_accum_steps} < parallel.pipeline {P} (1F1B needs a micro-batch per stage)")
             require(self.model.num_layers >= P, "parallel.pipeline",
                     f"{P} stages > model.num_layers {self.model.num_layers}")
-            require(not self.elastic.enabled, "elastic.enabled",
-                    "elastic sub-models under pipeline parallelism are not built yet")
         if self.model.moe.isolated:
             require(self.parallel.expert == 1, "parallel.expert", "isolated routing runs without expert parallelism")
             require(not self.elastic.enabled, "elastic.enabled", "elastic sub-models need agnostic routing")

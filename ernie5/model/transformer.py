@@ -130,8 +130,9 @@ class OnAnotherStage(nn.Layer):
 
 
 def _layer_seed(seed: int, part: int) -> int:
-    """The generator seed each block (part = layer + 1) and the model's tail (part = num_layers + 1) are built
-    from: every pipeline stage draws a block's weights as one process does, whichever blocks it skips."""
+    """The generator seed each block (part = layer + 1), the model's tail (norm, head, MTP: num_layers + 1) and the
+    modality inputs / heads (num_layers + 2) are built from: every pipeline stage draws its parts' weights as one
+    process does, whichever parts it skips."""
     return seed * 1_000_003 + 7_919 * part
 
 
@@ -184,6 +185,8 @@ class UnifiedModel(nn.Layer):
             sharded_linear(cfg.hidden_size, cfg.vocab_size, cfg.init_std, tp_shard(self.tp, axis=1))
         self.mtp = nn.LayerList([MTPModule(cfg, self.tp) for _ in range(cfg.mtp.depth if last else 0)])
         # non-text inputs (first stage) and heads (last stage) are one module: both ends hold it
+        if reseed:
+            paddle.seed(_layer_seed(seed, cfg.num_layers + 2))
         self.io = ModalityIO(cfg) if cfg.multimodal.enabled and (first or last) else None
         table = frequency_table(cfg.dim_head, cfg.rope_theta, cfg.sections_thw)
         self.register_buffer("rope_table", paddle.to_tensor(table), persistable=False)
@@ -217,9 +220,9 @@ class UnifiedModel(nn.Layer):
         if first:
             x = self.embed(input_ids_BS) if embeds_BSH is None else embeds_BSH
             B, S = x.shape[:2]
-        else:
+        else:  # the batch's shape from its document ids (every caller passes them)
             x = pipe_in
-            B, S = (input_ids_BS if input_ids_BS is not None else embeds_BSH).shape[:2]
+            B, S = segment_ids_BS.shape[:2]
         start = cache.length if cache is not None else 0
         if pos_thw_BS3 is None:
             pos_thw_BS3 = paddle.arange(start, start + S, dtype="int64").reshape([1, S, 1]).expand([B, S, 3])

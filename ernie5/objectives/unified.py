@@ -181,10 +181,20 @@ class UnifiedObjective:
     def loss(self, model, b: dict, submodel=None, record: bool = True) -> TextLoss:
         """The total loss and its logged terms; `record` (training) notes the per-modality values for
         `finish_step`."""
-        B, S = b["token"].shape
         emb = model.embed_unified(b)
-        out = model.backbone(None, b["pos"], b["doc"], submodel, embeds_BSH=emb, groups_BS=b["group"],
-                             modality_BS=b["modality"])
+        return self.heads(model, b, self.backbone(model, b, submodel, emb), emb, record)
+
+    @staticmethod
+    def backbone(model, b: dict, submodel=None, emb=None, pipe_in=None):
+        """The backbone on a unified batch (`emb`: its input vectors on the first pipeline stage; `pipe_in`: a
+        later stage's input, see `UnifiedModel.backbone`)."""
+        return model.backbone(None, b["pos"], b["doc"], submodel, embeds_BSH=emb, groups_BS=b["group"],
+                              modality_BS=b["modality"], pipe_in=pipe_in)
+
+    def heads(self, model, b: dict, out, emb, record: bool = True) -> TextLoss:
+        """The loss from the backbone's output (the last pipeline stage's part of `loss`); `emb`: the batch's
+        input vectors (MTP's inputs)."""
+        B, S = b["token"].shape
         hn = model.norm(out.hidden_BSH).reshape([B * S, -1])  # heads read only the positions that have their targets
         present: dict[str, paddle.Tensor] = {}
         terms: dict[str, float] = {}

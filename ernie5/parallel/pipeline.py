@@ -88,9 +88,11 @@ class OneFOneB:
                 _send(send, peer)
         return got
 
-    def run(self, batches: list) -> list[Optional[MicroResult]]:
-        """Forward and backward of every micro-batch (gradients accumulate in the parameters); returns the
-        last stage's per-micro-batch results on the last stage, None elsewhere."""
+    def run(self, batches: list, submodels: Optional[list] = None) -> list[MicroResult]:
+        """Forward and backward of every micro-batch (gradients accumulate in the parameters), micro-batch i
+        through elastic sub-model `submodels[i]` (None: the full model); returns the step's per-micro-batch
+        results, the same on every stage."""
+        submodels = submodels or [None] * len(batches)
         p, M = self.pipe, len(batches)
         warmup = min(p.size - p.stage - 1, M)
         saved: dict[int, tuple] = {}
@@ -99,7 +101,7 @@ class OneFOneB:
         def fwd(mb: int, x_in):
             if x_in is not None:
                 x_in.stop_gradient = False
-            out, aux = self.forward(batches[mb], x_in)
+            out, aux = self.forward(batches[mb], x_in, submodels[mb])
             if p.last:
                 loss = self.poison(out.total, mb)
                 saved[mb] = (x_in, loss / self.accum, None, None)

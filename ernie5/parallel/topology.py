@@ -64,6 +64,12 @@ class Topology:
         """Size of the expert-data-parallel group (ranks holding the same experts)."""
         return self.dp // self.ep
 
+    def sum_over_data_and_stages(self, x: np.ndarray) -> np.ndarray:
+        """Sum over the data-parallel ranks and the pipeline stages (what only the last stage measures, zeros
+        elsewhere, reaches every stage)."""
+        x = self.sum_array(x)
+        return self.sum_array(x, group=self.pipe.group) if self.pipe is not None else x
+
     def sum_over_token_ranks(self, x: np.ndarray) -> np.ndarray:
         """Sum over the ranks that see different tokens with the same layers: the data-parallel ranks, and with
         sequence parallelism their tensor-parallel ranks too."""

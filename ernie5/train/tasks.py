@@ -11,7 +11,7 @@ below, so a new workload is a new task class, not a branch in the loop:
 - `eval_loss(model, batches)`: the mean held-out loss over the first `batches` micro-batches (None without a
   held-out split), from the task's `held_out_term` of each;
 - `finish_step(applied, sum_fn)`: end-of-step bookkeeping (`applied` False on a skipped step; `sum_fn`
-  sums an array over the data-parallel ranks);
+  sums an array over the data-parallel ranks and the pipeline stages);
 - `stateful()`: name -> object with `state_dict` / `load_state_dict`, saved in the checkpoint.
 
 FLOPs per token are the planner's (a text token's for every workload: see `ernie5.plan.params`).
@@ -90,10 +90,10 @@ class TextTask(_Task):
     def batch_shape(self, batch: dict) -> tuple[int, int]:
         return tuple(batch["input_ids"].shape)
 
-    def pipeline_forward(self, model, batch: dict, pipe_in):
+    def pipeline_forward(self, model, batch: dict, pipe_in, submodel=None):
         """This pipeline stage's part of `loss`: (output to send, its balancing loss or None) on a stage before
         the last; (the loss, None) on the last."""
-        out = text_backbone(model, batch, None, pipe_in)
+        out = text_backbone(model, batch, submodel, pipe_in)
         if not model.stage.last:
             return out.hidden_BSH, out.aux_loss
         return text_heads(model, batch, out, self.cfg.model.mtp.loss_weight, self.balance_length), None
@@ -119,6 +119,24 @@ class UnifiedTask(_Task):
 
     def batch(self, loader, train: bool = True) -> dict:
         return self.data.batch(loader, train)
+
+    def batch_shape(self, batch: dict) -> tuple[int, int]:
+        return tuple(batch["token"].shape)
+
+    def pipeline_forward(self, model, batch: dict, pipe_in, submodel=None):
+        """This pipeline stage's part of `loss` (see `TextTask.pipeline_forward`); the last stage embeds the
+        batch again for MTP's inputs (its copies of the embedding and modality inputs)."""
+        obj = self.objective
+        first, last = model.stage.first, model.stage.last
+        emb = model.embed_unified(batch) if first or last else None
+        out = obj.backbone(model, batch, submodel, emb if first else None, pipe_in)
+        if not last:
+            return out.hidden_BSH, out.aux_loss
+        return obj.heads(model, batch, out, emb), None
+
+    @staticmethod
+    def held_out_value(loss) -> float:
+        return sum(loss.terms.get(f"loss_{m}", 0.0) for m in MODALITY_TERMS)
 
     def loss(self, model, batch: dict, submodel=None):
         return self.objective.loss(model, batch, submodel)

@@ -81,9 +81,6 @@ class Trainer:
         self._peak_gflops: Optional[float] = None
         with paddle.utils.unique_name.guard():  # stable parameter names -> stable optimizer-state keys
             pipe = self.topo.pipe
-            if pipe is not None and cfg.model.multimodal.enabled:
-                raise TrainingError("parallel.pipeline: the unified (multimodal) model under pipeline parallelism "
-                                    "is not built yet")
             stage = build_stage(cfg.model.num_layers, pipe.size, pipe.stage) if pipe is not None else None
             self.model = build_model(cfg.model, seed=cfg.run.seed, recompute=cfg.recompute,
                                      placement=self._expert_placement(), fp8=cfg.precision.fp8, tp=self.topo.tp,
@@ -270,7 +267,7 @@ class Trainer:
             run("optimizer", self.runtime.step, lr)
         run("optimizer", self.runtime.clear_grad)
         router_metrics = run("algorithm", self.algorithm.after_step, self.model, lr) if bad is None else {}
-        run("objective", self.task.finish_step, bad is None, self.topo.sum_array)
+        run("objective", self.task.finish_step, bad is None, self.topo.sum_over_data_and_stages)
         if bad is None and self.topo.distributed:  # log the mean over data-parallel ranks
             keys = sorted(terms)
             means = self.topo.sum_array(np.array([total] + [terms[k] for k in keys])) / self.topo.dp
@@ -296,9 +293,9 @@ class Trainer:
             B, S = self.task.batch_shape(batch)
             return [B, S // tp.degree if tp.sequence_parallel else S, H]
 
-        def forward(batch, pipe_in):
+        def forward(batch, pipe_in, submodel=None):
             with autocast(cfg.precision):
-                return self.task.pipeline_forward(self.model, batch, pipe_in)
+                return self.task.pipeline_forward(self.model, batch, pipe_in, submodel)
 
         return OneFOneB(self.topo.pipe, forward, shape, accum, **({"poison": poison} if poison else {}))
 
@@ -307,14 +304,19 @@ class Trainer:
         terms, None or the skip reason), the same on every rank."""
         cfg, run, step = self.cfg, self.timer.run, self.step + 1
         batches = [run("data", self.task.batch, self.task.train_loader) for _ in range(accum)]
+        # elastic: the sampler is seeded by (step, micro-batch), so every stage trains the same sub-model
+        subs = [self.elastic.submodel_at(step, mb) if self.elastic is not None else None for mb in range(accum)]
         schedule = self._schedule(accum, poison=lambda loss, mb: self.faults.poison_loss(loss, step, mb))
-        results = run("loss", schedule.run, batches)
+        results = run("loss", schedule.run, batches, subs)
         values = [r.value for r in results]
         bad_mb = next((mb for mb, v in enumerate(values) if not math.isfinite(v)), None)
         if self.topo.any(bad_mb is not None):
             return 0.0, {}, {"reason": "non-finite loss", "micro_batch": bad_mb}
         terms: dict[str, float] = {}
-        for r in results:
+        for mb, r in enumerate(results):
+            if self.elastic is not None:  # counted and recorded as the one-process loop does
+                self.elastic.sample(step, mb)
+                self.elastic.record_loss(r.value)
             for k, v in r.terms.items():
                 terms[k] = terms.get(k, 0.0) + v / accum
         return float(np.mean(values)), terms, None

@@ -205,3 +205,24 @@ def test_unified_training_under_tensor_parallel_equals_one_process(world, mm_sha
     def losses(run):
         return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose(losses(tp2), losses(one), rtol=1e-5)
+
+
+def test_unified_training_under_pipeline_parallel_equals_one_process(world, mm_shards, tmp_path):
+    """The unified model split over 2 pipeline stages (1F1B over 2 micro-batches: modality inputs on the first,
+    modality heads, MTP and posterior weighting on the last) gives the one-process losses for 4 steps."""
+    from tests.parallel.test_tensor_parallel import launch
+
+    args = ["configs/demo_unified.yaml", f"data.dir={mm_shards}", "train.max_steps=4", *UNIFIED_TINY,
+            "train.grad_accum_steps=2", "checkpoint.interval=0", "--quiet"]
+    one = tmp_path / "one"
+    r = run_cli("train", *args, f"run.output_dir={one}", timeout=300)
+    assert r.returncode == 0, r.stderr
+    pp2 = tmp_path / "pp2"
+    code, logs = launch(2, [*args, f"run.output_dir={pp2}", "parallel.pipeline=2"], tmp_path / "log")
+    assert code == 0, logs
+
+    def metrics(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    got, want = metrics(pp2), metrics(one)
+    for key in ("loss", "loss_text", "loss_visual", "loss_audio"):
+        np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=1e-5, err_msg=key)

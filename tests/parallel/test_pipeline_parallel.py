@@ -66,6 +66,27 @@ def test_pp2_composed_on_4_ranks_equals_one_process(tmp_path, train_args, layout
     np.testing.assert_allclose(losses(run), losses(single), rtol=1e-5)
 
 
+def test_elastic_width_and_top_k_under_pp2_equal_one_process(tmp_path, train_args):
+    """Elastic training (expert-count and top-k cuts; depth stays full under PP) for 4 steps: every stage trains
+    the same sub-model per micro-batch, and the losses equal one process's."""
+    common = ("train.max_steps=4", "elastic.enabled=true", "elastic.depth.p_full=1.0")
+    single = tmp_path / "single"
+    p = run_cli("train", *train_args(single, *common))
+    assert p.returncode == 0, p.stderr
+    pp2 = tmp_path / "pp2"
+    code, logs = launch(2, train_args(pp2, *common, "parallel.pipeline=2"), tmp_path / "l")
+    assert code == 0, logs
+    np.testing.assert_allclose(losses(pp2), losses(single), rtol=1e-5)
+    for key in ("elastic_submodels", "loss_full", "loss_sub"):  # the same sub-models, and their losses
+        got, want = ([json.loads(line).get(key) for line in open(run / "metrics.jsonl")] for run in (pp2, single))
+        if key == "elastic_submodels":
+            assert got == want
+        else:  # a step may train no sub-model of a kind (None in both runs)
+            assert [g is None for g in got] == [w is None for w in want] and any(g is not None for g in got)
+            np.testing.assert_allclose([g for g in got if g is not None], [w for w in want if w is not None],
+                                       rtol=1e-5)
+
+
 def test_nan_on_the_last_stage_skips_the_step_on_every_rank(tmp_path, train_args):
     run = tmp_path / "nan"
     code, logs = launch(2, train_args(run, "train.max_steps=3", "parallel.pipeline=2", "faults.nan_loss_steps=[2]"),
@@ -80,8 +101,6 @@ def test_nan_on_the_last_stage_skips_the_step_on_every_rank(tmp_path, train_args
     (["train.grad_accum_steps=1"], "train.grad_accum_steps: 1 < parallel.pipeline 2 (1F1B needs a micro-batch per "
                                    "stage)"),
     (["parallel.data=2"], "parallel: data 2 x tensor 1 x pipeline 2 = 4, but 1 processes were launched"),
-    (["elastic.enabled=true", "elastic.depth.p_full=1.0"],
-     "elastic.enabled: elastic sub-models under pipeline parallelism are not built yet"),
 ])
 def test_bad_pipeline_layouts_exit_2(tmp_path, train_args, override, message):
     p = run_cli("train", *train_args(tmp_path / "x", "parallel.pipeline=2", *override))
