@@ -47,7 +47,8 @@ from ernie5.train.perf import gemm_gflops
 PHASES = ("attention", "router", "dispatch_combine", "experts", "shared_expert", "dense_ffn", "norms_rope",
           "embedding", "head_loss", "glue", "backward", "grad_clip", "optimizer", "data", "other")
 _LAYER_PHASES = {"Attention": "attention", "RMSNorm": "norms_rope", "Router": "router",
-                 "MoELayer": "dispatch_combine", "Embedding": "embedding", "Block": "glue", "MTPModule": "glue"}
+                 "MoELayer": "dispatch_combine", "Embedding": "embedding", "VocabEmbedding": "embedding", "Block": "glue",
+                 "MTPModule": "glue"}
 
 
 @dataclasses.dataclass
@@ -182,7 +183,7 @@ def layer_phases(model) -> dict[str, str]:
             phase = "shared_expert"
         elif "expert" in attr:
             phase = "experts"
-        elif cls == "SwiGLU":
+        elif cls in ("SwiGLU", "ParallelSwiGLU"):
             phase = "dense_ffn"
         else:
             phase = phases.get(parent)
