@@ -62,8 +62,12 @@ class RunConfig:
         if P > 1:
             require(self.train.grad_accum_steps >= P, "train.grad_accum_steps",
                     f"{self.train.grad_accum_steps} < parallel.pipeline {P} (1F1B needs a micro-batch per stage)")
-            require(self.model.num_layers >= P, "parallel.pipeline",
-                    f"{P} stages > model.num_layers {self.model.num_layers}")
+            V = self.parallel.virtual_pipeline
+            require(self.model.num_layers >= P * V, "parallel.pipeline",
+                    f"{P} stages x virtual_pipeline {V} = {P * V} chunks > model.num_layers {self.model.num_layers}")
+            require(V == 1 or self.train.grad_accum_steps % P == 0, "train.grad_accum_steps",
+                    f"{self.train.grad_accum_steps} is not a multiple of parallel.pipeline {P} (interleaved 1F1B "
+                    "runs the micro-batches in groups of one per stage)")
         if self.model.moe.isolated:
             require(self.parallel.expert == 1, "parallel.expert", "isolated routing runs without expert parallelism")
             require(not self.elastic.enabled, "elastic.enabled", "elastic sub-models need agnostic routing")

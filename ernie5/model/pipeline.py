@@ -24,9 +24,13 @@ def stage_layers(num_layers: int, pipeline: int, virtual: int = 1) -> list[list[
 
 @dataclass(frozen=True)
 class PipelineStage:
+    """Pipeline rank `index` of `size`; with interleaving (V > 1) it holds V chunks of layers: local chunk j is
+    the model's chunk j * size + index, so a micro-batch visits stage 0, 1, ..., size - 1, then stage 0 again."""
+
     index: int
     size: int
     layers: tuple[int, ...]
+    chunks: tuple[tuple[int, ...], ...] = ()  # the layers of each local chunk (empty: one chunk of all `layers`)
 
     @property
     def first(self) -> bool:
@@ -36,9 +40,29 @@ class PipelineStage:
     def last(self) -> bool:
         return self.index == self.size - 1
 
+    @property
+    def virtual(self) -> int:
+        return max(len(self.chunks), 1)
+
     def holds(self, layer: int) -> bool:
         return layer in self.layers
 
+    def chunk_layers(self, chunk: int) -> tuple[int, ...]:
+        return self.chunks[chunk] if self.chunks else self.layers
 
-def build_stage(num_layers: int, pipeline: int, index: int) -> PipelineStage:
-    return PipelineStage(index, pipeline, tuple(stage_layers(num_layers, pipeline)[index]))
+    def starts_model(self, chunk: int) -> bool:
+        """Whether `chunk` is the model's first (it embeds the batch)."""
+        return self.first and chunk == 0
+
+    def ends_model(self, chunk: int) -> bool:
+        """Whether `chunk` is the model's last (the heads and the loss follow it)."""
+        return self.last and chunk == self.virtual - 1
+
+
+def build_stage(num_layers: int, pipeline: int, index: int, virtual: int = 1) -> PipelineStage:
+    n = pipeline * virtual
+    sizes = [len(stage_layers(num_layers, n)[c]) for c in range(n)]  # chunk c: contiguous layers
+    starts = [sum(sizes[:c]) for c in range(n)]
+    chunks = tuple(tuple(range(starts[c], starts[c] + sizes[c])) for c in range(index, n, pipeline))
+    return PipelineStage(index, pipeline, tuple(stage_layers(num_layers, pipeline, virtual)[index]),
+                         chunks if virtual > 1 else ())

@@ -201,7 +201,8 @@ class UnifiedModel(nn.Layer):
         return [b.mlp for b in self.layers if b.is_moe]
 
     def backbone(self, input_ids_BS, pos_thw_BS3=None, segment_ids_BS=None, submodel=None, *, embeds_BSH=None,
-                 groups_BS=None, modality_BS=None, cache: Optional[KVCache] = None, pipe_in=None) -> BackboneOut:
+                 groups_BS=None, modality_BS=None, cache: Optional[KVCache] = None, pipe_in=None,
+                 chunk: int = 0) -> BackboneOut:
         """`submodel` (elastic training): layers it does not keep are identities; MoE layers route with its
         expert subset and top-k. None: the full model.
 
@@ -214,9 +215,11 @@ class UnifiedModel(nn.Layer):
 
         Pipeline stages after the first pass `pipe_in`, the previous stage's output as sent (a sequence shard
         under sequence parallelism; `embeds_BSH` / `input_ids_BS` then only give the shape), and every stage
-        but the last returns its blocks' output in that form for the next stage."""
-        first = self.stage is None or self.stage.first
-        last = self.stage is None or self.stage.last
+        but the last returns its blocks' output in that form for the next stage. With interleaving, `chunk` is
+        the local chunk to run (each is a stage of its own in this sense)."""
+        first = self.stage is None or self.stage.starts_model(chunk)
+        last = self.stage is None or self.stage.ends_model(chunk)
+        run_layers = None if self.stage is None else set(self.stage.chunk_layers(chunk))
         if first:
             x = self.embed(input_ids_BS) if embeds_BSH is None else embeds_BSH
             B, S = x.shape[:2]
@@ -241,7 +244,9 @@ class UnifiedModel(nn.Layer):
                 modality_BS = modality_BS[:, a:b]
         aux_terms = []
         for i, block in enumerate(self.layers):
-            if not getattr(block, "present", True) or (submodel is not None and not submodel.keeps_layer(i)):
+            if run_layers is not None and i not in run_layers:
+                continue  # another stage's, or another chunk's
+            if submodel is not None and not submodel.keeps_layer(i):
                 continue
             kv = None if cache is None else functools.partial(cache.append, i)
             x, aux = block(x, cos, sin, mask, submodel, modality_BS, kv)
@@ -251,7 +256,8 @@ class UnifiedModel(nn.Layer):
         if sp:
             if last:
                 x = gather_seq_replicated(x, self.tp)
-            if self.training and any(l.has_aux for l in self.moe_layers()):
+            if self.training and any(self.layers[i].is_moe and self.layers[i].mlp.has_aux for i in
+                                     (run_layers if run_layers is not None else range(len(self.layers)))):
                 # each rank's balancing losses are its shard's share of the batch's (`balance_losses`): the sum
                 # over the group is the loss; every rank joins even if its shard routed nothing
                 aux_loss = reduce_from(aux_loss if aux_loss is not None else paddle.zeros([]), self.tp)

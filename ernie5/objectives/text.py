@@ -95,9 +95,11 @@ class TextLoss:
     tokens: int
 
 
-def text_backbone(model: UnifiedModel, batch: dict[str, paddle.Tensor], submodel=None, pipe_in=None):
-    """The backbone on a text batch (`pipe_in`: a later pipeline stage's input, see `UnifiedModel.backbone`)."""
-    return model.backbone(batch["input_ids"], batch["positions"], batch["segment_ids"], submodel, pipe_in=pipe_in)
+def text_backbone(model: UnifiedModel, batch: dict[str, paddle.Tensor], submodel=None, pipe_in=None, chunk: int = 0):
+    """The backbone on a text batch (`pipe_in`, `chunk`: a pipeline stage's input and layer chunk, see
+    `UnifiedModel.backbone`)."""
+    return model.backbone(batch["input_ids"], batch["positions"], batch["segment_ids"], submodel, pipe_in=pipe_in,
+                          chunk=chunk)
 
 
 def text_loss(model: UnifiedModel, batch: dict[str, paddle.Tensor], mtp_weight: float, submodel=None,

@@ -185,11 +185,11 @@ class UnifiedObjective:
         return self.heads(model, b, self.backbone(model, b, submodel, emb), emb, record)
 
     @staticmethod
-    def backbone(model, b: dict, submodel=None, emb=None, pipe_in=None):
-        """The backbone on a unified batch (`emb`: its input vectors on the first pipeline stage; `pipe_in`: a
-        later stage's input, see `UnifiedModel.backbone`)."""
+    def backbone(model, b: dict, submodel=None, emb=None, pipe_in=None, chunk: int = 0):
+        """The backbone on a unified batch (`emb`: its input vectors on the first pipeline stage; `pipe_in`,
+        `chunk`: a later stage's input and layer chunk, see `UnifiedModel.backbone`)."""
         return model.backbone(None, b["pos"], b["doc"], submodel, embeds_BSH=emb, groups_BS=b["group"],
-                              modality_BS=b["modality"], pipe_in=pipe_in)
+                              modality_BS=b["modality"], pipe_in=pipe_in, chunk=chunk)
 
     def heads(self, model, b: dict, out, emb, record: bool = True) -> TextLoss:
         """The loss from the backbone's output (the last pipeline stage's part of `loss`); `emb`: the batch's

@@ -125,16 +125,36 @@ def resolve_data_degree(cfg: ParallelConfig, world: int) -> int:
 def _one_group_at_a_time(gloo: bool):
     """Gloo (CPU) fails to set up overlapping subgroups created back to back (4 ranks, TP groups {0,1} {2,3}
     then DP groups {0,2} {1,3}: "connection refused" / TIMEOUT while pairing); with a barrier after each
-    `new_group` every layout comes up. Applies to fleet's own hybrid groups too, which it creates through
-    `paddle.distributed.new_group`. NCCL needs no such care."""
+    `new_group` every layout comes up (a gloo barrier in between still failed now and then on a loaded host:
+    "address size 136 vs 45", a peer's rendezvous read as another's). Applies to fleet's own hybrid groups too,
+    which it creates through `paddle.distributed.new_group`. NCCL needs no such care."""
     if not gloo:
         yield
         return
-    original = paddle.distributed.new_group
+    import time
 
-    def new_group(*args, **kwargs):
-        group = original(*args, **kwargs)
-        paddle.distributed.barrier()
+    from paddle.distributed import collective
+
+    original = paddle.distributed.new_group
+    world = paddle.distributed.get_world_size()
+    made = [0]
+
+    def new_group(ranks=None, *args, **kwargs):
+        if ranks is not None and sorted(ranks) == list(range(world)):
+            # a second group of every rank (fleet's "check" group when data degree is 1) failed to pair on gloo
+            # more often than not: the default group has the same members
+            return collective._get_default_group()
+        # wait on the launcher's TCP store (no gloo traffic between two groups' set-ups) until every rank has
+        # made this group
+        group = original(ranks, *args, **kwargs)
+        made[0] += 1
+        store, key = collective._default_store, f"ernie5/new_group/{made[0]}"
+        store.add(key, 1)
+        deadline = time.monotonic() + 600
+        while store.add(key, 0) < world:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"process group {made[0]} was not set up by every rank within 600 s")
+            time.sleep(0.01)
         return group
 
     paddle.distributed.new_group = new_group
@@ -146,9 +166,6 @@ def _one_group_at_a_time(gloo: bool):
 
 def init_topology(cfg: ParallelConfig, world: Optional[int] = None) -> Topology:
     """Validate the layout against the launched processes and build the groups (fleet when world > 1)."""
-    if cfg.virtual_pipeline > 1:
-        raise UserError("parallel.virtual_pipeline", f"{cfg.virtual_pipeline} > 1 (interleaved 1F1B) is not built "
-                                                     "yet; use virtual_pipeline 1")
     world = launched_world_size() if world is None else world
     dp = resolve_data_degree(cfg, world)
     want = dp * cfg.tensor * cfg.pipeline
@@ -166,12 +183,6 @@ def init_topology(cfg: ParallelConfig, world: Optional[int] = None) -> Topology:
     strategy.hybrid_configs = {"dp_degree": dp // sharding, "sharding_degree": sharding,
                                "mp_degree": cfg.tensor, "pp_degree": cfg.pipeline}
     gloo = not paddle.is_compiled_with_cuda()
-    if gloo and (cfg.tensor > 1 or cfg.pipeline > 1) and sharding > 1:
-        # measured: fleet's sharding + model-parallel groups fail to connect on gloo even one at a time
-        raise UserError("parallel.sharding_stage", "ZeRO-1 with tensor / pipeline parallelism does not start on "
-                                                   "gloo (CPU): "
-                                                   "fleet's process groups fail to connect; use it on GPUs (NCCL, "
-                                                   "untested here) or set parallel.sharding_stage=0")
     with _one_group_at_a_time(gloo):
         fleet.init(is_collective=True, strategy=strategy)
         hcg = fleet.get_hybrid_communicate_group()
@@ -200,11 +211,14 @@ def _with_groups(cfg: ParallelConfig, world: int, dp: int, hcg, gloo: bool) -> T
         ranks = list(pp_group.ranks)
         s = ranks.index(rank)
         topo.pipe = PipeGroup(s, cfg.pipeline, ranks[s - 1] if s > 0 else None,
-                              ranks[s + 1] if s + 1 < len(ranks) else None, pp_group, ranks[-1])
-        for line in fleet_topo.get_comm_list("pipe"):  # every rank creates every pipeline's pair, in order
-            g = paddle.distributed.new_group([line[0], line[-1]])
-            if rank in (line[0], line[-1]):
-                topo.embed_group = g
+                              ranks[s + 1] if s + 1 < len(ranks) else None, pp_group, ranks[-1], tuple(ranks))
+        if cfg.pipeline == 2:  # the two ends are the pipeline group itself
+            topo.embed_group = pp_group
+        else:
+            for line in fleet_topo.get_comm_list("pipe"):  # every rank creates every pipeline's pair, in order
+                g = paddle.distributed.new_group([line[0], line[-1]])
+                if rank in (line[0], line[-1]):
+                    topo.embed_group = g
     if cfg.expert > 1:  # every rank must create every group (those of every TP / PP rank), in the same order
         for ranks_of in fleet_topo.get_comm_list("sharding" if sharding > 1 else "data"):
             for block in range(dp // cfg.expert):

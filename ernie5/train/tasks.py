@@ -90,11 +90,11 @@ class TextTask(_Task):
     def batch_shape(self, batch: dict) -> tuple[int, int]:
         return tuple(batch["input_ids"].shape)
 
-    def pipeline_forward(self, model, batch: dict, pipe_in, submodel=None):
-        """This pipeline stage's part of `loss`: (output to send, its balancing loss or None) on a stage before
-        the last; (the loss, None) on the last."""
-        out = text_backbone(model, batch, submodel, pipe_in)
-        if not model.stage.last:
+    def pipeline_forward(self, model, batch: dict, pipe_in, submodel=None, chunk: int = 0):
+        """This pipeline stage's part of `loss` (its layer chunk `chunk`): (output to send, its balancing loss
+        or None) before the model's last chunk; (the loss, None) after it."""
+        out = text_backbone(model, batch, submodel, pipe_in, chunk)
+        if not model.stage.ends_model(chunk):
             return out.hidden_BSH, out.aux_loss
         return text_heads(model, batch, out, self.cfg.model.mtp.loss_weight, self.balance_length), None
 
@@ -123,13 +123,13 @@ class UnifiedTask(_Task):
     def batch_shape(self, batch: dict) -> tuple[int, int]:
         return tuple(batch["token"].shape)
 
-    def pipeline_forward(self, model, batch: dict, pipe_in, submodel=None):
+    def pipeline_forward(self, model, batch: dict, pipe_in, submodel=None, chunk: int = 0):
         """This pipeline stage's part of `loss` (see `TextTask.pipeline_forward`); the last stage embeds the
         batch again for MTP's inputs (its copies of the embedding and modality inputs)."""
         obj = self.objective
-        first, last = model.stage.first, model.stage.last
+        first, last = model.stage.starts_model(chunk), model.stage.ends_model(chunk)
         emb = model.embed_unified(batch) if first or last else None
-        out = obj.backbone(model, batch, submodel, emb if first else None, pipe_in)
+        out = obj.backbone(model, batch, submodel, emb if first else None, pipe_in, chunk)
         if not last:
             return out.hidden_BSH, out.aux_loss
         return obj.heads(model, batch, out, emb), None

@@ -33,7 +33,7 @@ from ernie5.model.transformer import build_model, count_params
 from ernie5.optim.schedule import lr_at
 from ernie5.model.pipeline import build_stage
 from ernie5.parallel.expert_parallel import ExpertParallelDispatcher
-from ernie5.parallel.pipeline import OneFOneB
+from ernie5.parallel.pipeline import Interleaved, OneFOneB
 from ernie5.parallel.runtime import ParallelRuntime
 from ernie5.parallel.topology import init_topology
 from ernie5.plan import flops_per_token
@@ -81,7 +81,8 @@ class Trainer:
         self._peak_gflops: Optional[float] = None
         with paddle.utils.unique_name.guard():  # stable parameter names -> stable optimizer-state keys
             pipe = self.topo.pipe
-            stage = build_stage(cfg.model.num_layers, pipe.size, pipe.stage) if pipe is not None else None
+            stage = build_stage(cfg.model.num_layers, pipe.size, pipe.stage, cfg.parallel.virtual_pipeline) \
+                if pipe is not None else None
             self.model = build_model(cfg.model, seed=cfg.run.seed, recompute=cfg.recompute,
                                      placement=self._expert_placement(), fp8=cfg.precision.fp8, tp=self.topo.tp,
                                      stage=stage)
@@ -286,18 +287,23 @@ class Trainer:
         return metrics
 
     def _schedule(self, accum: int, poison=None) -> OneFOneB:
-        """This rank's 1F1B schedule over `accum` micro-batches of the task."""
+        """This rank's 1F1B schedule (interleaved with `parallel.virtual_pipeline` > 1) over `accum`
+        micro-batches of the task."""
         cfg, tp, H = self.cfg, self.topo.tp, self.cfg.model.hidden_size
 
         def shape(batch):  # the activation a stage receives: [B, S, H], a sequence shard under SP
             B, S = self.task.batch_shape(batch)
             return [B, S // tp.degree if tp.sequence_parallel else S, H]
 
-        def forward(batch, pipe_in, submodel=None):
+        def forward(batch, pipe_in, submodel=None, chunk=0):
             with autocast(cfg.precision):
-                return self.task.pipeline_forward(self.model, batch, pipe_in, submodel)
+                return self.task.pipeline_forward(self.model, batch, pipe_in, submodel, chunk)
 
-        return OneFOneB(self.topo.pipe, forward, shape, accum, **({"poison": poison} if poison else {}))
+        extra = {"poison": poison} if poison else {}
+        V = cfg.parallel.virtual_pipeline
+        if V > 1:
+            return Interleaved(self.topo.pipe, forward, shape, accum, V, **extra)
+        return OneFOneB(self.topo.pipe, forward, shape, accum, **extra)
 
     def _pipeline_micro_batches(self, accum: int):
         """The step's micro-batches through the 1F1B schedule (`ernie5.parallel.pipeline`): (mean loss, mean

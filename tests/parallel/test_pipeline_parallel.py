@@ -51,10 +51,12 @@ def test_pp2_training_equals_one_process_and_checkpoints_reshard(tmp_path, train
         np.testing.assert_allclose(losses(dst)[-3:], losses(single)[3:], rtol=1e-5)
 
 
-@pytest.mark.parametrize("layout", [["parallel.tensor=2"], ["parallel.expert=2"], []],
-                         ids=["pp2xtp2", "pp2xep2", "pp2xdp2"])
+@pytest.mark.parametrize("layout", [["parallel.tensor=2"], ["parallel.expert=2"], [],
+                                    ["parallel.tensor=2", "parallel.virtual_pipeline=2"]],
+                         ids=["pp2xtp2", "pp2xep2", "pp2xdp2", "pp2v2xtp2"])
 def test_pp2_composed_on_4_ranks_equals_one_process(tmp_path, train_args, layout):
-    """PP 2 x TP 2 (sequence parallel), PP 2 x EP 2 and PP 2 x DP 2 (4 rows per rank) for 6 steps."""
+    """PP 2 x TP 2 (sequence parallel), PP 2 x EP 2, PP 2 x DP 2 (4 rows per rank) and interleaved PP 2 x 2
+    chunks x TP 2, for 6 steps."""
     base = ("train.max_steps=6", "model.moe.aux_loss_coef=0")  # a per-rank Switch loss is not the batch's
     dp2 = "parallel.tensor=2" not in layout
     single = tmp_path / "single"
@@ -64,6 +66,21 @@ def test_pp2_composed_on_4_ranks_equals_one_process(tmp_path, train_args, layout
     code, logs = launch(4, train_args(run, *base, "parallel.pipeline=2", *layout), tmp_path / "l")
     assert code == 0, logs
     np.testing.assert_allclose(losses(run), losses(single), rtol=1e-5)
+
+
+def test_interleaved_pp2_v2_equals_one_process(tmp_path, train_args):
+    """Interleaved 1F1B, 2 stages x 2 chunks (stage 0: layers 0 and 2, stage 1: layers 1 and 3; a micro-batch
+    crosses the ring stage 1 -> stage 0 between the chunks) for 6 steps, with held-out evaluation."""
+    common = ("train.max_steps=6", "model.moe.aux_loss_coef=0.01", "train.eval_interval=3", "train.eval_batches=2")
+    single = tmp_path / "single"
+    assert run_cli("train", *train_args(single, *common)).returncode == 0
+    run = tmp_path / "v2"
+    code, logs = launch(2, train_args(run, *common, "parallel.pipeline=2", "parallel.virtual_pipeline=2"),
+                        tmp_path / "l")
+    assert code == 0, logs
+    np.testing.assert_allclose(losses(run), losses(single), rtol=1e-5)
+    evals = [[json.loads(line).get("val_loss") for line in open(r / "metrics.jsonl")] for r in (run, single)]
+    assert evals[0] == evals[0] and np.allclose([e for e in evals[0] if e], [e for e in evals[1] if e], rtol=1e-5)
 
 
 def test_elastic_width_and_top_k_under_pp2_equal_one_process(tmp_path, train_args):
@@ -101,6 +118,10 @@ def test_nan_on_the_last_stage_skips_the_step_on_every_rank(tmp_path, train_args
     (["train.grad_accum_steps=1"], "train.grad_accum_steps: 1 < parallel.pipeline 2 (1F1B needs a micro-batch per "
                                    "stage)"),
     (["parallel.data=2"], "parallel: data 2 x tensor 1 x pipeline 2 = 4, but 1 processes were launched"),
+    (["parallel.virtual_pipeline=2", "train.grad_accum_steps=3"], "train.grad_accum_steps: 3 is not a multiple of "
+     "parallel.pipeline 2 (interleaved 1F1B runs the micro-batches in groups of one per stage)"),
+    (["parallel.virtual_pipeline=3"], "parallel.pipeline: 2 stages x virtual_pipeline 3 = 6 chunks > "
+                                      "model.num_layers 4"),
 ])
 def test_bad_pipeline_layouts_exit_2(tmp_path, train_args, override, message):
     p = run_cli("train", *train_args(tmp_path / "x", "parallel.pipeline=2", *override))

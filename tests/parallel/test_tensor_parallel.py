@@ -90,10 +90,12 @@ def test_training_tp2_equals_one_process_and_checkpoints_reshard(tmp_path, train
         np.testing.assert_allclose(losses(dst)[-3:], losses(single)[3:], rtol=1e-5)
 
 
-@pytest.mark.parametrize("layout", [["parallel.tensor=2"], ["parallel.tensor=2", "parallel.expert=2"]],
-                         ids=["tp2xdp2", "tp2xep2"])
+@pytest.mark.parametrize("layout", [["parallel.tensor=2"], ["parallel.tensor=2", "parallel.expert=2"],
+                                    ["parallel.tensor=2", "parallel.sharding_stage=1"]],
+                         ids=["tp2xdp2", "tp2xep2", "tp2xzero1"])
 def test_training_on_4_ranks_equals_one_process(tmp_path, train_args, layout):
-    """TP 2 x DP 2 (4 rows per rank) == one process with 8 rows per micro-batch, for 6 steps."""
+    """TP 2 x DP 2 (4 rows per rank; plain, with EP 2, with ZeRO-1) == one process with 8 rows per micro-batch,
+    for 6 steps."""
     single = tmp_path / "single"
     base = ("train.max_steps=6", "model.moe.aux_loss_coef=0")  # a per-rank Switch loss is not the batch's
     assert run_cli("train", *train_args(single, *base, "train.micro_batch_size=8")).returncode == 0
@@ -114,13 +116,6 @@ def test_bad_tensor_parallel_layouts_exit_2(train_args, tmp_path, override, mess
     p = run_cli("train", *train_args(tmp_path / "x", "parallel.tensor=2", *override))
     assert p.returncode == 2, p.stderr
     assert p.stderr.strip() == f"error: {message}", p.stderr
-
-
-def test_zero1_with_tensor_parallel_on_gloo_exits_2_with_the_reason(tmp_path, train_args):
-    code, logs = launch(4, train_args(tmp_path / "x", "parallel.tensor=2", "parallel.sharding_stage=1"),
-                        tmp_path / "l")
-    assert code != 0
-    assert "error: parallel.sharding_stage: ZeRO-1 with tensor parallelism does not start on gloo" in logs
 
 
 def test_kv_heads_that_cannot_be_split_exit_2(train_args, tmp_path):
