@@ -65,6 +65,10 @@ class RunConfig:
             V = self.parallel.virtual_pipeline
             require(self.model.num_layers >= P * V, "parallel.pipeline",
                     f"{P} stages x virtual_pipeline {V} = {P * V} chunks > model.num_layers {self.model.num_layers}")
+            lay = self.parallel.pipeline_layout
+            require(lay is None or (len(lay) == P * V and sum(lay) == self.model.num_layers and min(lay) >= 1),
+                    "parallel.pipeline_layout", f"{lay} must be {P * V} layer counts (pipeline x virtual_pipeline), "
+                                                f"each >= 1, summing to model.num_layers {self.model.num_layers}")
             require(V == 1 or self.train.grad_accum_steps % P == 0, "train.grad_accum_steps",
                     f"{self.train.grad_accum_steps} is not a multiple of parallel.pipeline {P} (interleaved 1F1B "
                     "runs the micro-batches in groups of one per stage)")

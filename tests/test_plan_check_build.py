@@ -113,11 +113,12 @@ def test_a_wrong_plan_exits_2_with_one_line(monkeypatch, capsys):
         return pc
 
     monkeypatch.setattr(memory, "layer_params", one_more_attention_param)
-    assert main(["plan", str(CONFIGS / "tiny_text.yaml"), *TINY, "parallel.tensor=2", "--check-build"]) == 2
+    assert main(["plan", str(CONFIGS / "tiny_text.yaml"), *TINY, "parallel.tensor=2", "parallel.pipeline_layout=[2,2]",
+                 "--check-build"]) == 2
     cap = capsys.readouterr()
     err = cap.err.strip().splitlines()
     assert len(err) == 1, cap.err
-    # stage 0 holds layers 0-1: two layers, one extra planned attention parameter each
+    # the layout pins stage 0 to layers 0-1: two layers, one extra planned attention parameter each
     assert err[0].startswith("error: --check-build: built shard differs from the plan: stage 0/2 (layers 0-1) "
                              "tensor rank 0/2 expert rank 0/1: attention params planned "), err[0]
     planned, built = (int(x.replace(",", "")) for x in err[0].split("planned ")[1].split(" built "))

@@ -10,13 +10,16 @@ the two copies start equal and stay equal because their gradients are summed bet
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 
-def stage_layers(num_layers: int, pipeline: int, virtual: int = 1) -> list[list[int]]:
-    """Layer indices held by each pipeline stage (contiguous chunks dealt round-robin to the stages)."""
+def stage_layers(num_layers: int, pipeline: int, virtual: int = 1,
+                 sizes: Optional[list[int]] = None) -> list[list[int]]:
+    """Layer indices held by each pipeline stage: contiguous chunks of `sizes[c]` layers (None: as even as
+    possible) dealt round-robin to the stages (`ernie5.plan.layout` chooses the sizes)."""
     n = pipeline * virtual
     # the extra layers go to the last chunks: stage 0 keeps the most micro-batches in flight under 1F1B
-    sizes = [num_layers // n + (1 if c >= n - num_layers % n else 0) for c in range(n)]
+    sizes = sizes or [num_layers // n + (1 if c >= n - num_layers % n else 0) for c in range(n)]
     starts = [sum(sizes[:c]) for c in range(n)]
     return [[i for c in range(s, n, pipeline) for i in range(starts[c], starts[c] + sizes[c])]
             for s in range(pipeline)]
@@ -59,10 +62,12 @@ class PipelineStage:
         return self.last and chunk == self.virtual - 1
 
 
-def build_stage(num_layers: int, pipeline: int, index: int, virtual: int = 1) -> PipelineStage:
+def build_stage(num_layers: int, pipeline: int, index: int, virtual: int = 1,
+                sizes: Optional[list[int]] = None) -> PipelineStage:
+    """Stage `index`'s layers and chunks (`sizes`: layers per chunk, None: even)."""
     n = pipeline * virtual
-    sizes = [len(stage_layers(num_layers, n)[c]) for c in range(n)]  # chunk c: contiguous layers
+    sizes = sizes or [len(chunk) for chunk in stage_layers(num_layers, n)]
     starts = [sum(sizes[:c]) for c in range(n)]
     chunks = tuple(tuple(range(starts[c], starts[c] + sizes[c])) for c in range(index, n, pipeline))
-    return PipelineStage(index, pipeline, tuple(stage_layers(num_layers, pipeline, virtual)[index]),
+    return PipelineStage(index, pipeline, tuple(stage_layers(num_layers, pipeline, virtual, sizes)[index]),
                          chunks if virtual > 1 else ())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 from ernie5.config.schema import join, require
 
@@ -18,8 +18,10 @@ class ParallelConfig:
     expert: int = 1
     tensor: int = 1  # Megatron-style tensor parallelism (heads, FFN columns / rows, vocabulary)
     sequence_parallel: Optional[bool] = None  # null: on when tensor > 1 (norms, residuals, MoE on sequence shards)
-    pipeline: int = 1  # not built yet (refused at launch; `ernie5 plan` sizes it)
+    pipeline: int = 1  # pipeline stages (1F1B; interleaved with virtual_pipeline > 1)
     virtual_pipeline: int = 1  # interleaved virtual stages per pipeline rank
+    pipeline_layout: Optional[list[int]] = None  # layers per chunk (pipeline x virtual_pipeline); null: by balance
+    pipeline_balance: Literal["even", "compute"] = "even"  # even layer counts, or equal FLOPs per chunk
 
     @property
     def sequence_parallel_on(self) -> bool:

@@ -295,6 +295,7 @@ def check_layout_build(run_cfg, param_dtype: str = "bf16", devices: int | None =
     and weight bytes, per component and in total, must be equal. No weight gets storage."""
     from ernie5.errors import UserError
     from ernie5.model.pipeline import PipelineStage, stage_layers
+    from ernie5.plan.layout import chunk_sizes
     from ernie5.plan.memory import check_layout, memory_plan, resolve_data
 
     if run_cfg.model.vocab_size is None:
@@ -303,7 +304,7 @@ def check_layout_build(run_cfg, param_dtype: str = "bf16", devices: int | None =
     check_layout(run_cfg)
     m, p = run_cfg.model, run_cfg.parallel
     per_stage = memory_plan(run_cfg, param_dtype)["per_stage"]
-    layout = stage_layers(m.num_layers, p.pipeline, p.virtual_pipeline)
+    layout = stage_layers(m.num_layers, p.pipeline, p.virtual_pipeline, chunk_sizes(run_cfg))
     shards = []
     rss0, t0 = _rss_bytes(), time.perf_counter()
     for s in sorted({0, p.pipeline - 1}):

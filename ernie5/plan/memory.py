@@ -62,6 +62,7 @@ from typing import Any
 
 from ernie5.errors import ConfigError
 from ernie5.model.pipeline import stage_layers  # the runtime builds the same stages
+from ernie5.plan.layout import chunk_sizes
 from ernie5.model.config import ModelConfig
 from ernie5.plan.params import (ParamCount, _merger_params, _mtp_depth_params, embedding_params, head_params,
                                 layer_params, modality_head_params, modality_input_params, mtp_params)
@@ -271,7 +272,7 @@ def memory_plan(run_cfg, param_dtype: str = "bf16", grad_dtype: str = "fp32") ->
     m, p = run_cfg.model, run_cfg.parallel
     a = DTYPE_BYTES[param_dtype]
     stages = []
-    for s, layers in enumerate(stage_layers(m.num_layers, p.pipeline, p.virtual_pipeline)):
+    for s, layers in enumerate(stage_layers(m.num_layers, p.pipeline, p.virtual_pipeline, chunk_sizes(run_cfg))):
         first, last = s == 0, s == p.pipeline - 1
         st = state_bytes(stage_params(m, layers, first, last, p.pipeline, p.tensor), run_cfg, param_dtype,
                          grad_dtype)

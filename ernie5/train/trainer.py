@@ -37,6 +37,7 @@ from ernie5.parallel.pipeline import Interleaved, OneFOneB
 from ernie5.parallel.runtime import ParallelRuntime
 from ernie5.parallel.topology import init_topology
 from ernie5.plan import flops_per_token
+from ernie5.plan.layout import chunk_sizes
 from ernie5.precision.bf16 import notice_once as bf16_notice_once
 from ernie5.precision.fp8_linear import notice_once
 from ernie5.runconfig import RunConfig
@@ -81,8 +82,8 @@ class Trainer:
         self._peak_gflops: Optional[float] = None
         with paddle.utils.unique_name.guard():  # stable parameter names -> stable optimizer-state keys
             pipe = self.topo.pipe
-            stage = build_stage(cfg.model.num_layers, pipe.size, pipe.stage, cfg.parallel.virtual_pipeline) \
-                if pipe is not None else None
+            stage = build_stage(cfg.model.num_layers, pipe.size, pipe.stage, cfg.parallel.virtual_pipeline,
+                                chunk_sizes(cfg)) if pipe is not None else None
             self.model = build_model(cfg.model, seed=cfg.run.seed, recompute=cfg.recompute,
                                      placement=self._expert_placement(), fp8=cfg.precision.fp8, tp=self.topo.tp,
                                      stage=stage)

@@ -51,11 +51,14 @@ def test_pp2_training_equals_one_process_and_checkpoints_reshard(tmp_path, train
         np.testing.assert_allclose(losses(dst)[-3:], losses(single)[3:], rtol=1e-5)
 
 
-@pytest.mark.parametrize("layout", [["parallel.tensor=2"], ["parallel.expert=2"], [],
+@pytest.mark.parametrize("layout", [["parallel.tensor=2", "parallel.pipeline_balance=compute"], ["parallel.expert=2"],
+                                    ["parallel.pipeline_layout=[1,3]"],
                                     ["parallel.tensor=2", "parallel.virtual_pipeline=2"]],
                          ids=["pp2xtp2", "pp2xep2", "pp2xdp2", "pp2v2xtp2"])
 def test_pp2_composed_on_4_ranks_equals_one_process(tmp_path, train_args, layout):
-    """PP 2 x TP 2 (sequence parallel), PP 2 x EP 2, PP 2 x DP 2 (4 rows per rank) and interleaved PP 2 x 2
+    """PP 2 x TP 2 (sequence parallel, compute-balanced: 3 + 1 layers), PP 2 x EP 2, PP 2 x DP 2 (4 rows per rank,
+    explicit layout 1 + 3 layers)
+    and interleaved PP 2 x 2
     chunks x TP 2, for 6 steps."""
     base = ("train.max_steps=6", "model.moe.aux_loss_coef=0")  # a per-rank Switch loss is not the batch's
     dp2 = "parallel.tensor=2" not in layout
@@ -122,6 +125,8 @@ def test_nan_on_the_last_stage_skips_the_step_on_every_rank(tmp_path, train_args
      "parallel.pipeline 2 (interleaved 1F1B runs the micro-batches in groups of one per stage)"),
     (["parallel.virtual_pipeline=3"], "parallel.pipeline: 2 stages x virtual_pipeline 3 = 6 chunks > "
                                       "model.num_layers 4"),
+    (["parallel.pipeline_layout=[3,3]"], "parallel.pipeline_layout: [3, 3] must be 2 layer counts (pipeline x "
+                                         "virtual_pipeline), each >= 1, summing to model.num_layers 4"),
 ])
 def test_bad_pipeline_layouts_exit_2(tmp_path, train_args, override, message):
     p = run_cli("train", *train_args(tmp_path / "x", "parallel.pipeline=2", *override))
