@@ -14,7 +14,7 @@ from ernie5.runconfig import load_config
 from ernie5.plan import PlanOptions, plan_report
 
 REF = Path(__file__).resolve().parents[1] / "configs" / "reference"
-NAMES = ["ernie4_5_0p3b", "ernie4_5_21b_a3b", "ernie4_5_300b_a47b", "ernie5_1t"]
+NAMES = ["ernie4_5_0p3b", "ernie4_5_21b_a3b", "ernie4_5_300b_a47b", "ernie5_1t", "ernie5_2p4t"]
 
 
 def _report(name: str) -> dict:
@@ -51,6 +51,14 @@ def test_21b_a3b_matches_checkpoint_and_name():
     common = V * H + 28 * attn + 3 * H * 12288 + 27 * (2 * expert + H * 64) + 28 * 2 * H + H
     assert r["total_params_no_mtp"] == common + 27 * 64 * expert
     assert r["active_params_no_mtp"] == common + 27 * 6 * expert
+
+
+def test_2p4t_is_ernie5_size_sparse_and_fits(capsys):
+    """ERNIE 5.0's reported size (about 2.4T), under 3% active, its worst pipeline stage within 80 GB."""
+    assert main(["plan", str(REF / "ernie5_2p4t.yaml"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert 2.3e12 <= r["total_params"] <= 2.5e12 and r["active_params"] / r["total_params"] < 0.03
+    assert r["fits_device_memory"] and r["memory_per_device_bytes"] <= r["device_memory_bytes"] == 80e9
 
 
 def test_1t_plan_via_cli(capsys):

@@ -82,8 +82,10 @@ def test_interleaved_pp2_v2_equals_one_process(tmp_path, train_args):
                         tmp_path / "l")
     assert code == 0, logs
     np.testing.assert_allclose(losses(run), losses(single), rtol=1e-5)
-    evals = [[json.loads(line).get("val_loss") for line in open(r / "metrics.jsonl")] for r in (run, single)]
-    assert evals[0] == evals[0] and np.allclose([e for e in evals[0] if e], [e for e in evals[1] if e], rtol=1e-5)
+    metrics = [[json.loads(line) for line in open(r / "metrics.jsonl")] for r in (run, single)]
+    np.testing.assert_allclose([m["grad_norm"] for m in metrics[0]], [m["grad_norm"] for m in metrics[1]], rtol=1e-4)
+    evals = [[m["val_loss"] for m in ms if m.get("val_loss") is not None] for ms in metrics]
+    assert evals[1] and np.allclose(evals[0], evals[1], rtol=1e-5), evals
 
 
 def test_elastic_width_and_top_k_under_pp2_equal_one_process(tmp_path, train_args):
@@ -125,6 +127,8 @@ def test_nan_on_the_last_stage_skips_the_step_on_every_rank(tmp_path, train_args
      "parallel.pipeline 2 (interleaved 1F1B runs the micro-batches in groups of one per stage)"),
     (["parallel.virtual_pipeline=3"], "parallel.pipeline: 2 stages x virtual_pipeline 3 = 6 chunks > "
                                       "model.num_layers 4"),
+    (["elastic.enabled=true"], "elastic.depth.p_full: elastic depth with pipeline parallelism (stage-balanced "
+                               "dropping) is not supported yet; set it to 1.0"),
     (["parallel.pipeline_layout=[3,3]"], "parallel.pipeline_layout: [3, 3] must be 2 layer counts (pipeline x "
                                          "virtual_pipeline), each >= 1, summing to model.num_layers 4"),
 ])
