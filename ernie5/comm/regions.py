@@ -23,6 +23,7 @@ model built for counting or for one process) never communicates.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -108,28 +109,13 @@ def _region(x, tp: Optional[TPGroup], fwd: str, bwd: str):
     return _Region.apply(x, tp, fwd, bwd)
 
 
-def copy_to(x, tp):
-    return _region(x, tp, "identity", "all_reduce")
-
-
-def reduce_from(x, tp):
-    return _region(x, tp, "all_reduce", "identity")
-
-
-def gather_seq(x, tp):
-    return _region(x, tp, "all_gather", "reduce_scatter")
-
-
-def reduce_scatter_seq(x, tp):
-    return _region(x, tp, "reduce_scatter", "all_gather")
-
-
-def scatter_seq(x, tp):
-    return _region(x, tp, "shard", "all_gather")
-
-
-def gather_seq_replicated(x, tp):
-    return _region(x, tp, "all_gather", "shard")
+# the regions of the table in the module docstring: region(x, tp)
+copy_to = functools.partial(_region, fwd="identity", bwd="all_reduce")
+reduce_from = functools.partial(_region, fwd="all_reduce", bwd="identity")
+gather_seq = functools.partial(_region, fwd="all_gather", bwd="reduce_scatter")
+reduce_scatter_seq = functools.partial(_region, fwd="reduce_scatter", bwd="all_gather")
+scatter_seq = functools.partial(_region, fwd="shard", bwd="all_gather")
+gather_seq_replicated = functools.partial(_region, fwd="all_gather", bwd="shard")
 
 
 def enter_column(x, tp):

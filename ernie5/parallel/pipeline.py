@@ -5,6 +5,10 @@ the remaining backwards; so at most P - s micro-batches' activations are alive o
 reads the same micro-batches (positions, masks and labels come from the batch); activations [B, S, H] (a
 sequence shard under sequence parallelism) go forward and their gradients backward between neighbours.
 
+Every send / recv goes through the 2-rank group of the two neighbours: on the whole-world group gloo matches a
+rank's point-to-point messages by a per-process sequence, so a middle stage (which talks to two peers) waits
+forever for its second peer's first message (measured with 4 ranks: 0 -> 1 arrives, 1 -> 2 never does).
+
 Paired exchanges with one neighbour ("send my output, receive its gradient") are ordered by stage parity: an
 even stage sends first, an odd one receives first. Gloo's send returns only when the peer has posted the
 matching receive, so two neighbours that both sent first would wait for each other forever; NCCL runs the same
@@ -37,6 +41,7 @@ class PipeGroup:
     group: object
     last_rank: int  # the global rank of this pipeline's last stage (source of the step's losses)
     ranks: tuple = ()  # every stage's global rank, in stage order
+    links: dict = field(default_factory=dict)  # neighbour's global rank -> the 2-rank group for send / recv
 
     @property
     def first(self) -> bool:
@@ -53,13 +58,16 @@ class MicroResult:
     terms: dict = field(default_factory=dict)
 
 
+_LINKS: dict = {}  # global rank of a neighbour -> its 2-rank group (set by `OneFOneB`)
+
+
 def _send(t: paddle.Tensor, dst: int) -> None:
-    dist.send(t.contiguous() if hasattr(t, "contiguous") else t, dst=dst)
+    dist.send(t.contiguous() if hasattr(t, "contiguous") else t, dst=dst, group=_LINKS.get(dst))
 
 
 def _recv(shape: list[int], src: int) -> paddle.Tensor:
     buf = paddle.empty(shape, dtype="float32")
-    dist.recv(buf, src=src)
+    dist.recv(buf, src=src, group=_LINKS.get(src))
     return buf
 
 
@@ -73,6 +81,7 @@ class OneFOneB:
                  poison: Callable = lambda loss, mb: loss):
         self.pipe, self.forward, self.shape, self.accum, self.poison = pipe, forward, shape, accum, poison
         self.virtual = 1
+        _LINKS.update(pipe.links)
 
     # ---- paired and single exchanges ----------------------------------------------------------------------
     def _exchange(self, send: Optional[paddle.Tensor], peer: int, recv_shape: Optional[list[int]]):

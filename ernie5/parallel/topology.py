@@ -212,13 +212,19 @@ def _with_groups(cfg: ParallelConfig, world: int, dp: int, hcg, gloo: bool) -> T
         s = ranks.index(rank)
         topo.pipe = PipeGroup(s, cfg.pipeline, ranks[s - 1] if s > 0 else None,
                               ranks[s + 1] if s + 1 < len(ranks) else None, pp_group, ranks[-1], tuple(ranks))
-        if cfg.pipeline == 2:  # the two ends are the pipeline group itself
-            topo.embed_group = pp_group
-        else:
-            for line in fleet_topo.get_comm_list("pipe"):  # every rank creates every pipeline's pair, in order
-                g = paddle.distributed.new_group([line[0], line[-1]])
-                if rank in (line[0], line[-1]):
-                    topo.embed_group = g
+        links = {}  # every rank creates every pipeline's groups, in order: neighbour pairs (a ring), the ends
+        for line in fleet_topo.get_comm_list("pipe"):
+            for a, b in sorted({tuple(sorted((line[i], line[(i + 1) % len(line)]))) for i in range(len(line))}):
+                g = paddle.distributed.new_group([a, b])
+                if rank in (a, b):
+                    links[b if rank == a else a] = g
+            ends = (line[0], line[-1])
+            g = links.get(line[-1]) if rank == line[0] else links.get(line[0]) if rank == line[-1] else None
+            if cfg.pipeline > 2:  # the ends are not neighbours: a pair of their own
+                g = paddle.distributed.new_group(list(ends))
+            if rank in ends:
+                topo.embed_group = g
+        topo.pipe.links = links
     if cfg.expert > 1:  # every rank must create every group (those of every TP / PP rank), in the same order
         for ranks_of in fleet_topo.get_comm_list("sharding" if sharding > 1 else "data"):
             for block in range(dp // cfg.expert):

@@ -184,45 +184,39 @@ def test_unified_dp2_equals_one_process_with_posterior_weighting_and_bit_flips(w
     np.testing.assert_allclose(losses(dp2), losses(single), rtol=1e-5)
 
 
-def test_unified_training_under_tensor_parallel_equals_one_process(world, mm_shards, tmp_path):
-    """The unified model on real multimodal shards, TP 2 with sequence parallelism (2 ranks): the same 4 losses
-    as one process (the vocabulary is padded to an even size so it splits over the two ranks)."""
+def _unified_parallel_equals_one_process(tmp_path, args, layout, keys):
+    """`ernie5 train` of the unified model in one process and on 2 ranks with `layout`: the same `keys` logged."""
     from tests.parallel.test_tensor_parallel import launch
 
-    root, _ = world
+    one = tmp_path / "one"
+    r = run_cli("train", *args, f"run.output_dir={one}", timeout=300)
+    assert r.returncode == 0, r.stderr
+    par = tmp_path / "parallel"
+    code, logs = launch(2, [*args, f"run.output_dir={par}", *layout], tmp_path / "log")
+    assert code == 0, logs
+
+    def metrics(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for key in keys:
+        np.testing.assert_allclose([m[key] for m in metrics(par)], [m[key] for m in metrics(one)], rtol=1e-5,
+                                   err_msg=key)
+
+
+def test_unified_training_under_tensor_parallel_equals_one_process(mm_shards, tmp_path):
+    """The unified model on real multimodal shards, TP 2 with sequence parallelism (2 ranks): the same 4 losses
+    as one process (the vocabulary is padded to an even size so it splits over the two ranks)."""
     from ernie5.data.sequence import SPECIALS
 
     vocab = json.loads((mm_shards / "meta.json").read_text())["text_vocab_size"] + len(SPECIALS)
     args = ["configs/demo_unified.yaml", f"data.dir={mm_shards}", "train.max_steps=4", *UNIFIED_TINY,
             "checkpoint.interval=0", f"model.vocab_size={-(-vocab // 2) * 2}", "--quiet"]
-    one = tmp_path / "one"
-    r = run_cli("train", *args, f"run.output_dir={one}", timeout=300)
-    assert r.returncode == 0, r.stderr
-    tp2 = tmp_path / "tp2"
-    code, logs = launch(2, [*args, f"run.output_dir={tp2}", "parallel.tensor=2"], tmp_path / "log")
-    assert code == 0, logs
-
-    def losses(run):
-        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    np.testing.assert_allclose(losses(tp2), losses(one), rtol=1e-5)
+    _unified_parallel_equals_one_process(tmp_path, args, ["parallel.tensor=2"], ["loss"])
 
 
-def test_unified_training_under_pipeline_parallel_equals_one_process(world, mm_shards, tmp_path):
+def test_unified_training_under_pipeline_parallel_equals_one_process(mm_shards, tmp_path):
     """The unified model split over 2 pipeline stages (1F1B over 2 micro-batches: modality inputs on the first,
     modality heads, MTP and posterior weighting on the last) gives the one-process losses for 4 steps."""
-    from tests.parallel.test_tensor_parallel import launch
-
     args = ["configs/demo_unified.yaml", f"data.dir={mm_shards}", "train.max_steps=4", *UNIFIED_TINY,
             "train.grad_accum_steps=2", "checkpoint.interval=0", "--quiet"]
-    one = tmp_path / "one"
-    r = run_cli("train", *args, f"run.output_dir={one}", timeout=300)
-    assert r.returncode == 0, r.stderr
-    pp2 = tmp_path / "pp2"
-    code, logs = launch(2, [*args, f"run.output_dir={pp2}", "parallel.pipeline=2"], tmp_path / "log")
-    assert code == 0, logs
-
-    def metrics(run):
-        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    got, want = metrics(pp2), metrics(one)
-    for key in ("loss", "loss_text", "loss_visual", "loss_audio"):
-        np.testing.assert_allclose([m[key] for m in got], [m[key] for m in want], rtol=1e-5, err_msg=key)
+    _unified_parallel_equals_one_process(tmp_path, args, ["parallel.pipeline=2"],
+                                         ["loss", "loss_text", "loss_visual", "loss_audio"])

@@ -11,7 +11,7 @@ from tests.conftest import run_cli, tiny_overrides
 from tests.parallel.test_tensor_parallel import launch, losses
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def train_args(text_assets):
     _, tok, shards = text_assets
 
@@ -21,21 +21,47 @@ def train_args(text_assets):
     return make
 
 
-def test_pp2_training_equals_one_process_and_checkpoints_reshard(tmp_path, train_args):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, train_args):
+    """The one-process run of some overrides (each distinct one trained once per module)."""
+    runs: dict = {}
+
+    def run(*extra):
+        if extra not in runs:
+            out = tmp_path_factory.mktemp("single")
+            p = run_cli("train", *train_args(out, *extra))
+            assert p.returncode == 0, p.stderr
+            runs[extra] = out
+        return runs[extra]
+    return run
+
+
+def metric(run, key) -> list:
+    return [json.loads(line).get(key) for line in open(run / "metrics.jsonl")]
+
+
+def assert_same_run(run, single, keys=("loss",), rtol=1e-5):
+    """`run`'s logged values of `keys` equal the one-process run's (None where both logged none)."""
+    for key in keys:
+        got, want = metric(run, key), metric(single, key)
+        assert [g is None for g in got] == [w is None for w in want] and any(g is not None for g in got), key
+        np.testing.assert_allclose([g for g in got if g is not None], [w for w in want if w is not None],
+                                   rtol=1e-4 if key == "grad_norm" else rtol, err_msg=key)
+
+
+COMMON = ("train.max_steps=6", "model.moe.aux_loss_coef=0.01", "train.eval_interval=3", "train.eval_batches=2")
+
+
+def test_pp2_training_equals_one_process_and_checkpoints_reshard(tmp_path, train_args, one_process):
     """6 steps of PP 2 (1F1B over 4 micro-batches, balancing loss on both stages, held-out evaluation through the
-    pipeline) give the one-process losses, gradient norms, held-out loss and per-layer expert loads; the PP 2 checkpoint of step 3
-    resumes in one process, and the one-process checkpoint under PP 2, with the uninterrupted losses."""
-    common = ("train.max_steps=6", "model.moe.aux_loss_coef=0.01", "train.eval_interval=3", "train.eval_batches=2")
-    single = tmp_path / "single"
-    assert run_cli("train", *train_args(single, *common)).returncode == 0
+    pipeline) give the one-process losses, gradient norms, held-out loss and per-layer expert loads; the PP 2
+    checkpoint of step 3 resumes in one process, and the one-process checkpoint under PP 2, with the
+    uninterrupted losses."""
+    single = one_process(*COMMON)
     pp2 = tmp_path / "pp2"
-    code, logs = launch(2, train_args(pp2, *common, "parallel.pipeline=2"), tmp_path / "l1")
+    code, logs = launch(2, train_args(pp2, *COMMON, "parallel.pipeline=2"), tmp_path / "l1")
     assert code == 0, logs
-    np.testing.assert_allclose(losses(pp2), losses(single), rtol=1e-5)
-    metrics = [[json.loads(line) for line in open(run / "metrics.jsonl")] for run in (single, pp2)]
-    np.testing.assert_allclose([m["grad_norm"] for m in metrics[1]], [m["grad_norm"] for m in metrics[0]], rtol=1e-4)
-    evals = [[m["val_loss"] for m in ms if m.get("val_loss") is not None] for ms in metrics]
-    assert evals[0] and np.allclose(evals[1], evals[0], rtol=1e-5), evals
+    assert_same_run(pp2, single, ("loss", "grad_norm", "val_loss"))
     # routing.jsonl lists every MoE layer (3 of 4, on both stages) with the one-process loads
     routing = [[json.loads(line)["load"] for line in open(run / "routing.jsonl")] for run in (single, pp2)]
     assert len(routing[1][0]) == 3 and routing[1] == routing[0]
@@ -43,70 +69,59 @@ def test_pp2_training_equals_one_process_and_checkpoints_reshard(tmp_path, train
         (dst / "checkpoints").mkdir(parents=True)
         shutil.copytree(src / "checkpoints" / "step_00000003", dst / "checkpoints" / "step_00000003")
         if nproc == 1:
-            p = run_cli("train", *train_args(dst, *common))
+            p = run_cli("train", *train_args(dst, *COMMON))
             assert p.returncode == 0 and "step_00000003" in p.stderr, p.stderr
         else:
-            code, logs = launch(2, train_args(dst, *common, "parallel.pipeline=2"), tmp_path / "l2")
+            code, logs = launch(2, train_args(dst, *COMMON, "parallel.pipeline=2"), tmp_path / "l2")
             assert code == 0, logs
         np.testing.assert_allclose(losses(dst)[-3:], losses(single)[3:], rtol=1e-5)
+
+
+def test_interleaved_pp2_v2_equals_one_process(tmp_path, train_args, one_process):
+    """Interleaved 1F1B, 2 stages x 2 chunks (stage 0: layers 0 and 2, stage 1: layers 1 and 3; a micro-batch
+    crosses the ring stage 1 -> stage 0 between the chunks) for 6 steps: losses, gradient norms, held-out loss."""
+    run = tmp_path / "v2"
+    code, logs = launch(2, train_args(run, *COMMON, "parallel.pipeline=2", "parallel.virtual_pipeline=2"),
+                        tmp_path / "l")
+    assert code == 0, logs
+    assert_same_run(run, one_process(*COMMON), ("loss", "grad_norm", "val_loss"))
 
 
 @pytest.mark.parametrize("layout", [["parallel.tensor=2", "parallel.pipeline_balance=compute"], ["parallel.expert=2"],
                                     ["parallel.pipeline_layout=[1,3]"],
                                     ["parallel.tensor=2", "parallel.virtual_pipeline=2"]],
                          ids=["pp2xtp2", "pp2xep2", "pp2xdp2", "pp2v2xtp2"])
-def test_pp2_composed_on_4_ranks_equals_one_process(tmp_path, train_args, layout):
-    """PP 2 x TP 2 (sequence parallel, compute-balanced: 3 + 1 layers), PP 2 x EP 2, PP 2 x DP 2 (4 rows per rank,
-    explicit layout 1 + 3 layers)
-    and interleaved PP 2 x 2
-    chunks x TP 2, for 6 steps."""
+def test_pp2_composed_on_4_ranks_equals_one_process(tmp_path, train_args, one_process, layout):
+    """PP 2 x TP 2 (sequence parallel, compute-balanced: 3 + 1 layers), PP 2 x EP 2, PP 2 x DP 2 (4 rows per
+    rank; explicit layout 1 + 3 layers) and interleaved PP 2 x 2 chunks x TP 2, for 6 steps."""
     base = ("train.max_steps=6", "model.moe.aux_loss_coef=0")  # a per-rank Switch loss is not the batch's
     dp2 = "parallel.tensor=2" not in layout
-    single = tmp_path / "single"
-    assert run_cli("train", *train_args(single, *base, *(["train.micro_batch_size=8"] if dp2 else []))
-                   ).returncode == 0
+    single = one_process(*base, *(["train.micro_batch_size=8"] if dp2 else []))
     run = tmp_path / "pp"
     code, logs = launch(4, train_args(run, *base, "parallel.pipeline=2", *layout), tmp_path / "l")
     assert code == 0, logs
-    np.testing.assert_allclose(losses(run), losses(single), rtol=1e-5)
+    assert_same_run(run, single)
 
 
-def test_interleaved_pp2_v2_equals_one_process(tmp_path, train_args):
-    """Interleaved 1F1B, 2 stages x 2 chunks (stage 0: layers 0 and 2, stage 1: layers 1 and 3; a micro-batch
-    crosses the ring stage 1 -> stage 0 between the chunks) for 6 steps, with held-out evaluation."""
-    common = ("train.max_steps=6", "model.moe.aux_loss_coef=0.01", "train.eval_interval=3", "train.eval_batches=2")
-    single = tmp_path / "single"
-    assert run_cli("train", *train_args(single, *common)).returncode == 0
-    run = tmp_path / "v2"
-    code, logs = launch(2, train_args(run, *common, "parallel.pipeline=2", "parallel.virtual_pipeline=2"),
-                        tmp_path / "l")
+def test_pp4_with_middle_stages_equals_one_process(tmp_path, train_args, one_process):
+    """4 stages of one layer each (two middle stages that hold neither end; the tied embedding's copies 3 ranks
+    apart) for 6 steps: losses and gradient norms."""
+    run = tmp_path / "pp4"
+    code, logs = launch(4, train_args(run, *COMMON, "parallel.pipeline=4"), tmp_path / "l")
     assert code == 0, logs
-    np.testing.assert_allclose(losses(run), losses(single), rtol=1e-5)
-    metrics = [[json.loads(line) for line in open(r / "metrics.jsonl")] for r in (run, single)]
-    np.testing.assert_allclose([m["grad_norm"] for m in metrics[0]], [m["grad_norm"] for m in metrics[1]], rtol=1e-4)
-    evals = [[m["val_loss"] for m in ms if m.get("val_loss") is not None] for ms in metrics]
-    assert evals[1] and np.allclose(evals[0], evals[1], rtol=1e-5), evals
+    assert_same_run(run, one_process(*COMMON), ("loss", "grad_norm", "val_loss"))
 
 
-def test_elastic_width_and_top_k_under_pp2_equal_one_process(tmp_path, train_args):
+def test_elastic_width_and_top_k_under_pp2_equal_one_process(tmp_path, train_args, one_process):
     """Elastic training (expert-count and top-k cuts; depth stays full under PP) for 4 steps: every stage trains
-    the same sub-model per micro-batch, and the losses equal one process's."""
+    the same sub-model per micro-batch, and the losses (overall and per sub-model kind) equal one process's."""
     common = ("train.max_steps=4", "elastic.enabled=true", "elastic.depth.p_full=1.0")
-    single = tmp_path / "single"
-    p = run_cli("train", *train_args(single, *common))
-    assert p.returncode == 0, p.stderr
     pp2 = tmp_path / "pp2"
     code, logs = launch(2, train_args(pp2, *common, "parallel.pipeline=2"), tmp_path / "l")
     assert code == 0, logs
-    np.testing.assert_allclose(losses(pp2), losses(single), rtol=1e-5)
-    for key in ("elastic_submodels", "loss_full", "loss_sub"):  # the same sub-models, and their losses
-        got, want = ([json.loads(line).get(key) for line in open(run / "metrics.jsonl")] for run in (pp2, single))
-        if key == "elastic_submodels":
-            assert got == want
-        else:  # a step may train no sub-model of a kind (None in both runs)
-            assert [g is None for g in got] == [w is None for w in want] and any(g is not None for g in got)
-            np.testing.assert_allclose([g for g in got if g is not None], [w for w in want if w is not None],
-                                       rtol=1e-5)
+    single = one_process(*common)
+    assert metric(pp2, "elastic_submodels") == metric(single, "elastic_submodels")
+    assert_same_run(pp2, single, ("loss", "loss_full", "loss_sub"))
 
 
 def test_nan_on_the_last_stage_skips_the_step_on_every_rank(tmp_path, train_args):
