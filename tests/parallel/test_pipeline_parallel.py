@@ -89,11 +89,11 @@ def test_interleaved_pp2_v2_equals_one_process(tmp_path, train_args, one_process
 
 @pytest.mark.parametrize("layout", [["parallel.tensor=2", "parallel.pipeline_balance=compute"], ["parallel.expert=2"],
                                     ["parallel.pipeline_layout=[1,3]"],
-                                    ["parallel.tensor=2", "parallel.virtual_pipeline=2"]],
-                         ids=["pp2xtp2", "pp2xep2", "pp2xdp2", "pp2v2xtp2"])
+                                    ["parallel.tensor=2", "parallel.virtual_pipeline=2"], ["parallel.sharding_stage=1"]],
+                         ids=["pp2xtp2", "pp2xep2", "pp2xdp2", "pp2v2xtp2", "pp2xzero1"])
 def test_pp2_composed_on_4_ranks_equals_one_process(tmp_path, train_args, one_process, layout):
     """PP 2 x TP 2 (sequence parallel, compute-balanced: 3 + 1 layers), PP 2 x EP 2, PP 2 x DP 2 (4 rows per
-    rank; explicit layout 1 + 3 layers) and interleaved PP 2 x 2 chunks x TP 2, for 6 steps."""
+    rank; explicit layout 1 + 3 layers), interleaved PP 2 x 2 chunks x TP 2 and PP 2 x ZeRO-1, for 6 steps."""
     base = ("train.max_steps=6", "model.moe.aux_loss_coef=0")  # a per-rank Switch loss is not the batch's
     dp2 = "parallel.tensor=2" not in layout
     single = one_process(*base, *(["train.micro_batch_size=8"] if dp2 else []))
