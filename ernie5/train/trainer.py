@@ -33,7 +33,6 @@ from ernie5.model.transformer import build_model, count_params
 from ernie5.optim.schedule import lr_at
 from ernie5.model.pipeline import build_stage
 from ernie5.parallel.expert_parallel import ExpertParallelDispatcher
-from ernie5.parallel.pipeline import Interleaved, OneFOneB
 from ernie5.parallel.runtime import ParallelRuntime
 from ernie5.parallel.topology import init_topology
 from ernie5.plan import flops_per_token
@@ -47,6 +46,7 @@ from ernie5.train.checkpointer import Checkpointer
 from ernie5.train.faults import FaultInjector
 from ernie5.train.guards import SpikeDetector
 from ernie5.train.perf import measure_gemm_gflops
+from ernie5.train.pipelined import pipeline_eval, pipeline_micro_batches
 from ernie5.train.resolve import check_determinism, resolve_run_config
 from ernie5.train.run_log import RunLog
 from ernie5.train.tasks import build_task
@@ -235,7 +235,7 @@ class Trainer:
         terms: dict[str, float] = {}
         total, bad = 0.0, None
         if self.topo.pipe is not None:
-            total, terms, bad = self._pipeline_micro_batches(accum)
+            total, terms, bad = pipeline_micro_batches(self, accum)
         for mb in range(accum if self.topo.pipe is None else 0):
             batch = run("data", self.task.batch, self.task.train_loader)
             if bad is not None and not self.topo.distributed:
@@ -287,47 +287,6 @@ class Trainer:
             self.event("skipped_step", **bad)
         return metrics
 
-    def _schedule(self, accum: int, poison=None) -> OneFOneB:
-        """This rank's 1F1B schedule (interleaved with `parallel.virtual_pipeline` > 1) over `accum`
-        micro-batches of the task."""
-        cfg, tp, H = self.cfg, self.topo.tp, self.cfg.model.hidden_size
-
-        def shape(batch):  # the activation a stage receives: [B, S, H], a sequence shard under SP
-            B, S = self.task.batch_shape(batch)
-            return [B, S // tp.degree if tp.sequence_parallel else S, H]
-
-        def forward(batch, pipe_in, submodel=None, chunk=0):
-            with autocast(cfg.precision):
-                return self.task.pipeline_forward(self.model, batch, pipe_in, submodel, chunk)
-
-        extra = {"poison": poison} if poison else {}
-        V = cfg.parallel.virtual_pipeline
-        if V > 1:
-            return Interleaved(self.topo.pipe, forward, shape, accum, V, **extra)
-        return OneFOneB(self.topo.pipe, forward, shape, accum, **extra)
-
-    def _pipeline_micro_batches(self, accum: int):
-        """The step's micro-batches through the 1F1B schedule (`ernie5.parallel.pipeline`): (mean loss, mean
-        terms, None or the skip reason), the same on every rank."""
-        cfg, run, step = self.cfg, self.timer.run, self.step + 1
-        batches = [run("data", self.task.batch, self.task.train_loader) for _ in range(accum)]
-        # elastic: the sampler is seeded by (step, micro-batch), so every stage trains the same sub-model
-        subs = [self.elastic.submodel_at(step, mb) if self.elastic is not None else None for mb in range(accum)]
-        schedule = self._schedule(accum, poison=lambda loss, mb: self.faults.poison_loss(loss, step, mb))
-        results = run("loss", schedule.run, batches, subs)
-        values = [r.value for r in results]
-        bad_mb = next((mb for mb, v in enumerate(values) if not math.isfinite(v)), None)
-        if self.topo.any(bad_mb is not None):
-            return 0.0, {}, {"reason": "non-finite loss", "micro_batch": bad_mb}
-        terms: dict[str, float] = {}
-        for mb, r in enumerate(results):
-            if self.elastic is not None:  # counted and recorded as the one-process loop does
-                self.elastic.sample(step, mb)
-                self.elastic.record_loss(r.value)
-            for k, v in r.terms.items():
-                terms[k] = terms.get(k, 0.0) + v / accum
-        return float(np.mean(values)), terms, None
-
     def _guard(self, m: dict) -> None:
         """Count bad steps (abort after too many in a row), detect loss spikes, roll back if configured."""
         t = self.cfg.train
@@ -361,17 +320,11 @@ class Trainer:
         self.model.eval()
         try:
             if self.topo.pipe is not None:
-                return self._pipeline_eval()
+                return pipeline_eval(self)
             with autocast(self.cfg.precision):
                 return self.task.eval_loss(self.model, self.cfg.train.eval_batches)
         finally:
             self.model.train()
-
-    def _pipeline_eval(self) -> float:
-        loader = self.task.val_loader
-        loader.position = 0  # the same held-out batches every time
-        batches = [self.task.batch(loader, train=False) for _ in range(self.cfg.train.eval_batches)]
-        return float(np.mean(self._schedule(len(batches)).forward_only(batches, self.task.held_out_value)))
 
     def report(self, m: dict) -> None:
         """Human-facing progress: the tqdm bar's postfix, or one line per log step when there is no bar."""
