@@ -71,7 +71,10 @@ class Router(nn.Layer):
         training, `ernie5.elastic`): dropped experts' logits are -inf before the softmax, and the aux-free bias,
         tuned for the full model, is not used for selection."""
         k = top_k or self.cfg.top_k
-        with paddle.amp.auto_cast(enable=False):  # fp32 under GPU AMP O2 too (matmul is on its bf16 list)
+        if paddle.amp.is_autocast_enabled():  # fp32 under GPU AMP O2 too (matmul is on its bf16 list)
+            with paddle.amp.auto_cast(enable=False):
+                logits_TE = paddle.matmul(x_TH.astype("float32"), self.weight)
+        else:
             logits_TE = paddle.matmul(x_TH.astype("float32"), self.weight)
         select_E = self.e_score_correction_bias
         keep_E = None

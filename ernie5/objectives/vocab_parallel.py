@@ -103,7 +103,8 @@ def vocab_parallel_row_losses(model, normed_NH: paddle.Tensor, labels_N: paddle.
     if weight is None:
         raise ValueError("tensor parallelism needs a plain text head (FP8 on the head is not supported with it)")
     h = copy_to(normed_NH, tp)
-    if model.head_bf16 is not None:  # emulated bf16 head GEMM: operands rounded (h's gradient too), fp32 weight grad
+    if model.head_bf16 is not None or getattr(model.lm_head, "bf16", None) is not None:
+        # emulated bf16 head GEMM (tied or untied): operands rounded (h's gradient too), fp32 weight gradient
         h = round_bf16(h)
         weight = weight + (round_bf16(weight) - weight).detach()
     fused = kernels.usable(h, weight)

@@ -58,16 +58,15 @@ class MicroResult:
     terms: dict = field(default_factory=dict)
 
 
-_LINKS: dict = {}  # global rank of a neighbour -> its 2-rank group (set by `OneFOneB`)
+def _send(t: paddle.Tensor, dst: int, links: dict) -> None:
+    """Activations and their gradients travel as fp32 (under bf16 AMP too: one buffer type on both ends)."""
+    t = t if t.dtype == paddle.float32 else t.astype("float32")
+    dist.send(t.contiguous() if hasattr(t, "contiguous") else t, dst=dst, group=links.get(dst))
 
 
-def _send(t: paddle.Tensor, dst: int) -> None:
-    dist.send(t.contiguous() if hasattr(t, "contiguous") else t, dst=dst, group=_LINKS.get(dst))
-
-
-def _recv(shape: list[int], src: int) -> paddle.Tensor:
+def _recv(shape: list[int], src: int, links: dict) -> paddle.Tensor:
     buf = paddle.empty(shape, dtype="float32")
-    dist.recv(buf, src=src, group=_LINKS.get(src))
+    dist.recv(buf, src=src, group=links.get(src))
     return buf
 
 
@@ -81,7 +80,6 @@ class OneFOneB:
                  poison: Callable = lambda loss, mb: loss):
         self.pipe, self.forward, self.shape, self.accum, self.poison = pipe, forward, shape, accum, poison
         self.virtual = 1
-        _LINKS.update(pipe.links)
 
     # ---- paired and single exchanges ----------------------------------------------------------------------
     def _exchange(self, send: Optional[paddle.Tensor], peer: int, recv_shape: Optional[list[int]]):
@@ -89,14 +87,14 @@ class OneFOneB:
         got = None
         if self.pipe.stage % 2 == 0:
             if send is not None:
-                _send(send, peer)
+                _send(send, peer, self.pipe.links)
             if recv_shape is not None:
-                got = _recv(recv_shape, peer)
+                got = _recv(recv_shape, peer, self.pipe.links)
         else:
             if recv_shape is not None:
-                got = _recv(recv_shape, peer)
+                got = _recv(recv_shape, peer, self.pipe.links)
             if send is not None:
-                _send(send, peer)
+                _send(send, peer, self.pipe.links)
         return got
 
     def run(self, batches: list, submodels: Optional[list] = None) -> list[MicroResult]:
@@ -127,17 +125,18 @@ class OneFOneB:
             if p.last:
                 y.backward()
             else:
-                outs, grads = [y], [grad]
+                outs, grads = [y], [grad.astype(y.dtype)]
                 if aux is not None:
                     outs.append(aux / self.accum)
                     grads.append(paddle.ones_like(aux))
                 paddle.autograd.backward(outs, grads)
             return None if x_in is None else x_in.grad
 
-        recv_prev = (lambda mb: _recv(self.shape(batches[mb]), p.prev)) if not p.first else (lambda mb: None)
+        def recv_prev(mb: int):
+            return None if p.first else _recv(self.shape(batches[mb]), p.prev, p.links)
         for mb in range(warmup):
             y = fwd(mb, recv_prev(mb))
-            _send(y, p.next)
+            _send(y, p.next, self.pipe.links)
         fwd_mb, bwd_mb = warmup, 0
         x = recv_prev(fwd_mb) if M > warmup else None
         for i in range(M - warmup):
@@ -149,17 +148,17 @@ class OneFOneB:
             bwd_mb += 1
             if i == M - warmup - 1:
                 if not p.first:
-                    _send(dx, p.prev)
+                    _send(dx, p.prev, self.pipe.links)
             elif not p.first:
                 x = self._exchange(dx, p.prev, self.shape(batches[fwd_mb]))
             else:
                 x = None
         for _ in range(warmup):
-            g = _recv(self.shape(batches[bwd_mb]), p.next)
+            g = _recv(self.shape(batches[bwd_mb]), p.next, self.pipe.links)
             dx = bwd(bwd_mb, g)
             bwd_mb += 1
             if not p.first:
-                _send(dx, p.prev)
+                _send(dx, p.prev, self.pipe.links)
         return self._share(results, [0.0 if p.last else r.terms.get("loss_aux", 0.0) for r in results], p.last)
 
     @paddle.no_grad()
@@ -178,9 +177,9 @@ class OneFOneB:
                     if v == final:
                         out_values.append(float(value(out)))
                         break
-                    _send(out, p.ranks[(s + 1) % p.size])
+                    _send(out, p.ranks[(s + 1) % p.size], self.pipe.links)
                 elif (s + 1) % p.size == p.stage and v < final:
-                    x = _recv(self.shape(batch), p.ranks[s])
+                    x = _recv(self.shape(batch), p.ranks[s], self.pipe.links)
         shared = paddle.to_tensor(np.array(out_values if p.last else [0.0] * len(batches), np.float64))
         dist.broadcast(shared, src=p.last_rank, group=p.group)
         return shared.numpy().tolist()
@@ -300,7 +299,7 @@ class Interleaved(OneFOneB):
                     if v == final:
                         y.backward()
                     else:
-                        outs, grads = [y], [inbox.pop(("B", mb, c))]
+                        outs, grads = [y], [inbox.pop(("B", mb, c)).astype(y.dtype)]
                         if aux is not None:
                             outs.append(aux / self.accum)
                             grads.append(paddle.ones_like(aux))
@@ -323,6 +322,6 @@ class Interleaved(OneFOneB):
             to = (s + 1) % P if kind == "F" else (s - 1) % P
             to_chunk = (v + 1 if kind == "F" else v - 1) // P
             if s == p.stage:
-                _send(outgoing, p.ranks[to])
+                _send(outgoing, p.ranks[to], self.pipe.links)
             elif to == p.stage:
-                yield (kind, mb, to_chunk), _recv(self.shape(batches[mb]), p.ranks[s])
+                yield (kind, mb, to_chunk), _recv(self.shape(batches[mb]), p.ranks[s], self.pipe.links)

@@ -28,7 +28,7 @@ import paddle
 from ernie5 import kernels
 from ernie5.errors import UserError
 from ernie5.parallel.topology import Topology
-from ernie5.parallel.tp_state import gather_full, local_piece, shard_of, sum_replicated_grad, unique_squares
+from ernie5.parallel.tp_state import gather_full, shard_of, sum_replicated_grad, unique_squares
 from ernie5.optim.config import OptimConfig
 from ernie5.optim.adamw import build_optimizer, scale_grads
 
@@ -74,8 +74,10 @@ class ParallelRuntime:
                               and shard_of(p)[0].shards < self.tp.degree]
         stage = getattr(model, "stage", None)
         both_ends = stage is not None and topo.embed_group is not None
-        # parameters both the first and the last stage hold (names in model order: the same list on both)
-        self.end_shared = [p for n, p in params.items() if both_ends and n.split(".")[0] in ("embed", "io")]
+        # parameters both the first and the last stage hold (the same list on both: the build rule of
+        # `UnifiedModel`, the embedding there only with a tied head or MTP; names in model order)
+        shared = ("io", "embed") if model.cfg.tie_embeddings or model.cfg.mtp.depth else ("io",)
+        self.end_shared = [p for n, p in params.items() if both_ends and n.split(".")[0] in shared]
         second_copies = set() if stage is None or stage.first else {id(q) for q in self.end_shared}
         self.counts_here = lambda p: id(p) not in second_copies
         self.stage = stage
@@ -119,7 +121,7 @@ class ParallelRuntime:
             if sp:
                 fused_allreduce_gradients_with_group(sp, self.tp.group, scale=1.0)
             for p in self._with_grad_somewhere(self.kv_replicated, self.tp.group):
-                sum_replicated_grad(p, self.shards_of(p), self.tp)
+                sum_replicated_grad(p, shard_of(p)[0], self.tp)
         if topo.dp == 1:
             return
         dense = self._with_grad_somewhere(self.dense_params, topo.dp_group)
@@ -133,9 +135,6 @@ class ParallelRuntime:
                 fused_allreduce_gradients_with_group(experts, topo.edp_group, scale=1.0 / topo.dp)
             else:
                 scale_grads(experts, 1.0 / topo.dp)
-
-    def shards_of(self, p):
-        return shard_of(p)[0]
 
     def _with_grad_somewhere(self, params: list, group) -> list:
         """The parameters that have a gradient on at least one rank of `group` (all of its ranks agree), with
@@ -287,7 +286,7 @@ class ParallelRuntime:
                 continue  # another rank's expert
             p = params[local]
             if local in self.shards and list(value.shape) == self.shards[local][1]:
-                value = local_piece(value, self.shards[local][0])
+                value = self.shards[local][0].take(value)
             opt = self.expert_opt if id(p) in expert_ids else (self.sharded or self.dense_opt)
             by_opt.setdefault(id(opt), {})[f"{p.name}_{acc}"] = value
         for opt in (self.sharded or self.dense_opt, self.expert_opt):
@@ -311,5 +310,5 @@ class ParallelRuntime:
         if missing or unexpected:
             detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
             raise UserError(where, f"checkpoint does not match the model config ({detail})")
-        return {local: (local_piece(global_state[g], self.shards[local][0]) if local in self.shards
+        return {local: (self.shards[local][0].take(global_state[g]) if local in self.shards
                         else global_state[g]) for local, g in self.to_global.items()}

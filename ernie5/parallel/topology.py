@@ -5,7 +5,7 @@ innermost); a TP group's ranks share one data-parallel rank and read the same ba
 Megatron): data rank d is in expert-parallel group d // ep (consecutive blocks of `ep` ranks share one copy of
 all experts, rank d % ep holding the slice [e * E/ep, (e+1) * E/ep)), and in expert-data-parallel group
 d % ep (the ranks holding the same expert slice, whose expert gradients are averaged together).
-Fleet's hybrid communicate group carries data parallel and ZeRO-1 sharding (and tensor / pipeline on GPUs).
+Fleet's hybrid communicate group carries data parallel, ZeRO-1 sharding, tensor and pipeline groups.
 Experts are replicated over the TP ranks (see `ernie5.model.moe.MoELayer`), so expert-parallel groups are formed
 among the data-parallel ranks of one TP rank.
 A single process gets a trivial topology and no communication at all.
@@ -218,12 +218,8 @@ def _with_groups(cfg: ParallelConfig, world: int, dp: int, hcg, gloo: bool) -> T
                 g = paddle.distributed.new_group([a, b])
                 if rank in (a, b):
                     links[b if rank == a else a] = g
-            ends = (line[0], line[-1])
-            g = links.get(line[-1]) if rank == line[0] else links.get(line[0]) if rank == line[-1] else None
-            if cfg.pipeline > 2:  # the ends are not neighbours: a pair of their own
-                g = paddle.distributed.new_group(list(ends))
-            if rank in ends:
-                topo.embed_group = g
+            if rank in (line[0], line[-1]):  # the ring's link between the ends carries the tied embedding
+                topo.embed_group = links[line[-1] if rank == line[0] else line[0]]
         topo.pipe.links = links
     if cfg.expert > 1:  # every rank must create every group (those of every TP / PP rank), in the same order
         for ranks_of in fleet_topo.get_comm_list("sharding" if sharding > 1 else "data"):

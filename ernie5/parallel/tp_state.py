@@ -38,11 +38,6 @@ def gather_full(value: paddle.Tensor, spec: Shard, full_shape: list[int], tp: TP
     return paddle.to_tensor(spec.assemble(ordered, full_shape[spec.axis]))
 
 
-def local_piece(global_value, spec: Shard):
-    """This rank's piece of a global tensor (paddle Tensor or NumPy array)."""
-    return spec.take(global_value)
-
-
 def sum_replicated_grad(param, spec: Shard, tp: TPGroup) -> None:
     """Add the gradients of the ranks holding the same piece (replicated kv heads), in place."""
     grads = all_gather_list(param.grad.contiguous(), tp)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ernie5.plan.params import layer_params
+from ernie5.plan.params import _mtp_depth_params, layer_params
 
 
 def layer_costs(cfg, seq_len: int) -> list[float]:
@@ -30,10 +30,8 @@ def layer_costs(cfg, seq_len: int) -> list[float]:
 
 def _head_cost(cfg, seq_len: int) -> float:
     head = 6.0 * cfg.hidden_size * cfg.vocab_size if cfg.vocab_size else 0.0
-    dense_block = 6.0 * (4 * cfg.hidden_size * cfg.num_heads * cfg.dim_head // 2
-                         + 3 * cfg.hidden_size * cfg.ffn_hidden_size + 2 * cfg.hidden_size ** 2) \
-        + 12 * seq_len * cfg.num_heads * cfg.dim_head
-    return head * (1 + cfg.mtp.depth) + dense_block * cfg.mtp.depth
+    depth = 6.0 * _mtp_depth_params(cfg) + 12 * seq_len * cfg.num_heads * cfg.dim_head
+    return head * (1 + cfg.mtp.depth) + depth * cfg.mtp.depth
 
 
 def _even(num_layers: int, chunks: int) -> list[int]:

@@ -1,8 +1,9 @@
 """Per-device training memory on paper: weights, grads, Adam states and activations for a parallel layout.
 
 Placement (world = data x tensor x pipeline; expert-parallel ranks are carved from the data ranks):
-- Layers are split into `pipeline x virtual_pipeline` contiguous chunks (sizes differ by at most one, the
-  later chunks take the extra layers); stage s holds chunks s, s + P, s + 2P, ... The embedding and the
+- Layers are split into `pipeline x virtual_pipeline` contiguous chunks (`ernie5.plan.layout`: the explicit
+  `pipeline_layout`, or even counts with the extra layers late, or equal compute); stage s holds chunks s, s + P,
+  s + 2P, ... The embedding and the
   modality inputs (multimodal models: visual projection / scale table, audio tables, patch merger) sit on
   stage 0; the final norm, the head, MTP and the modality heads on the last stage. With pipeline > 1 the last
   stage keeps its own copy of the embedding when the head is tied to it or MTP embeds its inputs (as Megatron
@@ -22,7 +23,8 @@ Placement (world = data x tensor x pipeline; expert-parallel ranks are carved fr
   `data / expert` for routed experts. Grads and weights are not sharded by ZeRO-1.
 
 Activations (bytes kept for backward per micro-batch; T = micro_batch_size x seq_len tokens, a = bytes of
-param_dtype, everything / tensor since tensor parallel runs with sequence parallelism; a fused (flash)
+param_dtype, everything / tensor under sequence parallelism (the default with tensor > 1; without it nothing is
+divided, an upper bound); a fused (flash)
 attention kernel is assumed, so no seq x seq matrix is kept):
 - attention half of a block: norm input H*a (the layer input, always kept) + norm rstd 4 + norm output H*a
   + q, k, v (nq + 2 nkv) d a (nkv at least tensor: a rank keeps one kv head when they are replicated)
@@ -221,8 +223,16 @@ def layer_activation_bytes(run_cfg, i: int, a: int) -> tuple[float, float]:
             kept = m.hidden_size * a  # the block input is the checkpoint
         else:
             kept = full - sum(pieces.get(mod, 0) for mod in set(rc.modules))
-    t = run_cfg.parallel.tensor
+    t = activation_split(run_cfg)
     return T * kept / t, T * full / t
+
+
+def activation_split(run_cfg) -> int:
+    """What activations are divided by: the tensor degree under sequence parallelism; 1 without it (an upper
+    bound: norms, residuals and the replicated experts then see every token on every tensor rank, and only the
+    split GEMMs' intermediates are smaller)."""
+    p = run_cfg.parallel
+    return p.tensor if p.sequence_parallel_on else 1
 
 
 def head_activation_bytes(run_cfg, a: int) -> float:
@@ -232,7 +242,7 @@ def head_activation_bytes(run_cfg, a: int) -> float:
     lin = _fp8_bytes(run_cfg, a, "linear")
     per_head = H * a + 4 + H * lin + V * 4
     mtp = 2 * (H * a + 4) + 2 * H * lin + sum(block_pieces(run_cfg, False, a).values())
-    return T * (per_head * (1 + m.mtp.depth) + mtp * m.mtp.depth) / run_cfg.parallel.tensor
+    return T * (per_head * (1 + m.mtp.depth) + mtp * m.mtp.depth) / activation_split(run_cfg)
 
 
 def in_flight(stage: int, pipeline: int, virtual: int, micro_batches: int) -> float:

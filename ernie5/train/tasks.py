@@ -128,7 +128,7 @@ class UnifiedTask(_Task):
         batch again for MTP's inputs (its copies of the embedding and modality inputs)."""
         obj = self.objective
         first, last = model.stage.starts_model(chunk), model.stage.ends_model(chunk)
-        emb = model.embed_unified(batch) if first or last else None
+        emb = model.embed_unified(batch) if first or (last and len(model.mtp)) else None  # MTP's inputs
         out = obj.backbone(model, batch, submodel, emb if first else None, pipe_in, chunk)
         if not last:
             return out.hidden_BSH, out.aux_loss

@@ -103,6 +103,15 @@ def test_pp2_composed_on_4_ranks_equals_one_process(tmp_path, train_args, one_pr
     assert_same_run(run, single)
 
 
+def test_untied_head_without_mtp_under_pp2_equals_one_process(tmp_path, train_args, one_process):
+    """An untied head and no MTP: the last stage holds no embedding copy, so only the first stage's is updated."""
+    common = ("train.max_steps=4", "model.tie_embeddings=false", "model.mtp.depth=0")
+    run = tmp_path / "untied"
+    code, logs = launch(2, train_args(run, *common, "parallel.pipeline=2"), tmp_path / "l")
+    assert code == 0, logs
+    assert_same_run(run, one_process(*common), ("loss", "grad_norm"))
+
+
 def test_pp4_with_middle_stages_equals_one_process(tmp_path, train_args, one_process):
     """4 stages of one layer each (two middle stages that hold neither end; the tied embedding's copies 3 ranks
     apart) for 6 steps: losses and gradient norms."""
