@@ -13,13 +13,18 @@ from dataclasses import dataclass
 from typing import Optional
 
 
+def even_sizes(num_layers: int, chunks: int) -> list[int]:
+    """Layers per chunk as even as possible; the extra layers go to the last chunks (stage 0 keeps the most
+    micro-batches in flight under 1F1B)."""
+    return [num_layers // chunks + (1 if c >= chunks - num_layers % chunks else 0) for c in range(chunks)]
+
+
 def stage_layers(num_layers: int, pipeline: int, virtual: int = 1,
                  sizes: Optional[list[int]] = None) -> list[list[int]]:
     """Layer indices held by each pipeline stage: contiguous chunks of `sizes[c]` layers (None: as even as
     possible) dealt round-robin to the stages (`ernie5.plan.layout` chooses the sizes)."""
     n = pipeline * virtual
-    # the extra layers go to the last chunks: stage 0 keeps the most micro-batches in flight under 1F1B
-    sizes = sizes or [num_layers // n + (1 if c >= n - num_layers % n else 0) for c in range(n)]
+    sizes = sizes or even_sizes(num_layers, n)
     starts = [sum(sizes[:c]) for c in range(n)]
     return [[i for c in range(s, n, pipeline) for i in range(starts[c], starts[c] + sizes[c])]
             for s in range(pipeline)]
@@ -66,7 +71,7 @@ def build_stage(num_layers: int, pipeline: int, index: int, virtual: int = 1,
                 sizes: Optional[list[int]] = None) -> PipelineStage:
     """Stage `index`'s layers and chunks (`sizes`: layers per chunk, None: even)."""
     n = pipeline * virtual
-    sizes = sizes or [len(chunk) for chunk in stage_layers(num_layers, n)]
+    sizes = sizes or even_sizes(num_layers, n)
     starts = [sum(sizes[:c]) for c in range(n)]
     chunks = tuple(tuple(range(starts[c], starts[c] + sizes[c])) for c in range(index, n, pipeline))
     return PipelineStage(index, pipeline, tuple(stage_layers(num_layers, pipeline, virtual, sizes)[index]),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from ernie5.model.pipeline import even_sizes
 from ernie5.plan.params import _mtp_depth_params, layer_params
 
 
@@ -32,10 +33,6 @@ def _head_cost(cfg, seq_len: int) -> float:
     head = 6.0 * cfg.hidden_size * cfg.vocab_size if cfg.vocab_size else 0.0
     depth = 6.0 * _mtp_depth_params(cfg) + 12 * seq_len * cfg.num_heads * cfg.dim_head
     return head * (1 + cfg.mtp.depth) + depth * cfg.mtp.depth
-
-
-def _even(num_layers: int, chunks: int) -> list[int]:
-    return [num_layers // chunks + (1 if c >= chunks - num_layers % chunks else 0) for c in range(chunks)]
 
 
 def balanced_sizes(costs: list[float], chunks: int, last_extra: float = 0.0) -> list[int]:
@@ -56,7 +53,7 @@ def balanced_sizes(costs: list[float], chunks: int, last_extra: float = 0.0) -> 
         for i in range(j, L - (chunks - j) + 1):
             best[j][i] = min(max(best[j - 1][k], cost(k, i, j == chunks and i == L)) for k in range(j - 1, i))
     target = best[chunks][L] * (1 + 1e-12)
-    even = _even(L, chunks)
+    even = even_sizes(L, chunks)
     if max(cost(sum(even[:c]), sum(even[:c + 1]), c == chunks - 1) for c in range(chunks)) <= target:
         return even
     # otherwise the feasible split (every chunk's cost <= target) that puts the boundaries as late as possible
@@ -78,6 +75,6 @@ def chunk_sizes(run_cfg) -> Optional[list[int]]:
     if p.pipeline_layout is not None:  # checked against the model by RunConfig.validate
         return list(p.pipeline_layout)
     if p.pipeline_balance == "even":
-        return _even(m.num_layers, chunks)
+        return even_sizes(m.num_layers, chunks)
     seq = run_cfg.data.seq_len
     return balanced_sizes(layer_costs(m, seq), chunks, _head_cost(m, seq))
