@@ -50,17 +50,14 @@ class PackedLoader(RowLoader):
 
     def __init__(self, split: Split, seq_len: int, rows_per_rank: int, seed: int, rank: int = 0, world: int = 1,
                  shuffle: bool = True, where: str = "data"):
-        num_rows = (split.tokens.shape[0] - 1) // seq_len
+        num_rows = (split.num_tokens - 1) // seq_len
         if num_rows < 1:
-            raise UserError(where, f"only {split.tokens.shape[0]} tokens: not one row of seq_len {seq_len} + 1")
+            raise UserError(where, f"only {split.num_tokens} tokens: not one row of seq_len {seq_len} + 1")
         super().__init__(num_rows, rows_per_rank, seed, rank, world, shuffle)
         self.split, self.S = split, seq_len
 
     def row(self, global_row: int) -> tuple[np.ndarray, np.ndarray]:
-        start = self._row_index(global_row) * self.S
-        tokens = np.asarray(self.split.tokens[start:start + self.S + 1], dtype=np.int64)
-        segments = np.searchsorted(self.split.doc_starts, np.arange(start, start + self.S + 1), side="right") - 1
-        return tokens, segments.astype(np.int64)
+        return self.split.window(self._row_index(global_row) * self.S, self.S + 1)
 
     def collate(self, rows: list) -> tuple[np.ndarray, np.ndarray]:
         return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])

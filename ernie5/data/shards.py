@@ -31,8 +31,24 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 @dataclass
 class Split:
+    """One split of a text source: the token stream (EOS-terminated documents) and each document's start."""
+
     tokens: np.ndarray  # [N] memory-mapped
     doc_starts: np.ndarray  # [D]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_docs(self) -> int:
+        return int(self.doc_starts.shape[0])
+
+    def window(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens int64 [length], document index int64 [length]) of stream positions [start, start + length)."""
+        tokens = np.asarray(self.tokens[start:start + length], dtype=np.int64)
+        docs = np.searchsorted(self.doc_starts, np.arange(start, start + len(tokens)), side="right") - 1
+        return tokens, docs.astype(np.int64)
 
 
 def write_shards(out_dir: str, splits: dict[str, list[list[int]]], eos_id: int, vocab_size: int,

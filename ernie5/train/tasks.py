@@ -76,7 +76,7 @@ class TextTask(_Task):
                              where=f"{d.dir} (train split)")
         val_split = open_split(d.dir, "val")
         val = (PackedLoader(val_split, d.seq_len, t.micro_batch_size, seed, shuffle=False, where=f"{d.dir} (val)")
-               if val_split.tokens.shape[0] > d.seq_len else None)
+               if val_split.num_tokens > d.seq_len else None)
         return train, val
 
     def batch(self, loader, train: bool = True) -> dict:
