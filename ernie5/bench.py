@@ -497,7 +497,7 @@ def train_overhead(tr, steps: int) -> dict:
             tr.train()
             tr.cfg = saved[0]
             eval_s = 0.0
-            if eval_every and tr.task.val_loader is not None:
+            if eval_every and tr.task.val_loaders:
                 start = time.perf_counter()
                 tr.evaluate()
                 eval_s = time.perf_counter() - start

@@ -284,15 +284,24 @@ def _text_documents(cfg: MultimodalDataConfig, text_tok):
                     return
 
 
+def read_multimodal_meta(shard_dir: str) -> dict:
+    """meta.json of multimodal shards (a one-line UserError when absent, unreadable or not multimodal)."""
+    meta_path = Path(shard_dir) / "meta.json"
+    if not meta_path.is_file():
+        raise UserError(str(meta_path), "no prepared multimodal shards here (run `ernie5 data prepare CONFIG`)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(str(meta_path), f"unreadable shard metadata ({e})") from None
+    if meta.get("format") != MULTIMODAL_FORMAT:
+        raise UserError(str(meta_path), "not a multimodal shard (text shards have no segments to inspect)")
+    return meta
+
+
 def open_multimodal_split(shard_dir: str, split: str) -> tuple[dict, dict]:
     """(meta, {field: memory-mapped array [rows, seq_len, ...]}) after checking sizes against meta.json."""
     root = Path(shard_dir)
-    meta_path = root / "meta.json"
-    if not meta_path.is_file():
-        raise UserError(str(meta_path), "no prepared multimodal shards here (run `ernie5 data prepare CONFIG`)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format") != MULTIMODAL_FORMAT:
-        raise UserError(str(meta_path), "not a multimodal shard (text shards have no segments to inspect)")
+    meta = read_multimodal_meta(shard_dir)
     arrays = {}
     for name, want in meta["files"].items():
         if not name.startswith(split + "."):

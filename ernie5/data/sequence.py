@@ -258,6 +258,28 @@ def _pack_row(docs: list[dict], seq_len: int) -> dict:
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+def text_row(tokens_R: np.ndarray, docs_R: np.ndarray, bits: int, levels: int) -> dict:
+    """A packed text row (R = S + 1 tokens and their document ids, as `PackedLoader` cuts them) in the unified
+    row layout of `pack_documents` (S positions, `FIELDS` + `doc`): what `build_document` gives for its text
+    pieces, one group per token, positions restarting at each document, and the last position's target the
+    row's extra token when it continues the same document. Lets text sources blend with multimodal ones."""
+    tokens_R, docs_R = np.asarray(tokens_R), np.asarray(docs_R)
+    S = len(tokens_R) - 1
+    doc_S = np.unique(docs_R[:S], return_inverse=True)[1].astype(np.int32)
+    first = np.searchsorted(doc_S, doc_S, side="left")  # doc ids are non-decreasing along a row
+    same_next = docs_R[1:] == docs_R[:S]
+    target = np.where(same_next, tokens_R[1:], -1).astype(np.int32)
+    loss_mask = np.zeros((S, 3), np.uint8)
+    loss_mask[:, HEAD_TEXT] = same_next
+    return {"token": tokens_R[:S].astype(np.int32), "modality": np.full(S, TEXT, np.int8),
+            "pos": np.repeat((np.arange(S) - first).astype(np.float32)[:, None], 3, axis=1),
+            "group": np.arange(S, dtype=np.int32), "scale": np.full(S, -1, np.int16),
+            "frame": np.full(S, -1, np.int16), "audio": np.full((S, levels), -1, np.int16),
+            "vis_in": np.zeros((S, bits), np.float32), "target": target,
+            "target_audio": np.full((S, levels), -1, np.int16), "loss_mask": loss_mask,
+            "und_index": np.full(S, -1, np.int32), "doc": doc_S}
+
+
 # -- attention ----------------------------------------------------------------------------------------------------
 def allowed_mask(doc_BS: np.ndarray, group_BS: np.ndarray) -> np.ndarray:
     """bool [B, S, S]: query i may attend key j (the rule of `ernie5.model.mask`: same document,

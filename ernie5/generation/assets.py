@@ -49,9 +49,11 @@ class Generator:
 
 
 def shard_meta(cfg) -> Optional[dict]:
-    """meta.json of the checkpoint's data.dir if it is a multimodal shard; None for a text-only model (which
-    needs only its config's tokenizer). A multimodal model without its shards' meta.json is an error."""
-    path = Path(cfg.data.dir) / "meta.json"
+    """meta.json of the checkpoint's multimodal shards (its data.dir, or the first multimodal source of its
+    data.sources); None for a text-only model (which needs only its config's tokenizer). A multimodal model
+    without its shards' meta.json is an error."""
+    mm = [s for s in cfg.data.sources if s.is_multimodal]
+    path = Path(mm[0].paths[0] if mm else cfg.data.dir) / "meta.json"
     if not path.is_file():
         if not cfg.model.multimodal.enabled:
             return None
@@ -82,7 +84,7 @@ def load_generator(ckpt_path: str, overrides: list[str] = ()) -> Generator:
     if meta is not None:
         for key in ("text_tokenizer", "vision_tokenizer", "audio_tokenizer"):
             if not Path(meta[key]).is_file():
-                raise UserError(meta[key], f"{key.replace('_', ' ')} named in {cfg.data.dir}/meta.json not found")
+                raise UserError(meta[key], f"{key.replace('_', ' ')} named in the shards' meta.json not found")
         segments = SegmentTokenizer(MultimodalDataConfig(text_tokenizer=meta["text_tokenizer"],
                                                          vision_tokenizer=meta["vision_tokenizer"],
                                                          audio_tokenizer=meta["audio_tokenizer"]), Path("."))

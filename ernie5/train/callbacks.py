@@ -77,7 +77,7 @@ class Evaluator(Callback):
     def on_step_end(self, tr, metrics):
         every = tr.cfg.train.eval_interval
         if every and (metrics["step"] % every == 0 or metrics["step"] == tr.cfg.train.max_steps):
-            metrics["val_loss"] = tr.evaluate()
+            metrics.update(tr.evaluate() or {"val_loss": None})
 
 
 class MetricsLogger(Callback):

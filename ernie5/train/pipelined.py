@@ -54,9 +54,6 @@ def pipeline_micro_batches(tr, accum: int):
     return float(np.mean(values)), terms, None
 
 
-def pipeline_eval(tr) -> float:
-    """The held-out loss through the pipeline (the same batches every time, forward only)."""
-    loader = tr.task.val_loader
-    loader.position = 0
-    batches = [tr.task.batch(loader, train=False) for _ in range(tr.cfg.train.eval_batches)]
+def pipeline_eval(tr, batches: list) -> float:
+    """The mean held-out value of `batches` through the pipeline (forward only)."""
     return float(np.mean(schedule(tr, len(batches)).forward_only(batches, tr.task.held_out_value)))

@@ -11,7 +11,7 @@ import os
 from ernie5.data.shards import read_meta
 from ernie5.errors import UserError
 from ernie5.runconfig import RunConfig
-from ernie5.train.unified_data import is_multimodal_shard, resolve_multimodal
+from ernie5.train.unified_data import multimodal_meta, resolve_multimodal
 
 _DETERMINISM_FLAGS = ("FLAGS_cudnn_deterministic", "FLAGS_embedding_deterministic")
 
@@ -48,10 +48,15 @@ def _resolved(cfg: RunConfig) -> RunConfig:
         if cfg.model.vocab_size is None:
             raise UserError("model.vocab_size", "must be set when data.synthetic is true")
         return cfg
-    if is_multimodal_shard(cfg.data.dir):
-        resolve_multimodal(cfg, read_meta(cfg.data.dir))  # fills the copy
+    sources = cfg.data.resolved_sources(cfg.tokenizer.corpus)
+    if any(s.config.is_multimodal for s in sources):
+        resolve_multimodal(cfg, multimodal_meta(cfg))  # fills the copy
         return cfg
-    vocab = int(read_meta(cfg.data.dir)["vocab_size"])
+    vocabs = {s.name: int(read_meta(s.dir)["vocab_size"]) for s in sources}
+    vocab = max(vocabs.values())
+    if len(set(vocabs.values())) > 1:
+        raise UserError("data.sources", f"the sources were tokenised with different vocabularies {vocabs} "
+                                        "(prepare them all with tokenizer.model_path)")
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = vocab
     elif cfg.model.vocab_size < vocab:

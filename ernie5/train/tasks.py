@@ -4,12 +4,13 @@ FLOPs per token, and the state it carries across steps.
 A task is built from the resolved run config. The loop (`ernie5.train.trainer.Trainer`) only calls the methods
 below, so a new workload is a new task class, not a branch in the loop:
 
-- `train_loader` / `val_loader` (None: no held-out split): resumable loaders (`position`, `state_dict`);
+- `train_loader` (resumable: `position`, `state_dict`; blends the sources of `data.sources`) and
+  `val_loaders` (source name -> held-out loader);
 - `batch(loader, train)`: the next micro-batch of `loader` as tensors;
 - `loss(model, batch, submodel)`: an object with `.total` (the tensor to differentiate) and `.terms`
   (floats to log);
-- `eval_loss(model, batches)`: the mean held-out loss over the first `batches` micro-batches (None without a
-  held-out split), from the task's `held_out_term` of each;
+- `eval_losses(model, batches)`: the held-out loss per source and overall (None without held-out data), from
+  the task's `held_out_term` of each micro-batch; `data_metrics()`: tokens seen per source;
 - `finish_step(applied, sum_fn)`: end-of-step bookkeeping (`applied` False on a skipped step; `sum_fn`
   sums an array over the data-parallel ranks and the pipeline stages);
 - `stateful()`: name -> object with `state_dict` / `load_state_dict`, saved in the checkpoint.
@@ -25,6 +26,7 @@ from typing import Optional
 import numpy as np
 
 from ernie5.constants import MODALITY_TERMS
+from ernie5.data.blend import BlendedLoader, source_seed
 from ernie5.data.loader import PackedLoader, SyntheticLoader
 from ernie5.data.shards import open_split
 from ernie5.model.transformer import to_tensor_batch
@@ -35,14 +37,31 @@ from ernie5.train.unified_data import UnifiedBatches
 
 
 class _Task(ABC):
-    val_loader = None
+    train_loader = None
+    val_loaders: dict = {}  # source name -> held-out loader (sources without held-out rows are absent)
+    weights: dict = {}  # source name -> its normalised mixture weight
 
-    def eval_loss(self, model, batches: int) -> Optional[float]:
-        if self.val_loader is None:
+    def eval_losses(self, model, batches: int, mean_of=None) -> Optional[dict]:
+        """{"val_loss": overall, "val_loss/<source>": ...} over the first `batches` held-out micro-batches of
+        each source (the same batches every time, so evaluations compare); None without held-out data. The
+        overall loss weighs the sources by the mixture (`overall_val_loss`). `mean_of(batches)`: the mean held-out
+        value of a list of batches (default: `held_out_term` of each, one process)."""
+        if not self.val_loaders:
             return None
-        self.val_loader.position = 0  # the same held-out batches every time, so evaluations compare
-        return float(np.mean([self.held_out_term(model, self.batch(self.val_loader, train=False))
-                              for _ in range(batches)]))
+        if mean_of is None:
+            def mean_of(bs):
+                return float(np.mean([self.held_out_term(model, b) for b in bs]))
+        per = {}
+        for name, loader in self.val_loaders.items():
+            loader.position = 0
+            per[name] = mean_of([self.batch(loader, train=False) for _ in range(batches)])
+        return {"val_loss": overall_val_loss(per, self.weights),
+                **{f"val_loss/{name}": value for name, value in per.items()}}
+
+    def data_metrics(self) -> dict:
+        """Tokens drawn from each source so far (over all ranks): rows x seq_len, padding included."""
+        S = self.cfg.data.seq_len
+        return {f"tokens_seen/{name}": rows * S for name, rows in self.train_loader.rows_seen().items()}
 
     @abstractmethod
     def held_out_term(self, model, batch: dict) -> float:
@@ -56,28 +75,41 @@ class _Task(ABC):
 
 
 class TextTask(_Task):
-    """Next-token (+ MTP) prediction on packed text rows, or synthetic tokens (`data.synthetic`)."""
+    """Next-token (+ MTP) prediction on packed text rows blended from the sources, or synthetic tokens
+    (`data.synthetic`)."""
 
-    def __init__(self, cfg: RunConfig, rank: int, world: int):
+    def __init__(self, cfg: RunConfig, rank: int, world: int, notice=None):
         cfg.objective.check_text_only("objective")
         self.cfg = cfg
-        self.train_loader, self.val_loader = self._loaders(rank, world)
+        self._loaders(rank, world, notice)
         # token-balanced loss: C tokens per row (0: plain masked means)
         self.balance_length = (cfg.objective.token_balance_length or cfg.data.seq_len) \
             if cfg.objective.token_balanced else 0
 
-    def _loaders(self, rank: int, world: int):
+    def _loaders(self, rank: int, world: int, notice) -> None:
         d, t, seed = self.cfg.data, self.cfg.train, self.cfg.run.seed
         if d.synthetic:
             V = self.cfg.model.vocab_size
-            return (SyntheticLoader(V, d.seq_len, t.micro_batch_size, seed, rank, world),
-                    SyntheticLoader(V, d.seq_len, t.micro_batch_size, seed + 1))
-        train = PackedLoader(open_split(d.dir, "train"), d.seq_len, t.micro_batch_size, seed, rank, world,
-                             where=f"{d.dir} (train split)")
-        val_split = open_split(d.dir, "val")
-        val = (PackedLoader(val_split, d.seq_len, t.micro_batch_size, seed, shuffle=False, where=f"{d.dir} (val)")
-               if val_split.num_tokens > d.seq_len else None)
-        return train, val
+            self.train_loader = SyntheticLoader(V, d.seq_len, t.micro_batch_size, seed, rank, world)
+            self.val_loaders, self.weights = {"synthetic": SyntheticLoader(V, d.seq_len, t.micro_batch_size,
+                                                                           seed + 1)}, {"synthetic": 1.0}
+            return
+        sources = d.resolved_sources(self.cfg.tokenizer.corpus)
+        parts, self.val_loaders = [], {}
+        for i, src in enumerate(sources):
+            split = open_split(src.dir, "train")
+            parts.append((src.name, PackedLoader(split, d.seq_len, t.micro_batch_size, source_seed(seed, i,
+                                                 len(sources)), where=f"{src.dir} (source {src.name}, train)"),
+                          src.weight))
+            val = open_split(src.dir, "val")
+            if val.num_tokens > d.seq_len:
+                self.val_loaders[src.name] = PackedLoader(val, d.seq_len, t.micro_batch_size, seed, shuffle=False,
+                                                          where=f"{src.dir} (source {src.name}, val)")
+        self.weights = {src.name: src.weight for src in sources}
+        self.train_loader = BlendedLoader(parts, t.micro_batch_size, rank, world, notice)
+
+    def data_metrics(self) -> dict:
+        return {} if self.cfg.data.synthetic else super().data_metrics()
 
     def batch(self, loader, train: bool = True) -> dict:
         tokens_BR, segments_BR = loader.next()
@@ -111,11 +143,11 @@ class TextTask(_Task):
 class UnifiedTask(_Task):
     """The unified multimodal objective on multimodal shards; its modality weighting is stateful."""
 
-    def __init__(self, cfg: RunConfig, rank: int, world: int):
+    def __init__(self, cfg: RunConfig, rank: int, world: int, notice=None):
         self.cfg = cfg
-        self.data = UnifiedBatches(cfg, rank, world)
+        self.data = UnifiedBatches(cfg, rank, world, notice)
         self.objective = UnifiedObjective(cfg.objective, cfg.model.mtp.loss_weight, cfg.data.seq_len)
-        self.train_loader, self.val_loader = self.data.train, self.data.val
+        self.train_loader, self.val_loaders, self.weights = self.data.train, self.data.val, self.data.weights
 
     def batch(self, loader, train: bool = True) -> dict:
         return self.data.batch(loader, train)
@@ -154,6 +186,15 @@ class UnifiedTask(_Task):
         return {"objective": self.objective}
 
 
-def build_task(cfg: RunConfig, rank: int, world: int):
-    """The task a resolved config describes: unified when the shards are multimodal, else text."""
-    return (UnifiedTask if cfg.model.multimodal.enabled else TextTask)(cfg, rank, world)
+def overall_val_loss(per_source: dict[str, float], weights: dict[str, float]) -> float:
+    """The mixture's held-out loss: the sources' losses weighted by their training weights (the plain mean when
+    no source with held-out data has a positive weight)."""
+    w = np.array([weights.get(name, 0.0) for name in per_source])
+    values = np.array(list(per_source.values()))
+    return float(values @ w / w.sum()) if w.sum() > 0 else float(values.mean())
+
+
+def build_task(cfg: RunConfig, rank: int, world: int, notice=None):
+    """The task a resolved config describes: unified when the shards are multimodal, else text. `notice(name,
+    epoch)` hears when a source's rows run out and it starts another epoch."""
+    return (UnifiedTask if cfg.model.multimodal.enabled else TextTask)(cfg, rank, world, notice)

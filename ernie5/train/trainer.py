@@ -77,7 +77,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt_root = self.out / "checkpoints"
         self.log = RunLog(self.out, self.is_main)
-        self.task = build_task(cfg, self.rank, self.world)
+        self.task = build_task(cfg, self.rank, self.world, notice=self._source_epoch)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)  # a text token's (ernie5.plan.params)
         self._peak_gflops: Optional[float] = None
         with paddle.utils.unique_name.guard():  # stable parameter names -> stable optimizer-state keys
@@ -279,6 +279,7 @@ class Trainer:
         metrics = {"step": self.step, "loss": total if bad is None else None, **terms, "lr": lr,
                    "grad_norm": finite_or_none(grad_norm), "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
                    "mfu": tokens / elapsed * self.flops_per_token / (self.peak_gflops * 1e9)}
+        metrics.update(self.task.data_metrics())  # tokens seen per source
         if self.elastic is not None:  # which sub-model each micro-step trained, loss per sub-model kind
             metrics.update(self.elastic.step_metrics())
         metrics.update(router_metrics)
@@ -313,18 +314,22 @@ class Trainer:
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
     @paddle.no_grad()
-    def evaluate(self) -> Optional[float]:
-        """The task's held-out loss over the first `train.eval_batches` micro-batches (None: no held-out data)."""
-        if self.task.val_loader is None:
+    def evaluate(self) -> Optional[dict]:
+        """The task's held-out loss, overall and per source, over the first `train.eval_batches` micro-batches of
+        each source: {"val_loss": ..., "val_loss/<source>": ...} (None: no held-out data)."""
+        if not self.task.val_loaders:
             return None
         self.model.eval()
         try:
-            if self.topo.pipe is not None:
-                return pipeline_eval(self)
+            mean_of = (lambda batches: pipeline_eval(self, batches)) if self.topo.pipe is not None else None
             with autocast(self.cfg.precision):
-                return self.task.eval_loss(self.model, self.cfg.train.eval_batches)
+                return self.task.eval_losses(self.model, self.cfg.train.eval_batches, mean_of)
         finally:
             self.model.train()
+
+    def _source_epoch(self, name: str, epoch: int) -> None:
+        self.event("source_epoch", source=name, epoch=epoch,
+                   message=f"data source {name!r} ran out of rows and starts epoch {epoch}")
 
     def report(self, m: dict) -> None:
         """Human-facing progress: the tqdm bar's postfix, or one line per log step when there is no bar."""

@@ -6,21 +6,38 @@ from pathlib import Path
 
 import numpy as np
 
-from ernie5.constants import MULTIMODAL_FORMAT
-from ernie5.data.loader import MultimodalLoader
-from ernie5.data.multimodal_prepare import open_multimodal_split
+from ernie5.data.blend import BlendedLoader, source_seed
+from ernie5.data.loader import MultimodalLoader, UnifiedTextLoader
+from ernie5.data.multimodal_prepare import open_multimodal_split, read_multimodal_meta
+from ernie5.data.shards import open_split, read_meta
 from ernie5.data.sequence import SPECIALS
 from ernie5.errors import UserError
 
 
-def is_multimodal_shard(shard_dir: str) -> bool:
-    import json
+_LAYOUT = ("seq_len", "text_vocab_size", "eos_id", "bits", "scales", "audio_levels", "audio_codebook",
+           "und_cnn_dim", "und_pix_dim", "und_patches", "specials")
 
-    meta = Path(shard_dir) / "meta.json"
-    try:
-        return meta.is_file() and json.loads(meta.read_text(encoding="utf-8")).get("format") == MULTIMODAL_FORMAT
-    except (OSError, ValueError):
-        return False  # the text path reports an unreadable meta.json with its own message
+
+def check_same_layout(meta: dict, other: dict, name: str) -> None:
+    """Multimodal sources blend only when their rows mean the same thing (tokenizers, row length, features)."""
+    for key in _LAYOUT:
+        if meta.get(key) != other.get(key):
+            raise UserError(f"data.sources ({name})", f"{key} {other.get(key)} differs from the first multimodal "
+                                                      f"source's {meta.get(key)} (prepare both with one tokenizer set)")
+
+
+def check_text_tokenizer(meta: dict, text_meta: dict, name: str) -> None:
+    """A text source blended into multimodal rows must use the multimodal shards' text tokenizer."""
+    for key, mm_key in (("vocab_size", "text_vocab_size"), ("eos_id", "eos_id")):
+        if int(text_meta[key]) != int(meta[mm_key]):
+            raise UserError(f"data.sources ({name})", f"text {key} {text_meta[key]} != the multimodal shards' "
+                                                      f"{meta[mm_key]} (tokenise it with their text tokenizer)")
+
+
+def multimodal_meta(cfg) -> dict:
+    """meta.json of the first multimodal source of the run's mixture."""
+    src = next(s for s in cfg.data.resolved_sources(cfg.tokenizer.corpus) if s.config.is_multimodal)
+    return read_multimodal_meta(src.dir)
 
 
 def resolve_multimodal(cfg, meta: dict) -> None:
@@ -40,7 +57,7 @@ def resolve_multimodal(cfg, meta: dict) -> None:
     for name, value in want.items():
         have = getattr(mm, name)
         if have and have != value:
-            raise UserError(f"model.multimodal.{name}", f"{have} != {value} in {d.dir}/meta.json")
+            raise UserError(f"model.multimodal.{name}", f"{have} != {value} in the multimodal shards' meta.json")
         setattr(mm, name, int(value))
     mm.enabled = True
 
@@ -49,21 +66,46 @@ _FLIP_STREAM = 0xB17F  # tags the bit-flip seeds apart from the loader's [seed, 
 
 
 class UnifiedBatches:
-    """Train / val loaders over the multimodal shards and the numpy -> tensor batch step."""
+    """Train / val loaders over the mixture's sources and the numpy -> tensor batch step.
 
-    def __init__(self, cfg, rank: int, world: int):
+    Multimodal sources are packed multimodal shards (they must agree on the tokenizers and row layout); text
+    sources are packed text rows laid out as text-only unified rows (`UnifiedTextLoader`), so a mixture such as
+    image-caption pairs 0.4, speech 0.2, text 0.4 is one weighted blend."""
+
+    def __init__(self, cfg, rank: int, world: int, notice=None):
         from ernie5.objectives.unified import make_unified_batch  # paddle-importing module
 
         self._make = make_unified_batch
         d, t = cfg.data, cfg.train
         self.cfg, self.seed, self.rank = cfg, cfg.run.seed, rank
-        self.meta, train = open_multimodal_split(d.dir, "train")
-        self.train = MultimodalLoader(train, t.micro_batch_size, self.seed, rank, world, where=f"{d.dir} (train)")
-        self.val = None
-        if "val" in self.meta["splits"] and self.meta["splits"]["val"]["rows"]:
-            _, val = open_multimodal_split(d.dir, "val")
-            self.val = MultimodalLoader(val, t.micro_batch_size, self.seed, shuffle=False, where=f"{d.dir} (val)")
-        maps = Path(d.dir) / "vis_history.npz"
+        sources = d.resolved_sources(cfg.tokenizer.corpus)
+        first_mm = next(s for s in sources if s.config.is_multimodal)
+        self.meta = read_multimodal_meta(first_mm.dir)
+        und_shape = (self.meta["und_patches"], self.meta["und_cnn_dim"] + self.meta["und_pix_dim"])
+        parts, self.val, B = [], {}, t.micro_batch_size
+        for i, src in enumerate(sources):
+            seed = source_seed(self.seed, i, len(sources))
+            if src.config.is_multimodal:
+                check_same_layout(self.meta, read_multimodal_meta(src.dir), src.name)
+                _, train = open_multimodal_split(src.dir, "train")
+                parts.append((src.name, MultimodalLoader(train, B, seed, where=f"{src.dir} (train)"), src.weight))
+                meta = read_multimodal_meta(src.dir)
+                if "val" in meta["splits"] and meta["splits"]["val"]["rows"]:
+                    _, val = open_multimodal_split(src.dir, "val")
+                    self.val[src.name] = MultimodalLoader(val, B, self.seed, shuffle=False, where=f"{src.dir} (val)")
+                continue
+            check_text_tokenizer(self.meta, read_meta(src.dir), src.name)
+            kw = dict(bits=self.meta["bits"], levels=self.meta["audio_levels"], und_shape=und_shape)
+            parts.append((src.name, UnifiedTextLoader(open_split(src.dir, "train"), d.seq_len, B, seed,
+                                                      where=f"{src.dir} (source {src.name}, train)", **kw),
+                          src.weight))
+            val = open_split(src.dir, "val")
+            if val.num_tokens > d.seq_len:
+                self.val[src.name] = UnifiedTextLoader(val, d.seq_len, B, self.seed, shuffle=False,
+                                                       where=f"{src.dir} (source {src.name}, val)", **kw)
+        self.weights = {src.name: src.weight for src in sources}
+        self.train = BlendedLoader(parts, B, rank, world, notice)
+        maps = Path(first_mm.dir) / "vis_history.npz"
         self.maps = None
         if cfg.objective.bit_flip_rate > 0:
             if not maps.is_file():
@@ -71,7 +113,7 @@ class UnifiedBatches:
             with np.load(maps) as z:
                 self.maps = {k: z[k] for k in z.files}
 
-    def batch(self, loader: MultimodalLoader, train: bool = True) -> dict:
+    def batch(self, loader, train: bool = True) -> dict:
         import paddle
 
         # each row's corruption draw is keyed by (seed, its global row number): resumable, different on every
