@@ -102,11 +102,23 @@ def _cmd_data(args) -> None:
         print(json.dumps(stats, ensure_ascii=False))
         return
     from ernie5.runconfig import load_config
-    from ernie5.data.prepare import prepare_text
+    from ernie5.data.prepare import parse_partition, prepare_text
 
+    partition = parse_partition(args.partition)
     cfg = load_config(args.config, args.overrides)
-    stats = prepare_text(cfg, progress=sys.stderr.isatty())
-    print(f"shards in {cfg.data.dir}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+    stats = prepare_text(cfg, progress=sys.stderr.isatty(), workers=args.workers, partition=partition)
+    for name, s in stats.items():
+        left = f", {s['units_other_partitions']} for other partitions" if s["units_other_partitions"] else ""
+        print(f"source {name} -> {s['dir']}: {s['units']} units ({s['units_done']} prepared, "
+              f"{s['units_skipped']} already done{left}); train {s['documents']['train']} documents "
+              f"{s['tokens']['train']} tokens, val {s['documents']['val']} documents {s['tokens']['val']} tokens, "
+              f"{s['bad_records']} unusable records skipped")
+
+
+def _check_prepare(args) -> None:
+    from ernie5.data.prepare import parse_partition
+
+    parse_partition(args.partition)
 
 
 def _cmd_plan(args) -> None:
@@ -382,15 +394,27 @@ Needs no config file.
     f.add_argument("--out", default="data/raw", help="output directory (default data/raw)")
     f.add_argument("--multimodal", action="store_true", help="also write the digits world (images, videos, speech)")
     f.set_defaults(fn=_cmd_data)
-    _with_config(data.add_parser("prepare", help="tokenise a corpus into shards (run config or multimodal config)",
-                                 **_help(f"""
+    prep = _with_config(data.add_parser(
+        "prepare", help="tokenise a corpus into shards (run config or multimodal config)", **_help(f"""
 Tokenise into training shards. {_takes("data prepare")}
-  run config            text only: `tokenizer.corpus` with the trained text tokenizer -> shards in `data.dir`
+  run config            text only: each text source of `data.sources` -> shards in `data.dir/<name>` (without
+                        sources, `tokenizer.corpus` -> shards in `data.dir`), with the trained text tokenizer
   kind: multimodal      a manifest of text, image, video and audio documents, tokenised with the text, vision
                         and audio tokenizers it names -> unified shards in `out_dir` (prints JSON stats)
-Train the tokenizers first (`ernie5 tokenizer train`).
+Train the tokenizers first (`ernie5 tokenizer train`). A run config's text sources (`data.sources`, or
+`tokenizer.corpus`) are cut into work units (64 MiB byte ranges, compressed files, Parquet row groups) that
+--workers processes tokenise in parallel; --partition I/N does only the units with index % N == I, so N machines
+sharing the filesystem split the job (the result is the same bytes for any workers and partitions). Running the
+same command again skips finished units (docs/data.md).
 """, ["ernie5 data prepare configs/tiny_text.yaml",
-      "ernie5 data prepare configs/data/digits_world.yaml"])), "data prepare").set_defaults(fn=_cmd_data)
+      "ernie5 data prepare configs/tiny_text.yaml --workers 8",
+      "ernie5 data prepare configs/tiny_text.yaml --workers 8 --partition 3/16  # task 3 of a 16-task array",
+      "ernie5 data prepare configs/data/digits_world.yaml"])), "data prepare")
+    prep.add_argument("--workers", type=_count(1), default=1,
+                      help="processes tokenising units in parallel (run config; default 1)")
+    prep.add_argument("--partition", default="0/1", metavar="I/N",
+                      help="prepare only the units with index %% N == I (run config; default 0/1: all)")
+    prep.set_defaults(fn=_cmd_data, check=_check_prepare)
     ins = data.add_parser("inspect", help="print a packed multimodal row as segments (modality, groups, positions)",
                           **_help("""
 Print one packed row of unified shards: its segments (document, modality, groups, positions), then a table

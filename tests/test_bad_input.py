@@ -29,7 +29,7 @@ def world(tmp_path_factory, text_assets):
     for name, damage in [("truncated", "truncate"), ("flipped", "flip"), ("nometa", "meta")]:
         d = root / name
         shutil.copytree(shards, d)
-        f = d / "train.tokens.npy"
+        f = next(d.glob("units-*")) / "000000.train.tokens.npy"
         if damage == "truncate":
             f.write_bytes(f.read_bytes()[:-100])
         elif damage == "flip":
@@ -37,7 +37,7 @@ def world(tmp_path_factory, text_assets):
             data[len(data) // 2] ^= 0x55
             f.write_bytes(bytes(data))
         else:
-            (d / "meta.json").write_text("{not json")
+            (d / "plan.json").write_text("{not json")
     corrupt_run = root / "corrupt_run"
     shutil.copytree(run, corrupt_run)
     for c in (corrupt_run / "checkpoints").iterdir():
@@ -75,7 +75,7 @@ CASES = [
     ("vocab too small for corpus", lambda w: ["tokenizer", "train", T, f"tokenizer.corpus=[{w['corpus']}]",
                                               "tokenizer.vocab_size=300", f"tokenizer.model_path={w['root']}/t.model"],
      "Vocabulary size is smaller than required_chars"),
-    ("corpus not utf-8", lambda w: ["data", "prepare", T, f"tokenizer.corpus=[{w['root']}/latin1.txt]",
+    ("corpus not utf-8", lambda w: ["data", "prepare", T, "data.sources=[]", f"tokenizer.corpus=[{w['root']}/latin1.txt]",
                                     f"tokenizer.model_path={w['tok']}", f"data.dir={w['root']}/out1"], "not UTF-8 text"),
     ("missing tokenizer", lambda w: ["data", "prepare", T, f"tokenizer.model_path={w['root']}/none.model",
                                      f"data.dir={w['root']}/out2"], "tokenizer model not found"),

@@ -1,63 +1,368 @@
-"""`ernie5 data prepare`: tokenise the configured text corpus once into train / val shards."""
+"""`ernie5 data prepare` on a run config: tokenise every text source into train / val token shards.
+
+Each text source of `data.resolved_sources` (the single-corpus form is one source, "corpus", prepared into
+`data.dir` itself; multimodal sources are prepared directories and are skipped) is planned into work units
+(`ernie5.data.readers`: byte ranges of uncompressed files, whole compressed files, Parquet row groups) and written
+as described in `ernie5.data.shards`: `plan.json`, then per unit its token and document-start files and, last, its
+done marker. Every file is written under a temporary name and renamed into place.
+
+Parallelism: `workers` processes (spawned; each loads the tokenizer once) each take whole units, tokenise them and
+write the unit's files themselves, returning only a few numbers, so memory is about (unit size x workers) whatever
+the corpus size. `partition=(I, N)` processes only the units with index % N == I: partitions may run on different
+machines sharing the filesystem (a Slurm array, one process per node), with no coordinator.
+
+Determinism: a unit's output depends only on the plan's fingerprint and the unit's index, so the prepared
+directory is byte-identical for any `workers` and any partitioning (no timestamps, pids or host names are written).
+Documents go to val when `np.random.default_rng([seed, unit]).random() < val_fraction` (drawn in order per unit),
+and the first document of unit 0 always does when val_fraction > 0 (a tiny corpus still has a val split).
+BPE-dropout (`data.bpe_dropout` > 0): the unit's train documents are encoded `bpe_dropout_copies` times, copy c
+after `sentencepiece.set_random_generator_seed` of a value derived from (seed, unit, c); val documents once,
+without dropout. Caveat: sentencepiece's sampler (0.2.x) does not repeat across processes even with that seed,
+so with BPE-dropout the sampled train tokens (not the document split, not val) differ between runs; everything
+else above still holds (units, markers, restart, partitions).
+
+Restart: `plan.json` holds the fingerprint (tokenizer sha256, source config, files with sizes and mtimes, seed,
+val_fraction, dropout settings, unit_bytes). When it changes, the previous plan's unit directory is removed; a
+unit whose done marker matches the plan (and whose files have the recorded sizes) is skipped. Running the same
+command again after a kill therefore finishes the job, and a source with units lacking markers is refused by
+`open_split`. Unusable records are skipped, counted per unit and reported at the end; a source that ends with no
+document at all is a UserError.
+"""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import shutil
+import sys
+import tempfile
+import time
+from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 from tqdm import tqdm
 
-from ernie5.data.shards import sha256_file, write_shards
+from ernie5.data.readers import UNIT_BYTES, BadRecords, Unit, iter_records, plan_units, resolve_files
+from ernie5.data.shards import (PLAN, SPLITS, TEXT_FORMAT, TEXT_VERSION, check_file, fingerprint_sha256,
+                                marker_name, read_marker, sha256_file, unit_file, units_dir)
 from ernie5.errors import UserError
 from ernie5.modality.text_tokenizer import TextTokenizer
 
 if TYPE_CHECKING:  # the run config sits above data (it assembles every component's config)
+    from ernie5.data.config import ResolvedSource
     from ernie5.runconfig import RunConfig
 
-
-def read_documents(files: list[str]) -> list[str]:
-    docs = []
-    for f in files:
-        if not os.path.isfile(f):
-            raise UserError(f, "corpus file not found (run `ernie5 data fetch` first?)")
-        try:
-            docs.extend(line for line in Path(f).read_text(encoding="utf-8").splitlines() if line.strip())
-        except UnicodeDecodeError as e:
-            raise UserError(f, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if not docs:
-        raise UserError("tokenizer.corpus", "the corpus files hold no documents")
-    return docs
+BATCH_DOCS = 512  # documents per sentencepiece call
+BATCH_CHARS = 4 << 20  # ... or fewer when they are long
 
 
-def prepare_text(cfg: RunConfig, progress: bool = True) -> dict:
-    """Tokenise `cfg.tokenizer.corpus` into `cfg.data.dir`. Returns the split sizes."""
-    tok = TextTokenizer(cfg.tokenizer.model_path)
-    docs = read_documents(cfg.tokenizer.corpus)
-    rng = np.random.default_rng(cfg.run.seed)
-    is_val = rng.random(len(docs)) < cfg.data.val_fraction
-    if cfg.data.val_fraction > 0 and not is_val.any():
-        is_val[rng.integers(len(docs))] = True
-    d = cfg.data
-    train, val = [], []
-    copies = d.bpe_dropout_copies if d.bpe_dropout > 0 else 1
-    bar = tqdm(total=len(docs) * copies, desc="tokenising", unit="doc", disable=not progress)
+# ------------------------------------------------------------------------------------------------------- file output
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    """`write(binary file)` into a unique temporary file next to `path`, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_bytes(obj) -> bytes:
+    import json
+
+    return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+# ------------------------------------------------------------------------------------------------------- one unit
+
+def _batches(docs: Iterable[str]) -> Iterator[list[str]]:
+    batch, chars = [], 0
+    for d in docs:
+        batch.append(d)
+        chars += len(d)
+        if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _dropout_seed(seed: int, unit: int, copy: int) -> int:
+    return int(np.random.default_rng([seed, unit, copy, 0xB9E]).integers(1, 2 ** 31))
+
+
+def _encode(sp, docs: list[str], eos: int, dtype, dropout: float) -> tuple[np.ndarray, np.ndarray]:
+    """(flat tokens with EOS after each document, lengths incl. EOS) of a batch."""
+    if dropout > 0:
+        ids = sp.encode(docs, enable_sampling=True, alpha=dropout, nbest_size=-1, num_threads=1)
+    else:
+        ids = sp.encode(docs, num_threads=1)
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(chain.from_iterable(chain(x, (eos,)) for x in ids), dtype=dtype, count=int(lengths.sum()))
+    return flat, lengths
+
+
+def prepare_unit(task: dict, sp) -> dict:
+    """Tokenise one unit and write its files and done marker; returns the marker (small)."""
+    import sentencepiece as spm
+
+    index, unit = task["index"], Unit.from_json(task["unit"])
+    out = Path(task["units_dir"])
+    for stale in out.glob(f".{index:06d}.*.tmp"):  # left by a killed run of this unit (units are never shared)
+        stale.unlink(missing_ok=True)
+    seed, val_fraction, dropout = task["seed"], task["val_fraction"], task["dropout"]
+    dtype, eos = np.dtype(task["dtype"]), task["eos_id"]
+    copies = task["copies"] if dropout > 0 else 1
+    tokens = {s: [] for s in SPLITS}
+    lengths = {s: [] for s in SPLITS}
+    bad, documents = BadRecords(), 0
     for copy in range(copies):
-        if d.bpe_dropout > 0:
-            import sentencepiece as spm
+        if dropout > 0:
+            spm.set_random_generator_seed(_dropout_seed(seed, index, copy))
+        rng = np.random.default_rng([seed, index])  # the same val draws on every pass
+        first = index == 0 and val_fraction > 0
+        for batch in _batches(iter_records(unit, task["field"], bad if copy == 0 else BadRecords())):
+            is_val = rng.random(len(batch)) < val_fraction
+            if first:
+                is_val[0], first = True, False
+            if copy == 0:
+                documents += len(batch)
+                val = [d for d, v in zip(batch, is_val) if v]
+                if val:
+                    t, n = _encode(sp, val, eos, dtype, 0.0)
+                    tokens["val"].append(t)
+                    lengths["val"].append(n)
+            train = [d for d, v in zip(batch, is_val) if not v]
+            if train:
+                t, n = _encode(sp, train, eos, dtype, dropout)
+                tokens["train"].append(t)
+                lengths["train"].append(n)
+    files, splits = {}, {}
+    for s in SPLITS:
+        flat = np.concatenate(tokens[s]) if tokens[s] else np.zeros(0, dtype)
+        n = np.concatenate(lengths[s]) if lengths[s] else np.zeros(0, np.int64)
+        starts = (np.cumsum(n) - n).astype(np.int64)
+        splits[s] = {"documents": int(n.size), "tokens": int(flat.size)}
+        for kind, arr in (("tokens", flat), ("docs", starts)):
+            name = unit_file(index, s, kind)
+            _atomic_write(out / name, lambda f, a=arr: np.save(f, a, allow_pickle=False))
+            files[name] = {"bytes": (out / name).stat().st_size, "sha256": sha256_file(out / name)}
+    marker = {"unit": index, "fingerprint_sha256": task["fingerprint_sha256"], "records": documents + bad.count,
+              "documents_read": documents, "bad_records": bad.count, "bad_examples": bad.examples,
+              "splits": splits, "files": files}
+    _atomic_write(out / marker_name(index), lambda f: f.write(_json_bytes(marker)))
+    return marker
 
-            spm.set_random_generator_seed(cfg.run.seed * 1000 + copy)
-        for text, v in zip(docs, is_val):
-            if v:
-                if copy == 0:
-                    val.append(tok.encode(text))
-            else:
-                train.append(tok.encode(text, dropout=d.bpe_dropout))
-            bar.update(1)
-    bar.close()
-    write_shards(d.dir, {"train": train, "val": val}, tok.eos_id, tok.vocab_size,
-                 {"tokenizer": tok.path, "tokenizer_sha256": sha256_file(Path(tok.path)),
-                  "bpe_dropout": d.bpe_dropout, "bpe_dropout_copies": copies})
-    return {"train_tokens": sum(len(x) + 1 for x in train), "val_tokens": sum(len(x) + 1 for x in val),
-            "train_docs": len(train), "val_docs": len(val)}
+
+_SP = None  # the worker process's tokenizer
+
+
+def _init_worker(model_path: str) -> None:
+    global _SP
+    _SP = TextTokenizer(model_path).sp
+
+
+def _work(task: dict) -> tuple:
+    """Pool entry: UserErrors come back as values (their two-argument constructor does not survive pickling)."""
+    try:
+        return task["source"], prepare_unit(task, _SP), task["bytes"], None
+    except UserError as e:
+        return task["source"], None, task["bytes"], (e.where, e.reason)
+
+
+# ------------------------------------------------------------------------------------------------------- planning
+
+def _source_where(cfg: RunConfig, rs: ResolvedSource) -> str:
+    if not cfg.data.sources:
+        return "tokenizer.corpus"
+    i = next(i for i, s in enumerate(cfg.data.sources) if s.name == rs.name)
+    return f"data.sources[{i}] ({rs.name})"
+
+
+def _plan_source(cfg: RunConfig, rs: ResolvedSource, tok: TextTokenizer, tok_sha: str, unit_bytes: int) -> dict:
+    where = _source_where(cfg, rs)
+    src, d = rs.config, cfg.data
+    files = resolve_files(list(src.paths), where)
+    units = plan_units(files, src.format, src.field, where, unit_bytes)
+    stats = [os.stat(f) for f in files]
+    fingerprint = {
+        "tokenizer_sha256": tok_sha,
+        "source": {"name": src.name, "paths": list(src.paths), "format": src.format, "field": src.field},
+        "files": [{"path": f, "bytes": s.st_size, "mtime_ns": s.st_mtime_ns} for f, s in zip(files, stats)],
+        "seed": cfg.run.seed, "val_fraction": d.val_fraction, "bpe_dropout": d.bpe_dropout,
+        "bpe_dropout_copies": d.bpe_dropout_copies if d.bpe_dropout > 0 else 1, "unit_bytes": unit_bytes,
+    }
+    dtype = "uint16" if tok.vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
+    return {"format": TEXT_FORMAT, "version": TEXT_VERSION, "source": rs.name, "fingerprint": fingerprint,
+            "fingerprint_sha256": fingerprint_sha256(fingerprint), "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id, "dtype": dtype, "units": [u.to_json() for u in units]}
+
+
+def _install_plan(source_dir: Path, plan: dict) -> None:
+    """Write plan.json (identical bytes from every partition) and remove the outputs of any other plan."""
+    source_dir.mkdir(parents=True, exist_ok=True)
+    path = source_dir / PLAN
+    data = _json_bytes(plan)
+    if not (path.is_file() and path.read_bytes() == data):
+        _atomic_write(path, lambda f: f.write(data))
+    mine = units_dir(source_dir, plan)
+    for old in source_dir.glob("units-*"):
+        if old.is_dir() and old != mine:
+            shutil.rmtree(old, ignore_errors=True)
+    _remove_single_file_format(source_dir)
+    mine.mkdir(exist_ok=True)
+
+
+def _remove_single_file_format(source_dir: Path) -> None:
+    """Text shards of the format before work units (meta.json format 1) in the same directory."""
+    import json
+
+    meta = source_dir / "meta.json"
+    try:
+        if json.loads(meta.read_text(encoding="utf-8")).get("format") != 1:
+            return
+    except (OSError, ValueError, AttributeError):
+        return
+    for s in SPLITS:
+        for kind in ("tokens", "docs"):
+            (source_dir / f"{s}.{kind}.npy").unlink(missing_ok=True)
+    meta.unlink(missing_ok=True)
+
+
+def _unit_done(source_dir: Path, plan: dict, index: int) -> Optional[dict]:
+    marker = read_marker(source_dir, plan, index)
+    if marker is None:
+        return None
+    try:
+        for name, want in marker["files"].items():
+            check_file(units_dir(source_dir, plan) / name, want, verify=False)
+    except (UserError, KeyError, TypeError):
+        return None
+    return marker
+
+
+# ------------------------------------------------------------------------------------------------------- entry point
+
+def parse_partition(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError("--partition", f"{text!r} must look like I/N (e.g. 0/4)") from None
+    check_partition((i, n))
+    return i, n
+
+
+def check_partition(partition: tuple[int, int]) -> None:
+    i, n = partition
+    if n < 1 or not 0 <= i < n:
+        raise UserError("--partition", f"{i}/{n}: need 0 <= I < N")
+
+
+def prepare_text(cfg: RunConfig, progress: bool = True, workers: int = 1, partition: tuple[int, int] = (0, 1),
+                 unit_bytes: int = UNIT_BYTES, log: Callable[[str], None] | None = None) -> dict:
+    """Prepare every text source of the config (see the module docstring). Returns, per source name: dir,
+    units (total, done now, skipped as already done, left to other partitions), and documents / tokens per split
+    and bad records over this partition's units."""
+    if workers < 1:
+        raise UserError("--workers", f"{workers} must be >= 1")
+    check_partition(partition)
+    log = log or (lambda line: print(line, file=sys.stderr))
+    part, nparts = partition
+    sources = [s for s in cfg.data.resolved_sources(cfg.tokenizer.corpus) if not s.config.is_multimodal]
+    if not sources:
+        raise UserError("data.sources", "no text source to prepare (multimodal sources are prepared with their "
+                                        "own `kind: multimodal` config)")
+    tok = TextTokenizer(cfg.tokenizer.model_path)
+    tok_sha = sha256_file(Path(tok.path))
+    plans = {rs.name: _plan_source(cfg, rs, tok, tok_sha, unit_bytes) for rs in sources}  # all checks first
+    jobs, markers, stats = [], {}, {}
+    d = cfg.data
+    for rs in sources:
+        plan, sdir = plans[rs.name], Path(rs.dir)
+        _install_plan(sdir, plan)
+        mine = [i for i in range(len(plan["units"])) if i % nparts == part]
+        markers[rs.name] = {}
+        stats[rs.name] = {"dir": str(sdir), "units": len(plan["units"]), "units_done": 0, "units_skipped": 0,
+                          "units_other_partitions": len(plan["units"]) - len(mine)}
+        for i in mine:
+            m = _unit_done(sdir, plan, i)
+            if m is not None:
+                markers[rs.name][i] = m
+                stats[rs.name]["units_skipped"] += 1
+                continue
+            jobs.append({"source": rs.name, "index": i, "unit": plan["units"][i], "bytes": plan["units"][i]["bytes"],
+                         "units_dir": str(units_dir(sdir, plan)), "field": rs.config.field, "seed": cfg.run.seed,
+                         "val_fraction": d.val_fraction, "dropout": d.bpe_dropout, "copies": d.bpe_dropout_copies,
+                         "dtype": plan["dtype"], "eos_id": plan["eos_id"],
+                         "fingerprint_sha256": plan["fingerprint_sha256"]})
+    for name, marker in _run(jobs, tok, workers, progress):
+        markers[name][marker["unit"]] = marker
+        stats[name]["units_done"] += 1
+    for rs in sources:
+        _summarise(stats[rs.name], list(markers[rs.name].values()))
+        s = stats[rs.name]
+        plan, sdir = plans[rs.name], Path(rs.dir)
+        every = [markers[rs.name].get(i) or read_marker(sdir, plan, i) for i in range(len(plan["units"]))]
+        if all(m is not None for m in every) and sum(m["documents_read"] for m in every) == 0:
+            example = f" ({s['bad_records']} unusable records, e.g. {s['bad_examples'][0]})" \
+                if s["bad_records"] else ""
+            raise UserError(_source_where(cfg, rs), f"no documents in {len(every)} units{example}")
+    for name, s in stats.items():
+        if s["bad_records"]:
+            log(f"source {name}: skipped {s['bad_records']} unusable records, e.g. " + "; ".join(s["bad_examples"]))
+    return stats
+
+
+def _summarise(s: dict, markers: list[dict]) -> None:
+    s["documents"] = {k: sum(m["splits"][k]["documents"] for m in markers) for k in SPLITS}
+    s["tokens"] = {k: sum(m["splits"][k]["tokens"] for m in markers) for k in SPLITS}
+    s["documents_read"] = sum(m["documents_read"] for m in markers)
+    s["bad_records"] = sum(m["bad_records"] for m in markers)
+    s["bad_examples"] = [e for m in sorted(markers, key=lambda m: m["unit"]) for e in m["bad_examples"]][:3]
+
+
+def _run(jobs: list[dict], tok: TextTokenizer, workers: int, progress: bool) -> Iterator[tuple[str, dict]]:
+    """Process the units (in-process for one worker, else a spawned pool), with one progress bar over bytes."""
+    if not jobs:
+        return
+    bar = tqdm(total=sum(j["bytes"] for j in jobs), desc="preparing", unit="B", unit_scale=True,
+               disable=not (progress and sys.stderr.isatty()))
+    t0, docs, toks = time.perf_counter(), 0, 0
+
+    def step(nbytes: int, marker: dict) -> None:
+        nonlocal docs, toks
+        docs += marker["documents_read"]
+        toks += sum(v["tokens"] for v in marker["splits"].values())
+        dt = max(time.perf_counter() - t0, 1e-9)
+        bar.update(nbytes)
+        bar.set_postfix_str(f"{docs / dt:,.0f} docs/s, {toks / dt:,.0f} tok/s", refresh=False)
+
+    try:
+        if workers == 1 or len(jobs) == 1:
+            for job in jobs:
+                marker = prepare_unit(job, tok.sp)
+                step(job["bytes"], marker)
+                yield job["source"], marker
+            return
+        ctx = multiprocessing.get_context("spawn")
+        pool = ctx.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(tok.path,))
+        try:
+            for name, marker, nbytes, err in pool.imap_unordered(_work, jobs, chunksize=1):
+                if err is not None:
+                    raise UserError(*err)
+                step(nbytes, marker)
+                yield name, marker
+            pool.close()
+        except BaseException:
+            pool.terminate()
+            raise
+        finally:
+            pool.join()
+    finally:
+        bar.close()

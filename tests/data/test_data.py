@@ -1,10 +1,12 @@
 """Shards, packing, determinism, resumability, data-parallel sharding, corrupted input."""
 
+import shutil
+
 import numpy as np
 import pytest
 
 from ernie5.data.loader import PackedLoader
-from ernie5.data.shards import Split, open_split, write_shards
+from ernie5.data.shards import ConcatSplit, Split, open_split, read_meta
 from ernie5.errors import UserError
 from ernie5.modality.text_tokenizer import TextTokenizer
 
@@ -47,21 +49,38 @@ def test_loader_is_deterministic_resumable_and_dp_consistent():
     assert sorted(map(tuple, epoch0)) == sorted(map(tuple, PackedLoader(split, 4, n, 7, shuffle=False).next()[0]))
 
 
-def test_shards_round_trip_and_detect_damage(tmp_path):
-    write_shards(str(tmp_path / "s"), {"train": [[1, 2], [4]], "val": [[9]]}, eos_id=3, vocab_size=10,
-                 extra_meta={})
-    split = open_split(str(tmp_path / "s"), "train")
-    np.testing.assert_array_equal(split.tokens, [1, 2, 3, 4, 3])
-    np.testing.assert_array_equal(split.doc_starts, [0, 3])
-    f = tmp_path / "s" / "train.tokens.npy"
+def test_unit_pieces_read_as_one_stream():
+    split, docs = small_split()
+    s = split.doc_starts
+    cuts = [0, s[1], s[1], s[2], s[4], split.num_tokens]  # pieces of whole documents, one of them empty
+    pieces = [Split(split.tokens[lo:hi], s[(s >= lo) & (s < hi)] - lo) for lo, hi in zip(cuts, cuts[1:])]
+    whole = ConcatSplit(pieces)
+    assert (whole.num_tokens, whole.num_docs) == (split.num_tokens, split.num_docs)
+    for start in range(split.num_tokens):
+        for length in (1, 3, 7, 40):
+            for a, b in zip(whole.window(start, length), split.window(start, length)):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_shards_round_trip_and_detect_damage(tmp_path, text_assets):
+    corpus, _, shards = text_assets
+    d = tmp_path / "s"
+    shutil.copytree(shards, d)
+    meta = read_meta(str(d))
+    train, val = open_split(str(d), "train"), open_split(str(d), "val")
+    assert (train.num_docs + val.num_docs, meta["vocab_size"], meta["eos_id"]) == (45, 600, 3)
+    assert meta["splits"]["train"] == {"tokens": train.num_tokens, "documents": train.num_docs}
+    tokens, doc = train.window(0, train.num_tokens)
+    assert (tokens == 3).sum() == train.num_docs and tokens[-1] == 3 and doc[-1] == train.num_docs - 1
+    f = next(d.glob("units-*")) / "000000.train.tokens.npy"
     data = bytearray(f.read_bytes())
     data[-1] ^= 0xFF
     f.write_bytes(bytes(data))
-    with pytest.raises(UserError, match="checksum mismatch"):
-        open_split(str(tmp_path / "s"), "train")
+    with pytest.raises(UserError, match="000000.train.tokens.npy: shard checksum mismatch"):
+        open_split(str(d), "train")
     f.write_bytes(bytes(data[:-3]))
     with pytest.raises(UserError, match="truncated"):
-        open_split(str(tmp_path / "s"), "train")
+        open_split(str(d), "train")
     with pytest.raises(UserError, match="no prepared shards"):
         open_split(str(tmp_path / "missing"), "train")
 

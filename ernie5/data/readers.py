@@ -1,0 +1,319 @@
+"""Reading text sources: which files, in which format, cut into which work units, and their records.
+
+A source's `paths` (files or globs; each glob expanded and sorted, in `paths` order, duplicates dropped) are
+checked when the preparation is planned: a missing file or an empty glob, a file that looks binary (NUL bytes in
+its first 64 KiB, decompressed, or most of its lines failing to decode), a Parquet file without the configured
+column, or a JSONL file none of whose first records has the configured field is a UserError naming the source
+and the file. Formats: `text` (one document per non-blank line), `jsonl` (one JSON object per line, the document
+in `field`), `parquet` (the document in column `field`); a `.gz` / `.zst` suffix is decompressed while streaming.
+
+Work units (`plan_units`), deterministic in the files and `unit_bytes` alone:
+  * an uncompressed text / JSONL file is cut into byte ranges [k * unit_bytes, (k+1) * unit_bytes); a line
+    belongs to the range its first byte lies in (Hadoop-style), so a unit seeks to its start, skips the partial
+    line it lands in and reads past its end only to finish its last line;
+  * a compressed file is one unit (read as a stream from its start);
+  * a Parquet file gives one unit per row group.
+
+A record that cannot be used (bad UTF-8, bad JSON, missing field, a non-string value, NUL bytes) is skipped and
+counted (`BadRecords`) with its place: `file:byte N` (uncompressed), `file:line N` (compressed) or `file:row N`
+(Parquet), never an exception. A compressed stream that is corrupt or truncated part-way is a UserError.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+from ernie5.errors import UserError
+
+UNIT_BYTES = 64 << 20  # work-unit size for uncompressed text / JSONL files
+SNIFF_BYTES = 64 << 10  # how much of each file (decompressed) is looked at when planning
+FORMATS = ("text", "jsonl", "parquet")
+_EXTENSIONS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+               ".parquet": "parquet"}
+_COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
+EXAMPLES_KEPT = 3  # bad-record reasons kept per unit
+
+
+def file_format(path: str, declared: Optional[str], where: str) -> tuple[str, Optional[str]]:
+    """(format, compression or None) of one file: the declared format, else its extension's."""
+    p = Path(path)
+    compression = _COMPRESSIONS.get(p.suffix.lower())
+    stem = p.with_suffix("") if compression else p
+    fmt = declared or _EXTENSIONS.get(stem.suffix.lower())
+    if fmt is None:
+        raise UserError(where, f"{path}: cannot tell the format from the extension (known: "
+                               f"{', '.join(_EXTENSIONS)}, optionally + .gz / .zst); set `format:`")
+    if fmt not in FORMATS:
+        raise UserError(where, f"{path}: format {fmt!r} is not one of {', '.join(FORMATS)}")
+    if fmt == "parquet" and compression:
+        raise UserError(where, f"{path}: a {compression}-compressed Parquet file cannot be read by row group "
+                               "(Parquet compresses its columns itself; store it uncompressed)")
+    return fmt, compression
+
+
+def resolve_files(paths: list[str], where: str) -> list[str]:
+    """The files of a source: each path as is, each glob expanded and sorted; missing ones are a UserError."""
+    if not paths:
+        raise UserError(where, "no files given")
+    out: list[str] = []
+    for pattern in paths:
+        if glob.has_magic(pattern):
+            found = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
+            if not found:
+                raise UserError(where, f"no file matches {pattern!r}")
+        else:
+            if not os.path.isfile(pattern):
+                raise UserError(where, f"{pattern}: file not found")
+            found = [pattern]
+        out.extend(f for f in found if f not in out)
+    return out
+
+
+def open_stream(path: str, compression: Optional[str]):
+    """A binary line-iterable reader of the decompressed bytes."""
+    if compression == "gzip":
+        return gzip.open(path, "rb")
+    if compression == "zstd":
+        import zstandard
+
+        fh = open(path, "rb")
+        reader = zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True, closefd=True)
+        return io.BufferedReader(reader, buffer_size=1 << 20)
+    return open(path, "rb", buffering=1 << 20)
+
+
+def _stream_errors():
+    import zlib
+
+    import zstandard
+
+    return (OSError, EOFError, zlib.error, zstandard.ZstdError)
+
+
+# ---------------------------------------------------------------------------------------------------------- records
+
+class BadRecords:
+    """Count of skipped records and the first few reasons (`file:place: reason`)."""
+
+    def __init__(self):
+        self.count = 0
+        self.examples: list[str] = []
+
+    def add(self, place: str, reason: str) -> None:
+        self.count += 1
+        if len(self.examples) < EXAMPLES_KEPT:
+            self.examples.append(f"{place}: {reason}")
+
+
+def decode_line(raw: bytes, fmt: str, field: str) -> tuple[Optional[str], Optional[str]]:
+    """(document or None, reason it is bad or None). A blank line is (None, None): nothing, not an error."""
+    raw = raw.rstrip(b"\n")
+    if raw.endswith(b"\r"):
+        raw = raw[:-1]
+    if not raw.strip():
+        return None, None
+    if b"\x00" in raw:
+        return None, "NUL byte in the line"
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 ({e.reason} at byte {e.start} of the line)"
+    if fmt == "text":
+        return (line, None) if line.strip() else (None, None)
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        return None, f"bad JSON ({str(e).splitlines()[0][:80]})"
+    if not isinstance(obj, dict):
+        return None, f"a JSON {type(obj).__name__}, not an object"
+    if field not in obj:
+        return None, f"no field {field!r} (keys: {', '.join(list(map(str, obj))[:8]) or 'none'})"
+    return check_value(obj[field], field)
+
+
+def check_value(value, field: str) -> tuple[Optional[str], Optional[str]]:
+    if value is None:
+        return None, f"{field!r} is null"
+    if not isinstance(value, str):
+        return None, f"{field!r} is a {type(value).__name__}, not a string"
+    if "\x00" in value:
+        return None, f"NUL character in {field!r}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None, f"unpaired surrogate in {field!r}"
+    return (value, None) if value.strip() else (None, None)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One work unit: a byte range of a file (`row_group` -1), a whole compressed file (start 0, end -1) or a
+    Parquet row group (`row_group` >= 0, `start` = the file's row index of its first row)."""
+
+    file: str
+    format: str
+    compression: Optional[str]
+    start: int
+    end: int
+    row_group: int = -1
+    bytes: int = 0  # input size (progress)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict) -> "Unit":
+        return Unit(**d)
+
+
+def iter_records(unit: Unit, field: str, bad: BadRecords) -> Iterator[str]:
+    """The documents of one unit, in file order; unusable records go to `bad`."""
+    if unit.format == "parquet":
+        yield from _parquet_records(unit, field, bad)
+        return
+    if unit.compression is None:
+        yield from _range_records(unit, field, bad)
+        return
+    try:
+        with open_stream(unit.file, unit.compression) as f:
+            for lineno, raw in enumerate(f, 1):
+                doc, why = decode_line(raw, unit.format, field)
+                if why is not None:
+                    bad.add(f"{unit.file}:line {lineno}", why)
+                elif doc is not None:
+                    yield doc
+    except _stream_errors() as e:
+        raise UserError(unit.file, f"corrupt or truncated {unit.compression} stream ({e})") from None
+
+
+def _range_records(unit: Unit, field: str, bad: BadRecords) -> Iterator[str]:
+    with open(unit.file, "rb", buffering=1 << 20) as f:
+        pos = unit.start
+        if pos > 0:  # the line we land in belongs to the previous unit (unless one starts exactly here)
+            f.seek(pos - 1)
+            pos = pos - 1 + len(f.readline())
+        while pos < unit.end:
+            raw = f.readline()
+            if not raw:
+                break
+            doc, why = decode_line(raw, unit.format, field)
+            if why is not None:
+                bad.add(f"{unit.file}:byte {pos}", why)
+            elif doc is not None:
+                yield doc
+            pos += len(raw)
+
+
+def _parquet_records(unit: Unit, field: str, bad: BadRecords) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    row = unit.start
+    pf = pq.ParquetFile(unit.file)
+    for batch in pf.iter_batches(batch_size=4096, row_groups=[unit.row_group], columns=[field]):
+        for value in batch.column(0).to_pylist():
+            doc, why = check_value(value, field)
+            if why is not None:
+                bad.add(f"{unit.file}:row {row}", why)
+            elif doc is not None:
+                yield doc
+            row += 1
+
+
+# ---------------------------------------------------------------------------------------------------------- planning
+
+def sniff(path: str, fmt: str, compression: Optional[str], field: str, where: str) -> None:
+    """Refuse a file that is not what its format says, from its first SNIFF_BYTES (decompressed)."""
+    try:
+        with open_stream(path, compression) as f:
+            head = f.read(SNIFF_BYTES + 1)
+    except _stream_errors() as e:
+        raise UserError(where, f"{path}: not a readable {compression} file ({e})") from None
+    eof = len(head) <= SNIFF_BYTES
+    head = head[:SNIFF_BYTES]
+    if b"\x00" in head:
+        raise UserError(where, f"{path}: looks binary, not {fmt} (NUL bytes in its first "
+                               f"{SNIFF_BYTES >> 10} KiB)")
+    lines = head.split(b"\n")
+    if not eof and len(lines) > 1:
+        lines = lines[:-1]  # the last line is cut off by the window
+    checked = failed = 0
+    utf8_failed = 0
+    fields_missing = objects = 0
+    keys: list[str] = []
+    for raw in lines:
+        if not raw.strip() or (not eof and len(lines) == 1):
+            continue
+        checked += 1
+        doc, why = decode_line(raw, fmt, field)
+        if why is None:
+            if fmt == "jsonl":
+                objects += 1
+            continue
+        if why.startswith("not UTF-8") or why.startswith("bad JSON") or why.startswith("a JSON"):
+            failed += 1
+            utf8_failed += why.startswith("not UTF-8")
+        elif why.startswith("no field"):
+            objects += 1
+            fields_missing += 1
+            obj = json.loads(raw)
+            keys.extend(k for k in map(str, obj) if k not in keys)
+    if checked and 2 * failed > checked:
+        what = "not UTF-8 text: " if utf8_failed * 2 > checked else ""
+        raise UserError(where, f"{path}: {what}looks binary, not {fmt} ({failed} of {checked} lines in its first "
+                               f"{SNIFF_BYTES >> 10} KiB do not decode)")
+    if fmt == "jsonl" and objects and fields_missing == objects:
+        raise UserError(where, f"{path}: no record has the field {field!r} (`field:`; its records have "
+                               f"{', '.join(keys[:12]) or 'no keys'})")
+
+
+def _parquet_units(path: str, field: str, where: str) -> list[Unit]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException, ValueError) as e:
+        raise UserError(where, f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+    schema = pf.schema_arrow
+    if field not in schema.names:
+        raise UserError(where, f"{path}: no column {field!r} (`field:`; columns: {', '.join(schema.names)})")
+    typ = schema.field(field).type
+    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)
+            or getattr(pa.types, "is_string_view", lambda t: False)(typ)):
+        raise UserError(where, f"{path}: column {field!r} holds {typ}, not strings")
+    units, row = [], 0
+    md = pf.metadata
+    for rg in range(md.num_row_groups):
+        g = md.row_group(rg)
+        units.append(Unit(path, "parquet", None, row, row + g.num_rows, rg, int(g.total_byte_size)))
+        row += g.num_rows
+    return units
+
+
+def plan_units(files: list[str], declared: Optional[str], field: str, where: str,
+               unit_bytes: int = UNIT_BYTES) -> list[Unit]:
+    """The work units of a source's files, in file order (see the module docstring)."""
+    if unit_bytes < 1:
+        raise ValueError("unit_bytes must be >= 1")
+    units: list[Unit] = []
+    for path in files:
+        fmt, compression = file_format(path, declared, where)
+        if fmt == "parquet":
+            units.extend(_parquet_units(path, field, where))
+            continue
+        sniff(path, fmt, compression, field, where)
+        size = os.path.getsize(path)
+        if compression:
+            units.append(Unit(path, fmt, compression, 0, -1, -1, size))
+            continue
+        for start in range(0, size, unit_bytes):
+            end = min(start + unit_bytes, size)
+            units.append(Unit(path, fmt, None, start, end, -1, end - start))
+    return units
