@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def tiny_overrides(tmp: Path, data_dir: Path, tok: Path) -> list[str]:
     """A ~0.3M-parameter MoE with MTP on the session shards: fast enough for many tests."""
-    return [f"run.output_dir={tmp}", f"data.dir={data_dir}", f"tokenizer.model_path={tok}", "data.seq_len=32",
+    return [f"run.output_dir={tmp}", f"data.dir={data_dir}", "data.sources=[]", f"tokenizer.model_path={tok}",
+            "data.seq_len=32",
             "model.hidden_size=32", "model.num_layers=3", "model.num_heads=4", "model.num_kv_heads=2",
             "model.ffn_hidden_size=64", "model.moe.num_experts=4", "model.moe.top_k=2",
             "model.moe.expert_ffn_size=32", "model.moe.num_shared_experts=1", "model.moe.layer_start=1",

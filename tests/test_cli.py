@@ -231,6 +231,16 @@ def test_unified_summary_sums_the_modality_losses(tmp_path):
     assert "tokens/s         200   MFU 0.020" in text
 
 
+def test_summary_reports_each_source(tmp_path):
+    rows = [{"step": 1, "loss": 3.0, "loss_ntp": 2.5, "tokens_per_s": 5.0, "mfu": 0.1, "tokens_seen/web": 30,
+             "tokens_seen/code": 10, "val_loss": 2.0, "val_loss/web": 1.5, "val_loss/code": 3.5},
+            {"step": 2, "loss": 2.0, "loss_ntp": 1.5, "tokens_per_s": 5.0, "mfu": 0.1, "tokens_seen/web": 60,
+             "tokens_seen/code": 20, "val_loss": 1.0, "val_loss/web": 0.5, "val_loss/code": 2.5}]
+    text = summary.text_summary(write_metrics(tmp_path / "run", rows))
+    assert "source web        60 tokens seen (75%), held-out loss 1.500 (step 1) -> 0.500 (step 2)" in text
+    assert "source code       20 tokens seen (25%), held-out loss 3.500 (step 1) -> 2.500 (step 2)" in text
+
+
 def test_summary_command_line(tmp_path):
     run = write_metrics(tmp_path / "run", [{"step": 1, "loss": 3.0, "loss_ntp": 2.5, "tokens_per_s": 5.0,
                                             "mfu": 0.1}])

@@ -73,6 +73,22 @@ def loss_lines(rows: list[dict], unified: bool) -> list[str]:
         if a is not None and b is not None:
             line += f"   train at those steps {a:.3f} -> {b:.3f}"
         lines.append(line)
+    lines += source_lines(rows)
+    return lines
+
+
+def source_lines(rows: list[dict]) -> list[str]:
+    """Per data source: its share of the tokens seen and its held-out loss first -> last."""
+    last = rows[-1]
+    seen = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("tokens_seen/")}
+    total = sum(seen.values())
+    lines = []
+    for name, n in seen.items():
+        line = f"source {name:<10} {n} tokens seen ({n / total:.0%})" if total else f"source {name}"
+        held = _first_last(rows, lambda r: r.get(f"val_loss/{name}"))
+        if held:
+            line += f", held-out loss {_span(held)}"
+        lines.append(line)
     return lines
 
 

@@ -220,3 +220,27 @@ def test_unified_training_under_pipeline_parallel_equals_one_process(mm_shards, 
             "train.grad_accum_steps=2", "checkpoint.interval=0", "--quiet"]
     _unified_parallel_equals_one_process(tmp_path, args, ["parallel.pipeline=2"],
                                          ["loss", "loss_text", "loss_visual", "loss_audio"])
+
+
+def test_multimodal_and_text_sources_blend_by_weight(world, mm_shards, text_assets, tmp_path):
+    """A multimodal shard set and a text source in one mixture: rows come from both in proportion, text rows
+    train the text head, and held-out loss is reported per source."""
+    from ernie5.data.prepare import prepare_text
+    from ernie5.runconfig import load_config
+    from ernie5.train.trainer import Trainer
+
+    corpus, tok, _ = text_assets
+    sources = (f"data.sources=[{{name: digits, format: multimodal, paths: [{mm_shards}], weight: 0.75}}, "
+               f"{{name: prose, paths: [{corpus}], weight: 0.25}}]")
+    overrides = [f"data.dir={tmp_path / 'mix'}", sources, f"tokenizer.model_path={tok}", "data.val_fraction=0.3",
+                 f"run.output_dir={tmp_path / 'run'}", *UNIFIED_TINY, "train.progress_bar=false",
+                 "train.max_steps=4", "train.eval_interval=4", "train.eval_batches=1", "objective.bit_flip_rate=0"]
+    cfg = load_config(Path("configs/demo_unified.yaml"), overrides)
+    prepare_text(cfg, progress=False)  # the text source only: the multimodal one is already prepared
+    metrics = Trainer(cfg, quiet=True).train()
+    last = metrics[-1]
+    rows = {name: last[f"tokens_seen/{name}"] / 512 for name in ("digits", "prose")}
+    assert rows == {"digits": 6, "prose": 2}  # 4 steps x 2 rows: within one row of 0.75 / 0.25 at every prefix
+    assert {"val_loss", "val_loss/digits", "val_loss/prose"} <= set(last)
+    assert last["val_loss"] == pytest.approx(0.75 * last["val_loss/digits"] + 0.25 * last["val_loss/prose"])
+    assert all(np.isfinite(m["loss"]) for m in metrics)

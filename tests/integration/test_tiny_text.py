@@ -12,7 +12,9 @@ def demo_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     raw, tok, shards = root / "raw", root / "text.model", root / "shards"
     over = [f"tokenizer.model_path={tok}", f"data.dir={shards}",
-            f"tokenizer.corpus=[{raw}/pydoc_topics.txt, {raw}/peoples_daily_1998.txt]"]
+            f"tokenizer.corpus=[{raw}/pydoc_topics.txt, {raw}/peoples_daily_1998.txt]",
+            f"data.sources=[{{name: pydoc, paths: [{raw}/pydoc_topics.txt], weight: 0.3}}, "
+            f"{{name: peoples_daily, paths: [{raw}/peoples_daily_1998.txt], weight: 0.7}}]"]  # the demo's mixture
     for args in (["data", "fetch", "--out", str(raw)], ["tokenizer", "train", "configs/tiny_text.yaml", *over],
                  ["data", "prepare", "configs/tiny_text.yaml", *over]):
         p = run_cli(*args)
@@ -30,6 +32,10 @@ def test_tiny_text_trains_with_falling_loss(demo_data, tmp_path):
     assert p.returncode == 0, p.stderr
     loss = metric(tmp_path)
     assert len(loss) == 8 and loss[-1] < loss[0] - 1.0, loss
+    last = json.loads(open(tmp_path / "metrics.jsonl").readlines()[-1])  # the mixture, per source
+    assert last["tokens_seen/pydoc"] + last["tokens_seen/peoples_daily"] == 40 * 16 * 128
+    assert abs(last["tokens_seen/pydoc"] / 128 - 0.3 * 40 * 16) < 1
+    assert {"val_loss", "val_loss/pydoc", "val_loss/peoples_daily"} <= set(last)
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "checkpoints" / "step_00000040").is_dir()
 
 
