@@ -70,15 +70,23 @@ def test_mixture_logs_tokens_and_held_out_loss_per_source_and_resumes_exactly(mi
 
 
 def test_a_small_source_wraps_into_a_new_epoch_with_one_event(mixture, tmp_path):
-    _, overrides = mixture
+    from ernie5.data.prepare import prepare_text
+    from ernie5.runconfig import load_config
+
+    root, overrides = mixture
+    tiny = tmp_path / "tiny.txt"  # ~10 rows of 32 tokens: runs out within 2 steps at half the mixture
+    tiny.write_text("\n".join(f"Short document number {i} about the import statement." for i in range(30)) + "\n")
+    sources = (f"data.sources=[{{name: english, paths: [{root / 'english.txt'}], weight: 1}}, "
+               f"{{name: tiny, paths: [{tiny}], weight: 1}}]")
+    base = [o for o in overrides if not o.startswith(("data.sources=", "data.dir="))]
+    over = base + [sources, f"data.dir={tmp_path / 'shards'}"]
+    prepare_text(load_config(None, over), progress=False)
     out = tmp_path / "wrap"
-    # the mixed source holds ~60 short documents: at weight 0.9 it runs out within a few steps
-    mix = [o for o in overrides if o.startswith("data.sources=")][0].replace("weight: 0.2", "weight: 9.0")
-    _train([o for o in overrides if not o.startswith("data.sources=")] + [mix], out, 8, "train.eval_interval=0")
+    _train(over, out, 6, "train.eval_interval=0")
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     wraps = [e for e in events if e["event"] == "source_epoch"]
-    assert wraps and all(e["source"] == "mixed" for e in wraps)
-    assert len({e["epoch"] for e in wraps}) == len(wraps)  # each new epoch is told once
+    assert wraps and all(e["source"] == "tiny" for e in wraps)
+    assert [e["epoch"] for e in wraps] == list(range(2, 2 + len(wraps)))  # each new epoch told once, in order
 
 
 def test_bad_mixtures_exit_2_with_one_line(mixture, tmp_path):
@@ -87,7 +95,7 @@ def test_bad_mixtures_exit_2_with_one_line(mixture, tmp_path):
     for sources, words in (("[{name: a, paths: [x.txt], weight: -1}]", ("weight", "-1")),
                            ("[{name: a, paths: [x.txt], weight: 0}]", ("every weight is 0",)),
                            ("[{name: nowhere, paths: [x.txt]}]", ("nowhere", "data prepare"))):
-        r = run_cli("train", *base, f"data.sources={sources}")
+        r = run_cli("train", "configs/tiny_text.yaml", *base, f"data.sources={sources}")
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and all(w in r.stderr for w in words), r.stderr
 
