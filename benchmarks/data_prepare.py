@@ -44,20 +44,21 @@ def demo_documents() -> list[str]:
 
 
 def make_corpus(root: Path, gigabytes: float, seed: int = 0) -> dict:
-    """Half JSONL (files of ~256 MB), half Parquet (files of ~256 MB, row groups of ~32 MB): the demo documents
+    """Half JSONL (files of up to 256 MB), half Parquet (files of up to 256 MB, row groups of ~32 MB): the demo documents
     repeated, each repetition in a fresh shuffled order. Sizes count document text (UTF-8 bytes)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    file_bytes = 256_000_000  # the same file (so unit) sizes at every corpus size: peak memory comparable
     done = root / "corpus.json"
-    if done.is_file() and json.loads(done.read_text())["gigabytes"] == gigabytes:
+    if done.is_file() and json.loads(done.read_text()).get("file_bytes") == file_bytes \
+            and json.loads(done.read_text())["gigabytes"] == gigabytes:
         return json.loads(done.read_text())
     root.mkdir(parents=True, exist_ok=True)
     docs = demo_documents()
     sizes = np.array([len(d.encode("utf-8")) for d in docs])
     rng = np.random.default_rng(seed)
     target = int(gigabytes * 1e9)
-    file_bytes = min(256_000_000, max(target // 8, 1_000_000))
     written = {"jsonl": 0, "parquet": 0}
     files = []
 
@@ -86,7 +87,7 @@ def make_corpus(root: Path, gigabytes: float, seed: int = 0) -> dict:
             written[kind] += nbytes
             files.append(path.name)
             k += 1
-    info = {"gigabytes": gigabytes, "text_bytes": written, "files": files,
+    info = {"gigabytes": gigabytes, "file_bytes": file_bytes, "text_bytes": written, "files": files,
             "disk_bytes": sum((root / f).stat().st_size for f in files)}
     done.write_text(json.dumps(info))
     return info

@@ -106,7 +106,8 @@ def _cmd_data(args) -> None:
 
     partition = parse_partition(args.partition)
     cfg = load_config(args.config, args.overrides)
-    stats = prepare_text(cfg, progress=sys.stderr.isatty(), workers=args.workers, partition=partition)
+    stats = prepare_text(cfg, progress=sys.stderr.isatty(), workers=args.workers, partition=partition,
+                         unit_bytes=_unit_bytes(args.unit_mb))
     for name, s in stats.items():
         left = f", {s['units_other_partitions']} for other partitions" if s["units_other_partitions"] else ""
         print(f"source {name} -> {s['dir']}: {s['units']} units ({s['units_done']} prepared, "
@@ -115,10 +116,17 @@ def _cmd_data(args) -> None:
               f"{s['bad_records']} unusable records skipped")
 
 
+def _unit_bytes(unit_mb: float) -> int:
+    if not 1 / 64 <= unit_mb <= 4096:
+        raise UserError("--unit-mb", f"{unit_mb} must be in [1/64, 4096] MiB")
+    return int(unit_mb * 2**20)
+
+
 def _check_prepare(args) -> None:
     from ernie5.data.prepare import parse_partition
 
     parse_partition(args.partition)
+    _unit_bytes(args.unit_mb)
 
 
 def _cmd_plan(args) -> None:
@@ -255,8 +263,9 @@ def _cmd_eval(args) -> None:
         print(markdown_table(rows, f"elastic sub-models of {args.ckpt}"), end="")
         print(f"table, JSON and plot in {out}")
     else:
-        print(f"held-out loss {rows[0]['loss']:.4f} ({rows[0]['active_params']:,} active / "
-              f"{rows[0]['total_params']:,} total params)")
+        per = ", ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in rows[0].items() if k.startswith("loss/"))
+        print(f"held-out loss {rows[0]['loss']:.4f}" + (f" (per source: {per})" if per else "") +
+              f" ({rows[0]['active_params']:,} active / {rows[0]['total_params']:,} total params)")
 
 
 def _eval_crossmodal(args) -> None:
@@ -414,6 +423,9 @@ same command again skips finished units (docs/data.md).
                       help="processes tokenising units in parallel (run config; default 1)")
     prep.add_argument("--partition", default="0/1", metavar="I/N",
                       help="prepare only the units with index %% N == I (run config; default 0/1: all)")
+    prep.add_argument("--unit-mb", type=float, default=64.0, metavar="MiB",
+                      help="work unit size for uncompressed text / JSONL files (default 64; smaller units spread a "
+                           "few large files over more workers; a different size is a different preparation)")
     prep.set_defaults(fn=_cmd_data, check=_check_prepare)
     ins = data.add_parser("inspect", help="print a packed multimodal row as segments (modality, groups, positions)",
                           **_help("""

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional
 import numpy as np
 from tqdm import tqdm
 
-from ernie5.data.readers import UNIT_BYTES, BadRecords, Unit, iter_records, plan_units, resolve_files
+from ernie5.data.readers import UNIT_BYTES, BadRecords, Unit, iter_documents, plan_units, resolve_files
 from ernie5.data.shards import (PLAN, SPLITS, TEXT_FORMAT, TEXT_VERSION, check_file, fingerprint_sha256,
                                 marker_name, read_marker, sha256_file, unit_file, units_dir)
 from ernie5.errors import UserError
@@ -55,7 +55,6 @@ if TYPE_CHECKING:  # the run config sits above data (it assembles every componen
     from ernie5.runconfig import RunConfig
 
 BATCH_DOCS = 512  # documents per sentencepiece call
-BATCH_CHARS = 4 << 20  # ... or fewer when they are long
 
 
 # ------------------------------------------------------------------------------------------------------- file output
@@ -80,16 +79,11 @@ def _json_bytes(obj) -> bytes:
 
 # ------------------------------------------------------------------------------------------------------- one unit
 
-def _batches(docs: Iterable[str]) -> Iterator[list[str]]:
-    batch, chars = [], 0
-    for d in docs:
-        batch.append(d)
-        chars += len(d)
-        if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
+def _batches(blocks: Iterable[list[str]]) -> Iterator[list[str]]:
+    """Slices of at most BATCH_DOCS documents of each block (a reader block holds at most ~16 MiB of text)."""
+    for docs in blocks:
+        for i in range(0, len(docs), BATCH_DOCS):
+            yield docs[i:i + BATCH_DOCS]
 
 
 def _dropout_seed(seed: int, unit: int, copy: int) -> int:
@@ -102,9 +96,9 @@ def _encode(sp, docs: list[str], eos: int, dtype, dropout: float) -> tuple[np.nd
         ids = sp.encode(docs, enable_sampling=True, alpha=dropout, nbest_size=-1, num_threads=1)
     else:
         ids = sp.encode(docs, num_threads=1)
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(chain.from_iterable(chain(x, (eos,)) for x in ids), dtype=dtype, count=int(lengths.sum()))
-    return flat, lengths
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    body = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+    return np.insert(body, np.cumsum(lengths), eos), lengths + 1  # EOS after each document
 
 
 def prepare_unit(task: dict, sp) -> dict:
@@ -126,7 +120,7 @@ def prepare_unit(task: dict, sp) -> dict:
             spm.set_random_generator_seed(_dropout_seed(seed, index, copy))
         rng = np.random.default_rng([seed, index])  # the same val draws on every pass
         first = index == 0 and val_fraction > 0
-        for batch in _batches(iter_records(unit, task["field"], bad if copy == 0 else BadRecords())):
+        for batch in _batches(iter_documents(unit, task["field"], bad if copy == 0 else BadRecords())):
             is_val = rng.random(len(batch)) < val_fraction
             if first:
                 is_val[0], first = True, False

@@ -183,61 +183,157 @@ class Unit:
         return Unit(**d)
 
 
-def iter_records(unit: Unit, field: str, bad: BadRecords) -> Iterator[str]:
-    """The documents of one unit, in file order; unusable records go to `bad`."""
+BLOCK_BYTES = 16 << 20  # text / JSONL is parsed in blocks of whole lines of about this size
+
+
+def iter_documents(unit: Unit, field: str, bad: BadRecords) -> Iterator[list[str]]:
+    """The documents of one unit, in file order, a list per block (a block of lines or a Parquet record batch:
+    no per-document Python work on the clean path); unusable records go to `bad`."""
     if unit.format == "parquet":
-        yield from _parquet_records(unit, field, bad)
+        yield from _parquet_documents(unit, field, bad)
         return
     if unit.compression is None:
-        yield from _range_records(unit, field, bad)
+        for block, offset in _range_blocks(unit):
+            yield _block_documents(block, unit, field, bad, lambda i, n: f"{unit.file}:byte {offset + n}")
         return
     try:
-        with open_stream(unit.file, unit.compression) as f:
-            for lineno, raw in enumerate(f, 1):
-                doc, why = decode_line(raw, unit.format, field)
-                if why is not None:
-                    bad.add(f"{unit.file}:line {lineno}", why)
-                elif doc is not None:
-                    yield doc
+        for block, line in _stream_blocks(unit):
+            yield _block_documents(block, unit, field, bad, lambda i, n: f"{unit.file}:line {line + i}")
     except _stream_errors() as e:
         raise UserError(unit.file, f"corrupt or truncated {unit.compression} stream ({e})") from None
 
 
-def _range_records(unit: Unit, field: str, bad: BadRecords) -> Iterator[str]:
-    with open(unit.file, "rb", buffering=1 << 20) as f:
+def iter_records(unit: Unit, field: str, bad: BadRecords) -> Iterator[str]:
+    """The documents of one unit one by one (`iter_documents` flattened)."""
+    for docs in iter_documents(unit, field, bad):
+        yield from docs
+
+
+def _range_blocks(unit: Unit) -> Iterator[tuple[bytes, int]]:
+    """(block of whole lines, file offset of its first byte) covering the lines that start in [start, end)."""
+    with open(unit.file, "rb") as f:
         pos = unit.start
         if pos > 0:  # the line we land in belongs to the previous unit (unless one starts exactly here)
             f.seek(pos - 1)
             pos = pos - 1 + len(f.readline())
         while pos < unit.end:
-            raw = f.readline()
-            if not raw:
-                break
+            data = f.read(min(BLOCK_BYTES, unit.end - pos))
+            if not data:
+                return
+            if pos + len(data) >= unit.end:  # the unit's last line may run past its end: finish it
+                if not data.endswith(b"\n"):
+                    data += f.readline()
+            else:
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:  # one line longer than a block
+                    data += f.readline()
+                else:
+                    f.seek(pos + cut)
+                    data = data[:cut]
+            yield data, pos
+            pos += len(data)
+
+
+def _stream_blocks(unit: Unit) -> Iterator[tuple[bytes, int]]:
+    """(block of whole lines, line number of its first line) of a whole decompressed file."""
+    with open_stream(unit.file, unit.compression) as f:
+        rest, line = b"", 1
+        while chunk := f.read(BLOCK_BYTES):
+            data = rest + chunk
+            cut = data.rfind(b"\n") + 1
+            block, rest = data[:cut], data[cut:]
+            if block:
+                yield block, line
+                line += block.count(b"\n")
+        if rest:
+            yield rest, line
+
+
+def _block_documents(block: bytes, unit: Unit, field: str, bad: BadRecords, place) -> list[str]:
+    """The documents of a block of whole lines. Fast paths parse a clean block at once (Arrow's JSON reader for
+    JSONL, one UTF-8 decode for text); a block with anything unusual goes line by line through `decode_line`,
+    which gives the same documents and names each bad record (`place(line index, byte offset in the block)`)."""
+    fast = _arrow_json_documents(block, field) if unit.format == "jsonl" else _text_documents(block)
+    if fast is not None:
+        return fast
+    out, n = [], 0
+    for i, raw in enumerate(block.split(b"\n")):
+        if raw:
             doc, why = decode_line(raw, unit.format, field)
             if why is not None:
-                bad.add(f"{unit.file}:byte {pos}", why)
+                bad.add(place(i, n), why)
             elif doc is not None:
-                yield doc
-            pos += len(raw)
+                out.append(doc)
+        n += len(raw) + 1
+    return out
 
 
-def _parquet_records(unit: Unit, field: str, bad: BadRecords) -> Iterator[str]:
+def _text_documents(block: bytes) -> Optional[list[str]]:
+    if b"\x00" in block:
+        return None
+    try:
+        text = block.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    out = []
+    for line in text.split("\n"):
+        if line.endswith("\r"):
+            line = line[:-1]
+        if line and not line.isspace():
+            out.append(line)
+    return out
+
+
+def _arrow_json_documents(block: bytes, field: str) -> Optional[list[str]]:
+    """Every line's `field` through pyarrow's JSON reader, or None when any line is not a plain object with a
+    string `field` (then the block is read line by line, which names the bad records)."""
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    if b"\\u0000" in block or b"\\ud" in block or b"\\uD" in block:  # NUL or surrogate escapes: per line
+        return None
+    try:
+        table = pj.read_json(io.BytesIO(block),
+                             read_options=pj.ReadOptions(use_threads=False, block_size=len(block) + 1),
+                             parse_options=pj.ParseOptions(explicit_schema=pa.schema([(field, pa.string())]),
+                                                           unexpected_field_behavior="ignore"))
+    except (pa.ArrowException, ValueError):
+        return None
+    column = table.column(field)
+    if column.null_count or table.num_rows != block.count(b"\n") + (not block.endswith(b"\n")):
+        return None  # a missing field, a null, or a blank line somewhere
+    return [d for d in column.to_pylist() if d and not d.isspace()]
+
+
+def _parquet_documents(unit: Unit, field: str, bad: BadRecords) -> Iterator[list[str]]:
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     row = unit.start
     pf = pq.ParquetFile(unit.file)
     for batch in pf.iter_batches(batch_size=4096, row_groups=[unit.row_group], columns=[field]):
-        for value in batch.column(0).to_pylist():
-            if type(value) is str and value and not value.isspace() and "\x00" not in value:
-                yield value  # Arrow strings are valid UTF-8: no surrogate check needed
-                row += 1
-                continue
-            doc, why = check_value(value, field)
-            if why is not None:
-                bad.add(f"{unit.file}:row {row}", why)
-            elif doc is not None:
-                yield doc
-            row += 1
+        column = batch.column(0)
+        values = column.to_pylist()
+        clean = (column.null_count == 0 and (pa_string(column.type)) and
+                 not pc.any(pc.match_substring(column, "\x00")).as_py())
+        if clean:  # Arrow strings are valid UTF-8: only blank documents to drop
+            yield [v for v in values if v and not v.isspace()]
+        else:
+            docs = []
+            for i, value in enumerate(values):
+                doc, why = check_value(value, field)
+                if why is not None:
+                    bad.add(f"{unit.file}:row {row + i}", why)
+                elif doc is not None:
+                    docs.append(doc)
+            yield docs
+        row += len(values)
+
+
+def pa_string(tp) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(tp) or pa.types.is_large_string(tp)
 
 
 # ---------------------------------------------------------------------------------------------------------- planning

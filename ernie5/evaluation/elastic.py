@@ -20,19 +20,28 @@ from ernie5.errors import UserError
 from ernie5.plan import count_parameters
 
 
-def _held_out_batches(cfg, n: int) -> list[dict]:
-    """Up to `n` distinct micro-batches from the start of the val split (as tensors)."""
+def _held_out_sets(cfg, n: int) -> dict[str, tuple[float, list[dict]]]:
+    """Per text source of the run's mixture with held-out rows: (its weight, up to `n` distinct micro-batches from
+    the start of its val split, as tensors)."""
     from ernie5.data.loader import PackedLoader
     from ernie5.data.shards import open_split
     from ernie5.model.transformer import to_tensor_batch
     from ernie5.objectives.text import make_text_batch
 
-    split = open_split(cfg.data.dir, "val")
-    probe = PackedLoader(split, cfg.data.seq_len, 1, cfg.run.seed, shuffle=False, where=f"{cfg.data.dir} (val)")
-    rows = min(cfg.train.micro_batch_size, probe.num_rows)
-    loader = PackedLoader(split, cfg.data.seq_len, rows, cfg.run.seed, shuffle=False)
-    count = max(1, min(n, probe.num_rows // rows))
-    return [to_tensor_batch(make_text_batch(*loader.next(), cfg.model.mtp.depth)) for _ in range(count)]
+    sets = {}
+    for src in cfg.data.resolved_sources(cfg.tokenizer.corpus):
+        split = open_split(src.dir, "val")
+        if split.num_tokens <= cfg.data.seq_len:
+            continue
+        probe = PackedLoader(split, cfg.data.seq_len, 1, cfg.run.seed, shuffle=False, where=f"{src.dir} (val)")
+        rows = min(cfg.train.micro_batch_size, probe.num_rows)
+        loader = PackedLoader(split, cfg.data.seq_len, rows, cfg.run.seed, shuffle=False)
+        count = max(1, min(n, probe.num_rows // rows))
+        sets[src.name] = (src.weight, [to_tensor_batch(make_text_batch(*loader.next(), cfg.model.mtp.depth))
+                                       for _ in range(count)])
+    if not sets:
+        raise UserError(cfg.data.dir, "no source has held-out rows (raise data.val_fraction and prepare again)")
+    return sets
 
 
 def _loss(model, batches: list[dict], sub) -> float:
@@ -45,6 +54,17 @@ def _loss(model, batches: list[dict], sub) -> float:
         total += out.terms["loss_ntp"] * out.tokens
         tokens += out.tokens
     return total / max(tokens, 1.0)
+
+
+def _mixture_loss(model, sets: dict, sub) -> dict:
+    """{"loss": the mixture's (sources weighted as in training), "loss/<source>": ...}."""
+    from ernie5.train.tasks import overall_val_loss
+
+    per = {name: _loss(model, batches, sub) for name, (_, batches) in sets.items()}
+    out = {"loss": overall_val_loss(per, {name: w for name, (w, _) in sets.items()})}
+    if len(per) > 1:
+        out.update({f"loss/{name}": v for name, v in per.items()})
+    return out
 
 
 def evaluate_elastic(ckpt_path: str, out_dir: Optional[str] = None, batches: int = 16,
@@ -60,7 +80,9 @@ def evaluate_elastic(ckpt_path: str, out_dir: Optional[str] = None, batches: int
     cfg = load_config(ckpt / "config.yaml", list(overrides))
     model = build_model_from_checkpoint(ckpt, cfg)
     subs = ElasticSpace(cfg.elastic, cfg.model, cfg.parallel.expert).grid() if grid else [("full", FULL)]
-    data = _held_out_batches(cfg, batches)
+    sets = _held_out_sets(cfg, batches)
+    n_batches = sum(len(b) for _, b in sets.values())
+    rows_per_batch = int(next(iter(sets.values()))[1][0]["input_ids"].shape[0])
     rows = []
     with paddle.no_grad():
         for name, sub in subs:
@@ -70,15 +92,15 @@ def evaluate_elastic(ckpt_path: str, out_dir: Optional[str] = None, batches: int
                          "experts": cfg.model.moe.num_experts if sub.experts is None else len(sub.experts),
                          "top_k": sub_cfg.moe.top_k if sub_cfg.moe.num_experts else 0,
                          "active_params": pc.active_params, "total_params": pc.total_params,
-                         "loss": _loss(model, data, sub), "spec": sub.to_dict()})
+                         **_mixture_loss(model, sets, sub), "spec": sub.to_dict()})
     if not grid:
         return rows, None
     out = Path(out_dir) if out_dir else _default_out(ckpt)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"checkpoint": str(ckpt), "batches": len(data),
-            "tokens_per_row": cfg.data.seq_len, "rows_per_batch": int(data[0]["input_ids"].shape[0])}
+    meta = {"checkpoint": str(ckpt), "batches": n_batches, "sources": {n: len(b) for n, (_, b) in sets.items()},
+            "tokens_per_row": cfg.data.seq_len, "rows_per_batch": rows_per_batch}
     (out / "elastic_eval.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
-    (out / "elastic_eval.md").write_text(markdown_table(rows, f"Elastic eval of `{ckpt}` ({len(data)} held-out "
+    (out / "elastic_eval.md").write_text(markdown_table(rows, f"Elastic eval of `{ckpt}` ({n_batches} held-out "
                                                               f"micro-batches)"))
     plot_loss_vs_active(rows, out / "elastic_eval.png", title=ckpt.parent.parent.name or str(ckpt))
     return rows, out

@@ -183,6 +183,46 @@ def test_restart_after_a_kill_skips_finished_units_and_matches(tmp_path, text_as
     assert changed["units_done"] == n and len(list((tmp_path / "killed" / "web").glob("units-*"))) == 1
 
 
+def test_a_really_killed_preparation_is_refused_then_finished_by_the_same_command(tmp_path, text_assets, docs):
+    """SIGKILL `ernie5 data prepare --workers 2` once a few units are done: training refuses the source, and
+    running the same command again prepares only the rest, to the bytes of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    _, tok, _ = text_assets
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    big = ("\n".join(docs) + "\n") * 40  # ~1.6 MB: ~100 units of 16 KiB
+    (raw / "a.txt").write_text(big, encoding="utf-8")
+    path = write_config(tmp_path, tok, [{"name": "web", "paths": [str(raw / "a.txt")]}])
+    cmd = [sys.executable, "-m", "ernie5", "data", "prepare", str(path), "--workers", "2", "--unit-mb", "0.015625"]
+    full = run_cli("data", "prepare", str(path), "--workers", "2", "--unit-mb", "0.015625",
+                   f"data.dir={tmp_path / 'full'}")
+    assert full.returncode == 0, full.stderr
+    total = len(list((tmp_path / "full" / "web").glob("units-*/*.done.json")))
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    src = tmp_path / "shards" / "web"
+    deadline = time.time() + 120
+    while len(list(src.glob("units-*/*.done.json"))) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)  # the parent and its workers, mid-way
+    proc.wait()
+    done = len(list(src.glob("units-*/*.done.json")))
+    assert 3 <= done < total, (done, total)
+    r = run_cli("train", str(path), f"run.output_dir={tmp_path / 'run'}", "model.num_layers=1")
+    assert r.returncode == 2 and "units not prepared" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert f"({total - done} prepared, {done} already done" in again.stdout, again.stdout
+    assert dir_bytes(tmp_path / "shards") == dir_bytes(tmp_path / "full")
+
+
 def test_unusable_records_are_skipped_and_counted(tmp_path, text_assets, docs, capsys):
     _, tok, _ = text_assets
     raw = tmp_path / "raw"
@@ -278,3 +318,25 @@ def test_cli_subprocess_bad_input_and_partition_syntax(bad_world, text_assets):
                 timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith(f"source ok -> {root / 'cli' / 'ok'}: 1 units (1 prepared, 0 already done); train ")
+
+
+def test_block_fast_paths_give_what_line_by_line_reading_gives(docs):
+    """Arrow's JSON reader and the one-decode text path (taken for clean blocks) against `decode_line` per line."""
+    from ernie5.data.readers import _arrow_json_documents, _text_documents, decode_line
+
+    def by_line(block, fmt, field="text"):
+        out = [decode_line(raw, fmt, field) for raw in block.split(b"\n") if raw]
+        assert all(why is None for _, why in out)
+        return [d for d, _ in out if d is not None]
+
+    records = [{"text": d, "id": i, "meta": {"x": [1, 2]}} for i, d in enumerate(docs)] + [{"text": "   "},
+                                                                                            {"text": "tab\there"}]
+    block = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+    fast = _arrow_json_documents(block, "text")
+    assert fast is not None and fast == by_line(block, "jsonl") and len(fast) == len(docs) + 1
+    ascii_block = "".join(json.dumps(r) + "\n" for r in records).encode()  # \uXXXX escapes for the Chinese
+    assert _arrow_json_documents(ascii_block, "text") == fast
+    assert _arrow_json_documents(block + b"\n", "text") is None  # a blank line: read line by line
+    assert _arrow_json_documents(block + b'{"id": 3}\n', "text") is None  # a missing field: named line by line
+    text = ("\r\n".join(docs[:10]) + "\n  \n\u3000\n" + "\n".join(docs[10:])).encode()
+    assert _text_documents(text) == by_line(text, "text") and len(_text_documents(text)) == len(docs)

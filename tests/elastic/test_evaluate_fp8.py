@@ -8,7 +8,7 @@ from ernie5.model.transformer import build_model
 
 def test_eval_of_an_fp8_checkpoint_uses_fp8(tiny_cfg):
     from ernie5.runconfig import load_config
-    from ernie5.evaluation.elastic import _held_out_batches, evaluate_elastic
+    from ernie5.evaluation.elastic import _held_out_sets, evaluate_elastic
     from ernie5.objectives.text import text_loss
     from ernie5.train.checkpoint import apply_model_state, load_model_weights, resolve_checkpoint
     from ernie5.train.trainer import Trainer
@@ -21,7 +21,7 @@ def test_eval_of_an_fp8_checkpoint_uses_fp8(tiny_cfg):
     got = rows[0]["loss"]
     # references: the same weights and held-out batches in an FP8 model and in a plain fp32 model
     saved = load_config(ckpt / "config.yaml")
-    data = _held_out_batches(saved, 2)
+    data = _held_out_sets(saved, 2)["corpus"][1]
 
     def loss_of(fp8):
         model = build_model(saved.model, fp8=saved.precision.fp8 if fp8 else None)

@@ -63,6 +63,11 @@ def test_mixture_logs_tokens_and_held_out_loss_per_source_and_resumes_exactly(mi
         per = {name: m[f"val_loss/{name}"] for name in WEIGHTS}
         assert len(set(per.values())) == 3
         assert m["val_loss"] == pytest.approx(sum(WEIGHTS[n] * per[n] for n in WEIGHTS), rel=1e-6)
+    from ernie5.evaluation.elastic import evaluate_elastic  # `ernie5 eval` of the mixture: the same numbers
+
+    row = evaluate_elastic(str(tmp_path / "straight"), batches=1, grid=False)[0][0]
+    for key in ["val_loss"] + [f"val_loss/{name}" for name in WEIGHTS]:
+        assert row[key.replace("val_", "")] == pytest.approx(straight[-1][key], rel=1e-5)
     _train(overrides, tmp_path / "resumed", 4)
     resumed = _train(overrides, tmp_path / "resumed", 6)  # resumes from the step-4 checkpoint
     assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
