@@ -121,3 +121,12 @@ def test_cli_subprocess_has_no_traceback(world):
     p = run_cli("train", T, *world["base"], f"data.dir={world['root']}/truncated",
                 f"run.output_dir={world['root']}/r7")
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_checksums_can_be_skipped_for_large_corpora_but_sizes_are_always_checked(world):
+    """data.verify_checksums=false: a shard whose bytes changed (same size) is read; a truncated one is not."""
+    common = [T, *world["base"], "train.max_steps=1", "--quiet"]
+    assert main(["train", *common, f"data.dir={world['root']}/flipped", "data.verify_checksums=false",
+                 f"run.output_dir={world['root']}/r8"]) == 0
+    assert main(["train", *common, f"data.dir={world['root']}/truncated", "data.verify_checksums=false",
+                 f"run.output_dir={world['root']}/r9"]) == 2

@@ -70,6 +70,7 @@ class DataConfig:
     bpe_dropout: float = 0.0  # > 0: train split tokenised with BPE-dropout (sampled merges)
     bpe_dropout_copies: int = 1  # that many differently sampled passes of the train split are stored in the shard
     synthetic: bool = False  # uniform random tokens, no files (benchmarks)
+    verify_checksums: bool = True  # sha256 of every shard file at start (~2 s per GB); sizes are always checked
 
     def validate(self, path: str) -> None:
         require(self.seq_len >= 2, join(path, "seq_len"), f"{self.seq_len} must be >= 2")

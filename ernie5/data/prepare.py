@@ -31,6 +31,7 @@ document at all is a UserError.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import shutil
@@ -102,7 +103,19 @@ def _encode(sp, docs: list[str], eos: int, dtype, dropout: float) -> tuple[np.nd
 
 
 def prepare_unit(task: dict, sp) -> dict:
-    """Tokenise one unit and write its files and done marker; returns the marker (small)."""
+    """Tokenise one unit and write its files and done marker; returns the marker (small). The cyclic garbage
+    collector is paused meanwhile: sentencepiece returns a Python list per document and the collections those
+    allocations trigger cost ~10% of the unit's time, while the loop creates no reference cycles."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _prepare_unit(task, sp)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _prepare_unit(task: dict, sp) -> dict:
     import sentencepiece as spm
 
     index, unit = task["index"], Unit.from_json(task["unit"])

@@ -97,11 +97,11 @@ class TextTask(_Task):
         sources = d.resolved_sources(self.cfg.tokenizer.corpus)
         parts, self.val_loaders = [], {}
         for i, src in enumerate(sources):
-            split = open_split(src.dir, "train")
+            split = open_split(src.dir, "train", verify=d.verify_checksums)
             parts.append((src.name, PackedLoader(split, d.seq_len, t.micro_batch_size, source_seed(seed, i,
                                                  len(sources)), where=f"{src.dir} (source {src.name}, train)"),
                           src.weight))
-            val = open_split(src.dir, "val")
+            val = open_split(src.dir, "val", verify=d.verify_checksums)
             if val.num_tokens > d.seq_len:
                 self.val_loaders[src.name] = PackedLoader(val, d.seq_len, t.micro_batch_size, seed, shuffle=False,
                                                           where=f"{src.dir} (source {src.name}, val)")

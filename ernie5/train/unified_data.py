@@ -96,10 +96,11 @@ class UnifiedBatches:
                 continue
             check_text_tokenizer(self.meta, read_meta(src.dir), src.name)
             kw = dict(bits=self.meta["bits"], levels=self.meta["audio_levels"], und_shape=und_shape)
-            parts.append((src.name, UnifiedTextLoader(open_split(src.dir, "train"), d.seq_len, B, seed,
+            parts.append((src.name, UnifiedTextLoader(open_split(src.dir, "train", verify=d.verify_checksums),
+                                                      d.seq_len, B, seed,
                                                       where=f"{src.dir} (source {src.name}, train)", **kw),
                           src.weight))
-            val = open_split(src.dir, "val")
+            val = open_split(src.dir, "val", verify=d.verify_checksums)
             if val.num_tokens > d.seq_len:
                 self.val[src.name] = UnifiedTextLoader(val, d.seq_len, B, self.seed, shuffle=False,
                                                        where=f"{src.dir} (source {src.name}, val)", **kw)
