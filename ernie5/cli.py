@@ -106,7 +106,7 @@ def _cmd_data(args) -> None:
 
     partition = parse_partition(args.partition)
     cfg = load_config(args.config, args.overrides)
-    stats = prepare_text(cfg, progress=sys.stderr.isatty(), workers=args.workers, partition=partition,
+    stats = prepare_text(cfg, progress=True, workers=args.workers, partition=partition,
                          unit_bytes=_unit_bytes(args.unit_mb))
     for name, s in stats.items():
         left = f", {s['units_other_partitions']} for other partitions" if s["units_other_partitions"] else ""

@@ -33,55 +33,81 @@ class BlendSchedule:
     Row n (1-based) goes to the eligible source with the earliest deadline, where source s is eligible when
     w_s * n - c_s >= d (d = 1 / (2k - 2), k sources with positive weight) and its deadline is
     (c_s + 1 - d) / w_s; c_s counts its rows so far. Then |c_s(n) - w_s * n| <= 1 - d < 1 for every n.
+
+    The rule depends only on (n, counts), so the schedule can start anywhere: `origin` = (rows, their counts per
+    source) (a resumed loader passes its checkpointed counts instead of replaying from row 0). Rows are computed
+    in blocks of 4096 with a count snapshot per block; only a few blocks are kept (the loader reads forward).
     """
 
-    def __init__(self, weights: list[float]):
-        w = np.asarray(weights, dtype=np.float64)
-        if w.ndim != 1 or len(w) == 0 or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"blend weights must be >= 0 with a positive sum, got {weights}")
-        self.w = w / w.sum()
-        self.k = int((self.w > 0).sum())
-        self.d = 1.0 / (2 * self.k - 2) if self.k > 1 else 0.0
-        self.ids = np.zeros(0, np.uint8)
-        self.snapshots: list[np.ndarray] = []  # counts per source before each block
-        self._counts = np.zeros(len(w), np.int64)
+    _KEEP = 4  # blocks of source ids kept in memory
 
-    def _extend(self, rows: int) -> None:
-        while len(self.ids) < rows:
-            self.snapshots.append(self._counts.copy())
-            n0 = len(self.ids)
-            block = np.empty(_BLOCK, np.uint8)
-            w, d = self.w.tolist(), self.d
-            c = self._counts.tolist()
-            live = [s for s in range(len(w)) if w[s] > 0]
-            for i in range(_BLOCK):
-                n = n0 + i + 1
-                best, due = live[0], float("inf")
-                for s in live:
-                    if w[s] * n - c[s] >= d - 1e-12:
-                        t = (c[s] + 1 - d) / w[s]
-                        if t < due:
-                            best, due = s, t
-                block[i] = best
-                c[best] += 1
-            self._counts = np.asarray(c, np.int64)
-            self.ids = np.concatenate([self.ids, block])
+    def __init__(self, weights: list[float], origin: Optional[tuple[int, list[int]]] = None):
+        w = np.asarray(weights, dtype=np.float64)
+        if w.ndim != 1 or len(w) == 0 or (w < 0).any() or w.sum() <= 0 or len(w) > np.iinfo(np.uint16).max:
+            raise ValueError(f"blend weights must be >= 0 with a positive sum (at most 65535), got {weights}")
+        self.w = w / w.sum()
+        self.live = [s for s in range(len(w)) if self.w[s] > 0]
+        self.k = len(self.live)
+        self.d = 1.0 / (2 * self.k - 2) if self.k > 1 else 0.0
+        rows, counts = origin if origin is not None else (0, [0] * len(w))
+        self.origin = int(rows)
+        self.snapshots = [np.asarray(counts, np.int64)]  # counts before block b (rows origin + b * _BLOCK)
+        self._blocks: dict[int, np.ndarray] = {}
+
+    def _block(self, b: int) -> np.ndarray:
+        """Source ids (uint16 [_BLOCK]) of rows origin + b * _BLOCK ..."""
+        if b in self._blocks:
+            return self._blocks[b]
+        while len(self.snapshots) <= b:  # snapshots of the blocks before b (computed once, in order)
+            last = len(self.snapshots) - 1
+            ids = self._compute(last)
+            self.snapshots.append(self.snapshots[last] + np.bincount(ids, minlength=len(self.w)))
+            self._keep(last, ids)
+        ids = self._compute(b)
+        self._keep(b, ids)
+        return ids
+
+    def _keep(self, b: int, ids: np.ndarray) -> None:
+        self._blocks[b] = ids
+        while len(self._blocks) > self._KEEP:
+            del self._blocks[min(self._blocks)]
+
+    def _compute(self, b: int) -> np.ndarray:
+        if self.k == 1:
+            return np.full(_BLOCK, self.live[0], np.uint16)
+        n0 = self.origin + b * _BLOCK
+        w, d, live = self.w.tolist(), self.d, self.live
+        c = self.snapshots[b].tolist()
+        block = np.empty(_BLOCK, np.uint16)
+        for i in range(_BLOCK):
+            n = n0 + i + 1
+            best, due = live[0], float("inf")
+            for s in live:
+                if w[s] * n - c[s] >= d - 1e-12:
+                    t = (c[s] + 1 - d) / w[s]
+                    if t < due:
+                        best, due = s, t
+            block[i] = best
+            c[best] += 1
+        return block
+
+    def _locate(self, row: int) -> tuple[int, int]:
+        if row < self.origin:
+            raise ValueError(f"row {row} is before this schedule's origin {self.origin} (rows are read forward)")
+        return divmod(row - self.origin, _BLOCK)
 
     def source_of(self, row: int) -> tuple[int, int]:
         """(source, how many rows of that source come before `row`) for global row `row` (0-based)."""
-        self._extend(row + 1)
-        s = int(self.ids[row])
-        b = row // _BLOCK
-        return s, int(self.snapshots[b][s] + np.count_nonzero(self.ids[b * _BLOCK:row] == s))
+        b, i = self._locate(row)
+        ids = self._block(b)
+        s = int(ids[i])
+        return s, int(self.snapshots[b][s] + np.count_nonzero(ids[:i] == s))
 
     def counts(self, rows: int) -> np.ndarray:
         """int64 [sources]: rows of each source among global rows [0, rows)."""
-        if rows <= 0:
-            return np.zeros(len(self.w), np.int64)
-        self._extend(rows)
-        b = (rows - 1) // _BLOCK
-        part = np.bincount(self.ids[b * _BLOCK:rows], minlength=len(self.w))
-        return self.snapshots[b] + part
+        b, i = self._locate(rows)
+        ids = self._block(b)
+        return self.snapshots[b] + np.bincount(ids[:i], minlength=len(self.w))
 
 
 class BlendedLoader(RowStream):
@@ -122,6 +148,11 @@ class BlendedLoader(RowStream):
         """Rows drawn from each source so far, over all ranks."""
         return dict(zip(self.names, self.schedule.counts(self.position).tolist()))
 
+    def state_dict(self) -> dict:
+        return {"position": self.position, "source_rows": self.schedule.counts(self.position).tolist()}
+
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
+        if "source_rows" in state:  # start the schedule at the checkpoint (no replay from row 0)
+            self.schedule = BlendSchedule(self.schedule.w.tolist(), (self.position, state["source_rows"]))
         self._epochs_told = np.maximum(self._epochs_told, self.epochs())  # told before the checkpoint

@@ -7,14 +7,15 @@ as described in `ernie5.data.shards`: `plan.json`, then per unit its token and d
 done marker. Every file is written under a temporary name and renamed into place.
 
 Parallelism: `workers` processes (spawned; each loads the tokenizer once) each take whole units, tokenise them and
-write the unit's files themselves, returning only a few numbers, so memory is about (unit size x workers) whatever
-the corpus size. `partition=(I, N)` processes only the units with index % N == I: partitions may run on different
+write the unit's files themselves (streamed to disk batch by batch), returning only a few numbers, so memory is
+about (a 16 MiB read block x workers) whatever the corpus, unit or compressed-file size. `partition=(I, N)` processes only the units with index % N == I: partitions may run on different
 machines sharing the filesystem (a Slurm array, one process per node), with no coordinator.
 
 Determinism: a unit's output depends only on the plan's fingerprint and the unit's index, so the prepared
 directory is byte-identical for any `workers` and any partitioning (no timestamps, pids or host names are written).
-Documents go to val when `np.random.default_rng([seed, unit]).random() < val_fraction` (drawn in order per unit),
-and the first document of unit 0 always does when val_fraction > 0 (a tiny corpus still has a val split).
+Documents go to val when a seeded CRC-32 of their text is below val_fraction x 2^32 (`is_held_out`: the split of a
+document never depends on files, globs or units; duplicates share a split), and the first document of unit 0
+always does when val_fraction > 0 (a tiny corpus still has a val split).
 BPE-dropout (`data.bpe_dropout` > 0): the unit's train documents are encoded `bpe_dropout_copies` times, copy c
 after `sentencepiece.set_random_generator_seed` of a value derived from (seed, unit, c); val documents once,
 without dropout. Caveat: sentencepiece's sampler (0.2.x) does not repeat across processes even with that seed,
@@ -38,6 +39,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional
@@ -115,6 +117,53 @@ def prepare_unit(task: dict, sp) -> dict:
             gc.enable()
 
 
+def is_held_out(docs: list[str], seed: int, val_fraction: float) -> list[bool]:
+    """Whether each document goes to val: a seeded CRC-32 of its text below val_fraction x 2^32. It depends on the
+    text alone, so adding files, reordering globs or another --unit-mb never moves a document between the splits,
+    and copies of one document always land in the same split."""
+    if val_fraction <= 0:
+        return [False] * len(docs)
+    start, limit = zlib.crc32(f"ernie5-val-{seed}".encode()), int(val_fraction * 2 ** 32)
+    return [zlib.crc32(d.encode("utf-8"), start) < limit for d in docs]
+
+
+class _SplitWriter:
+    """One split of a unit, streamed to disk as it is tokenised (memory: one batch, whatever the unit's size), then
+    written as `.npy` files (tokens, int64 document starts) under temporary names and renamed into place."""
+
+    def __init__(self, out: Path, index: int, split: str, dtype: np.dtype):
+        self.out, self.index, self.split, self.dtype = out, index, split, dtype
+        self.raw = {kind: tempfile.NamedTemporaryFile(dir=out, prefix=f".{index:06d}.{split}.{kind}.", suffix=".tmp")
+                    for kind in ("tokens", "docs")}
+        self.tokens = self.documents = 0
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        starts = self.tokens + np.cumsum(lengths) - lengths
+        self.raw["tokens"].write(tokens.astype(self.dtype, copy=False).tobytes())
+        self.raw["docs"].write(starts.astype(np.int64).tobytes())
+        self.tokens += int(tokens.size)
+        self.documents += int(lengths.size)
+
+    def finish(self) -> dict:
+        """Write the `.npy` files; returns {file name: {bytes, sha256}}."""
+        files = {}
+        for kind, dtype, n in (("tokens", self.dtype, self.tokens), ("docs", np.dtype(np.int64), self.documents)):
+            raw = self.raw[kind]
+            raw.flush()
+            raw.seek(0)
+            name = unit_file(self.index, self.split, kind)
+
+            def write(f, raw=raw, dtype=dtype, n=n):
+                np.lib.format.write_array_header_1_0(
+                    f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n,)})
+                shutil.copyfileobj(raw, f, 1 << 22)
+
+            _atomic_write(self.out / name, write)
+            raw.close()
+            files[name] = {"bytes": (self.out / name).stat().st_size, "sha256": sha256_file(self.out / name)}
+        return files
+
+
 def _prepare_unit(task: dict, sp) -> dict:
     import sentencepiece as spm
 
@@ -125,40 +174,28 @@ def _prepare_unit(task: dict, sp) -> dict:
     seed, val_fraction, dropout = task["seed"], task["val_fraction"], task["dropout"]
     dtype, eos = np.dtype(task["dtype"]), task["eos_id"]
     copies = task["copies"] if dropout > 0 else 1
-    tokens = {s: [] for s in SPLITS}
-    lengths = {s: [] for s in SPLITS}
+    writers = {s: _SplitWriter(out, index, s, dtype) for s in SPLITS}
     bad, documents = BadRecords(), 0
     for copy in range(copies):
         if dropout > 0:
             spm.set_random_generator_seed(_dropout_seed(seed, index, copy))
-        rng = np.random.default_rng([seed, index])  # the same val draws on every pass
-        first = index == 0 and val_fraction > 0
+        first = index == 0 and val_fraction > 0  # a tiny corpus still gets a held-out document
         for batch in _batches(iter_documents(unit, task["field"], bad if copy == 0 else BadRecords())):
-            is_val = rng.random(len(batch)) < val_fraction
+            is_val = is_held_out(batch, seed, val_fraction)
             if first:
                 is_val[0], first = True, False
             if copy == 0:
                 documents += len(batch)
                 val = [d for d, v in zip(batch, is_val) if v]
                 if val:
-                    t, n = _encode(sp, val, eos, dtype, 0.0)
-                    tokens["val"].append(t)
-                    lengths["val"].append(n)
+                    writers["val"].add(*_encode(sp, val, eos, dtype, 0.0))
             train = [d for d, v in zip(batch, is_val) if not v]
             if train:
-                t, n = _encode(sp, train, eos, dtype, dropout)
-                tokens["train"].append(t)
-                lengths["train"].append(n)
+                writers["train"].add(*_encode(sp, train, eos, dtype, dropout))
     files, splits = {}, {}
-    for s in SPLITS:
-        flat = np.concatenate(tokens[s]) if tokens[s] else np.zeros(0, dtype)
-        n = np.concatenate(lengths[s]) if lengths[s] else np.zeros(0, np.int64)
-        starts = (np.cumsum(n) - n).astype(np.int64)
-        splits[s] = {"documents": int(n.size), "tokens": int(flat.size)}
-        for kind, arr in (("tokens", flat), ("docs", starts)):
-            name = unit_file(index, s, kind)
-            _atomic_write(out / name, lambda f, a=arr: np.save(f, a, allow_pickle=False))
-            files[name] = {"bytes": (out / name).stat().st_size, "sha256": sha256_file(out / name)}
+    for s, w in writers.items():
+        files.update(w.finish())
+        splits[s] = {"documents": w.documents, "tokens": w.tokens}
     marker = {"unit": index, "fingerprint_sha256": task["fingerprint_sha256"], "records": documents + bad.count,
               "documents_read": documents, "bad_records": bad.count, "bad_examples": bad.examples,
               "splits": splits, "files": files}
@@ -308,7 +345,7 @@ def prepare_text(cfg: RunConfig, progress: bool = True, workers: int = 1, partit
                          "val_fraction": d.val_fraction, "dropout": d.bpe_dropout, "copies": d.bpe_dropout_copies,
                          "dtype": plan["dtype"], "eos_id": plan["eos_id"],
                          "fingerprint_sha256": plan["fingerprint_sha256"]})
-    for name, marker in _run(jobs, tok, workers, progress):
+    for name, marker in _run(jobs, tok, workers, progress, log):
         markers[name][marker["unit"]] = marker
         stats[name]["units_done"] += 1
     for rs in sources:
@@ -334,21 +371,33 @@ def _summarise(s: dict, markers: list[dict]) -> None:
     s["bad_examples"] = [e for m in sorted(markers, key=lambda m: m["unit"]) for e in m["bad_examples"]][:3]
 
 
-def _run(jobs: list[dict], tok: TextTokenizer, workers: int, progress: bool) -> Iterator[tuple[str, dict]]:
-    """Process the units (in-process for one worker, else a spawned pool), with one progress bar over bytes."""
+LOG_EVERY_S = 60.0  # without a progress bar (no terminal: a batch job's log), a progress line this often
+
+
+def _run(jobs: list[dict], tok: TextTokenizer, workers: int, progress: bool,
+         log: Callable[[str], None]) -> Iterator[tuple[str, dict]]:
+    """Process the units (in-process for one worker, else a pool of spawned processes), with one progress bar over
+    bytes, or a progress line every LOG_EVERY_S when stderr is not a terminal."""
     if not jobs:
         return
-    bar = tqdm(total=sum(j["bytes"] for j in jobs), desc="preparing", unit="B", unit_scale=True,
-               disable=not (progress and sys.stderr.isatty()))
-    t0, docs, toks = time.perf_counter(), 0, 0
+    total = sum(j["bytes"] for j in jobs)
+    show_bar = progress and sys.stderr.isatty()
+    bar = tqdm(total=total, desc="preparing", unit="B", unit_scale=True, disable=not show_bar)
+    t0, docs, toks, done_bytes, units = time.perf_counter(), 0, 0, 0, 0
+    last_log = t0
 
     def step(nbytes: int, marker: dict) -> None:
-        nonlocal docs, toks
+        nonlocal docs, toks, done_bytes, units, last_log
         docs += marker["documents_read"]
         toks += sum(v["tokens"] for v in marker["splits"].values())
-        dt = max(time.perf_counter() - t0, 1e-9)
+        done_bytes, units = done_bytes + nbytes, units + 1
+        now = time.perf_counter()
+        rate = f"{docs / max(now - t0, 1e-9):,.0f} docs/s, {toks / max(now - t0, 1e-9):,.0f} tok/s"
         bar.update(nbytes)
-        bar.set_postfix_str(f"{docs / dt:,.0f} docs/s, {toks / dt:,.0f} tok/s", refresh=False)
+        bar.set_postfix_str(rate, refresh=False)
+        if progress and not show_bar and now - last_log >= LOG_EVERY_S:
+            log(f"prepared {units}/{len(jobs)} units ({done_bytes / max(total, 1):.0%} of the input), {rate}")
+            last_log = now
 
     try:
         if workers == 1 or len(jobs) == 1:
@@ -357,19 +406,22 @@ def _run(jobs: list[dict], tok: TextTokenizer, workers: int, progress: bool) -> 
                 step(job["bytes"], marker)
                 yield job["source"], marker
             return
-        ctx = multiprocessing.get_context("spawn")
-        pool = ctx.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(tok.path,))
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures.process import BrokenProcessPool
+
+        pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(tok.path,))
         try:
-            for name, marker, nbytes, err in pool.imap_unordered(_work, jobs, chunksize=1):
+            for future in as_completed([pool.submit(_work, job) for job in jobs]):
+                name, marker, nbytes, err = future.result()
                 if err is not None:
                     raise UserError(*err)
                 step(nbytes, marker)
                 yield name, marker
-            pool.close()
-        except BaseException:
-            pool.terminate()
-            raise
+        except BrokenProcessPool:
+            raise UserError("data prepare", "a worker process died (out of memory? killed?); finished units are "
+                                            "kept: run the same command again") from None
         finally:
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
     finally:
         bar.close()

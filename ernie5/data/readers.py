@@ -26,6 +26,7 @@ import gzip
 import io
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -116,7 +117,7 @@ def decode_line(raw: bytes, fmt: str, field: str) -> tuple[Optional[str], Option
     """(document or None, reason it is bad or None). A blank line is (None, None): nothing, not an error."""
     if fmt != "text":  # fast path for a good JSON line: one parse, no copies (JSON parsing is the reader's cost)
         try:
-            obj = json.loads(raw)
+            obj = json.loads(raw.decode("utf-8"))  # strict: no surrogates, no UTF-16 (json.loads(bytes) takes both)
         except (ValueError, RecursionError):
             obj = None
         if type(obj) is dict:
@@ -184,6 +185,7 @@ class Unit:
 
 
 BLOCK_BYTES = 16 << 20  # text / JSONL is parsed in blocks of whole lines of about this size
+_BLANK_LINE = re.compile(rb"(?:^|\n)[ \t\r\f\v]*(?:\n|$)")
 
 
 def iter_documents(unit: Unit, field: str, bad: BadRecords) -> Iterator[list[str]]:
@@ -193,20 +195,17 @@ def iter_documents(unit: Unit, field: str, bad: BadRecords) -> Iterator[list[str
         yield from _parquet_documents(unit, field, bad)
         return
     if unit.compression is None:
-        for block, offset in _range_blocks(unit):
-            yield _block_documents(block, unit, field, bad, lambda i, n: f"{unit.file}:byte {offset + n}")
+        try:
+            for block, offset in _range_blocks(unit):
+                yield _block_documents(block, unit, field, bad, lambda i, n: f"{unit.file}:byte {offset + n}")
+        except OSError as e:
+            raise UserError(unit.file, f"unreadable ({e.strerror or e})") from None
         return
     try:
         for block, line in _stream_blocks(unit):
             yield _block_documents(block, unit, field, bad, lambda i, n: f"{unit.file}:line {line + i}")
     except _stream_errors() as e:
         raise UserError(unit.file, f"corrupt or truncated {unit.compression} stream ({e})") from None
-
-
-def iter_records(unit: Unit, field: str, bad: BadRecords) -> Iterator[str]:
-    """The documents of one unit one by one (`iter_documents` flattened)."""
-    for docs in iter_documents(unit, field, bad):
-        yield from docs
 
 
 def _range_blocks(unit: Unit) -> Iterator[tuple[bytes, int]]:
@@ -292,6 +291,13 @@ def _arrow_json_documents(block: bytes, field: str) -> Optional[list[str]]:
 
     if b"\\u0000" in block or b"\\ud" in block or b"\\uD" in block:  # NUL or surrogate escapes: per line
         return None
+    body = block[:-1] if block.endswith(b"\n") else block
+    if _BLANK_LINE.search(body):  # Arrow skips blank lines, which would hide a line holding two objects
+        return None
+    try:
+        block.decode("utf-8")  # Arrow does not validate UTF-8 (nor would its strings survive to_pylist)
+    except UnicodeDecodeError:
+        return None
     try:
         table = pj.read_json(io.BytesIO(block),
                              read_options=pj.ReadOptions(use_threads=False, block_size=len(block) + 1),
@@ -306,28 +312,44 @@ def _arrow_json_documents(block: bytes, field: str) -> Optional[list[str]]:
 
 
 def _parquet_documents(unit: Unit, field: str, bad: BadRecords) -> Iterator[list[str]]:
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     row = unit.start
-    pf = pq.ParquetFile(unit.file)
-    for batch in pf.iter_batches(batch_size=4096, row_groups=[unit.row_group], columns=[field]):
-        column = batch.column(0)
-        values = column.to_pylist()
-        clean = (column.null_count == 0 and (pa_string(column.type)) and
-                 not pc.any(pc.match_substring(column, "\x00")).as_py())
-        if clean:  # Arrow strings are valid UTF-8: only blank documents to drop
-            yield [v for v in values if v and not v.isspace()]
-        else:
-            docs = []
-            for i, value in enumerate(values):
-                doc, why = check_value(value, field)
-                if why is not None:
-                    bad.add(f"{unit.file}:row {row + i}", why)
-                elif doc is not None:
-                    docs.append(doc)
-            yield docs
-        row += len(values)
+    try:
+        pf = pq.ParquetFile(unit.file)
+        for batch in pf.iter_batches(batch_size=4096, row_groups=[unit.row_group], columns=[field]):
+            column = batch.column(0)
+            values = _parquet_values(column)
+            clean = (values is not None and column.null_count == 0 and pa_string(column.type) and
+                     not pc.any(pc.match_substring(column, "\x00")).as_py())
+            if clean:  # valid UTF-8 strings: only blank documents to drop
+                yield [v for v in values if v and not v.isspace()]
+            else:
+                docs = []
+                for i in range(len(column)):
+                    try:
+                        doc, why = check_value(column[i].as_py(), field)
+                    except UnicodeDecodeError as e:
+                        doc, why = None, f"not UTF-8 ({e.reason} at byte {e.start})"
+                    if why is not None:
+                        bad.add(f"{unit.file}:row {row + i}", why)
+                    elif doc is not None:
+                        docs.append(doc)
+                yield docs
+            row += len(column)
+    except (OSError, pa.ArrowException) as e:
+        raise UserError(unit.file, f"unreadable Parquet row group {unit.row_group} ({str(e).splitlines()[0]})") \
+            from None
+
+
+def _parquet_values(column) -> Optional[list]:
+    """The column as Python values, or None when some string is not valid UTF-8 (then read value by value)."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        return None
 
 
 def pa_string(tp) -> bool:
@@ -347,6 +369,9 @@ def sniff(path: str, fmt: str, compression: Optional[str], field: str, where: st
         raise UserError(where, f"{path}: not a readable {compression} file ({e})") from None
     eof = len(head) <= SNIFF_BYTES
     head = head[:SNIFF_BYTES]
+    if fmt == "jsonl" and head.lstrip()[:1] == b"[":
+        raise UserError(where, f"{path}: a JSON array, not JSON Lines (one object per line); convert it, e.g. "
+                               "`jq -c '.[]' in.json > out.jsonl`")
     if b"\x00" in head:
         raise UserError(where, f"{path}: looks binary, not {fmt} (NUL bytes in its first "
                                f"{SNIFF_BYTES >> 10} KiB)")

@@ -52,11 +52,13 @@ def _resolved(cfg: RunConfig) -> RunConfig:
     if any(s.config.is_multimodal for s in sources):
         resolve_multimodal(cfg, multimodal_meta(cfg))  # fills the copy
         return cfg
-    vocabs = {s.name: int(read_meta(s.dir)["vocab_size"]) for s in sources}
-    vocab = max(vocabs.values())
-    if len(set(vocabs.values())) > 1:
-        raise UserError("data.sources", f"the sources were tokenised with different vocabularies {vocabs} "
-                                        "(prepare them all with tokenizer.model_path)")
+    metas = {s.name: read_meta(s.dir) for s in sources}
+    vocab = max(int(m["vocab_size"]) for m in metas.values())
+    tokenizers = {name: m.get("tokenizer_sha256") for name, m in metas.items()}
+    if len(set(tokenizers.values())) > 1:
+        raise UserError("data.sources", "the sources were tokenised with different tokenizers (sha256 "
+                                        + ", ".join(f"{n} {str(t)[:12]}" for n, t in tokenizers.items())
+                                        + "): prepare them all with tokenizer.model_path")
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = vocab
     elif cfg.model.vocab_size < vocab:

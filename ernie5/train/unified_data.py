@@ -9,7 +9,7 @@ import numpy as np
 from ernie5.data.blend import BlendedLoader, source_seed
 from ernie5.data.loader import MultimodalLoader, UnifiedTextLoader
 from ernie5.data.multimodal_prepare import open_multimodal_split, read_multimodal_meta
-from ernie5.data.shards import open_split, read_meta
+from ernie5.data.shards import open_split, read_meta, sha256_file
 from ernie5.data.sequence import SPECIALS
 from ernie5.errors import UserError
 
@@ -27,11 +27,16 @@ def check_same_layout(meta: dict, other: dict, name: str) -> None:
 
 
 def check_text_tokenizer(meta: dict, text_meta: dict, name: str) -> None:
-    """A text source blended into multimodal rows must use the multimodal shards' text tokenizer."""
+    """A text source blended into multimodal rows must use the multimodal shards' text tokenizer: the same file
+    (sha256) when the shards' tokenizer file is at hand, else at least the same vocabulary size and EOS."""
     for key, mm_key in (("vocab_size", "text_vocab_size"), ("eos_id", "eos_id")):
         if int(text_meta[key]) != int(meta[mm_key]):
             raise UserError(f"data.sources ({name})", f"text {key} {text_meta[key]} != the multimodal shards' "
                                                       f"{meta[mm_key]} (tokenise it with their text tokenizer)")
+    path = Path(meta.get("text_tokenizer") or "")
+    if path.is_file() and text_meta.get("tokenizer_sha256") not in (None, sha256_file(path)):
+        raise UserError(f"data.sources ({name})", f"tokenised with another tokenizer than the multimodal shards' "
+                                                  f"{path} (prepare it with tokenizer.model_path={path})")
 
 
 def multimodal_meta(cfg) -> dict:

@@ -12,9 +12,8 @@ from ernie5.data.shards import Split
 @pytest.mark.parametrize("weights", [[0.6, 0.3, 0.1], [1, 1], [5, 0, 2, 1e-3], [0.05] * 8 + [0.6], [1.0]])
 def test_every_prefix_holds_each_source_within_one_row_of_its_share(weights):
     sched = BlendSchedule(weights)
-    n = 3 * 4096 + 17  # several cached blocks
-    sched.counts(n)
-    ids = sched.ids[:n].astype(np.int64)
+    n = 3 * 4096 + 17  # several blocks
+    ids = np.array([sched.source_of(r)[0] for r in range(n)])
     w = np.asarray(weights, float) / np.sum(weights)
     onehot = np.eye(len(w), dtype=np.int64)[ids]  # [n, k]
     prefix = np.cumsum(onehot, axis=0)  # rows of each source among rows [0, m], independent of `counts`
@@ -27,6 +26,18 @@ def test_every_prefix_holds_each_source_within_one_row_of_its_share(weights):
     for row in (0, 5, 4096, 9000, n - 1):  # the k-th row of a source is that source's own row k
         s, k = BlendSchedule(weights).source_of(row)
         assert s == ids[row] and k == (prefix[row, s] - 1)
+
+
+def test_a_schedule_started_from_checkpointed_counts_continues_the_one_from_row_zero():
+    weights = [0.5, 0.3, 0.2]
+    full = BlendSchedule(weights)
+    for origin in (0, 1, 4095, 5000, 9000):
+        resumed = BlendSchedule(weights, (origin, full.counts(origin).tolist()))
+        for row in range(origin, origin + 5000, 7):
+            assert resumed.source_of(row) == full.source_of(row)
+        np.testing.assert_array_equal(resumed.counts(origin + 4321), full.counts(origin + 4321))
+    with pytest.raises(ValueError, match="before this schedule's origin"):
+        BlendSchedule(weights, (100, [50, 30, 20])).source_of(99)
 
 
 def test_bad_weights_are_refused():
@@ -61,9 +72,13 @@ def test_resume_mid_epoch_with_three_sources_continues_the_same_stream():
     first = _loader()
     for _ in range(5):
         first.next()
-    resumed = _loader()
-    resumed.load_state_dict(first.state_dict())
-    np.testing.assert_array_equal(np.concatenate([resumed.next() for _ in range(7)]), np.concatenate(batches[5:]))
+    state = first.state_dict()
+    assert state["source_rows"] == [int(v) for v in first.schedule.counts(20)]  # 5 x 4 rows
+    for saved in (state, {"position": state["position"]}):  # with the counts, and as older checkpoints saved it
+        resumed = _loader()
+        resumed.load_state_dict(saved)
+        np.testing.assert_array_equal(np.concatenate([resumed.next() for _ in range(7)]),
+                                      np.concatenate(batches[5:]))
     # each source's rows arrive in order 0, 1, 2, ... (no row skipped or repeated within a source)
     drawn = np.concatenate(batches)
     for sid in range(3):

@@ -237,7 +237,26 @@ def test_multimodal_and_text_sources_blend_by_weight(world, mm_shards, text_asse
                  "train.max_steps=4", "train.eval_interval=4", "train.eval_batches=1", "objective.bit_flip_rate=0"]
     cfg = load_config(Path("configs/demo_unified.yaml"), overrides)
     prepare_text(cfg, progress=False)  # the text source only: the multimodal one is already prepared
-    metrics = Trainer(cfg, quiet=True).train()
+    tr = Trainer(cfg, quiet=True)
+    loader = tr.task.train_loader
+    prose = loader.loaders[loader.names.index("prose")]
+    seen = 0
+    for _ in range(4):  # the batches the model gets: prose rows are the prose source's rows, all text
+        first = loader.position
+        batch = tr.task.batch(loader)
+        for b in range(2):
+            s, k = loader.schedule.source_of(first + b)
+            if loader.names[s] == "prose":
+                want = prose.row(k)
+                np.testing.assert_array_equal(batch["token"].numpy()[b], want["token"])
+                labels, has = batch["labels_0"].numpy()[b], want["loss_mask"][:, 0].astype(bool)
+                assert has.sum() > 400 and (labels[~has] < 0).all()  # the text head learns the prose
+                np.testing.assert_array_equal(labels[has], want["target"][has])
+                assert (batch["modality"].numpy()[b] == 0).all() and (batch["und_index"].numpy()[b] == -1).all()
+                seen += 1
+    assert seen == 2
+    loader.position = 0
+    metrics = tr.train()
     last = metrics[-1]
     rows = {name: last[f"tokens_seen/{name}"] / 512 for name in ("digits", "prose")}
     assert rows == {"digits": 6, "prose": 2}  # 4 steps x 2 rows: within one row of 0.75 / 0.25 at every prefix

@@ -340,3 +340,50 @@ def test_block_fast_paths_give_what_line_by_line_reading_gives(docs):
     assert _arrow_json_documents(block + b'{"id": 3}\n', "text") is None  # a missing field: named line by line
     text = ("\r\n".join(docs[:10]) + "\n  \n\u3000\n" + "\n".join(docs[10:])).encode()
     assert _text_documents(text) == by_line(text, "text") and len(_text_documents(text)) == len(docs)
+
+
+def test_bad_bytes_in_clean_looking_blocks_are_skipped_not_crashed(tmp_path, text_assets, docs):
+    """Bad UTF-8, raw surrogate bytes and two objects on one line beside a blank line, inside otherwise
+    clean JSONL and Parquet blocks: each bad record is skipped and counted, the good documents all arrive."""
+    _, tok, _ = text_assets
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    good = docs[:12]
+    lines = [json.dumps({"text": d}, ensure_ascii=False).encode() for d in good]
+    lines[3:3] = [b'{"text": "caf\xe9 au lait"}', b'{"text": "x\xed\xa0\x80y"}', b'{"text": "a"}{"text": "b"}', b""]
+    (raw / "web.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    table = pa.table({"text": pa.array([d.encode() for d in good] + [b"caf\xe9"], pa.binary()).view(pa.string())})
+    pq.write_table(table, raw / "books.parquet")
+    path = write_config(tmp_path, tok, [{"name": "web", "paths": [str(raw / "web.jsonl")]},
+                                        {"name": "books", "paths": [str(raw / "books.parquet")]}],
+                        val_fraction=0.0)
+    stats = prepare_text(load(path), progress=False, log=lambda line: None)
+    assert stats["web"]["bad_records"] == 3 and stats["books"]["bad_records"] == 1
+    want = reference(tok, good)
+    for name in ("web", "books"):
+        assert prepared_documents(tmp_path / "shards" / name) == want
+
+
+def test_a_json_array_file_is_refused_and_the_split_follows_the_text(tmp_path, text_assets, docs):
+    _, tok, _ = text_assets
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "array.json").write_text(json.dumps([{"text": d} for d in docs[:5]]))
+    r = run_cli("data", "prepare", str(write_config(tmp_path, tok, [{"name": "a", "paths": [str(raw / "array.json")]}])))
+    assert r.returncode == 2 and "a JSON array, not JSON Lines" in r.stderr and "Traceback" not in r.stderr
+    # a document's split depends on its text only: adding a file and shrinking units moves nothing
+    (raw / "one.txt").write_text("\n".join(docs[:30]) + "\n", encoding="utf-8")
+    (raw / "two.txt").write_text("\n".join(docs[30:]) + "\n", encoding="utf-8")
+
+    def val_docs(paths, unit_bytes, out):
+        cfg = load(write_config(tmp_path, tok, [{"name": "w", "paths": paths}], name=out, dir=str(tmp_path / out),
+                                val_fraction=0.3))
+        prepare_text(cfg, progress=False, unit_bytes=unit_bytes)
+        s = open_split(str(tmp_path / out / "w"), "val")
+        tokens, doc = s.window(0, s.num_tokens)
+        return {tuple(tokens[doc == i].tolist()) for i in range(s.num_docs)}
+
+    alone = val_docs([str(raw / "two.txt")], 1 << 20, "alone")
+    both = val_docs([str(raw / "one.txt"), str(raw / "two.txt")], 4096, "both")
+    forced = reference(tok, [docs[30]])[0]  # the first document of unit 0 is always held out
+    assert len(alone) > 2 and alone - {forced} <= both

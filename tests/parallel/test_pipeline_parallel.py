@@ -160,3 +160,29 @@ def test_bad_pipeline_layouts_exit_2(tmp_path, train_args, override, message):
     p = run_cli("train", *train_args(tmp_path / "x", "parallel.pipeline=2", *override))
     assert p.returncode == 2, p.stderr
     assert p.stderr.strip() == f"error: {message}", p.stderr
+
+
+def test_pp2_with_a_two_source_mixture_equals_one_process(tmp_path, text_assets):
+    """Blended sources through the pipeline: the losses, the mixture's held-out loss and each source's (evaluated
+    through the schedule, source by source) and the tokens seen per source equal one process's."""
+    from ernie5.data.prepare import prepare_text
+    from ernie5.runconfig import load_config
+
+    corpus, tok, _ = text_assets
+    lines = [x for x in corpus.read_text(encoding="utf-8").splitlines() if x.strip()]
+    (tmp_path / "a.txt").write_text("\n".join(lines[::2]) + "\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("\n".join(lines[1::2]) + "\n", encoding="utf-8")
+    shards = tmp_path / "shards"
+    mix = [f"data.sources=[{{name: a, paths: [{tmp_path / 'a.txt'}], weight: 0.7}}, "
+           f"{{name: b, paths: [{tmp_path / 'b.txt'}], weight: 0.3}}]", "data.val_fraction=0.25"]
+
+    def args(run, *extra):
+        return ["configs/tiny_text.yaml", *tiny_overrides(run, shards, tok), *mix, "model.num_layers=4",
+                "train.grad_accum_steps=4", "checkpoint.interval=0", "--quiet", *COMMON, *extra]
+    prepare_text(load_config(None, [o for o in args(tmp_path / "x") if "=" in o and not o.startswith("--")]),
+                 progress=False)
+    single, pp2 = tmp_path / "single", tmp_path / "pp2"
+    assert run_cli("train", *args(single)).returncode == 0
+    code, logs = launch(2, args(pp2, "parallel.pipeline=2"), tmp_path / "logs")
+    assert code == 0, logs
+    assert_same_run(pp2, single, ("loss", "val_loss", "val_loss/a", "val_loss/b", "tokens_seen/a", "tokens_seen/b"))

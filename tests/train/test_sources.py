@@ -105,12 +105,17 @@ def test_bad_mixtures_exit_2_with_one_line(mixture, tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1 and all(w in r.stderr for w in words), r.stderr
 
 
-def test_blending_needs_one_text_tokenizer_and_one_multimodal_layout():
+def test_blending_needs_one_text_tokenizer_and_one_multimodal_layout(text_assets):
+    from ernie5.data.shards import sha256_file
     from ernie5.errors import UserError
     from ernie5.train.unified_data import check_same_layout, check_text_tokenizer
 
-    mm = {"text_vocab_size": 600, "eos_id": 3, "seq_len": 512, "bits": 4, "scales": [1, 2, 4, 8]}
-    check_text_tokenizer(mm, {"vocab_size": 600, "eos_id": 3}, "text")
+    _, tok, _ = text_assets
+    mm = {"text_vocab_size": 600, "eos_id": 3, "seq_len": 512, "bits": 4, "scales": [1, 2, 4, 8],
+          "text_tokenizer": str(tok)}
+    check_text_tokenizer(mm, {"vocab_size": 600, "eos_id": 3, "tokenizer_sha256": sha256_file(tok)}, "text")
+    with pytest.raises(UserError, match="another tokenizer than the multimodal shards'"):
+        check_text_tokenizer(mm, {"vocab_size": 600, "eos_id": 3, "tokenizer_sha256": "0" * 64}, "text")
     with pytest.raises(UserError, match="text vocab_size 8000 != the multimodal shards' 600"):
         check_text_tokenizer(mm, {"vocab_size": 8000, "eos_id": 3}, "text")
     check_same_layout(mm, dict(mm), "more")
