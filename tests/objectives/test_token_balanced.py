@@ -119,7 +119,7 @@ def test_text_only_run_refuses_settings_it_cannot_use(tiny_cfg, setting):
 
 def test_text_only_refusal_is_one_line_exit_2(tiny_cfg, tmp_path):
     cfg = tiny_cfg()
-    p = run_cli("train", "configs/tiny_text.yaml", f"run.output_dir={tmp_path / 'r'}", f"data.dir={cfg.data.dir}",
+    p = run_cli("train", "configs/tiny_text.yaml", f"run.output_dir={tmp_path / 'r'}", f"data.dir={cfg.data.dir}", "data.sources=[]",
                 f"tokenizer.model_path={cfg.tokenizer.model_path}", "objective.modality_weighting=posterior")
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert p.stderr.startswith("error: objective.modality_weighting:")

@@ -98,12 +98,16 @@ def test_aux_free_bias_moves_during_training_and_router_lr_ratio(tiny_cfg):
 
 
 def test_router_orthogonal_step_lowers_the_loss(tiny_cfg):
-    tr = Trainer(tiny_cfg("train.max_steps=5", "model.moe.orthogonal_coef=50.0", "optim.lr=1e-2",
-                          "optim.router_lr_ratio=1.0"), quiet=True)
-    before = [float(orthogonal_loss(l.router.weight)) for l in tr.model.moe_layers()]
-    logged = tr.train()
-    after = [float(orthogonal_loss(l.router.weight)) for l in tr.model.moe_layers()]
-    assert all(a < b for a, b in zip(after, before)) and "router_orthogonal_loss" in logged[-1]
+    """Against the same run without the step (training alone drifts the routers away from orthogonal; measured
+    here: 0.046 / 0.028 without the step vs 0.017 / 0.002 with it, from 0.017 / 0.037)."""
+    def trained(coef):
+        tr = Trainer(tiny_cfg("train.max_steps=5", f"model.moe.orthogonal_coef={coef}", "optim.lr=1e-2",
+                              "optim.router_lr_ratio=1.0", "checkpoint.resume=false"), quiet=True)
+        logged = tr.train()
+        return [float(orthogonal_loss(l.router.weight)) for l in tr.model.moe_layers()], logged
+
+    (with_step, logged), (without, _) = trained(50.0), trained(0.0)
+    assert all(a < 0.7 * b for a, b in zip(with_step, without)) and "router_orthogonal_loss" in logged[-1]
 
 
 def test_weight_decay_skips_norms_and_router():
