@@ -322,7 +322,7 @@ def _parquet_documents(unit: Unit, field: str, bad: BadRecords) -> Iterator[list
         for batch in pf.iter_batches(batch_size=4096, row_groups=[unit.row_group], columns=[field]):
             column = batch.column(0)
             values = _parquet_values(column)
-            clean = (values is not None and column.null_count == 0 and pa_string(column.type) and
+            clean = (values is not None and column.null_count == 0 and _is_arrow_string(column.type) and
                      not pc.any(pc.match_substring(column, "\x00")).as_py())
             if clean:  # valid UTF-8 strings: only blank documents to drop
                 yield [v for v in values if v and not v.isspace()]
@@ -352,7 +352,7 @@ def _parquet_values(column) -> Optional[list]:
         return None
 
 
-def pa_string(tp) -> bool:
+def _is_arrow_string(tp) -> bool:
     import pyarrow as pa
 
     return pa.types.is_string(tp) or pa.types.is_large_string(tp)

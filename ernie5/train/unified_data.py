@@ -91,10 +91,9 @@ class UnifiedBatches:
         for i, src in enumerate(sources):
             seed = source_seed(self.seed, i, len(sources))
             if src.config.is_multimodal:
-                check_same_layout(self.meta, read_multimodal_meta(src.dir), src.name)
-                _, train = open_multimodal_split(src.dir, "train")
+                meta, train = open_multimodal_split(src.dir, "train")
+                check_same_layout(self.meta, meta, src.name)
                 parts.append((src.name, MultimodalLoader(train, B, seed, where=f"{src.dir} (train)"), src.weight))
-                meta = read_multimodal_meta(src.dir)
                 if "val" in meta["splits"] and meta["splits"]["val"]["rows"]:
                     _, val = open_multimodal_split(src.dir, "val")
                     self.val[src.name] = MultimodalLoader(val, B, self.seed, shuffle=False, where=f"{src.dir} (val)")
