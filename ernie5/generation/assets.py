@@ -73,7 +73,7 @@ def shard_meta(cfg) -> Optional[dict]:
 def load_generator(ckpt_path: str, overrides: list[str] = ()) -> Generator:
     """Model of a checkpoint (or a run dir's newest) plus the tokenizers its data was made with."""
     from ernie5.runconfig import load_config
-    from ernie5.data.multimodal_prepare import MultimodalDataConfig, SegmentTokenizer
+    from ernie5.data.media_tokenize import SegmentTokenizer
     from ernie5.generation.tasks import Vocab
     from ernie5.modality.text_tokenizer import TextTokenizer
     from ernie5.train.checkpoint import build_model_from_checkpoint, resolve_checkpoint
@@ -85,9 +85,7 @@ def load_generator(ckpt_path: str, overrides: list[str] = ()) -> Generator:
         for key in ("text_tokenizer", "vision_tokenizer", "audio_tokenizer"):
             if not Path(meta[key]).is_file():
                 raise UserError(meta[key], f"{key.replace('_', ' ')} named in the shards' meta.json not found")
-        segments = SegmentTokenizer(MultimodalDataConfig(text_tokenizer=meta["text_tokenizer"],
-                                                         vision_tokenizer=meta["vision_tokenizer"],
-                                                         audio_tokenizer=meta["audio_tokenizer"]), Path("."))
+        segments = SegmentTokenizer(meta["text_tokenizer"], meta["vision_tokenizer"], meta["audio_tokenizer"], Path("."))
         text = segments.text
         vocab = Vocab(int(meta["text_vocab_size"]), int(meta["eos_id"]))
     else:

@@ -12,7 +12,7 @@ import paddle
 from ernie5.data.digits_world import load_arrays
 from ernie5.modality.audio import AudioTokenizer, RandomConvTeacher1d, multi_resolution_stft_loss, snr_db
 from ernie5.modality.media_io import TokenizerRecipe, load_asset, save_asset
-from ernie5.tools.tokenizer_train import _lr, _split
+from ernie5.tools.tokenizer_common import _lr, _split
 
 
 def train_audio(recipe: TokenizerRecipe, log=print) -> dict:

@@ -1,48 +1,18 @@
-"""Shared pieces of the tokenizer training loops: the learning-rate schedule, the held-out split and PSNR.
-`train_tokenizer` dispatches a recipe to `vision_train` or `audio_train`."""
+"""`ernie5 tokenizer train RECIPE` for vision / audio recipes: dispatch to `vision_train` or `audio_train`."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import paddle
 
-from ernie5.data.digits_world import is_heldout
 from ernie5.modality.media_io import TokenizerRecipe
-
-def _lr(step: int, cfg) -> float:
-    """Short linear warm-up, then cosine to min_lr."""
-    warm = max(1, cfg.steps // 20)
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    frac = (step - warm) / max(1, cfg.steps - warm)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
-
-
-def _split(n: int) -> tuple[np.ndarray, np.ndarray]:
-    held = np.array([is_heldout(i) for i in range(n)])
-    return np.nonzero(~held)[0], np.nonzero(held)[0]
-
-
-def _to_pixels(u8: np.ndarray) -> np.ndarray:
-    return u8.astype(np.float32) / 127.5 - 1.0
-
-
-def psnr(rec: np.ndarray, ref: np.ndarray) -> float:
-    """PSNR in dB for images in [-1, 1] (peak-to-peak 2)."""
-    mse = float(((np.clip(rec, -1, 1) - ref) ** 2).mean())
-    return 10 * math.log10(4.0 / max(mse, 1e-12))
-
+from ernie5.tools.audio_train import train_audio
+from ernie5.tools.vision_train import train_vision
 
 
 def train_tokenizer(recipe: TokenizerRecipe, log=print) -> dict:
     paddle.seed(recipe.seed)
     np.random.seed(recipe.seed)
     if recipe.kind == "vision":
-        from ernie5.tools.vision_train import train_vision
-
         return train_vision(recipe, log)
-    from ernie5.tools.audio_train import train_audio
-
     return train_audio(recipe, log)

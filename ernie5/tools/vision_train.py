@@ -13,7 +13,7 @@ import paddle
 from ernie5.data.digits_world import load_arrays
 from ernie5.modality.media_io import TokenizerRecipe, load_asset, save_asset
 from ernie5.modality.vision import PatchDiscriminator, RandomConvTeacher, VisionTokenizer, inflate_state
-from ernie5.tools.tokenizer_train import _lr, _split, _to_pixels, psnr
+from ernie5.tools.tokenizer_common import _lr, _split, _to_pixels, psnr
 
 
 def train_vision(recipe: TokenizerRecipe, log=print) -> dict:

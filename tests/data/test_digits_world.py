@@ -73,7 +73,7 @@ def test_prepare_skips_corrupt_and_missing_media_and_names_the_file(world):
 
 
 def test_read_errors_name_the_file(tmp_path):
-    from ernie5.data.multimodal_prepare import read_image, read_video, read_wav
+    from ernie5.data.media_tokenize import read_image, read_video, read_wav
 
     bad = tmp_path / "x.png"
     bad.write_bytes(b"\x89PNG broken")

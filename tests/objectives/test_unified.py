@@ -142,7 +142,7 @@ class _TinyQuant:
 
 
 def test_bit_flips_change_inputs_only_and_match_the_tokenizer():
-    from ernie5.data.multimodal_prepare import visual_history_maps
+    from ernie5.data.media_tokenize import visual_history_maps
 
     tq = _TinyQuant()
     maps = visual_history_maps(tq)
