@@ -11,4 +11,4 @@ MODALITY_TERMS = ("text", "visual", "audio")
 
 IGNORE = -100  # label of a position with no target (cross-entropy skips it)
 
-MULTIMODAL_FORMAT = "multimodal-1"  # meta.json "format" of multimodal shards
+MULTIMODAL_FORMAT = "multimodal-2"  # meta.json "format" of multimodal shards (2: frame context groups, vis_in 4d)

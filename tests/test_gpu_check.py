@@ -107,6 +107,6 @@ def test_attention_masks_are_the_two_rules():
     """The packed-document mask is document-causal; the scale-wise one lets a scale see itself whole."""
     (doc, grp), (sdoc, sgrp) = gpu_check_single.attention_masks().values()
     a = gpu_check_single.allowed(doc, grp, doc, grp)
-    assert (a == (np.tril(np.ones((17, 17), bool)) & (doc[:, :, None] == doc[:, None, :]))).all()
+    assert (a == (np.tril(np.ones((19, 19), bool)) & (doc[:, :, None] == doc[:, None, :]))).all()
     s = gpu_check_single.allowed(sdoc, sgrp, sdoc, sgrp)[0]
     assert s[3, 6] and s[6, 3] and not s[2, 3]  # frame 1 scale 1 (positions 3-6) sees itself; scale 0 not scale 1

@@ -93,7 +93,7 @@ def test_plan_counts_what_build_model_builds(name, extra):
 
 def test_lazy_build_equals_eager_build_isolated_unified():
     cfg = _model_cfg("ablations/routing_isolated.yaml", [])
-    assert count_parameters(cfg).total_params == count_params(build_model(cfg)) == 6_005_120
+    assert count_parameters(cfg).total_params == count_params(build_model(cfg)) == 6_006_784
 
 
 def test_lazy_check_full_and_representative_unified_isolated():
@@ -111,7 +111,7 @@ def test_routing_isolated_components_by_hand():
     assert t["experts"] == moe_layers * 8 * 3 * H * 128
     assert t["router"] == moe_layers * (H * 8 + H * 8)  # text and vision gates
     assert t["dense_ffn"] == 3 * H * 384  # layer 0 only: vision experts are not a dense FFN
-    assert t["modality_embeddings"] == 4 * H + 4 * H + 8 * 1024 * H
+    assert t["modality_embeddings"] == 4 * 4 * H + (4 + 1) * H + 8 * 1024 * H  # [4d, H] input, scales + context
     assert t["visual_head"] == H * 4
     assert t["audio_heads"] == H * 1025 + 7 * H * 1024
     merger = 32 * H + 4 * H + 8 * H + 2 * H + 4 * (H * H + H) + H * H
@@ -132,7 +132,7 @@ def test_per_token_counts_follow_the_tokens_group_and_heads():
     # a visual token under isolated routing: vision gate + top-2 vision experts, no text table / head
     v = count_parameters(iso, "visual").active
     assert v["vision_experts"] == 3 * 2 * vis_expert and v["experts"] == 0 and v["router"] == 3 * H * 8
-    assert v["embeddings"] == 0 and v["visual_head"] == H * d and v["modality_embeddings"] == d * H + 4 * H
+    assert v["embeddings"] == 0 and v["visual_head"] == H * d and v["modality_embeddings"] == 4 * d * H + (4 + 1) * H
     assert count_parameters(agn, "visual").active["experts"] == 3 * 2 * text_expert
     # FLOPs: isolated vs agnostic differ only by the experts a visual token runs
     diff = flops_per_token(agn, S, "visual") - flops_per_token(iso, S, "visual")
@@ -140,7 +140,7 @@ def test_per_token_counts_follow_the_tokens_group_and_heads():
     # visual token by hand: attention, dense layer 0, 3 MoE layers, MTP, bit projection in, bitwise head out
     attn = 2 * H * H + 2 * H * 64
     per = (layers * attn + 3 * H * 384 + 3 * (H * 8 + 2 * vis_expert + text_expert)
-           + depth * (2 * H * H + attn + 3 * H * 384) + d * H + H * d)
+           + depth * (2 * H * H + attn + 3 * H * 384) + 4 * d * H + H * d)  # input projection [4d, H]
     assert flops_per_token(iso, S, "visual") == 6 * per + 12 * (layers + depth) * S * 4 * 32
     # audio tokens route with the text experts and run the depth heads instead of the text head
     au = flops_per_token(iso, S, "audio") - flops_per_token(iso, S, "text")
@@ -153,11 +153,11 @@ def test_per_token_counts_follow_the_tokens_group_and_heads():
 def test_plan_report_of_unified_isolated_config():
     run = load_config(CONFIGS / "ablations/routing_isolated.yaml", MM + ["parallel.data=1"])
     r = plan_report(run, PlanOptions())
-    assert r["total_params"] == 6_005_120
+    assert r["total_params"] == 6_006_784
     assert r["flops_per_token"] == r["flops_per_token_by_modality"]["text"] == flops_per_token(run.model, 512)
     assert set(r["flops_per_token_by_modality"]) == set(MODALITIES)
     assert r["params_by_component"]["vision_experts"] == 884_736
     st = r["memory"]["per_stage"][0]
-    assert st["params"] == 6_005_120  # one stage holds everything, replicated on one device
+    assert st["params"] == 6_006_784  # one stage holds everything, replicated on one device
     out = format_plan(r)
     assert "vision_experts" in out and "visual_understanding" in out

@@ -101,10 +101,9 @@ class DataConfig:
 def _is_multimodal_dir(shard_dir: str) -> bool:
     import json
 
-    from ernie5.constants import MULTIMODAL_FORMAT
-
     meta = Path(shard_dir) / "meta.json"
-    try:
-        return meta.is_file() and json.loads(meta.read_text(encoding="utf-8")).get("format") == MULTIMODAL_FORMAT
+    try:  # any version: an older one is refused with its own message when opened (`read_multimodal_meta`)
+        return meta.is_file() and str(json.loads(meta.read_text(encoding="utf-8")).get("format")).startswith(
+            "multimodal-")
     except (OSError, ValueError):
         return False

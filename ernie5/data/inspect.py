@@ -54,7 +54,10 @@ def format_row(r: dict, meta: dict, max_positions: int, header: str = "") -> str
         extra = ""
         if m in (1, 2):
             frames = int(r["frame"][start:i].max()) + 1
-            extra = f" frames {frames} scales {sorted(set(int(s) for s in r['scale'][start:i]))}"
+            K = len(meta["scales"])
+            seen = set(int(s) for s in r["scale"][start:i])
+            extra = (f" frames {frames} scales {sorted(seen - {K})}"
+                     + (" + context group" if K in seen else ""))
             if "und_index" in r and (r["und_index"][start:i] >= 0).all():  # continuous understanding inputs
                 extra = f" frames {frames} understanding: {i - start} merged-patch tokens"
         if m == 0:

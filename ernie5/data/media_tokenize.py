@@ -83,7 +83,9 @@ class SegmentTokenizer:
             with paddle.no_grad():
                 codes = self.vision.encode(paddle.to_tensor(px[None, None]))
                 inputs = self.vision.next_scale_inputs(codes)
-            return Segment(kind, role, codes=[c.numpy()[0] for c in codes], scale_inputs=[x.numpy()[0] for x in inputs])
+                latent = self.vision.quantized_latent(codes)  # [1, d, T, L, L]: every scale of every frame
+            return Segment(kind, role, codes=[c.numpy()[0] for c in codes], scale_inputs=[x.numpy()[0] for x in inputs],
+                           frame_latent=latent.numpy()[0].transpose(1, 2, 3, 0))
         if kind == "audio":
             wav = read_wav(path, self.audio.cfg.sample_rate)
             hop = self.audio.cfg.hop
@@ -116,25 +118,30 @@ class SegmentTokenizer:
 
 
 def visual_history_maps(vision) -> dict:
-    """The next-scale inputs as a linear map of the earlier scales' signs, measured by probing the tokenizer:
-    inputs_k [s_k^2, d] = base_k + sum_{j<k} A_jk @ (signs_j + 1), signs = 2 bits - 1, where base_k is the input
-    with every bit 0 and A_jk [s_k^2, s_j^2] half the response to setting one bit of scale j (every channel uses
-    the same spatial map). So flipping history bits changes the inputs by sum_j A_jk @ (signs'_j - signs_j).
-    Returns {"A_j_k": ..., "base_k": ...} for 0 <= j < k < len(scales)."""
+    """The visual inputs as a linear map of the scales' signs, measured by probing the tokenizer. With K scales,
+    "input k" is scale k's input for k = 1..K-1 (`next_scale_inputs`, on scale k's grid) and, for k = K, the frame
+    context group's latent (`quantized_latent`: all K scales on the L x L latent grid, before `space_to_depth`):
+    input_k [cells_k, d] = base_k + sum_{j<k} A_jk @ (signs_j + 1), signs = 2 bits - 1, where base_k is the input
+    with every bit 0 and A_jk [cells_k, s_j^2] half the response to setting one bit of scale j (every channel uses
+    the same spatial map). So flipping bits changes the inputs by sum_j A_jk @ (signs'_j - signs_j).
+    Returns {"A_j_k": ..., "base_k": ...} for 0 <= j < k <= len(scales)."""
     import paddle
 
     scales, d = vision.cfg.scales, vision.cfg.bits
+    K = len(scales)
 
     def inputs(codes):
         with paddle.no_grad():
-            return [x.numpy()[0, 0].reshape(-1, d) for x in
-                    vision.next_scale_inputs([paddle.to_tensor(c[None, None]) for c in codes])]
+            t = [paddle.to_tensor(c[None, None]) for c in codes]
+            scale_in = [x.numpy()[0, 0].reshape(-1, d) for x in vision.next_scale_inputs(t)]
+            full = vision.quantized_latent(t).numpy()[0, :, 0].transpose(1, 2, 0).reshape(-1, d)
+        return scale_in + [full]  # index k - 1 for k = 1..K
 
     zeros = [np.zeros((s, s, d), np.uint8) for s in scales]
     base = inputs(zeros)
-    out = {f"base_{k}": base[k - 1] for k in range(1, len(scales))}
-    for j, s in enumerate(scales[:-1]):
-        cols = {k: np.zeros((scales[k] ** 2, s * s), np.float32) for k in range(j + 1, len(scales))}
+    out = {f"base_{k}": base[k - 1] for k in range(1, K + 1)}
+    for j, s in enumerate(scales):
+        cols = {k: np.zeros((len(base[k - 1]), s * s), np.float32) for k in range(j + 1, K + 1)}
         for p in range(s * s):
             codes = [z.copy() for z in zeros]
             codes[j].reshape(-1, d)[p, 0] = 1  # flip bit 0 of cell p: all channels share the spatial map
@@ -144,5 +151,3 @@ def visual_history_maps(vision) -> dict:
         for k, a in cols.items():
             out[f"A_{j}_{k}"] = a
     return out
-
-

@@ -10,9 +10,16 @@ Special tokens sit at a **fixed offset after the text vocabulary**: id = text_vo
 Per position (n positions in a document, `FIELDS` below):
 - `token` int32: text / special id; visual: the token's d bits packed into an int (bit i = channel i, see
   `bitwise.bits_to_ids`); audio: the level-1 code.  `audio` int16 [n, L]: all L codes of an audio frame (-1 else).
-- `vis_in` float32 [n, d]: visual *inputs* (teacher forcing of next-scale prediction: the accumulated latent of
-  earlier scales of the same frame on this scale's grid; zeros at scale 0). Visual tokens are predicted from
-  these, so a visual position's target is its **own** code; text and audio targets are the **next** position's.
+- `vis_in` float32 [n, 4d] (`vis_width(d)`): visual *inputs*. A scale position uses the first d columns (teacher
+  forcing of next-scale prediction: the accumulated latent of earlier scales of the same frame on this scale's
+  grid; zeros at scale 0). Visual tokens are predicted from these, so a visual position's target is its **own**
+  code; text and audio targets are the **next** position's.
+- **Frame context group** (visible history): the scales' inputs never contain the finest scale's codes (they are
+  what the last scale predicts), so after the last scale of every frame comes one more group, scale index K
+  (= number of scales), of (L/2)^2 input-only positions carrying the frame's *complete* reconstructed latent
+  (all K scales, `Segment.frame_latent`), 2x2 latent cells per position (`space_to_depth`: all 4d columns), at
+  the 2x2 cell centres. Later frames and everything after the image or video attend to the whole frame through
+  it; it has no target (nothing predicts it: generation computes it from the sampled codes).
 - `modality` int8 (0 text/special, 1 image, 2 video, 3 audio, -1 padding), `scale`, `frame` int16 (-1 if none).
 - `pos` float32 [n, 3] Uni-RoPE (t, h, w): text/audio t = h = w = index; visual t = start + frame,
   (h, w) = start + cell centre on the finest latent grid, so every scale is centre-aligned
@@ -38,6 +45,21 @@ from ernie5.constants import AUDIO, IMAGE, PAD, TEXT, VIDEO
 from ernie5.model import mask
 SPECIALS = ["<boi>", "<eoi>", "<bov>", "<eov>", "<boa>", "<eoa>", "<sep>"]
 HEAD_TEXT, HEAD_VISUAL, HEAD_AUDIO = 0, 1, 2
+CONTEXT = "context"  # role of a frame context group's positions (input only)
+
+
+def vis_width(bits: int) -> int:
+    """Columns of `vis_in`: a context position holds 2x2 latent cells of d channels."""
+    return 4 * bits
+
+
+def space_to_depth(latent_LLd: np.ndarray) -> np.ndarray:
+    """[L, L, d] -> [L/2, L/2, 4d]: cell (i, j) holds latent cells (2i + a, 2j + b), a, b in {0, 1}, in that order
+    (column (2a + b) * d + c is channel c of cell (2i + a, 2j + b))."""
+    L, _, d = latent_LLd.shape
+    if L % 2:
+        raise ValueError(f"the frame context group needs an even latent side, got {L}")
+    return latent_LLd.reshape(L // 2, 2, L // 2, 2, d).transpose(0, 2, 1, 3, 4).reshape(L // 2, L // 2, 4 * d)
 
 
 def special_ids(text_vocab_size: int) -> dict[str, int]:
@@ -46,14 +68,17 @@ def special_ids(text_vocab_size: int) -> dict[str, int]:
 
 @dataclass
 class Segment:
-    """One piece of a document. text: `ids`; image/video: `codes` (list over scales of uint8 [T, s, s, d]) and
-    `scale_inputs` (list over scales 1.. of float [T, s, s, d]); audio: `audio_codes` int [F, L]."""
+    """One piece of a document. text: `ids`; image/video: `codes` (list over scales of uint8 [T, s, s, d]),
+    `scale_inputs` (list over scales 1.. of float [T, s, s, d]) and `frame_latent` (float [T, L, L, d], each
+    frame's latent reconstructed from all its scales: the input of its context group); audio: `audio_codes`
+    int [F, L]."""
 
     kind: str
     role: str = "target"  # "input" (understanding, no loss) or "target" (generation)
     ids: list[int] = field(default_factory=list)
     codes: list[np.ndarray] = field(default_factory=list)
     scale_inputs: list[np.ndarray] = field(default_factory=list)
+    frame_latent: np.ndarray | None = None
     audio_codes: np.ndarray | None = None
     und: np.ndarray | None = None  # understanding features [T, h, w, F] (used when role == "input")
 
@@ -111,7 +136,12 @@ def _visual(doc: _Doc, seg: Segment, sp: dict) -> None:
     video = seg.kind == "video"
     doc.text(sp["<bov>" if video else "<boi>"], seg.role)
     T, L = seg.codes[-1].shape[0], seg.codes[-1].shape[1]
+    if seg.frame_latent is None or np.shape(seg.frame_latent)[:3] != (T, L, L):
+        raise ValueError(f"a visual segment needs frame_latent [T={T}, L={L}, L, d], got "
+                         f"{None if seg.frame_latent is None else np.shape(seg.frame_latent)}")
     start = doc.p
+    K = len(seg.codes)
+    mod = VIDEO if video else IMAGE
     for f in range(T):
         for k, codes in enumerate(seg.codes):
             s = codes.shape[1]
@@ -120,9 +150,13 @@ def _visual(doc: _Doc, seg: Segment, sp: dict) -> None:
             inp = seg.scale_inputs[k - 1][f] if k > 0 else np.zeros((s, s, codes.shape[-1]), np.float32)
             for i in range(s):
                 for j in range(s):
-                    doc.add(int(ids[i, j]), VIDEO if video else IMAGE,
-                            (start + f, start + centre[i], start + centre[j]), seg.role, vis_in=inp[i, j],
-                            scale=k, frame=f, new_group=(i == 0 and j == 0))
+                    doc.add(int(ids[i, j]), mod, (start + f, start + centre[i], start + centre[j]), seg.role,
+                            vis_in=inp[i, j], scale=k, frame=f, new_group=(i == 0 and j == 0))
+        ctx = space_to_depth(np.asarray(seg.frame_latent[f], np.float32))  # the complete frame, 2x2 cells each
+        for i in range(L // 2):
+            for j in range(L // 2):
+                doc.add(0, mod, (start + f, start + 2 * i + 0.5, start + 2 * j + 0.5), CONTEXT, vis_in=ctx[i, j],
+                        scale=K, frame=f, new_group=(i == 0 and j == 0))
     doc.p = start + max(T, L)
     doc.text(sp["<eov>" if video else "<eoi>"], seg.role)
 
@@ -156,7 +190,7 @@ def _arrays(rows: list[dict], bits: int, levels: int) -> dict:
            "group": np.array([r["group"] for r in rows], np.int32),
            "scale": np.array([r["scale"] for r in rows], np.int16),
            "frame": np.array([r["frame"] for r in rows], np.int16),
-           "audio": np.full((n, levels), -1, np.int16), "vis_in": np.zeros((n, bits), np.float32),
+           "audio": np.full((n, levels), -1, np.int16), "vis_in": np.zeros((n, vis_width(bits)), np.float32),
            "target": np.full(n, -1, np.int32), "target_audio": np.full((n, levels), -1, np.int16),
            "loss_mask": np.zeros((n, 3), np.uint8), "und_index": np.full(n, -1, np.int32)}
     und = [r["und"] for r in rows if r["und"] is not None]
@@ -170,10 +204,10 @@ def _arrays(rows: list[dict], bits: int, levels: int) -> dict:
         if r["audio"] is not None:
             out["audio"][i] = r["audio"]
         if r["vis_in"] is not None:
-            out["vis_in"][i] = r["vis_in"]
+            out["vis_in"][i, :len(r["vis_in"])] = r["vis_in"]
     for i, r in enumerate(rows):
-        if r["und"] is not None:
-            continue  # an understanding token has no target, and a text position before it predicts nothing
+        if r["und"] is not None or r["role"] == CONTEXT:
+            continue  # understanding and context positions have no target; a text position before one predicts nothing
         if r["modality"] in (IMAGE, VIDEO):  # next-scale prediction: a visual position predicts its own code
             out["target"][i] = r["token"]
             out["loss_mask"][i, HEAD_VISUAL] = r["role"] == "target"
@@ -275,7 +309,7 @@ def text_row(tokens_R: np.ndarray, docs_R: np.ndarray, bits: int, levels: int) -
             "pos": np.repeat((np.arange(S) - first).astype(np.float32)[:, None], 3, axis=1),
             "group": np.arange(S, dtype=np.int32), "scale": np.full(S, -1, np.int16),
             "frame": np.full(S, -1, np.int16), "audio": np.full((S, levels), -1, np.int16),
-            "vis_in": np.zeros((S, bits), np.float32), "target": target,
+            "vis_in": np.zeros((S, vis_width(bits)), np.float32), "target": target,
             "target_audio": np.full((S, levels), -1, np.int16), "loss_mask": loss_mask,
             "und_index": np.full(S, -1, np.int32), "doc": doc_S}
 

@@ -14,6 +14,7 @@ import numpy as np
 import paddle
 
 from ernie5.constants import AUDIO, TEXT
+from ernie5.data.sequence import vis_width
 from ernie5.model.attention import KVCache
 
 ROW_FIELDS = ("token", "modality", "pos", "group", "scale", "audio", "vis_in", "und_index")
@@ -26,7 +27,8 @@ def text_rows(ids: list[int], pos: int, group: int, bits: int = 1, levels: int =
     return {"token": np.asarray(ids, np.int32), "modality": np.full(n, TEXT, np.int8),
             "pos": np.repeat((pos + idx)[:, None], 3, 1).astype(np.float32), "group": (group + idx).astype(np.int32),
             "scale": np.full(n, -1, np.int16), "audio": np.full((n, levels), -1, np.int16),
-            "vis_in": np.zeros((n, bits), np.float32), "und_index": np.full(n, -1, np.int32), "und_table": None}
+            "vis_in": np.zeros((n, vis_width(bits)), np.float32), "und_index": np.full(n, -1, np.int32),
+            "und_table": None}
 
 
 def audio_frame_rows(codes_L: np.ndarray, pos: int, group: int, bits: int = 1) -> dict:

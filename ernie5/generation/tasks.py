@@ -6,7 +6,9 @@ text -> speech. Each lays the document out as training did (`ernie5.data.sequenc
 - asr: `BOA frames EOA SEP`, then text;
 - t2i: `prompt BOI`, then scale by scale: all tokens of scale k are fed at once with `vis_in` = the tokenizer's
   `next_scale_inputs` of the codes sampled so far, and each token's d bits are read off the bitwise head (every
-  token of a scale in parallel); then EOI. Decoding to pixels is the vision tokenizer's job;
+  token of a scale in parallel); then the frame context group (the complete latent of the sampled codes,
+  `space_to_depth`), so what follows sees the finest scale; then EOI. Decoding to pixels is the vision
+  tokenizer's job;
 - tts: `prompt BOA`, then frame by frame: the depth heads give level 1 (END stops), its embedding is added to
   the hidden state, level 2, and so on; each frame is fed back as the next position.
 Text generation never emits special tokens (their logits are masked): the outputs are text.
@@ -21,7 +23,7 @@ import numpy as np
 import paddle
 
 from ernie5.constants import IMAGE
-from ernie5.data.sequence import Segment, build_document
+from ernie5.data.sequence import Segment, build_document, space_to_depth
 from ernie5.generation.stream import Stream, sample_bits, sample_categorical, slice_rows
 
 
@@ -43,8 +45,9 @@ class TextOut:
 @dataclass
 class ImageOut:
     codes: list[np.ndarray]  # per scale uint8 [1, T=1, s, s, d]
-    inputs: list[np.ndarray]  # the vis_in fed per scale [s*s, d] (scale 0: zeros)
+    inputs: list[np.ndarray]  # the vis_in fed per scale [s*s, 4d] (scale 0: zeros; columns d.. zero)
     logits: list[np.ndarray]  # bit logits per scale [s*s, d]
+    context: np.ndarray | None = None  # the context group's vis_in [(L/2)^2, 4d], fed after the last scale
 
 
 @dataclass
@@ -112,10 +115,12 @@ def generate_image(model, prompt_ids: list[int], vocab: Vocab, vision, temperatu
         raise ValueError(f"vision tokenizer ({len(scales)} scales, {d} bits) does not match the model "
                          f"({mm.num_scales} scales, {mm.visual_bits} bits)")
     zeros = [np.zeros((1, 1, s, s, d), np.uint8) for s in scales]
+    L = scales[-1]
     # the layout of the whole document with placeholder codes: positions and groups exactly as in training
     tmpl = document(model, [Segment("text", "input", ids=list(prompt_ids)),
                             Segment("image", "target", codes=[z[0] for z in zeros],
-                                    scale_inputs=[np.zeros((1, s, s, d), np.float32) for s in scales[1:]])], vocab)
+                                    scale_inputs=[np.zeros((1, s, s, d), np.float32) for s in scales[1:]],
+                                    frame_latent=np.zeros((1, L, L, d), np.float32))], vocab)
     is_vis = tmpl["modality"] == IMAGE
     first = int(np.argmax(is_vis))
     stream = Stream(model, use_cache)
@@ -127,13 +132,19 @@ def generate_image(model, prompt_ids: list[int], vocab: Vocab, vision, temperatu
         rows = slice_rows(tmpl, sel)
         if k > 0:
             nxt = vision.next_scale_inputs([paddle.to_tensor(c) for c in codes])[k - 1]  # depends on scales < k
-            rows["vis_in"] = nxt.numpy().reshape(s * s, d).astype(np.float32)
+            rows["vis_in"][:, :d] = nxt.numpy().reshape(s * s, d)
         h = stream.feed(rows)
         logits = model.io.visual_logits(h).astype("float32").numpy()  # [s*s, d]
         codes[k] = sample_bits(logits, temperature, rng).reshape(1, 1, s, s, d)
         out.inputs.append(rows["vis_in"].copy())
         out.logits.append(logits)
-    stream.feed(slice_rows(tmpl, slice(int(sel[-1]) + 1, int(sel[-1]) + 2)))  # EOI
+    ctx = np.nonzero(is_vis & (tmpl["scale"] == len(scales)))[0]  # the frame context group
+    rows = slice_rows(tmpl, ctx)
+    latent = vision.quantized_latent([paddle.to_tensor(c) for c in codes]).numpy()[0, :, 0]  # [d, L, L]
+    rows["vis_in"] = space_to_depth(latent.transpose(1, 2, 0)).reshape(len(ctx), 4 * d).astype(np.float32)
+    stream.feed(rows)
+    out.context = rows["vis_in"].copy()
+    stream.feed(slice_rows(tmpl, slice(int(ctx[-1]) + 1, int(ctx[-1]) + 2)))  # EOI
     out.codes = codes
     return out
 

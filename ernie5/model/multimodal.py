@@ -3,8 +3,10 @@ layout is in `ernie5.data.sequence`).
 
 Inputs (one vector per position, chosen by the position's modality):
 - text / special tokens: the token table (tied to the text head);
-- visual generation tokens (next-scale prediction): `vis_in` [d] (the accumulated latent of the earlier scales on
-  this scale's grid) through a linear projection, plus a learned per-scale embedding (scale 0 has no latent);
+- visual generation tokens (next-scale prediction): `vis_in` [4d] (scale positions: the accumulated latent of the
+  earlier scales on this scale's grid in the first d columns; frame context positions: 2x2 cells of the frame's
+  complete latent) through a linear projection, plus a learned embedding per scale and one for the context
+  group (index `num_scales`);
 - visual understanding tokens: the attention **patch merger** over K patches (tokenizer-encoder "CNN" features
   projected, and a ViT-style linear embedding of the raw pixel patches; 2K vectors, one self-attention layer,
   mean-pool, project);
@@ -61,8 +63,8 @@ class ModalityIO(nn.Layer):
         super().__init__()
         mm, H, std = cfg.multimodal, cfg.hidden_size, cfg.init_std
         self.bits, self.levels, self.codebook = mm.visual_bits, mm.audio_levels, mm.audio_codebook
-        self.vis_proj = linear(mm.visual_bits, H, std)
-        self.scale_embed = nn.Embedding(mm.num_scales, H, weight_attr=_normal(std))
+        self.vis_proj = linear(4 * mm.visual_bits, H, std)  # `ernie5.data.sequence.vis_width`
+        self.scale_embed = nn.Embedding(mm.num_scales + 1, H, weight_attr=_normal(std))  # + the context group
         self.audio_embed = nn.Embedding(mm.audio_levels * mm.audio_codebook, H, weight_attr=_normal(std))
         self.merger = PatchMerger(mm.und_cnn_dim, mm.und_pix_dim, mm.und_patches, H, mm.merger_heads, std)
         self.visual_head = linear(H, mm.visual_bits, std)

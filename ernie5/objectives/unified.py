@@ -34,7 +34,7 @@ import paddle
 import paddle.nn.functional as F
 
 from ernie5.constants import AUDIO, IGNORE, IMAGE, MODALITY_TERMS, VIDEO
-from ernie5.data.sequence import HEAD_AUDIO, HEAD_TEXT, HEAD_VISUAL
+from ernie5.data.sequence import HEAD_AUDIO, HEAD_TEXT, HEAD_VISUAL, space_to_depth
 from ernie5.objectives.config import ObjectiveConfig
 from ernie5.objectives.mtp import mtp_loss
 from ernie5.objectives.text import TextLoss, head_row_losses, token_balanced
@@ -48,27 +48,34 @@ def unpack_bits(ids: np.ndarray, d: int) -> np.ndarray:
 
 
 def flip_history(rows: dict, maps: dict, scales: list[int], rate: float, rngs: list) -> np.ndarray:
-    """vis_in with the visual history corrupted: bits of scales < K-1 flipped with probability `rate`, later
-    scales' inputs moved by sum_j A_jk (signs'_j - signs_j). Targets are untouched (the caller keeps them).
+    """vis_in with the visual history corrupted: every bit of a frame's codes flipped with probability `rate`,
+    later scales' inputs moved by sum_{j<k} A_jk (signs'_j - signs_j) and the frame context group's latent by
+    the same sum over all K scales (`space_to_depth` of it). Targets are untouched (the caller keeps them).
     `rngs[b]` draws row b's flips (one generator per row, so a row's corruption depends on that row alone)."""
     vis = rows["vis_in"].copy()
     B = vis.shape[0]
-    sizes = [s * s for s in scales]
+    K = len(scales)
+    L = scales[-1]
+    sizes = [s * s for s in scales] + [(L // 2) ** 2]  # scales 0..K-1, then the context group
     offs = np.concatenate([[0], np.cumsum(sizes)])
-    d = vis.shape[-1]
+    d = vis.shape[-1] // 4
     for b in range(B):
         rng = rngs[b]
-        for start in np.nonzero(rows["scale"][b] == 0)[0]:  # each frame's block: scales 0..K-1 back to back
+        for start in np.nonzero(rows["scale"][b] == 0)[0]:  # each frame's block: scales 0..K-1, context, back to back
             end = start + offs[-1]
-            if end > vis.shape[1] or rows["scale"][b, end - 1] != len(scales) - 1:
+            if end > vis.shape[1] or rows["scale"][b, end - 1] != K:
                 continue
-            bits = unpack_bits(rows["target"][b, start:end], d)  # the true codes [n, d]
+            bits = unpack_bits(rows["target"][b, start:start + offs[K]], d)  # the true codes [n, d]
             signs = bits * 2.0 - 1.0
             flips = rng.random(signs.shape) < rate
             delta = np.where(flips, -2.0 * signs, 0.0)  # signs' - signs
-            for k in range(1, len(scales)):
+            for k in range(1, K + 1):
                 shift = sum(maps[f"A_{j}_{k}"] @ delta[offs[j]:offs[j + 1]] for j in range(k))
-                vis[b, start + offs[k]:start + offs[k + 1]] += shift.astype(np.float32)
+                if k < K:
+                    vis[b, start + offs[k]:start + offs[k + 1], :d] += shift.astype(np.float32)
+                else:
+                    ctx = space_to_depth(shift.reshape(L, L, d)).reshape(-1, 4 * d)
+                    vis[b, start + offs[K]:end] += ctx.astype(np.float32)
     return vis
 
 
@@ -100,8 +107,8 @@ def make_unified_batch(rows: dict, *, scales: list[int], audio_end: int, special
         same = rows["doc"][:, k:] == rows["doc"][:, :-k]
         lab[:, :-k] = np.where(same, text_t[:, k:], IGNORE)
         out[f"labels_{k}"] = lab
-    # visual head: own bits, scale-reweighted
-    d = vis.shape[-1]
+    # visual head: own bits, scale-reweighted (context positions have no target: the mask excludes them)
+    d = vis.shape[-1] // 4
     vmask = mask[..., HEAD_VISUAL] & np.isin(modality, (IMAGE, VIDEO))
     out["vis_bits"] = unpack_bits(target, d).astype(np.float32)
     n_k = np.array([s * s for s in scales], np.float64)

@@ -174,13 +174,13 @@ def _audio_head_params(cfg: ModelConfig) -> int:
 
 
 def modality_input_params(cfg: ModelConfig, modality: str = "text") -> ParamCount:
-    """Non-text inputs (multimodal models): visual bit projection [d, H] and scale table [scales, H], audio
+    """Non-text inputs (multimodal models): visual input projection [4d, H] and scale table [scales + 1, H], audio
     level tables [L x codebook, H], and the patch merger of understanding inputs."""
     pc = ParamCount()
     if not cfg.multimodal.enabled:
         return pc
     mm, H = cfg.multimodal, cfg.hidden_size
-    visual = mm.visual_bits * H + mm.num_scales * H
+    visual = 4 * mm.visual_bits * H + (mm.num_scales + 1) * H
     audio = mm.audio_levels * mm.audio_codebook * H
     pc.add("modality_embeddings", visual, visual if modality == "visual" else 0)
     pc.add("modality_embeddings", audio, audio if modality == "audio" else 0)
@@ -222,7 +222,7 @@ def matmul_params(cfg: ModelConfig, modality: str = "text") -> int:
     if modality == "text":  # the (tied or not) text head runs for NTP and for every MTP depth
         n += (cfg.vocab_size or 0) * H * (1 + depth)
     elif modality == "visual":
-        n += mm.visual_bits * H + a["visual_head"]  # bit projection in, bitwise head out
+        n += 4 * mm.visual_bits * H + a["visual_head"]  # input projection in, bitwise head out
     elif modality == "visual_understanding":  # K CNN + K pixel patches, attention over 2K vectors, output
         n += mm.und_patches * (mm.und_cnn_dim + mm.und_pix_dim) * H + 2 * mm.und_patches * 4 * H * H + H * H
     elif modality == "audio":

@@ -86,14 +86,15 @@ B, N, KV, D = 2, 4, 2, 32  # two rows, 4 query heads over 2 kv heads (GQA), head
 
 def attention_masks() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(doc, group) int64 [B, S] per mask: packed documents (groups numbered by position: document-causal) and the
-    scale-wise mask of a packed row with text, a two-frame video of scales 1x1 and 2x2, text, and a second
+    scale-wise mask of a packed row with text, a two-frame video of scales 1x1 and 2x2 (each frame closed by its one-position context group), text, and a second
     document (built by `ernie5.data.sequence`, the layout of tests/data/test_scale_mask.py)."""
-    S = 17
-    doc = np.stack([np.repeat([0, 1, 2], [6, 7, 4]), np.repeat([0, 1], [11, 6])]).astype(np.int64)
+    S = 19
+    doc = np.stack([np.repeat([0, 1, 2], [6, 7, 6]), np.repeat([0, 1], [11, 8])]).astype(np.int64)
     packed = (doc, np.repeat(np.arange(S, dtype=np.int64)[None], B, 0))
     rng = np.random.default_rng(0)
     codes = [rng.integers(0, 2, (2, s, s, 2)).astype(np.uint8) for s in (1, 2)]
-    video = Segment("video", "target", codes=codes, scale_inputs=[rng.normal(size=(2, 2, 2, 2)).astype(np.float32)])
+    video = Segment("video", "target", codes=codes, scale_inputs=[rng.normal(size=(2, 2, 2, 2)).astype(np.float32)],
+                    frame_latent=rng.normal(size=(2, 2, 2, 2)).astype(np.float32))
     a = build_document([Segment("text", ids=[5]), video, Segment("text", ids=[6, 7])], 100, bits=2)
     b = build_document([Segment("text", ids=[8, 9])], 100, bits=2)
     row, dropped = pack_documents([a, b], S)

@@ -11,31 +11,33 @@ from ernie5.model.attention import group_mask
 V = 100
 SP = special_ids(V)
 
-# Row layout (17 positions, no padding), index: content
-#   0: text 5 | 1: BOV | 2: frame 1 scale 0 (1x1) | 3-6: frame 1 scale 1 (2x2) | 7: frame 2 scale 0
-#   8-11: frame 2 scale 1 | 12: EOV | 13, 14: text 6, 7          -- document A (0..14)
-#   15, 16: text 8, 9                                              -- document B
-DOC_A, DOC_B = range(0, 15), range(15, 17)
-F1S0, F1S1, F2S0, F2S1 = [2], [3, 4, 5, 6], [7], [8, 9, 10, 11]
-FRAME1, FRAME2 = F1S0 + F1S1, F2S0 + F2S1
-SCALE_BLOCKS = [F1S0, F1S1, F2S0, F2S1]
-TEXT_AFTER = [12, 13, 14]  # EOV and the text that follows the video
+# Row layout (19 positions, no padding), index: content
+#   0: text 5 | 1: BOV | 2: frame 1 scale 0 (1x1) | 3-6: frame 1 scale 1 (2x2) | 7: frame 1 context (1 position:
+#   2x2 latent cells) | 8: frame 2 scale 0 | 9-12: frame 2 scale 1 | 13: frame 2 context | 14: EOV
+#   15, 16: text 6, 7                                               -- document A (0..16)
+#   17, 18: text 8, 9                                               -- document B
+DOC_A, DOC_B = range(0, 17), range(17, 19)
+F1S0, F1S1, F1C, F2S0, F2S1, F2C = [2], [3, 4, 5, 6], [7], [8], [9, 10, 11, 12], [13]
+FRAME1, FRAME2 = F1S0 + F1S1 + F1C, F2S0 + F2S1 + F2C
+SCALE_BLOCKS = [F1S0, F1S1, F1C, F2S0, F2S1, F2C]
+TEXT_AFTER = [14, 15, 16]  # EOV and the text that follows the video
 
 
 def _row():
     rng = np.random.default_rng(0)
     codes = [rng.integers(0, 2, (2, s, s, 2)).astype(np.uint8) for s in (1, 2)]  # [T=2, s, s, d=2]
-    video = Segment("video", "target", codes=codes, scale_inputs=[rng.normal(size=(2, 2, 2, 2)).astype(np.float32)])
+    video = Segment("video", "target", codes=codes, scale_inputs=[rng.normal(size=(2, 2, 2, 2)).astype(np.float32)],
+                    frame_latent=rng.normal(size=(2, 2, 2, 2)).astype(np.float32))
     a = build_document([Segment("text", ids=[5]), video, Segment("text", ids=[6, 7])], V, bits=2)
     b = build_document([Segment("text", ids=[8, 9])], V, bits=2)
-    packed, dropped = pack_documents([a, b], 17)
+    packed, dropped = pack_documents([a, b], 19)
     assert dropped == 0
     return packed
 
 
 def _expected() -> np.ndarray:
     """allowed[i, j]: query i may read key j."""
-    S = 17
+    S = 19
     want = np.zeros((S, S), bool)
     for doc in (DOC_A, DOC_B):
         for i in doc:
@@ -51,11 +53,11 @@ def _expected() -> np.ndarray:
 def test_layout_is_the_one_the_expected_mask_assumes():
     p = _row()
     tok, mod = p["token"][0], p["modality"][0]
-    assert tok[[0, 1, 12, 13, 14, 15, 16]].tolist() == [5, SP["<bov>"], SP["<eov>"], 6, 7, 8, 9]
-    assert (mod[2:12] == VIDEO).all() and (mod[[0, 1, 12, 13, 14, 15, 16]] == TEXT).all()
-    assert p["frame"][0, 2:12].tolist() == [0] * 5 + [1] * 5
-    assert p["scale"][0, 2:12].tolist() == [0, 1, 1, 1, 1, 0, 1, 1, 1, 1]
-    assert p["doc"][0].tolist() == [0] * 15 + [1] * 2
+    assert tok[[0, 1, 14, 15, 16, 17, 18]].tolist() == [5, SP["<bov>"], SP["<eov>"], 6, 7, 8, 9]
+    assert (mod[2:14] == VIDEO).all() and (mod[[0, 1, 14, 15, 16, 17, 18]] == TEXT).all()
+    assert p["frame"][0, 2:14].tolist() == [0] * 6 + [1] * 6
+    assert p["scale"][0, 2:14].tolist() == [0, 1, 1, 1, 1, 2, 0, 1, 1, 1, 1, 2]  # 2: the context group
+    assert p["doc"][0].tolist() == [0] * 17 + [1] * 2
 
 
 def test_scale_wise_mask_across_frames_text_and_documents():
@@ -66,8 +68,8 @@ def test_scale_wise_mask_across_frames_text_and_documents():
     assert want[np.ix_(F1S1, F1S0)].all() and not want[np.ix_(F1S0, F1S1)].any()  # earlier scale only
     assert want[np.ix_(FRAME2, FRAME1)].all()  # frame 2 sees all of frame 1
     assert not want[np.ix_(FRAME1, FRAME2)].any()  # frame 1 never sees frame 2
-    assert want[np.ix_(TEXT_AFTER, range(0, 12))].all()  # text after the video sees everything before it
-    assert not want[12, 13] and not want[13, 14] and want[14, 13]  # and is causal among itself
+    assert want[np.ix_(TEXT_AFTER, range(0, 14))].all()  # text after the video sees everything before it
+    assert not want[14, 15] and not want[15, 16] and want[16, 15]  # and is causal among itself
     assert not want[np.ix_(DOC_A, DOC_B)].any() and not want[np.ix_(DOC_B, DOC_A)].any()
 
     doc, grp = p["doc"], p["group"]

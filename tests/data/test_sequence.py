@@ -14,7 +14,8 @@ def _image_segment(role="target", bits=2):
     c1 = np.array([[[[1, 0]]]], np.uint8)  # [T=1, 1, 1, 2] -> id 1
     c2 = np.array([[[[0, 1], [1, 1]], [[0, 0], [1, 0]]]], np.uint8)  # ids 2 3 / 0 1
     inp = [np.full((1, 2, 2, bits), 0.5, np.float32)]
-    return Segment("image", role, codes=[c1, c2], scale_inputs=inp)
+    latent = np.arange(8, dtype=np.float32).reshape(1, 2, 2, bits)  # [T, L, L, d]: cell (i, j) channel c = 4i + 2j + c
+    return Segment("image", role, codes=[c1, c2], scale_inputs=inp, frame_latent=latent)
 
 
 def test_hand_built_positions_groups_targets():
@@ -22,28 +23,36 @@ def test_hand_built_positions_groups_targets():
             Segment("audio", "target", audio_codes=np.array([[7, 8], [9, 10]])), Segment("sep"),
             Segment("text", "target", ids=[11])]
     d = build_document(segs, V, bits=2, levels=2)
-    want_tokens = [5, 6, SP["<boi>"], 1, 2, 3, 0, 1, SP["<eoi>"], SP["<boa>"], 7, 9, SP["<eoa>"], SP["<sep>"], 11]
+    want_tokens = [5, 6, SP["<boi>"], 1, 2, 3, 0, 1, 0, SP["<eoi>"], SP["<boa>"], 7, 9, SP["<eoa>"], SP["<sep>"],
+                   11]
     assert d["token"].tolist() == want_tokens
-    assert d["modality"].tolist() == [TEXT] * 3 + [IMAGE] * 5 + [TEXT] * 2 + [AUDIO] * 2 + [TEXT] * 3
-    # groups: one per text token, one per visual scale, one per audio frame
-    assert d["group"].tolist() == [0, 1, 2, 3, 4, 4, 4, 4, 5, 6, 7, 8, 9, 10, 11]
-    # Uni-RoPE: image starts at 3; scale 1 (1x1) sits at the centre 0.5 of the 2x2 grid; resumes at 3 + max(T, L)
+    assert d["modality"].tolist() == [TEXT] * 3 + [IMAGE] * 6 + [TEXT] * 2 + [AUDIO] * 2 + [TEXT] * 3
+    # groups: one per text token, one per visual scale, one for the frame context, one per audio frame
+    assert d["group"].tolist() == [0, 1, 2, 3, 4, 4, 4, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    # Uni-RoPE: image starts at 3; scale 1 (1x1) sits at the centre 0.5 of the 2x2 grid, and so does the one
+    # context position (one 2x2 block of latent cells); resumes at 3 + max(T, L)
     pos = d["pos"].tolist()
     assert pos[:3] == [[0, 0, 0], [1, 1, 1], [2, 2, 2]]
     assert pos[3] == [3, 3.5, 3.5]
     assert pos[4:8] == [[3, 3, 3], [3, 3, 4], [3, 4, 3], [3, 4, 4]]
-    assert pos[8:] == [[5, 5, 5], [6, 6, 6], [7, 7, 7], [8, 8, 8], [9, 9, 9], [10, 10, 10], [11, 11, 11]]
-    assert d["scale"].tolist()[3:8] == [0, 1, 1, 1, 1]
-    assert np.allclose(d["vis_in"][3], 0) and np.allclose(d["vis_in"][4:8], 0.5)
-    # targets: text/audio predict the next position; visual positions predict their own code
+    assert pos[8] == [3, 3.5, 3.5]
+    assert pos[9:] == [[5, 5, 5], [6, 6, 6], [7, 7, 7], [8, 8, 8], [9, 9, 9], [10, 10, 10], [11, 11, 11]]
+    assert d["scale"].tolist()[3:9] == [0, 1, 1, 1, 1, 2]
+    assert d["vis_in"].shape == (16, 8)  # 4d columns
+    assert np.allclose(d["vis_in"][3], 0) and np.allclose(d["vis_in"][4:8, :2], 0.5)
+    assert np.allclose(d["vis_in"][4:8, 2:], 0)
+    # the context position holds the whole 2x2 latent: cells (0,0) (0,1) (1,0) (1,1), d = 2 channels each
+    assert d["vis_in"][8].tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    # targets: text/audio predict the next position; visual positions predict their own code; context: nothing
     t = d["target"].tolist()
-    assert t[0] == 6 and t[1] == SP["<boi>"] and t[2] == -1 and t[3:8] == [1, 2, 3, 0, 1]
-    assert t[9] == 7 and d["target_audio"][9].tolist() == [7, 8] and d["target_audio"][10].tolist() == [9, 10]
+    assert t[0] == 6 and t[1] == SP["<boi>"] and t[2] == -1 and t[3:8] == [1, 2, 3, 0, 1] and t[8] == -1
+    assert t[10] == 7 and d["target_audio"][10].tolist() == [7, 8] and d["target_audio"][11].tolist() == [9, 10]
     lm = d["loss_mask"]
-    assert lm[:, 1].tolist() == [0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]  # visual head on the target image
-    assert lm[:, 2].tolist() == [0] * 9 + [1, 1, 0, 0, 0, 0]  # BOA and frame 1 predict the next audio frame
+    assert lm[:, 1].tolist() == [0, 0, 0, 1, 1, 1, 1, 1] + [0] * 8  # visual head on the target image's scales
+    assert lm[:, 2].tolist() == [0] * 10 + [1, 1, 0, 0, 0, 0]  # BOA and frame 1 predict the next audio frame
     assert lm[0, 0] == 0 and lm[1, 0] == 1  # "6" is input text (no loss); BOI (target image) is predicted
-    assert lm[13, 0] == 1  # SEP predicts the target text
+    assert lm[8].tolist() == [0, 0, 0]  # the context position predicts nothing (not even EOI)
+    assert lm[14, 0] == 1  # SEP predicts the target text
 
 
 def _rule(doc, grp):

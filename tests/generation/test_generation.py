@@ -95,13 +95,15 @@ def test_cached_backbone_equals_full_forward_with_groups(mm):
     rng = np.random.default_rng(1)
     codes = [rng.integers(0, 2, (1, s, s, BITS)).astype(np.uint8) for s in SCALES]
     inputs = [rng.normal(size=(1, s, s, BITS)).astype(np.float32) for s in SCALES[1:]]
-    doc = build_document([Segment("text", ids=[7, 8]), Segment("image", codes=codes, scale_inputs=inputs),
+    latent = rng.normal(size=(1, 4, 4, BITS)).astype(np.float32)
+    doc = build_document([Segment("text", ids=[7, 8]), Segment("image", codes=codes, scale_inputs=inputs,
+                                                                frame_latent=latent),
                           Segment("text", ids=[EOS])], V, BITS, LEVELS)
     from ernie5.generation.stream import slice_rows
 
     full = _full_logits(mm, doc).numpy()
     s = Stream(mm)
-    cuts = [0, 3, 4, 8, 24, len(doc["token"])]  # text+BOI | scale 0 | scale 1 | scale 2 | EOI EOS
+    cuts = [0, 3, 4, 8, 24, 28, len(doc["token"])]  # text+BOI | scale 0 | scale 1 | scale 2 | context | EOI EOS
     parts = [s.feed(slice_rows(doc, slice(a, b))).numpy() for a, b in zip(cuts, cuts[1:])]
     np.testing.assert_allclose(np.concatenate(parts), full, atol=1e-5, rtol=0)
 
@@ -114,7 +116,12 @@ def test_t2i_shapes_and_next_scale_inputs(mm):
     np.testing.assert_array_equal(out.inputs[0], 0)
     want = vision.next_scale_inputs([paddle.to_tensor(c) for c in out.codes])
     for k in range(1, len(SCALES)):  # scale k was fed the tokenizer's inputs of the codes sampled for scales < k
-        np.testing.assert_allclose(out.inputs[k], want[k - 1].numpy().reshape(-1, BITS), atol=1e-6)
+        np.testing.assert_allclose(out.inputs[k][:, :BITS], want[k - 1].numpy().reshape(-1, BITS), atol=1e-6)
+        np.testing.assert_array_equal(out.inputs[k][:, BITS:], 0)
+    # then the context group: the complete latent of all sampled scales, 2x2 latent cells per position
+    lat = vision.quantized_latent([paddle.to_tensor(c) for c in out.codes]).numpy()[0, :, 0]  # [d, 4, 4]
+    want_ctx = [[lat[:, 2 * i + a, 2 * j + b] for a in (0, 1) for b in (0, 1)] for i in (0, 1) for j in (0, 1)]
+    np.testing.assert_allclose(out.context, np.asarray(want_ctx).reshape(4, 4 * BITS), atol=1e-6)
     # greedy: the same with and without the cache, and bits are the thresholded logits
     a = generate_image(mm, [5, 6, 7], VOCAB, vision, temperature=0.0, use_cache=True)
     b = generate_image(mm, [5, 6, 7], VOCAB, vision, temperature=0.0, use_cache=False)
@@ -123,6 +130,35 @@ def test_t2i_shapes_and_next_scale_inputs(mm):
         np.testing.assert_allclose(lx, ly, atol=1e-5)
         np.testing.assert_array_equal(x.reshape(-1, BITS), (lx > 0).astype(np.uint8))
     assert vision.decode([paddle.to_tensor(c) for c in a.codes]).shape == [1, 1, 1, 8, 8]
+
+
+def test_later_frames_and_text_see_the_finest_scale(mm):
+    """Visible history: flipping every finest-scale bit of frame 0 leaves frame 0's own scale positions alone
+    (the finest codes are what its last scale predicts) but changes every position of frame 1 and the text after
+    the video (through frame 0's context group)."""
+    vision = tiny_vision()
+    px = np.random.default_rng(5).uniform(-1, 1, (1, 1, 2, 8, 8)).astype(np.float32)  # [B, C, T=2, H, W]
+    codes = [c.numpy()[0] for c in vision.encode(paddle.to_tensor(px))]  # per scale [T, s, s, d]
+
+    def doc_for(codes):
+        t = [paddle.to_tensor(c[None]) for c in codes]
+        inputs = [x.numpy()[0] for x in vision.next_scale_inputs(t)]
+        latent = vision.quantized_latent(t).numpy()[0].transpose(1, 2, 3, 0)  # [T, L, L, d]
+        return build_document([Segment("text", ids=[7]), Segment("video", codes=codes, scale_inputs=inputs,
+                                                                 frame_latent=latent),
+                               Segment("text", ids=[8, 9])], V, BITS, LEVELS)
+
+    flipped = [c.copy() for c in codes]
+    flipped[-1][0] ^= 1  # every bit of frame 0's finest scale
+    base, alt = doc_for(codes), doc_for(flipped)
+    h0, h1 = _full_logits(mm, base).numpy(), _full_logits(mm, alt).numpy()
+    change = np.abs(h0 - h1).max(-1)
+    frame, scale = base["frame"], base["scale"]
+    own = (frame == 0) & (scale < len(SCALES))
+    assert own.sum() == 21 and change[own].max() < 1e-6
+    assert (frame == 1).sum() == 25 and (change[frame == 1] > 1e-4).all()
+    after = np.arange(len(frame)) > np.nonzero(frame == 1)[0][-1]  # EOV and the text after the video
+    assert after.sum() == 3 and (change[after] > 1e-4).all()
 
 
 class Biased(paddle.nn.Layer):

@@ -33,7 +33,8 @@ def tiny_cfg(routing="agnostic") -> ModelConfig:
 def _image(rng, role="target"):
     codes = [rng.integers(0, 2, (1, s, s, BITS)).astype(np.uint8) for s in SCALES]
     inp = [rng.normal(size=(1, 2, 2, BITS)).astype(np.float32)]
-    return Segment("image", role, codes=codes, scale_inputs=inp)
+    return Segment("image", role, codes=codes, scale_inputs=inp,
+                   frame_latent=rng.normal(size=(1, 2, 2, BITS)).astype(np.float32))
 
 
 def _docs(rng):
@@ -140,6 +141,12 @@ class _TinyQuant:
         c0 = codes[0].numpy().astype(np.float32) * 2 - 1  # [1, 1, 1, 1, d]
         return [paddle.to_tensor(np.broadcast_to(0.7 * c0 + 0.1, (1, 1, 2, 2, BITS)).copy())]
 
+    def quantized_latent(self, codes):
+        """[1, d, T=1, 2, 2]: 0.7 x scale 0's signs everywhere + 0.3 x scale 1's signs + 0.1."""
+        c0 = codes[0].numpy().astype(np.float32) * 2 - 1  # [1, 1, 1, 1, d]
+        c1 = codes[1].numpy().astype(np.float32) * 2 - 1  # [1, 1, 2, 2, d]
+        return paddle.to_tensor((0.7 * c0 + 0.3 * c1 + 0.1).transpose(0, 4, 1, 2, 3).copy())
+
 
 def test_bit_flips_change_inputs_only_and_match_the_tokenizer():
     from ernie5.data.media_tokenize import visual_history_maps
@@ -148,16 +155,27 @@ def test_bit_flips_change_inputs_only_and_match_the_tokenizer():
     maps = visual_history_maps(tq)
     rng = np.random.default_rng(3)
     codes = [rng.integers(0, 2, (1, s, s, BITS)).astype(np.uint8) for s in SCALES]
-    inp = [x.numpy()[0] for x in tq.next_scale_inputs([paddle.to_tensor(c[None]) for c in codes])]
-    doc = build_document([Segment("text", ids=[1]), Segment("image", codes=codes, scale_inputs=inp)], V, BITS)
+    tc = [paddle.to_tensor(c[None]) for c in codes]
+    inp = [x.numpy()[0] for x in tq.next_scale_inputs(tc)]
+    latent = tq.quantized_latent(tc).numpy()[0].transpose(1, 2, 3, 0)  # [T, L, L, d]
+    doc = build_document([Segment("text", ids=[1]), Segment("image", codes=codes, scale_inputs=inp,
+                                                            frame_latent=latent)], V, BITS)
     packed, _ = pack_documents([doc], 16)
     rows = {k: v for k, v in packed.items() if k != "und_table"}
     start = int(np.nonzero(rows["scale"][0] == 0)[0][0])
-    # with every history bit flipped, the recomputed inputs equal the tokenizer's inputs for the flipped codes
+    ctx = start + 5  # the frame context position (one 2x2 block of latent cells)
+    assert rows["scale"][0, ctx] == len(SCALES)
+    # with every bit flipped, the recomputed inputs equal the tokenizer's inputs for the flipped codes: the next
+    # scale's from the flipped scale 0, the context's from both flipped scales
     flipped = flip_history(rows, maps, SCALES, rate=1.0, rngs=[np.random.default_rng(0)])
-    want = tq.next_scale_inputs([paddle.to_tensor((1 - codes[0])[None]), paddle.to_tensor(codes[1][None])])[0]
-    assert np.allclose(flipped[0, start + 1:start + 5], want.numpy().reshape(4, BITS), atol=1e-6)
-    assert np.allclose(rows["vis_in"][0, start + 1:start + 5], inp[0].reshape(4, BITS), atol=1e-6)
+    flip_t = [paddle.to_tensor((1 - c)[None]) for c in codes]
+    want = tq.next_scale_inputs(flip_t)[0]
+    assert np.allclose(flipped[0, start + 1:start + 5, :BITS], want.numpy().reshape(4, BITS), atol=1e-6)
+    assert np.allclose(flipped[0, start + 1:start + 5, BITS:], 0)
+    want_ctx = tq.quantized_latent(flip_t).numpy()[0, :, 0].transpose(1, 2, 0).reshape(-1)  # cells (0,0)..(1,1)
+    assert np.allclose(flipped[0, ctx], want_ctx, atol=1e-6)
+    assert np.allclose(rows["vis_in"][0, start + 1:start + 5, :BITS], inp[0].reshape(4, BITS), atol=1e-6)
+    assert np.allclose(rows["vis_in"][0, ctx], latent.reshape(-1), atol=1e-6)
     # targets never change; inputs of the corrupted batch differ from the clean one
     cfg = ObjectiveConfig(bit_flip_rate=0.4)
     loader_rows = dict(rows, und_feats=np.zeros((0, 4, 7), np.float32))
