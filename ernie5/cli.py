@@ -96,15 +96,16 @@ def _cmd_data(args) -> None:
         print(inspect_target(args.target, args.row, args.split, args.max_positions), end="")
         return
     from ernie5.data.multimodal_prepare import prepare_multimodal
-
-    if args.kind == "multimodal":
-        stats = prepare_multimodal(args.config, args.overrides, log=lambda line: print(line, file=sys.stderr))
-        print(json.dumps(stats, ensure_ascii=False))
-        return
-    from ernie5.runconfig import load_config
     from ernie5.data.prepare import parse_partition, prepare_text
 
     partition = parse_partition(args.partition)
+    if args.kind == "multimodal":
+        stats = prepare_multimodal(args.config, args.overrides, log=lambda line: print(line, file=sys.stderr),
+                                   workers=args.workers, partition=partition)
+        print(json.dumps(stats, ensure_ascii=False))
+        return
+    from ernie5.runconfig import load_config
+
     cfg = load_config(args.config, args.overrides)
     stats = prepare_text(cfg, progress=True, workers=args.workers, partition=partition,
                          unit_bytes=_unit_bytes(args.unit_mb))

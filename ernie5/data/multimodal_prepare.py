@@ -1,29 +1,51 @@
-"""`ernie5 data prepare CONFIG` for `kind: multimodal` configs: tokenise a manifest of mixed documents offline
-(tokenizers run apart from the backbone) and write packed train / val rows.
+"""`ernie5 data prepare CONFIG` for `kind: multimodal` configs: tokenise mixed text / image / video / audio
+documents offline (the tokenizers run apart from the backbone) and write packed train / val rows.
 
-Manifest: JSON lines `{"id", "split", "segments": [{"kind": text|image|video|audio|sep, "text" | "path",
-"role": input|target}]}`, media paths relative to the manifest. A document whose media is missing or corrupt
-is skipped with a one-line reason naming the file; the rest of the shard is unaffected.
+Inputs (exactly one; docs/media.md):
+- `manifest`: JSON lines `{"id", "split", "segments": [{"kind": text|image|video|audio|sep, "text" | "path",
+  "role": input|target}]}`, media paths relative to the manifest; the record's `split` ("val" or else train).
+- `webdataset`: tar shards of samples (`ernie5.data.webdataset_source`): each sample becomes one document per
+  task its members allow; its split is a seeded CRC-32 of its key.
+A document (manifest line) or sample whose media is missing or corrupt is skipped with one line naming it (in
+meta.json's `skipped`); the rest is prepared. Every document ends with the text tokenizer's EOS. Optionally
+`text_corpus` files (one document per line) add `text_documents` text-only documents, cut to `text_doc_tokens`.
 
-Every document ends with the text tokenizer's EOS (so generation knows where a caption or answer stops).
-Optionally `text_corpus` files (one document per line) add `text_documents` text-only documents, cut to
-`text_doc_tokens` tokens, so the unified model keeps learning plain language.
+Work units: the manifest is one unit, each tar shard is one. `workers` spawned processes (each loads the three
+tokenizers once) tokenise whole units and stream each document to the unit's files as soon as it is built, so
+memory holds one sample's raw media and one document at a time. Per unit, `WORK/units-<fp>/` gets
+`NNNNNN.{field}.npy` (the unit's documents concatenated: every field of `sequence.FIELDS` and `und_table`),
+`NNNNNN.docs.npy` (int64 [D, 3]: positions, understanding-table rows, 1 if val) and, last, `NNNNNN.done.json`
+(the unit's input signature, document counts, skipped lines, sizes and sha256 of its files). WORK is
+`work_dir`, by default `OUT_DIR.work`; `<fp>` is the start of the sha256 of the fingerprint (tokenizer file
+hashes, shard format, the settings that change a unit's documents), and `plan.json` holds the plan. A unit is
+done when its marker matches the fingerprint and its input signature (size and mtime of the tar shard; of the
+manifest and of every media file it names), so running the command again redoes only missing or changed units.
+`partition=(I, N)` prepares the units with index % N == I.
+
+Packing: once every unit is done (in whichever run finishes the last one), the documents of each split (units
+in order, then the text documents) are shuffled with a fixed seed, packed greedily into rows (`pack_documents`,
+PACK_ROWS rows per call, the unit arrays memory-mapped) and written to a fresh directory that replaces `out_dir`
+atomically. The result depends only on the inputs: byte-identical for any workers and partitions.
 
 Shard: `DIR/{split}.{field}.npy` (fields of `sequence.FIELDS` + `doc`, each [rows, seq_len, ...]; plus
-`{split}.und_table.npy` [M, K, F] when there are understanding inputs), `DIR/vis_history.npz` (the linear map
-from earlier scales' sign bits to next-scale inputs, see `visual_history_maps`: training uses it to corrupt the
-visual history by bit flips) and `DIR/meta.json` (sizes, sha256, tokenizer identities, special-token ids,
-feature sizes, skipped documents).
+`{split}.und_table.npy` [M, K, F]), `DIR/vis_history.npz` (the linear map from earlier scales' sign bits to the
+visual inputs, see `visual_history_maps`: training uses it to corrupt the visual history by bit flips) and
+`DIR/meta.json` (sizes, sha256, tokenizer identities, special-token ids, feature sizes, skipped documents).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import multiprocessing
 import os
 import shutil
+import socket
+import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Iterator, Literal, Optional
 
 import numpy as np
 
@@ -31,9 +53,17 @@ from ernie5.config.schema import build, join, require
 from ernie5.config.yaml_io import apply_overrides, load_yaml
 from ernie5.constants import MULTIMODAL_FORMAT
 from ernie5.data.media_tokenize import SegmentTokenizer, visual_history_maps
-from ernie5.data.sequence import SPECIALS, Segment, build_document, pack_documents, special_ids
-from ernie5.data.shards import sha256_file
+from ernie5.data.sequence import FIELDS, SPECIALS, Segment, build_document, pack_documents, special_ids
+from ernie5.data.shards import SPLITS, fingerprint_sha256, marker_name, sha256_file
+from ernie5.data.webdataset_source import (WebDatasetConfig, held_out, resolve_shards, sample_documents,
+                                           shard_samples)
 from ernie5.errors import UserError
+
+UNITS_FORMAT = "ernie5-multimodal-units"
+UNITS_VERSION = 1
+PACK_ROWS = 256  # rows per pack_documents call while packing
+OPEN_UNITS = 64  # units whose files stay memory-mapped at once while packing (each holds ~14 maps)
+UNIT_ARRAYS = FIELDS + ("und_table",)
 
 
 @dataclass
@@ -41,41 +71,311 @@ class MultimodalDataConfig:
     """Inputs, tokenizers and row length of the multimodal shards."""
 
     kind: Literal["multimodal"] = "multimodal"
-    manifest: str = "data/raw/digits_world/samples.jsonl"
+    manifest: str = ""  # a JSONL manifest ...
+    webdataset: Optional[WebDatasetConfig] = None  # ... or WebDataset tar shards: exactly one of the two
     out_dir: str = "data/shards/digits_world"
+    work_dir: str = ""  # per-unit outputs (resumable); "" = OUT_DIR.work
     text_tokenizer: str = "tokenizers/demo_text.model"
     vision_tokenizer: str = "tokenizers/digits_vision_b4.safetensors"
     audio_tokenizer: str = "tokenizers/digits_audio.safetensors"
     seq_len: int = 512
-    max_documents: int = 0  # 0: all
+    max_documents: int = 0  # manifest: read only its first N lines (0: all)
     text_corpus: list[str] = field(default_factory=list)  # plain-text files mixed in as text-only documents
     text_documents: int = 0  # how many of them (0: none)
     text_doc_tokens: int = 256  # each cut to at most this many tokens
 
     def validate(self, path: str) -> None:
+        require(bool(self.manifest) != (self.webdataset is not None), join(path, "manifest"),
+                "name exactly one input: `manifest` (a JSONL manifest) or `webdataset` (tar shards)")
         require(self.seq_len >= 8, join(path, "seq_len"), "must be >= 8")
+        require(self.max_documents >= 0, join(path, "max_documents"), "must be >= 0")
         require(self.text_documents >= 0, join(path, "text_documents"), "must be >= 0")
         require(8 <= self.text_doc_tokens < self.seq_len, join(path, "text_doc_tokens"),
                 f"{self.text_doc_tokens} must be in [8, seq_len)")
+
+    @property
+    def work_root(self) -> Path:
+        return Path(self.work_dir) if self.work_dir else Path(self.out_dir + ".work")
 
 
 def load_multimodal_config(path: str, overrides=()) -> MultimodalDataConfig:
     return build(MultimodalDataConfig, apply_overrides(load_yaml(Path(path)), list(overrides)), "")
 
 
-def prepare_multimodal(config_path: str, overrides=(), log=print) -> dict:
+# ------------------------------------------------------------------------------------------------------ entry point
+
+def prepare_multimodal(config_path: str, overrides=(), log: Callable[[str], None] = print, workers: int = 1,
+                       partition: tuple[int, int] = (0, 1)) -> dict:
+    """Prepare this partition's units, then pack the shards if every unit is done (see the module docstring).
+    Returns stats: units (total, done now, already done, left to other partitions, still missing), whether the
+    shards were packed and, if so, rows / documents / too-long documents per split and skipped records."""
+    from ernie5.data.prepare import check_partition
+
+    if workers < 1:
+        raise UserError("--workers", f"{workers} must be >= 1")
+    check_partition(partition)
+    part, nparts = partition
     cfg = load_multimodal_config(config_path, overrides)
-    manifest = Path(cfg.manifest)
-    if not manifest.is_file():
-        raise UserError(str(manifest), "manifest not found (run `ernie5 data fetch --multimodal`)")
-    tok = SegmentTokenizer(cfg.text_tokenizer, cfg.vision_tokenizer, cfg.audio_tokenizer, manifest.parent)
+    if cfg.manifest and not Path(cfg.manifest).is_file():
+        raise UserError(cfg.manifest, "manifest not found (run `ernie5 data fetch --multimodal`)")
+    tok = SegmentTokenizer(cfg.text_tokenizer, cfg.vision_tokenizer, cfg.audio_tokenizer, _media_root(cfg))
+    plan = _plan(cfg)
+    udir = _install_plan(cfg.work_root, plan)
+    n = len(plan["units"])
+    signatures = [_signature(u, cfg) for u in plan["units"]]
+    markers: dict[int, dict] = {}
+    jobs = []
+    stats = {"units": n, "units_done": 0, "units_skipped": 0, "units_other_partitions": 0}
+    for i, unit in enumerate(plan["units"]):
+        m = _unit_done(udir, plan, i, signatures[i])
+        if i % nparts != part:
+            stats["units_other_partitions"] += 1
+            if m is not None:
+                markers[i] = m
+            continue
+        if m is not None:
+            markers[i] = m
+            stats["units_skipped"] += 1
+            continue
+        jobs.append({"index": i, "unit": unit, "signature": signatures[i], "units_dir": str(udir),
+                     "fingerprint_sha256": plan["fingerprint_sha256"], "max_documents": cfg.max_documents,
+                     "webdataset": dataclasses.asdict(cfg.webdataset) if cfg.webdataset else None})
+    for marker in _run(jobs, tok, cfg, workers):
+        markers[marker["unit"]] = marker
+        stats["units_done"] += 1
+        docs = marker["documents"]
+        log(f"unit {marker['unit'] + 1}/{n} {marker['path']}: {docs['train']} train + {docs['val']} val documents, "
+            f"{len(marker['skipped'])} skipped")
+        for line in marker["skipped"]:
+            log(f"skipped {line}")
+    missing = [i for i in range(n) if i not in markers]
+    stats["units_missing"] = len(missing)
+    stats["out_dir"] = cfg.out_dir
+    if missing:
+        stats["packed"] = False
+        log(f"{len(missing)} of {n} units are not prepared yet (other partitions); the run that finishes the last "
+            "one packs the shards (or run the command again without --partition)")
+        return stats
+    stats.update(_pack(cfg, plan, udir, [markers[i] for i in range(n)], tok, log))
+    stats["packed"] = True
+    return stats
+
+
+def _media_root(cfg: MultimodalDataConfig) -> Path:
+    return Path(cfg.manifest).parent if cfg.manifest else Path(".")
+
+
+# ------------------------------------------------------------------------------------------------------------ plan
+
+def _plan(cfg: MultimodalDataConfig) -> dict:
+    if cfg.manifest:
+        units = [{"kind": "manifest", "path": cfg.manifest}]
+    else:
+        units = [{"kind": "tar", "path": p} for p in resolve_shards(cfg.webdataset, "webdataset")]
+    w = cfg.webdataset
+    fingerprint = {
+        "format": UNITS_FORMAT, "version": UNITS_VERSION, "shard_format": MULTIMODAL_FORMAT,
+        "tokenizers": {"text": _sha(cfg.text_tokenizer), "vision": _sha(cfg.vision_tokenizer),
+                       "vision_config": _sha(str(Path(cfg.vision_tokenizer).with_suffix(".json"))),
+                       "audio": _sha(cfg.audio_tokenizer),
+                       "audio_config": _sha(str(Path(cfg.audio_tokenizer).with_suffix(".json")))},
+        "max_documents": cfg.max_documents if cfg.manifest else 0,
+        "webdataset": None if w is None else {"tasks": list(w.active_tasks), "text_field": w.text_field,
+                                              "val_fraction": w.val_fraction, "seed": w.seed},
+    }
+    return {"format": UNITS_FORMAT, "version": UNITS_VERSION, "fingerprint": fingerprint,
+            "fingerprint_sha256": fingerprint_sha256(fingerprint), "units": units}
+
+
+def _sha(path: str) -> Optional[str]:
+    return sha256_file(Path(path)) if Path(path).is_file() else None
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _units_dir(root: Path, plan: dict) -> Path:
+    return root / f"units-{plan['fingerprint_sha256'][:16]}"
+
+
+def _install_plan(root: Path, plan: dict) -> Path:
+    """Write plan.json (the same bytes from every partition), drop other plans' unit directories."""
+    root.mkdir(parents=True, exist_ok=True)
+    data = _json_bytes(plan)
+    path = root / "plan.json"
+    if not (path.is_file() and path.read_bytes() == data):
+        _atomic_write(path, data)
+    mine = _units_dir(root, plan)
+    for old in root.glob("units-*"):
+        if old.is_dir() and old != mine:
+            shutil.rmtree(old, ignore_errors=True)
+    mine.mkdir(exist_ok=True)
+    return mine
+
+
+def _stat(path: Path) -> list:
+    try:
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns]
+    except OSError:
+        return [-1, -1]
+
+
+def _signature(unit: dict, cfg: MultimodalDataConfig) -> dict:
+    """What a unit's documents depend on besides the plan: its file's size and mtime and, for the manifest, those
+    of every media file it names (a fixed or replaced image makes the unit be prepared again)."""
+    path = Path(unit["path"])
+    sig = {"path": unit["path"], "stat": _stat(path)}
+    if unit["kind"] == "manifest":
+        import hashlib
+
+        h = hashlib.sha256()
+        root = path.parent
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if cfg.max_documents and lineno > cfg.max_documents:
+                    break
+                try:
+                    segments = json.loads(line)["segments"]
+                    names = [s["path"] for s in segments if isinstance(s, dict) and isinstance(s.get("path"), str)]
+                except (ValueError, KeyError, TypeError):
+                    continue
+                for name in names:
+                    h.update(json.dumps([name, _stat(root / name)]).encode())
+        sig["media_sha256"] = h.hexdigest()
+    return sig
+
+
+def _unit_done(udir: Path, plan: dict, index: int, signature: dict) -> Optional[dict]:
+    """The unit's marker when it belongs to this plan and input and its files have their recorded sizes."""
+    try:
+        marker = json.loads((udir / marker_name(index)).read_text(encoding="utf-8"))
+        if marker.get("unit") != index or marker.get("fingerprint_sha256") != plan["fingerprint_sha256"] \
+                or marker.get("input") != signature:
+            return None
+        for name, want in marker["files"].items():
+            if (udir / name).stat().st_size != want["bytes"]:
+                return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return marker
+
+
+# ------------------------------------------------------------------------------------------------------ one unit
+
+def _templates(tok: SegmentTokenizer) -> dict:
+    """{array: (dtype, trailing shape)} of a unit's files, from a probe document (so they follow
+    `build_document`'s layout) and the understanding-feature sizes."""
+    probe = build_document([Segment("text", "target", ids=[0])], tok.text.vocab_size, tok.bits, tok.levels)
+    out = {k: (probe[k].dtype, probe[k].shape[1:]) for k in FIELDS}
+    und_cnn, und_pix = tok.und_dims
+    out["und_table"] = (np.dtype(np.float32), (4, und_cnn + und_pix))
+    return out
+
+
+class _UnitWriter:
+    """Appends documents to one unit's arrays (temporary raw files: memory holds one document), then writes them
+    as `.npy` files under temporary names renamed into place."""
+
+    def __init__(self, out: Path, index: int, templates: dict):
+        self.out, self.index, self.templates = out, index, templates
+        self.raw = {k: tempfile.NamedTemporaryFile(dir=out, prefix=f".{index:06d}.{k}.", suffix=".tmp")
+                    for k in templates}
+        self.rows = {k: 0 for k in templates}
+        self.docs: list[tuple[int, int, int]] = []  # (positions, und rows, is val)
+
+    def add(self, doc: dict, val: bool) -> None:
+        und = doc.get("und_table")
+        for k, (dtype, trail) in self.templates.items():
+            if k == "und_table" and und is None:
+                continue
+            arr = np.ascontiguousarray(doc[k], dtype=dtype)
+            if arr.shape[1:] != trail:
+                raise ValueError(f"{k}: document array {arr.shape} does not match the unit layout {trail}")
+            self.raw[k].write(arr.tobytes())
+            self.rows[k] += arr.shape[0]
+        self.docs.append((len(doc["token"]), 0 if und is None else len(und), int(val)))
+
+    def documents(self) -> dict:
+        val = sum(d[2] for d in self.docs)
+        return {"train": len(self.docs) - val, "val": val}
+
+    def finish(self) -> dict:
+        """Write the unit's `.npy` files; {file name: {bytes, sha256}}."""
+        files = {}
+        for k, (dtype, trail) in self.templates.items():
+            raw = self.raw[k]
+            raw.flush()
+            raw.seek(0)
+            name = f"{self.index:06d}.{k}.npy"
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                      "shape": (self.rows[k], *trail)}
+            fd, tmp = tempfile.mkstemp(dir=self.out, prefix=f".{self.index:06d}.{k}.npy.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                np.lib.format.write_array_header_1_0(f, header)
+                shutil.copyfileobj(raw, f, 1 << 22)
+            os.replace(tmp, self.out / name)
+            raw.close()
+            files[name] = {"bytes": (self.out / name).stat().st_size, "sha256": sha256_file(self.out / name)}
+        name = f"{self.index:06d}.docs.npy"
+        buf = _npy_bytes(np.array(self.docs, np.int64).reshape(-1, 3))
+        _atomic_write(self.out / name, buf)
+        files[name] = {"bytes": len(buf), "sha256": sha256_file(self.out / name)}
+        return files
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def prepare_unit(job: dict, tok: SegmentTokenizer) -> dict:
+    """Tokenise one unit into its files and done marker; returns the marker."""
+    out, index = Path(job["units_dir"]), job["index"]
+    (out / marker_name(index)).unlink(missing_ok=True)  # its files are about to be replaced
+    for stale in out.glob(f".{index:06d}.*.tmp"):  # left by a killed run of this unit (units are never shared)
+        stale.unlink(missing_ok=True)
+    writer = _UnitWriter(out, index, _templates(tok))
+    skipped: list[str] = []
     eos = Segment("text", "target", ids=[tok.text.eos_id])
-    docs = {"train": [], "val": []}
-    skipped = []
+    if job["unit"]["kind"] == "manifest":
+        records = _manifest_unit(job, tok, eos, writer, skipped)
+    else:
+        records = _tar_unit(job, tok, eos, writer, skipped)
+    marker = {"unit": index, "fingerprint_sha256": job["fingerprint_sha256"], "input": job["signature"],
+              "kind": job["unit"]["kind"], "path": job["unit"]["path"], "records": records,
+              "documents": writer.documents(), "skipped": skipped, "files": writer.finish()}
+    _atomic_write(out / marker_name(index), _json_bytes(marker))
+    return marker
+
+
+def _document(segs: list[Segment], tok: SegmentTokenizer) -> dict:
+    return build_document(segs, tok.text.vocab_size, tok.bits, tok.levels)
+
+
+def _manifest_unit(job: dict, tok: SegmentTokenizer, eos: Segment, writer: _UnitWriter, skipped: list) -> int:
+    manifest = Path(job["unit"]["path"])
+    records = 0
     with open(manifest, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            if cfg.max_documents and lineno > cfg.max_documents:
+            if job["max_documents"] and lineno > job["max_documents"]:
                 break
+            records += 1
             try:
                 rec = json.loads(line)
                 segs = [tok(s) for s in rec["segments"]] + [eos]
@@ -85,19 +385,113 @@ def prepare_multimodal(config_path: str, overrides=(), log=print) -> dict:
             except (ValueError, KeyError, TypeError) as e:
                 skipped.append(f"{manifest}:{lineno}: malformed record ({type(e).__name__}: {e})")
                 continue
-            split = "val" if rec.get("split") == "val" else "train"
-            docs[split].append(build_document(segs, tok.text.vocab_size, tok.bits, tok.levels))
-    for split, ids in _text_documents(cfg, tok.text):
-        docs[split].append(build_document([Segment("text", "target", ids=ids)], tok.text.vocab_size, tok.bits,
-                                          tok.levels))
-    for split in docs:  # mix modalities within rows (the manifest lists them grouped); fixed seed: reproducible
-        order = np.random.default_rng(0).permutation(len(docs[split]))
-        docs[split] = [docs[split][i] for i in order]
-    for s in skipped:
-        log(f"skipped {s}")
-    stats = {"skipped_documents": len(skipped)}
+            writer.add(_document(segs, tok), rec.get("split") == "val")
+    return records
+
+
+def _tar_unit(job: dict, tok: SegmentTokenizer, eos: Segment, writer: _UnitWriter, skipped: list) -> int:
+    wcfg = WebDatasetConfig(**job["webdataset"])
+    shard = job["unit"]["path"]
+    records = 0
+    for sample in shard_samples(shard, skipped.append):
+        records += 1
+        key = sample["__key__"]
+        try:
+            docs = [_document([tok(s) for s in segs] + [eos], tok) for _, segs in sample_documents(sample, shard, wcfg)]
+        except UserError as e:
+            prefix = f"{shard}:{key}"
+            skipped.append(f"{e.where}: {e.reason}" if e.where.startswith(prefix) else
+                           f"{prefix}: {e.where}: {e.reason}")
+            continue
+        val = held_out(key, wcfg)
+        for d in docs:
+            writer.add(d, val)
+    return records
+
+
+_TOK: Optional[SegmentTokenizer] = None  # the worker process's tokenizers
+
+
+def _init_worker(text: str, vision: str, audio: str, root: str) -> None:
+    from ernie5.env import setup
+
+    setup()
+    global _TOK
+    _TOK = SegmentTokenizer(text, vision, audio, Path(root))
+
+
+def _work(job: dict) -> tuple:
+    """Pool entry: UserErrors come back as values (their two-argument constructor does not survive pickling)."""
+    try:
+        return prepare_unit(job, _TOK), None
+    except UserError as e:
+        return None, (e.where, e.reason)
+
+
+def _run(jobs: list[dict], tok: SegmentTokenizer, cfg: MultimodalDataConfig, workers: int) -> Iterator[dict]:
+    """Markers of the prepared units: in this process for one worker, else in spawned processes."""
+    if not jobs:
+        return
+    if workers == 1 or len(jobs) == 1:
+        for job in jobs:
+            yield prepare_unit(job, tok)
+        return
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(cfg.text_tokenizer, cfg.vision_tokenizer,
+                                                                  cfg.audio_tokenizer, str(_media_root(cfg))))
+    try:
+        for future in as_completed([pool.submit(_work, job) for job in jobs]):
+            marker, err = future.result()
+            if err is not None:
+                raise UserError(*err)
+            yield marker
+    except BrokenProcessPool:
+        raise UserError("data prepare", "a worker process died (out of memory? killed?); finished units are kept: "
+                                        "run the same command again") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------------------------------------ pack
+
+class _UnitDocs:
+    """One prepared unit's documents: the index table in memory, the arrays memory-mapped on demand."""
+
+    def __init__(self, udir: Path, index: int):
+        self.udir, self.index = udir, index
+        table = np.load(udir / f"{index:06d}.docs.npy")
+        self.lengths, self.und_rows, self.val = table[:, 0], table[:, 1], table[:, 2].astype(bool)
+        self.starts = np.cumsum(self.lengths) - self.lengths
+        self.und_starts = np.cumsum(self.und_rows) - self.und_rows
+
+    def open(self) -> dict:
+        return {k: np.load(self.udir / f"{self.index:06d}.{k}.npy", mmap_mode="r") for k in UNIT_ARRAYS}
+
+    def doc(self, arrays: dict, j: int) -> dict:
+        a, n = int(self.starts[j]), int(self.lengths[j])
+        d = {k: np.array(arrays[k][a:a + n]) for k in FIELDS}
+        m = int(self.und_rows[j])
+        d["und_table"] = np.array(arrays["und_table"][self.und_starts[j]:self.und_starts[j] + m]) if m else None
+        return d
+
+
+def _pack(cfg: MultimodalDataConfig, plan: dict, udir: Path, markers: list[dict], tok: SegmentTokenizer,
+          log: Callable[[str], None]) -> dict:
+    n = len(markers)
+    for p in udir.iterdir():  # outputs of units beyond the current list (shards were removed)
+        if p.name[:6].isdigit() and int(p.name[:6]) >= n:
+            p.unlink(missing_ok=True)
+    units = [_UnitDocs(udir, i) for i in range(n)]
+    text_docs = [(split, _document([Segment("text", "target", ids=ids)], tok))
+                 for split, ids in _text_documents(cfg, tok.text)]
+    templates = _templates(tok)
+    skipped = [line for m in markers for line in m["skipped"]]
     out = Path(cfg.out_dir)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    tag = f"{socket.gethostname()}-{os.getpid()}"
+    tmp = out.with_name(f"{out.name}.tmp-{tag}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     und_cnn, und_pix = tok.und_dims
@@ -107,29 +501,116 @@ def prepare_multimodal(config_path: str, overrides=(), log=print) -> dict:
             "und_cnn_dim": und_cnn, "und_pix_dim": und_pix, "und_patches": 4,
             "scales": tok.vision.cfg.scales, "text_tokenizer": cfg.text_tokenizer,
             "vision_tokenizer": cfg.vision_tokenizer, "audio_tokenizer": cfg.audio_tokenizer,
-            "manifest": str(manifest),
-            "skipped": skipped, "splits": {}, "files": {}}
-    for split, ds in docs.items():
-        packed, dropped = pack_documents(ds, cfg.seq_len)
-        if packed["und_table"] is None:
-            packed["und_table"] = np.zeros((0, 4, und_cnn + und_pix), np.float32)
-        for k, v in packed.items():
-            np.save(tmp / f"{split}.{k}.npy", v)
-        rows = int(packed["token"].shape[0])
-        meta["splits"][split] = {"documents": len(ds) - dropped, "dropped_too_long": dropped, "rows": rows}
-        stats[f"{split}_rows"], stats[f"{split}_documents"] = rows, len(ds) - dropped
-        stats[f"{split}_too_long"] = dropped
+            "manifest": cfg.manifest or None,
+            "webdataset": None if cfg.webdataset is None else {**plan["fingerprint"]["webdataset"],
+                                                               "shards": [u["path"] for u in plan["units"]]},
+            "units": n, "skipped": skipped, "splits": {}, "files": {}}
+    stats = {"skipped": len(skipped)}
+    if cfg.manifest:
+        stats["skipped_documents"] = len(skipped)
+    for split in SPLITS:
+        s = _pack_split(cfg.seq_len, split, units, text_docs, templates, tmp)
+        meta["splits"][split] = s
+        stats[f"{split}_rows"], stats[f"{split}_documents"] = s["rows"], s["documents"]
+        stats[f"{split}_too_long"] = s["dropped_too_long"]
     np.savez(tmp / "vis_history.npz", **visual_history_maps(tok.vision))
     for f in sorted(list(tmp.glob("*.npy")) + list(tmp.glob("*.npz"))):
         meta["files"][f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
-    old = out.with_name(out.name + f".old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-    stats["out_dir"] = str(out)
+    _swap_in(tmp, out, tag)
+    log(f"packed {n} units into {out}: train {stats['train_rows']} rows ({stats['train_documents']} documents), "
+        f"val {stats['val_rows']} rows ({stats['val_documents']} documents), {len(skipped)} skipped")
     return stats
+
+
+def _pack_split(seq_len: int, split: str, units: list[_UnitDocs], text_docs: list, templates: dict,
+                tmp: Path) -> dict:
+    """Shuffle the split's documents (fixed seed), assign them greedily to rows as `pack_documents` does, and
+    write the rows PACK_ROWS at a time into memory-mapped output files."""
+    want_val = split == "val"
+    src, local, lengths, und_rows = [], [], [], []
+    for u in units:
+        idx = np.nonzero(u.val == want_val)[0]
+        src.append(np.full(len(idx), u.index))
+        local.append(idx)
+        lengths.append(u.lengths[idx])
+        und_rows.append(u.und_rows[idx])
+    mine = [t for t, (s, _) in enumerate(text_docs) if s == split]
+    src.append(np.full(len(mine), -1))
+    local.append(np.array(mine, np.int64))
+    lengths.append(np.array([len(text_docs[t][1]["token"]) for t in mine], np.int64))
+    und_rows.append(np.zeros(len(mine), np.int64))
+    src, local = np.concatenate(src).astype(np.int64), np.concatenate(local).astype(np.int64)
+    lengths, und_rows = np.concatenate(lengths).astype(np.int64), np.concatenate(und_rows).astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(src))  # mix modalities (units list them grouped)
+    row_of = np.full(len(order), -1, np.int64)  # per position in `order`
+    rows, used = 0, 0
+    for p, e in enumerate(order):
+        length = int(lengths[e])
+        if length > seq_len:
+            continue
+        if used + length > seq_len:
+            rows, used = rows + 1, 0
+        row_of[p] = rows
+        used += length
+    kept = np.nonzero(row_of >= 0)[0]
+    total_rows = rows + 1 if len(kept) else 0
+    total_und = int(und_rows[order[kept]].sum())
+    outs = {k: np.lib.format.open_memmap(tmp / f"{split}.{k}.npy", mode="w+", dtype=dtype,
+                                         shape=(total_rows, seq_len, *trail))
+            for k, (dtype, trail) in templates.items() if k != "und_table"}
+    outs["doc"] = np.lib.format.open_memmap(tmp / f"{split}.doc.npy", mode="w+", dtype=np.int32,
+                                            shape=(total_rows, seq_len))
+    dtype, trail = templates["und_table"]
+    outs["und_table"] = np.lib.format.open_memmap(tmp / f"{split}.und_table.npy", mode="w+", dtype=dtype,
+                                                  shape=(total_und, *trail))
+    cache: OrderedDict[int, dict] = OrderedDict()
+
+    def fetch(e: int) -> dict:
+        u = int(src[e])
+        if u < 0:
+            return text_docs[int(local[e])][1]
+        if u not in cache:
+            if len(cache) >= OPEN_UNITS:
+                cache.popitem(last=False)
+            cache[u] = units[u].open()
+        cache.move_to_end(u)
+        return units[u].doc(cache[u], int(local[e]))
+
+    kept_rows = row_of[kept]
+    m0 = 0
+    for r0 in range(0, total_rows, PACK_ROWS):
+        r1 = min(r0 + PACK_ROWS, total_rows)
+        a, b = np.searchsorted(kept_rows, [r0, r1])
+        packed, dropped = pack_documents([fetch(int(order[p])) for p in kept[a:b]], seq_len)
+        if dropped or packed["token"].shape[0] != r1 - r0:  # the assignment above must match pack_documents
+            raise AssertionError(f"packing rows {r0}..{r1}: got {packed['token'].shape[0]} rows, {dropped} dropped")
+        packed["und_index"] = np.where(packed["und_index"] >= 0, packed["und_index"] + m0, -1).astype(np.int32)
+        for k in FIELDS + ("doc",):
+            outs[k][r0:r1] = packed[k]
+        if packed["und_table"] is not None:
+            outs["und_table"][m0:m0 + len(packed["und_table"])] = packed["und_table"]
+            m0 += len(packed["und_table"])
+    for arr in outs.values():
+        arr.flush()
+    outs.clear()  # unmap before the files are hashed and moved
+    cache.clear()
+    return {"documents": int(len(kept)), "dropped_too_long": int(len(order) - len(kept)), "rows": total_rows}
+
+
+def _swap_in(tmp: Path, out: Path, tag: str) -> None:
+    """Replace `out` by `tmp` (two packers finishing together both write the same bytes: the later one yields)."""
+    old = out.with_name(f"{out.name}.old-{tag}")
+    if out.exists():
+        try:
+            out.rename(old)
+        except FileNotFoundError:
+            pass
+    try:
+        tmp.rename(out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _text_documents(cfg: MultimodalDataConfig, text_tok):
@@ -160,7 +641,11 @@ def read_multimodal_meta(shard_dir: str) -> dict:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(str(meta_path), f"unreadable shard metadata ({e})") from None
-    if meta.get("format") != MULTIMODAL_FORMAT:
+    fmt = str(meta.get("format"))
+    if fmt.startswith("multimodal-") and fmt != MULTIMODAL_FORMAT:
+        raise UserError(str(meta_path), f"shards in format {fmt}, this version reads {MULTIMODAL_FORMAT} (prepare "
+                                        "them again with `ernie5 data prepare CONFIG`)")
+    if fmt != MULTIMODAL_FORMAT:
         raise UserError(str(meta_path), "not a multimodal shard (text shards have no segments to inspect)")
     return meta
 
