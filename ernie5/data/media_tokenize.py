@@ -1,54 +1,17 @@
-"""Media -> `Segment`s: the readers of image / video / audio files (every failure a one-line `UserError` naming
-the file) and `SegmentTokenizer`, which runs the text, vision and audio tokenizers on a document's raw segments
-(tokenizers run offline, apart from the backbone). `visual_history_maps` measures the linear map from earlier
+"""Media -> `Segment`s: `SegmentTokenizer` decodes a document's raw segments (files or tar-member bytes, through
+`ernie5.data.media_decode`: every failure a one-line `UserError` naming the file) and runs the text, vision and
+audio tokenizers on them (tokenizers run offline, apart from the backbone). `visual_history_maps` measures the linear map from earlier
 scales' sign bits to the visual inputs (training corrupts the visual history through it)."""
 
 from __future__ import annotations
 
-import wave
 from pathlib import Path
 
 import numpy as np
 
-from ernie5.data.npy import read_npy
+from ernie5.data.media_decode import decode_audio, decode_image, decode_video
 from ernie5.data.sequence import Segment
 from ernie5.errors import UserError
-
-
-def read_image(path: Path) -> np.ndarray:
-    """Grayscale pixels in [-1, 1]: [H, W]."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise UserError(str(path), "image file missing")
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("L"), np.float32) / 127.5 - 1.0
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(str(path), f"corrupt image ({type(e).__name__})") from None
-
-
-def read_video(path: Path) -> np.ndarray:
-    """uint8 frames .npy [T, H, W] -> [-1, 1]."""
-    v = read_npy(path, "video file missing", ndim=3, layout="frames [T, H, W]")
-    return v.astype(np.float32) / 127.5 - 1.0
-
-
-def read_wav(path: Path, sample_rate: int) -> np.ndarray:
-    if not path.is_file():
-        raise UserError(str(path), "audio file missing")
-    try:
-        with wave.open(str(path), "rb") as f:
-            if f.getsampwidth() != 2 or f.getnchannels() != 1:
-                raise UserError(str(path), "expected 16-bit mono WAV")
-            if f.getframerate() != sample_rate:
-                raise UserError(str(path), f"sample rate {f.getframerate()} != tokenizer's {sample_rate}")
-            pcm = np.frombuffer(f.readframes(f.getnframes()), "<i2")
-    except (wave.Error, EOFError, OSError) as e:
-        raise UserError(str(path), f"corrupt WAV ({e})") from None
-    if pcm.size == 0:
-        raise UserError(str(path), "empty audio")
-    return pcm.astype(np.float32) / 32768.0
 
 
 class SegmentTokenizer:
@@ -65,6 +28,8 @@ class SegmentTokenizer:
         self.bits, self.levels = self.vision.cfg.bits, self.audio.cfg.levels
 
     def __call__(self, raw: dict) -> Segment:
+        """A raw segment: `{"kind", "role", "text"}`, `{"kind", "role", "path"}` (relative to the root) or
+        `{"kind", "role", "bytes", "name"}` (e.g. a tar member; `name` is what errors call it)."""
         import paddle
 
         kind, role = raw.get("kind"), raw.get("role", "target")
@@ -72,49 +37,58 @@ class SegmentTokenizer:
             return Segment("text", role, ids=self.text.encode(raw["text"]))
         if kind == "sep":
             return Segment("sep", role)
-        path = self.root / raw["path"]
-        if kind in ("image", "video"):
-            px = read_image(path)[None] if kind == "image" else read_video(path)
-            side = self.vision.cfg.image_size
-            if px.shape[1:] != (side, side):
-                raise UserError(str(path), f"frames are {px.shape[1:]}, the vision tokenizer takes {side}x{side}")
-            if role == "input":
-                return Segment(kind, role, und=self.understanding_features(px))
-            with paddle.no_grad():
-                codes = self.vision.encode(paddle.to_tensor(px[None, None]))
-                inputs = self.vision.next_scale_inputs(codes)
-                latent = self.vision.quantized_latent(codes)  # [1, d, T, L, L]: every scale of every frame
-            return Segment(kind, role, codes=[c.numpy()[0] for c in codes], scale_inputs=[x.numpy()[0] for x in inputs],
-                           frame_latent=latent.numpy()[0].transpose(1, 2, 3, 0))
+        if kind not in ("image", "video", "audio"):
+            raise UserError(f"segment kind {kind!r}", "expected text, image, video, audio or sep")
+        if "bytes" in raw:
+            src, name = raw["bytes"], str(raw.get("name", f"<{kind} bytes>"))
+        else:
+            src = self.root / raw["path"]
+            name = str(src)
         if kind == "audio":
-            wav = read_wav(path, self.audio.cfg.sample_rate)
+            wav = decode_audio(src, name, self.audio.cfg.sample_rate)
             hop = self.audio.cfg.hop
             padded = np.zeros(-(-len(wav) // hop) * hop, np.float32)
             padded[:len(wav)] = wav
             with paddle.no_grad():
                 codes = self.audio.encode(paddle.to_tensor(padded[None]))
             return Segment("audio", role, audio_codes=codes.numpy()[0])
-        raise UserError(f"segment kind {kind!r}", "expected text, image, video, audio or sep")
+        c = self.vision.cfg
+        px = decode_image(src, name, c.in_channels)[None] if kind == "image" else decode_video(src, name, c.in_channels)
+        side = c.image_size
+        if px.shape[1:3] != (side, side):
+            raise UserError(name, f"frames are {px.shape[1]}x{px.shape[2]}, the vision tokenizer takes {side}x{side}")
+        if role == "input":
+            return Segment(kind, role, und=self.understanding_features(px))
+        x = paddle.to_tensor(px.transpose(3, 0, 1, 2)[None])  # [1, C, T, H, W]
+        with paddle.no_grad():
+            codes = self.vision.encode(x)
+            inputs = self.vision.next_scale_inputs(codes)
+            latent = self.vision.quantized_latent(codes)  # [1, d, T, L, L]: every scale of every frame
+        return Segment(kind, role, codes=[c.numpy()[0] for c in codes], scale_inputs=[x.numpy()[0] for x in inputs],
+                       frame_latent=latent.numpy()[0].transpose(1, 2, 3, 0))
 
-    def understanding_features(self, px_THW: np.ndarray) -> np.ndarray:
-        """[T, h, w, C + P]: the tokenizer encoder's continuous features (the "CNN" path) and the raw pixels of
-        each latent cell (P = (H/h)^2, the input of the model's ViT-style patch path)."""
+    def understanding_features(self, px: np.ndarray) -> np.ndarray:
+        """[T, h, w, Ch + P]: the tokenizer encoder's continuous features (the "CNN" path, Ch channels) and the raw
+        pixels of each latent cell (P = r * r * C with r = H / h: the input of the model's ViT-style patch path).
+        `px`: frames [T, H, W, C] in [-1, 1] ([T, H, W]: one channel)."""
         import paddle
 
+        px = np.asarray(px, np.float32)
+        if px.ndim == 3:
+            px = px[..., None]
+        T, H, W, C = px.shape
         with paddle.no_grad():
-            cnn = self.vision.features(paddle.to_tensor(px_THW[None, None])).numpy()[0]  # [T, h, w, C]
-        T, H, _ = px_THW.shape
-        h = cnn.shape[1]
+            cnn = self.vision.features(paddle.to_tensor(px.transpose(3, 0, 1, 2)[None])).numpy()[0]  # [T, h, w, Ch]
+        h, w = cnn.shape[1:3]
         r = H // h
-        pix = px_THW.reshape(T, h, r, h, r).transpose(0, 1, 3, 2, 4).reshape(T, h, h, r * r)
+        pix = px.reshape(T, h, r, w, r, C).transpose(0, 1, 3, 2, 4, 5).reshape(T, h, w, r * r * C)
         return np.concatenate([cnn, pix], -1).astype(np.float32)
 
     @property
     def und_dims(self) -> tuple[int, int]:
-        """(CNN feature channels, pixels per latent cell)."""
+        """(CNN feature channels, pixel values per latent cell: r * r * C)."""
         c = self.vision.cfg
-        side = c.latent_side
-        return c.channels, (c.image_size // side) ** 2
+        return c.channels, (c.image_size // c.latent_side) ** 2 * c.in_channels
 
 
 def visual_history_maps(vision) -> dict:

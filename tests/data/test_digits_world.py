@@ -57,7 +57,7 @@ def test_prepare_skips_corrupt_and_missing_media_and_names_the_file(world):
     finally:
         shutil.move(root / "moved.wav", missing)
     assert r.returncode == 0, r.stderr
-    assert "00002.png: corrupt image" in r.stderr and "00001.wav: audio file missing" in r.stderr
+    assert "00002.png: corrupt or unsupported image" in r.stderr and "00001.wav: audio file missing" in r.stderr
     stats = json.loads(r.stdout)
     # each item appears in two documents (both directions): two for the image, two for the clip
     assert stats["skipped_documents"] == 4 and stats["train_rows"] > 0 and stats["val_rows"] > 0
@@ -73,11 +73,13 @@ def test_prepare_skips_corrupt_and_missing_media_and_names_the_file(world):
 
 
 def test_read_errors_name_the_file(tmp_path):
-    from ernie5.data.media_tokenize import read_image, read_video, read_wav
+    from ernie5.data.media_decode import decode_audio, decode_image, decode_video
 
     bad = tmp_path / "x.png"
     bad.write_bytes(b"\x89PNG broken")
-    for fn, path in ((read_image, bad), (read_video, tmp_path / "nope.npy"), (lambda p: read_wav(p, 16000), bad)):
+    for fn, path in ((lambda p: decode_image(p, str(p), 1), bad), (lambda p: decode_video(p, str(p), 1),
+                                                                   tmp_path / "nope.npy"),
+                     (lambda p: decode_audio(p, str(p), 16000), bad)):
         with pytest.raises(UserError) as e:
             fn(path)
         assert str(path) in str(e.value)
