@@ -315,31 +315,83 @@ def text_row(tokens_R: np.ndarray, docs_R: np.ndarray, bits: int, levels: int) -
 
 
 # -- attention ----------------------------------------------------------------------------------------------------
-def allowed_mask(doc_BS: np.ndarray, group_BS: np.ndarray) -> np.ndarray:
+def frame_until(doc_BS: np.ndarray, group_BS: np.ndarray, frame_BS: np.ndarray, scale_BS: np.ndarray,
+                modality_BS: np.ndarray, window: int = 0, hide_B=None) -> np.ndarray:
+    """`until` int64 [B, S] of the video recipe (`ernie5.model.mask`: a key is hidden from queries whose group is
+    >= its until; `mask.NEVER` everywhere else):
+    - **windowed temporal attention** (`window` W >= 1): the positions of frame f of a generated video (its scales
+      and its context group) are visible up to the last position before frame f + W, so a frame attends to
+      itself and the W - 1 frames before it, and whatever follows the video to its last W frames: long videos
+      cost a bounded attention span (and KV cache) per frame. W = 0: every earlier frame stays visible.
+    - **old-frame masking** (training): `hide_B[b]` (bool [frames] per video segment, in order) hides frame f
+      from frame f + 2 on (its own and the next frame still see it): later frames must do without it, as when
+      older frames leave the window or are dropped.
+    A generated video is a run of positions with modality VIDEO and a scale (>= 0) in one document; continuous
+    understanding inputs (no scale) are left alone. `hide_B[b]` lists one bool array per such run of row b."""
+    from ernie5.model.mask import NEVER
+
+    B, S = doc_BS.shape
+    until = np.full((B, S), NEVER, np.int64)
+    for b in range(B):
+        hides = list(hide_B[b]) if hide_B is not None else []
+        for n, (lo, hi) in enumerate(video_runs(doc_BS[b], scale_BS[b], modality_BS[b])):
+            fr = frame_BS[b, lo:hi]
+            T = int(fr.max()) + 1
+            first = np.array([group_BS[b, lo + int(np.argmax(fr == f))] for f in range(T)], np.int64)
+            limit = np.full(T, NEVER, np.int64)
+            if window:
+                limit[:max(T - window, 0)] = first[window:]
+            if n < len(hides):
+                hidden = np.asarray(hides[n][:T], bool)
+                limit[:T - 2] = np.where(hidden[:T - 2], np.minimum(limit[:T - 2], first[2:]), limit[:T - 2])
+            until[b, lo:hi] = limit[fr]
+    return until
+
+
+def video_runs(doc_S: np.ndarray, scale_S: np.ndarray, modality_S: np.ndarray) -> list[tuple[int, int]]:
+    """[lo, hi) runs of generated-video positions (modality VIDEO with a scale) inside one document."""
+    is_vid = (modality_S == VIDEO) & (scale_S >= 0)
+    runs, i, S = [], 0, len(doc_S)
+    while i < S:
+        if not is_vid[i]:
+            i += 1
+            continue
+        j = i
+        while j < S and is_vid[j] and doc_S[j] == doc_S[i]:
+            j += 1
+        runs.append((i, j))
+        i = j
+    return runs
+
+
+def allowed_mask(doc_BS: np.ndarray, group_BS: np.ndarray, until_BS: np.ndarray | None = None) -> np.ndarray:
     """bool [B, S, S]: query i may attend key j (the rule of `ernie5.model.mask`: same document,
-    group[j] <= group[i])."""
-    return mask.allowed(doc_BS, group_BS, doc_BS, group_BS)
+    group[j] <= group[i] < until[j])."""
+    return mask.allowed(doc_BS, group_BS, doc_BS, group_BS, until_BS)
 
 
-def dense_mask(doc_BS: np.ndarray, group_BS: np.ndarray) -> np.ndarray:
+def dense_mask(doc_BS: np.ndarray, group_BS: np.ndarray, until_BS: np.ndarray | None = None) -> np.ndarray:
     """Additive float32 [B, 1, S, S] (0 allowed, -inf masked): what the CPU attention (`attn_mask`) takes."""
-    return mask.additive(allowed_mask(doc_BS, group_BS))
+    return mask.additive(allowed_mask(doc_BS, group_BS, until_BS))
 
 
-def flashmask_ranges(doc_BS: np.ndarray, group_BS: np.ndarray) -> np.ndarray:
+def flashmask_ranges(doc_BS: np.ndarray, group_BS: np.ndarray, until_BS: np.ndarray | None = None) -> np.ndarray:
     """FlashMask `startend_row_indices` [B, 1, S, 2] int32 for `flashmask_attention(..., causal=False)`:
-    per key column j, rows >= LTS = end of j's document are masked (later documents) and rows < UTE = first
-    row of j's group are masked (earlier groups and documents). Needs groups non-decreasing along the row,
-    contiguous documents and groups, which `pack_documents` guarantees."""
+    per key column j, rows >= LTS are masked, LTS = the end of j's document or, if earlier, the first row whose
+    group reaches until[j] (later documents, expired frames), and rows < UTE = first row of j's group are masked
+    (earlier groups and documents). Needs groups non-decreasing along the row, contiguous documents and groups,
+    which `pack_documents` guarantees."""
     B, S = doc_BS.shape
     out = np.zeros((B, 1, S, 2), np.int32)
     for b in range(B):
         doc, grp = doc_BS[b], group_BS[b]
         doc_change = np.nonzero(np.diff(doc))[0] + 1
         doc_end = np.searchsorted(np.append(doc_change, S), np.arange(S), side="right")
-        out[b, 0, :, 0] = np.append(doc_change, S)[doc_end]
-        grp_start = np.searchsorted(grp, grp, side="left")  # grp is sorted: first index of each value
-        out[b, 0, :, 1] = grp_start
+        lts = np.append(doc_change, S)[doc_end]
+        if until_BS is not None:
+            lts = np.minimum(lts, np.searchsorted(grp, until_BS[b], side="left"))
+        out[b, 0, :, 0] = lts
+        out[b, 0, :, 1] = np.searchsorted(grp, grp, side="left")  # grp is sorted: first index of each value
     return out
 
 

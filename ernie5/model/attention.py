@@ -21,42 +21,42 @@ from ernie5.model.probe import NO_PROBE
 from ernie5.model.rope import apply_rope
 
 
-def _mask_on_host(q_doc_BQ: paddle.Tensor, q_group_BQ: paddle.Tensor, k_doc_BK: paddle.Tensor,
-                  k_group_BK: paddle.Tensor) -> paddle.Tensor:
+def _mask_on_host(*ids) -> paddle.Tensor:
     """`mask.allowed` in NumPy for CPU tensors (see `ernie5.model.mask` for why), as an additive CPU tensor.
-    Operands may already be NumPy arrays."""
+    Operands (q_doc, q_group, k_doc, k_group[, k_until]) may already be NumPy arrays."""
     host: dict[int, np.ndarray] = {}  # one copy per distinct tensor (a row attending to itself passes each twice)
-    ids = []
-    for t in (q_doc_BQ, q_group_BQ, k_doc_BK, k_group_BK):
+    arrays = []
+    for t in ids:
         if isinstance(t, paddle.Tensor) and id(t) not in host:
             host[id(t)] = t.numpy()
-        ids.append(host[id(t)] if isinstance(t, paddle.Tensor) else t)
-    return paddle.to_tensor(mask.additive(mask.allowed(*ids)), place=paddle.CPUPlace())
+        arrays.append(host[id(t)] if isinstance(t, paddle.Tensor) else t)
+    return paddle.to_tensor(mask.additive(mask.allowed(*arrays)), place=paddle.CPUPlace())
 
 
-def _mask_on_device(q_doc_BQ: paddle.Tensor, q_group_BQ: paddle.Tensor, k_doc_BK: paddle.Tensor,
-                    k_group_BK: paddle.Tensor) -> paddle.Tensor:
+def _mask_on_device(*ids) -> paddle.Tensor:
     """`mask.allowed` as Paddle ops where the ids live (accelerators), as an additive tensor."""
-    allowed = mask.allowed(q_doc_BQ, q_group_BQ, k_doc_BK, k_group_BK)
+    allowed = mask.allowed(*ids)
     zeros = paddle.zeros(allowed.shape, dtype="float32")
     return paddle.where(allowed, zeros, paddle.full_like(zeros, float("-inf"))).unsqueeze(1)
 
 
 def attention_mask(q_doc_BQ: paddle.Tensor, q_group_BQ: paddle.Tensor, k_doc_BK: paddle.Tensor,
-                   k_group_BK: paddle.Tensor) -> paddle.Tensor:
+                   k_group_BK: paddle.Tensor, k_until_BK=None) -> paddle.Tensor:
     """Additive float32 mask [B, 1, Q, K] of `ernie5.model.mask.allowed`, built where the ids live."""
     build = _mask_on_host if q_doc_BQ.place.is_cpu_place() else _mask_on_device
-    return build(q_doc_BQ, q_group_BQ, k_doc_BK, k_group_BK)
+    ids = (q_doc_BQ, q_group_BQ, k_doc_BK, k_group_BK) + ((k_until_BK,) if k_until_BK is not None else ())
+    return build(*ids)
 
 
-def group_mask(segment_ids_BS: paddle.Tensor, groups_BS=None) -> paddle.Tensor:
+def group_mask(segment_ids_BS: paddle.Tensor, groups_BS=None, until_BS=None) -> paddle.Tensor:
     """Additive mask [B, 1, S, S] of a row attending to itself (`ernie5.model.mask`: same document, causal across
-    groups, bidirectional inside one). groups None: one group per position, i.e. document-causal."""
+    groups, bidirectional inside one; a key hidden from the group `until` on). groups None: one group per
+    position, i.e. document-causal."""
     if groups_BS is None:  # numbered by position; in NumPy for the host path (a Paddle arange costs ~0.07 ms there)
         S = segment_ids_BS.shape[1]
         groups_BS = np.arange(S, dtype=np.int64)[None] if segment_ids_BS.place.is_cpu_place() else \
             paddle.arange(S, dtype="int64").unsqueeze(0)
-    return attention_mask(segment_ids_BS, groups_BS, segment_ids_BS, groups_BS)
+    return attention_mask(segment_ids_BS, groups_BS, segment_ids_BS, groups_BS, until_BS)
 
 
 def document_causal_mask(segment_ids_BS: paddle.Tensor) -> paddle.Tensor:
@@ -97,22 +97,26 @@ class KVCache:
         self.values: list = [None] * num_layers
         self.doc_BS = None
         self.group_BS = None
+        self.until_BS = None
 
     @property
     def length(self) -> int:
         return 0 if self.doc_BS is None else int(self.doc_BS.shape[1])
 
-    def extend(self, segment_ids_BS: paddle.Tensor, groups_BS=None) -> paddle.Tensor:
-        """Record the new positions' documents and groups (None: one group per position, i.e. causal) and return
-        the additive mask [B, 1, S_new, S_cached + S_new]."""
+    def extend(self, segment_ids_BS: paddle.Tensor, groups_BS=None, until_BS=None) -> paddle.Tensor:
+        """Record the new positions' documents, groups (None: one group per position, i.e. causal) and `until`
+        (None: never expire) and return the additive mask [B, 1, S_new, S_cached + S_new]."""
         B, S = segment_ids_BS.shape
         if groups_BS is None:
             groups_BS = paddle.arange(self.length, self.length + S, dtype="int64").unsqueeze(0).expand([B, S])
-        doc, grp = segment_ids_BS.astype("int64"), groups_BS.astype("int64")
+        if until_BS is None:
+            until_BS = paddle.full([B, S], mask.NEVER, dtype="int64")
+        doc, grp, until = segment_ids_BS.astype("int64"), groups_BS.astype("int64"), until_BS.astype("int64")
         if self.doc_BS is not None:
             doc, grp = paddle.concat([self.doc_BS, doc], 1), paddle.concat([self.group_BS, grp], 1)
-        self.doc_BS, self.group_BS = doc, grp
-        return attention_mask(doc[:, -S:], grp[:, -S:], doc, grp)
+            until = paddle.concat([self.until_BS, until], 1)
+        self.doc_BS, self.group_BS, self.until_BS = doc, grp, until
+        return attention_mask(doc[:, -S:], grp[:, -S:], doc, grp, until)
 
     def append(self, layer: int, k_BSND: paddle.Tensor, v_BSND: paddle.Tensor):
         """Store layer `layer`'s new keys / values; returns all of them (cached first)."""

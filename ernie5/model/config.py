@@ -99,6 +99,7 @@ class MultimodalConfig:
     und_pix_dim: int = 0  # and raw pixels per patch (the ViT-style path)
     und_patches: int = 4  # K patches merged into one token
     merger_heads: int = 4
+    temporal_window: int = 0  # W >= 1: a video frame attends to itself and the W - 1 frames before it; 0: all
 
     def validate(self, path: str) -> None:
         if not self.enabled:
@@ -106,6 +107,7 @@ class MultimodalConfig:
         for name in ("visual_bits", "num_scales", "audio_levels", "audio_codebook", "und_cnn_dim", "und_pix_dim",
                      "und_patches", "merger_heads"):
             require(getattr(self, name) >= 1, join(path, name), f"{getattr(self, name)} must be >= 1")
+        require(self.temporal_window >= 0, join(path, "temporal_window"), f"{self.temporal_window} must be >= 0")
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """The attention rule of packed rows, written once.
 
-Query i may attend key j iff both lie in the same document and group[j] <= group[i]: causal across groups,
-bidirectional inside one, nothing across documents. A group is one text token, one scale of one visual frame
+Query i may attend key j iff both lie in the same document and group[j] <= group[i] (< until[j], when keys carry
+an `until`): causal across groups, bidirectional inside one, nothing across documents; a key with an `until`
+stops being visible from the group `until[j]` on (windowed temporal attention and old-frame masking of video,
+`ernie5.data.sequence.frame_until`). A group is one text token, one scale of one visual frame
 (every token of a scale is predicted at once, so they see each other: the scale-wise mask of next-scale
 prediction) or one audio frame (`ernie5.data.sequence` assigns them). Groups numbered by position give the plain
 document-causal mask.
@@ -18,11 +20,18 @@ from __future__ import annotations
 import numpy as np
 
 
-def allowed(q_doc_BQ, q_group_BQ, k_doc_BK, k_group_BK):
+NEVER = np.iinfo(np.int64).max  # `until` of a key that never expires
+
+
+def allowed(q_doc_BQ, q_group_BQ, k_doc_BK, k_group_BK, k_until_BK=None):
     """bool [B, Q, K]: query q may attend key k. Queries and keys are passed apart so that incremental decoding
-    (new queries against cached and new keys) uses the same rule; a [1, n] operand broadcasts over the batch."""
+    (new queries against cached and new keys) uses the same rule; a [1, n] operand broadcasts over the batch.
+    `k_until_BK` (optional): key k is hidden from queries whose group is >= it."""
     same_doc = q_doc_BQ[:, :, None] == k_doc_BK[:, None, :]
-    return same_doc & (k_group_BK[:, None, :] <= q_group_BQ[:, :, None])
+    ok = same_doc & (k_group_BK[:, None, :] <= q_group_BQ[:, :, None])
+    if k_until_BK is not None:
+        ok = ok & (q_group_BQ[:, :, None] < k_until_BK[:, None, :])
+    return ok
 
 
 def additive(allowed_BQK: np.ndarray) -> np.ndarray:

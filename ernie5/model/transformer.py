@@ -201,13 +201,14 @@ class UnifiedModel(nn.Layer):
         return [b.mlp for b in self.layers if b.is_moe]
 
     def backbone(self, input_ids_BS, pos_thw_BS3=None, segment_ids_BS=None, submodel=None, *, embeds_BSH=None,
-                 groups_BS=None, modality_BS=None, cache: Optional[KVCache] = None, pipe_in=None,
+                 groups_BS=None, modality_BS=None, cache: Optional[KVCache] = None, pipe_in=None, until_BS=None,
                  chunk: int = 0) -> BackboneOut:
         """`submodel` (elastic training): layers it does not keep are identities; MoE layers route with its
         expert subset and top-k. None: the full model.
 
         Unified batches pass `embeds_BSH` (from `embed_unified`, instead of `input_ids_BS`), `groups_BS` (attention
-        is causal across groups, bidirectional inside one; None: one group per position) and `modality_BS`.
+        is causal across groups, bidirectional inside one; None: one group per position), `modality_BS` and
+        optionally `until_BS` (a key is hidden from queries of group >= its `until`: windowed video attention).
 
         `cache` (a `KVCache`, incremental decoding): the inputs are only the new positions; they attend to the
         cached ones too (the mask follows the same document / group rule) and their keys / values are added.
@@ -233,8 +234,8 @@ class UnifiedModel(nn.Layer):
             segment_ids_BS = paddle.zeros([B, S], dtype="int64")
         run = self.probe.run
         cos, sin = run("norms_rope", "rope_cos_sin", rope_cos_sin, pos_thw_BS3, self.rope_table)
-        mask = (run("attention", "group_mask", group_mask, segment_ids_BS, groups_BS) if cache is None
-                else cache.extend(segment_ids_BS, groups_BS))
+        mask = (run("attention", "group_mask", group_mask, segment_ids_BS, groups_BS, until_BS) if cache is None
+                else cache.extend(segment_ids_BS, groups_BS, until_BS))
         sp = self.tp is not None and self.tp.sequence_parallel
         if sp:  # the blocks work on this rank's sequence shard
             if first:

@@ -34,11 +34,14 @@ import paddle
 import paddle.nn.functional as F
 
 from ernie5.constants import AUDIO, IGNORE, IMAGE, MODALITY_TERMS, VIDEO
-from ernie5.data.sequence import HEAD_AUDIO, HEAD_TEXT, HEAD_VISUAL, space_to_depth
+from ernie5.data.sequence import HEAD_AUDIO, HEAD_TEXT, HEAD_VISUAL, frame_until, space_to_depth, video_runs
 from ernie5.objectives.config import ObjectiveConfig
 from ernie5.objectives.mtp import mtp_loss
 from ernie5.objectives.text import TextLoss, head_row_losses, token_balanced
 
+
+
+_HIDE_STREAM = 0x0F4A  # appended to a row's key: the old-frame draws use a stream of their own
 
 
 # -- batches (numpy) -------------------------------------------------------------------------------------------
@@ -81,9 +84,10 @@ def flip_history(rows: dict, maps: dict, scales: list[int], rate: float, rngs: l
 
 def make_unified_batch(rows: dict, *, scales: list[int], audio_end: int, specials: dict, mtp_depth: int,
                        cfg: ObjectiveConfig, maps: Optional[dict] = None,
-                       row_keys: Optional[list] = None) -> dict:
+                       row_keys: Optional[list] = None, temporal_window: int = 0, train: bool = False) -> dict:
     """Model inputs and targets (numpy) from loader rows (`MultimodalLoader.next()`). `row_keys[b]` seeds row b's
-    bit-flip draws (default: the row index)."""
+    bit-flip and old-frame draws (default: the row index). `until` (the video recipe's key expiry,
+    `sequence.frame_until`) is added when `temporal_window` > 0 or, in training, `cfg.old_frame_mask_rate` > 0."""
     B, S = rows["token"].shape
     target, mask = rows["target"].astype(np.int64), rows["loss_mask"].astype(bool)
     modality = rows["modality"].astype(np.int64)
@@ -96,6 +100,18 @@ def make_unified_batch(rows: dict, *, scales: list[int], audio_end: int, special
         keys = row_keys if row_keys is not None else list(range(B))
         vis = flip_history(rows, maps, scales, cfg.bit_flip_rate, [np.random.default_rng(k) for k in keys])
     out["vis_in"] = vis
+    hide_rate = cfg.old_frame_mask_rate if train else 0.0
+    if temporal_window > 0 or hide_rate > 0:
+        keys = row_keys if row_keys is not None else list(range(B))
+        hide = None
+        if hide_rate > 0:  # a draw per frame of each video, from the row's own stream (apart from the bit flips)
+            hide = []
+            for b in range(B):
+                rng = np.random.default_rng(np.append(np.atleast_1d(keys[b]), _HIDE_STREAM))
+                runs = video_runs(rows["doc"][b], rows["scale"][b], rows["modality"][b])
+                hide.append([rng.random(int(rows["frame"][b, lo:hi].max()) + 1) < hide_rate for lo, hi in runs])
+        out["until"] = frame_until(rows["doc"], rows["group"], rows["frame"], rows["scale"], rows["modality"],
+                                   temporal_window, hide)
     und = out["und_index"] >= 0
     out["und_flat_pos"] = np.nonzero(und.reshape(-1))[0].astype(np.int64)
     out["und_feats"] = out["und_feats"][out["und_index"][und]] if und.any() else out["und_feats"][:0]
@@ -196,7 +212,7 @@ class UnifiedObjective:
         """The backbone on a unified batch (`emb`: its input vectors on the first pipeline stage; `pipe_in`,
         `chunk`: a later stage's input and layer chunk, see `UnifiedModel.backbone`)."""
         return model.backbone(None, b["pos"], b["doc"], submodel, embeds_BSH=emb, groups_BS=b["group"],
-                              modality_BS=b["modality"], pipe_in=pipe_in, chunk=chunk)
+                              modality_BS=b["modality"], pipe_in=pipe_in, chunk=chunk, until_BS=b.get("until"))
 
     def heads(self, model, b: dict, out, emb, record: bool = True) -> TextLoss:
         """The loss from the backbone's output (the last pipeline stage's part of `loss`); `emb`: the batch's

@@ -129,5 +129,6 @@ class UnifiedBatches:
         mm = self.cfg.model.multimodal
         b = self._make(rows, scales=self.meta["scales"], audio_end=mm.audio_codebook, specials=self.meta["specials"],
                        mtp_depth=self.cfg.model.mtp.depth, cfg=self.cfg.objective,
-                       maps=self.maps if train else None, row_keys=keys)
+                       maps=self.maps if train else None, row_keys=keys, temporal_window=mm.temporal_window,
+                       train=train)
         return {k: paddle.to_tensor(v) for k, v in b.items()}
