@@ -53,7 +53,7 @@ from ernie5.config.schema import build, join, require
 from ernie5.config.yaml_io import apply_overrides, load_yaml
 from ernie5.constants import MULTIMODAL_FORMAT
 from ernie5.data.media_tokenize import SegmentTokenizer, visual_history_maps
-from ernie5.data.sequence import FIELDS, SPECIALS, Segment, build_document, pack_documents, special_ids
+from ernie5.data.sequence import FIELDS, SPECIALS, UND_PATCHES, Segment, build_document, pack_documents, special_ids
 from ernie5.data.shards import SPLITS, fingerprint_sha256, marker_name, sha256_file
 from ernie5.data.webdataset_source import (WebDatasetConfig, held_out, resolve_shards, sample_documents,
                                            shard_samples)
@@ -281,7 +281,7 @@ def _templates(tok: SegmentTokenizer) -> dict:
     probe = build_document([Segment("text", "target", ids=[0])], tok.text.vocab_size, tok.bits, tok.levels)
     out = {k: (probe[k].dtype, probe[k].shape[1:]) for k in FIELDS}
     und_cnn, und_pix = tok.und_dims
-    out["und_table"] = (np.dtype(np.float32), (4, und_cnn + und_pix))
+    out["und_table"] = (np.dtype(np.float32), (UND_PATCHES, und_cnn + und_pix))
     return out
 
 
@@ -498,7 +498,7 @@ def _pack(cfg: MultimodalDataConfig, plan: dict, udir: Path, markers: list[dict]
     meta = {"format": MULTIMODAL_FORMAT, "seq_len": cfg.seq_len, "text_vocab_size": tok.text.vocab_size,
             "specials": special_ids(tok.text.vocab_size), "special_names": SPECIALS, "bits": tok.bits,
             "audio_levels": tok.levels, "audio_codebook": tok.audio.cfg.codebook_size, "eos_id": tok.text.eos_id,
-            "und_cnn_dim": und_cnn, "und_pix_dim": und_pix, "und_patches": 4,
+            "und_cnn_dim": und_cnn, "und_pix_dim": und_pix, "und_patches": UND_PATCHES,
             "scales": tok.vision.cfg.scales, "text_tokenizer": cfg.text_tokenizer,
             "vision_tokenizer": cfg.vision_tokenizer, "audio_tokenizer": cfg.audio_tokenizer,
             "manifest": cfg.manifest or None,

@@ -28,11 +28,14 @@ Per position (n positions in a document, `FIELDS` below):
 - `group` int32: one per text token, one per visual (frame, scale), one per audio frame. Attention: query i sees
   key j iff same document and group[j] <= group[i] (causal across groups, bidirectional inside one).
 - `target` int32 (-1: none), `target_audio` int16 [n, L], `loss_mask` uint8 [n, 3] (text, visual, audio head).
-- `und_index` int32: row of `und_table` (float32 [m, K, F]) for a visual **understanding** token, -1 else. An image
-  or video given as an understanding *input* with continuous features (`Segment.und`, [T, h, w, F] on the latent
-  grid) is not laid out as bit codes: each frame becomes (h/2) x (w/2) tokens, each holding the K = 4 feature
-  vectors of its 2x2 latent cells (the patch merger's input), one group per frame, positions at the 2x2 cell
-  centres. Packed splits keep one `und_table` for the whole split (indices are split-global).
+- `und_index` int32: row of `und_table` (float32 [m, UND_PATCHES = 16, F]) for a visual **understanding** token,
+  -1 else. An image or video given as an understanding *input* with continuous features (`Segment.und`,
+  [T, h, w, F] on the latent grid) is not laid out as bit codes; its tokens hold the patch merger's inputs:
+  an image becomes (h/2) x (w/2) tokens of K = 4 feature vectors (its 2x2 latent cells; rows 4..15 zero), one
+  group, positions at the 2x2 cell centres; a video is cut into chunks of 4 frames (the last frame repeated to
+  fill the last chunk) and each chunk becomes (h/2) x (w/2) tokens of K = 16 vectors (2x2 cells x 4 frames, order
+  [frame, row, column]), one group per chunk, t at the chunk's middle (start + 4c + 1.5). The model knows K from
+  the modality. Packed splits keep one `und_table` for the whole split (indices are split-global).
 """
 
 from __future__ import annotations
@@ -161,23 +164,38 @@ def _visual(doc: _Doc, seg: Segment, sp: dict) -> None:
     doc.text(sp["<eov>" if video else "<eoi>"], seg.role)
 
 
+UND_PATCHES = 16  # rows of an understanding token's features: 2x2 patches x 4 frames (video); images use 4
+UND_FRAMES = 4  # frames merged into one video understanding token
+
+
 def _understanding(doc: _Doc, seg: Segment, sp: dict) -> None:
-    """Continuous understanding tokens: per frame, one token per 2x2 block of latent cells (K = 4 patches)."""
+    """Continuous understanding tokens: one per 2x2 block of latent cells, of one frame (image, K = 4) or of a
+    chunk of 4 frames (video, K = 16)."""
     video = seg.kind == "video"
     feats = np.asarray(seg.und, np.float32)  # [T, L, L, F]
-    T, L = feats.shape[0], feats.shape[1]
+    T, L, F = feats.shape[0], feats.shape[1], feats.shape[-1]
     if L % 2 or feats.shape[2] != L:
         raise ValueError(f"understanding features need an even square latent grid, got {feats.shape[1:3]}")
     s = L // 2
     centre = (np.arange(s) + 0.5) * L / s - 0.5
     doc.text(sp["<bov>" if video else "<boi>"], seg.role)
     start = doc.p
-    for f in range(T):
+    if video:
+        chunks = -(-T // UND_FRAMES)
+        idx = np.minimum(np.arange(chunks * UND_FRAMES), T - 1)  # the last frame repeated to fill the last chunk
+        feats = feats[idx].reshape(chunks, UND_FRAMES, L, L, F)
+    else:
+        chunks = T
+        feats = feats[:, None]  # [T, 1, L, L, F]
+    for c in range(chunks):
+        t = start + (c * UND_FRAMES + (UND_FRAMES - 1) / 2 if video else c)
         for i in range(s):
             for j in range(s):
-                block = feats[f, 2 * i:2 * i + 2, 2 * j:2 * j + 2].reshape(4, -1)
-                doc.add(0, VIDEO if video else IMAGE, (start + f, start + centre[i], start + centre[j]), seg.role,
-                        frame=f, new_group=(i == 0 and j == 0), und=block)
+                block = feats[c, :, 2 * i:2 * i + 2, 2 * j:2 * j + 2].reshape(-1, F)  # [K, F]: frame, row, column
+                padded = np.zeros((UND_PATCHES, F), np.float32)
+                padded[:len(block)] = block
+                doc.add(0, VIDEO if video else IMAGE, (t, start + centre[i], start + centre[j]), seg.role,
+                        frame=c * UND_FRAMES if video else c, new_group=(i == 0 and j == 0), und=padded)
     doc.p = start + max(T, L)
     doc.text(sp["<eov>" if video else "<eoi>"], seg.role)
 

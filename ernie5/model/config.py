@@ -97,7 +97,7 @@ class MultimodalConfig:
     audio_codebook: int = 0
     und_cnn_dim: int = 0  # understanding inputs: tokenizer-encoder feature channels per patch
     und_pix_dim: int = 0  # and raw pixels per patch (the ViT-style path)
-    und_patches: int = 4  # K patches merged into one token
+    und_patches: int = 16  # K slots of the patch merger: video 2x2 patches x 4 frames; an image uses 4 of them
     merger_heads: int = 4
     temporal_window: int = 0  # W >= 1: a video frame attends to itself and the W - 1 frames before it; 0: all
 

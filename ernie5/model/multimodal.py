@@ -35,7 +35,9 @@ def _normal(std: float) -> paddle.ParamAttr:
 class PatchMerger(nn.Layer):
     """[N, K, C + P] patch features -> [N, H]: K CNN patches (projected) + K pixel patches (ViT-style patch
     embedding) = 2K vectors with path and patch-position embeddings, pre-norm self-attention, mean-pool, project,
-    RMS-normalise (without it the merged tokens grew to 20x the norm of text embeddings in a demo run)."""
+    RMS-normalise (without it the merged tokens grew to 20x the norm of text embeddings in a demo run).
+    K = 16 slots: a video token fills them all (2x2 patches x 4 frames), an image token the first 4 (`valid_N`:
+    the slots in use per token; the others are masked out of the attention and the mean)."""
 
     def __init__(self, cnn_dim: int, pix_dim: int, patches: int, hidden: int, heads: int, std: float):
         super().__init__()
@@ -48,12 +50,20 @@ class PatchMerger(nn.Layer):
         self.out = linear(hidden, hidden, std)
         self.out_norm = RMSNorm(hidden, 1e-6)  # merged tokens enter the residual stream at a controlled scale
 
-    def forward(self, feats_NKF: paddle.Tensor) -> paddle.Tensor:
+    def forward(self, feats_NKF: paddle.Tensor, valid_N: paddle.Tensor | None = None) -> paddle.Tensor:
         cnn = self.cnn_proj(feats_NKF[:, :, :self.cnn_dim])
         pix = self.pix_proj(feats_NKF[:, :, self.cnn_dim:])
         x = paddle.concat([cnn, pix], axis=1) + self.slot  # [N, 2K, H]
-        x = x + self.attn(self.norm(x))
-        return self.out_norm(self.out(x.mean(1)))
+        if valid_N is None:
+            x = x + self.attn(self.norm(x))
+            return self.out_norm(self.out(x.mean(1)))
+        K = feats_NKF.shape[1]
+        used_NK = (paddle.arange(K, dtype="int64").unsqueeze(0) < valid_N.unsqueeze(1)).astype("float32")
+        used = paddle.concat([used_NK, used_NK], axis=1)  # [N, 2K]: the CNN and the pixel path alike
+        bias = ((used - 1.0) * 1e9).unsqueeze(1).unsqueeze(1)  # [N, 1, 1, 2K]: unused slots are never attended
+        x = x + self.attn(self.norm(x), attn_mask=bias)
+        pooled = (x * used.unsqueeze(-1)).sum(1) / used.sum(1, keepdim=True)
+        return self.out_norm(self.out(pooled))
 
 
 class ModalityIO(nn.Layer):
@@ -91,7 +101,10 @@ class ModalityIO(nn.Layer):
         x = x + self.audio_frame_embedding(b["audio"]) * is_audio
         if b["und_feats"].shape[0]:
             B, S, H = x.shape
-            merged_NH = self.merger(b["und_feats"])
+            # K in use per token from its modality: 16 for video (2x2 x 4 frames), 4 for images
+            video = paddle.gather(mod.reshape([-1]), b["und_flat_pos"]) == VIDEO
+            valid = paddle.where(video, paddle.full_like(b["und_flat_pos"], 16), paddle.full_like(b["und_flat_pos"], 4))
+            merged_NH = self.merger(b["und_feats"], paddle.clip(valid, max=b["und_feats"].shape[1]))
             x = paddle.index_add(x.reshape([B * S, H]), b["und_flat_pos"], 0, merged_NH).reshape([B, S, H])
         return x
 

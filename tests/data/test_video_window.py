@@ -116,7 +116,7 @@ def test_kv_cache_with_until_equals_the_full_mask():
 def test_batches_carry_until_only_when_asked_and_hide_draws_follow_the_row_key():
     p = _row()
     rows = {k: v for k, v in p.items() if k != "und_table"}
-    rows["und_feats"] = np.zeros((0, 4, 7), np.float32)
+    rows["und_feats"] = np.zeros((0, 16, 7), np.float32)
     kw = dict(scales=[1, 2], audio_end=8, specials={"<eoa>": V + 5, "<boa>": V + 4}, mtp_depth=0)
     assert "until" not in make_unified_batch(rows, cfg=ObjectiveConfig(), **kw)
     b = make_unified_batch(rows, cfg=ObjectiveConfig(), temporal_window=2, **kw)
@@ -145,7 +145,7 @@ def test_model_frame_outside_the_window_has_no_influence(layers):
     model = build_model(cfg, seed=0)
     model.eval()
     rows = {k: v for k, v in p.items() if k != "und_table"}
-    rows["und_feats"] = np.zeros((0, 4, 7), np.float32)
+    rows["und_feats"] = np.zeros((0, 16, 7), np.float32)
     kw = dict(scales=[1, 2], audio_end=8, specials={"<eoa>": V + 5, "<boa>": V + 4}, mtp_depth=0, cfg=ObjectiveConfig())
 
     def hidden(window, bump):

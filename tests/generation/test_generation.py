@@ -28,7 +28,7 @@ def mm_model(seed=0):
                       ffn_hidden_size=48, max_seq_len=256, rope_theta=100.0, moe=moe,
                       multimodal=MultimodalConfig(enabled=True, visual_bits=BITS, num_scales=len(SCALES),
                                                   audio_levels=LEVELS, audio_codebook=BOOK, und_cnn_dim=3,
-                                                  und_pix_dim=4, und_patches=4, merger_heads=2))
+                                                  und_pix_dim=4, und_patches=16, merger_heads=2))
     model = build_model(cfg, seed=seed)
     model.eval()
     return model

@@ -26,7 +26,7 @@ def tiny_cfg(routing="agnostic") -> ModelConfig:
     return ModelConfig(vocab_size=V + 7, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                        ffn_hidden_size=48, max_seq_len=128, rope_theta=100.0, moe=moe,
                        multimodal=MultimodalConfig(enabled=True, visual_bits=BITS, num_scales=2, audio_levels=LEVELS,
-                                                   audio_codebook=BOOK, und_cnn_dim=3, und_pix_dim=4, und_patches=4,
+                                                   audio_codebook=BOOK, und_cnn_dim=3, und_pix_dim=4, und_patches=16,
                                                    merger_heads=2))
 
 
@@ -53,7 +53,7 @@ def make_batch(seed=0, seq_len=48, cfg=None, maps=None, flip=0.0):
     rng = np.random.default_rng(seed)
     packed, _ = pack_documents(_docs(rng), seq_len)
     if packed["und_table"] is None:
-        packed["und_table"] = np.zeros((0, 4, 7), np.float32)
+        packed["und_table"] = np.zeros((0, 16, 7), np.float32)
     loader = MultimodalLoader(packed, packed["token"].shape[0], seed=0, shuffle=False)
     rows = loader.next()
     b = make_unified_batch(rows, scales=SCALES, audio_end=BOOK, specials=SP, mtp_depth=1,
@@ -69,7 +69,7 @@ def test_batch_targets_and_audio_end():
     rows, b = make_batch()
     tok = rows["token"][0]
     # the understanding token and the visual-generation tokens got features / bit targets
-    assert (b["und_index"] >= 0).sum() == 1 and b["und_feats"].shape == (1, 4, 7)
+    assert (b["und_index"] >= 0).sum() == 1 and b["und_feats"].shape == (1, 16, 7)
     vis = b["vis_weight"][0] > 0
     assert vis.sum() == 5  # scales 1 + 4 of the target image
     # END on level 1 exactly where the next token is EOA inside an audio segment
@@ -178,7 +178,7 @@ def test_bit_flips_change_inputs_only_and_match_the_tokenizer():
     assert np.allclose(rows["vis_in"][0, ctx], latent.reshape(-1), atol=1e-6)
     # targets never change; inputs of the corrupted batch differ from the clean one
     cfg = ObjectiveConfig(bit_flip_rate=0.4)
-    loader_rows = dict(rows, und_feats=np.zeros((0, 4, 7), np.float32))
+    loader_rows = dict(rows, und_feats=np.zeros((0, 16, 7), np.float32))
     clean = make_unified_batch(loader_rows, scales=SCALES, audio_end=BOOK, specials=SP, mtp_depth=0,
                                cfg=ObjectiveConfig())
     changed = 0
