@@ -54,9 +54,7 @@ class SegmentTokenizer:
             return Segment("audio", role, audio_codes=codes.numpy()[0])
         c = self.vision.cfg
         px = decode_image(src, name, c.in_channels)[None] if kind == "image" else decode_video(src, name, c.in_channels)
-        side = c.image_size
-        if px.shape[1:3] != (side, side):
-            raise UserError(name, f"frames are {px.shape[1]}x{px.shape[2]}, the vision tokenizer takes {side}x{side}")
+        px = self.fit(px)
         if role == "input":
             return Segment(kind, role, und=self.understanding_features(px))
         x = paddle.to_tensor(px.transpose(3, 0, 1, 2)[None])  # [1, C, T, H, W]
@@ -66,6 +64,17 @@ class SegmentTokenizer:
             latent = self.vision.quantized_latent(codes)  # [1, d, T, L, L]: every scale of every frame
         return Segment(kind, role, codes=[c.numpy()[0] for c in codes], scale_inputs=[x.numpy()[0] for x in inputs],
                        frame_latent=latent.numpy()[0].transpose(1, 2, 3, 0))
+
+    def fit(self, px_THWC: np.ndarray) -> np.ndarray:
+        """Frames of any size -> the tokenizer's image_size square: resized keeping the aspect ratio to cover it,
+        then the centre cropped (`ernie5.data.buckets.fit_to_bucket`; every frame alike)."""
+        from ernie5.data.buckets import Bucket, fit_to_bucket
+
+        side = self.vision.cfg.image_size
+        if px_THWC.shape[1:3] == (side, side):
+            return px_THWC
+        square = Bucket(side, side)
+        return np.clip(np.stack([fit_to_bucket(f, square, "center")[0] for f in px_THWC]), -1.0, 1.0)
 
     def understanding_features(self, px: np.ndarray) -> np.ndarray:
         """[T, h, w, Ch + P]: the tokenizer encoder's continuous features (the "CNN" path, Ch channels) and the raw

@@ -90,7 +90,7 @@ class MultimodalDataConfig:
         require(self.seq_len >= 8, join(path, "seq_len"), "must be >= 8")
         require(self.max_documents >= 0, join(path, "max_documents"), "must be >= 0")
         require(self.text_documents >= 0, join(path, "text_documents"), "must be >= 0")
-        require(8 <= self.text_doc_tokens < self.seq_len, join(path, "text_doc_tokens"),
+        require(not self.text_documents or 8 <= self.text_doc_tokens < self.seq_len, join(path, "text_doc_tokens"),
                 f"{self.text_doc_tokens} must be in [8, seq_len)")
 
     @property

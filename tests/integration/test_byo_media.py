@@ -1,0 +1,99 @@
+"""README "Bring your own media", end to end: an image-caption WebDataset (JPEG / PNG of assorted sizes and aspect
+ratios, captions in .txt and .json) and a folder of speech (FLAC and MP3 at 44.1 kHz stereo, listed in a JSONL
+manifest) each go through `ernie5 data prepare`, then train one unified model as two weighted sources; the
+training loss must fall and each source's tokens are counted."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli, tiny_overrides
+from tests.data.test_webdataset import tiny_tokenizers  # noqa: F401  (a fixture)
+
+COLOURS = {"red": (230, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def _photo(rng, colour, h, w, fmt):
+    from PIL import Image
+
+    px = np.clip(np.array(COLOURS[colour]) + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+    px[h // 3:2 * h // 3, w // 3:2 * w // 3] = 255 - px[h // 3:2 * h // 3, w // 3:2 * w // 3]  # a square inside
+    buf = io.BytesIO()
+    Image.fromarray(px).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _speech(path, f0, fmt):
+    import soundfile
+
+    rate = 44100
+    t = np.arange(int(rate * 0.8)) / rate
+    x = 0.3 * np.sin(2 * np.pi * f0 * t) * np.minimum(1, 10 * t)
+    soundfile.write(str(path), np.stack([x, 0.5 * x], 1), rate, format=fmt)
+
+
+@pytest.fixture(scope="module")
+def byo(tmp_path_factory, tiny_tokenizers, text_assets):  # noqa: F811
+    import webdataset as wds
+
+    root = tmp_path_factory.mktemp("byo")
+    rng = np.random.default_rng(0)
+    (root / "captions").mkdir()
+    sizes = [(40, 24), (24, 40), (30, 30), (64, 36), (17, 50)]  # any size and aspect ratio
+    with wds.TarWriter(str(root / "captions" / "part-000.tar")) as sink:
+        for i in range(30):
+            colour = list(COLOURS)[i % 3]
+            h, w = sizes[i % len(sizes)]
+            sample = {"__key__": f"{i:06d}"}
+            if i % 2:
+                sample["jpg"] = _photo(rng, colour, h, w, "JPEG")
+                sample["txt"] = f"a {colour} picture"
+            else:
+                sample["png"] = _photo(rng, colour, h, w, "PNG")
+                sample["json"] = json.dumps({"caption": f"a {colour} picture", "source": "test"})
+            sink.write(sample)
+    speech = root / "speech"
+    speech.mkdir()
+    with open(speech / "manifest.jsonl", "w", encoding="utf-8") as f:
+        for i in range(12):
+            name = f"clip{i:02d}.{'flac' if i % 2 else 'mp3'}"
+            _speech(speech / name, 150 + 40 * (i % 4), "FLAC" if i % 2 else "MP3")
+            f.write(json.dumps({"id": f"s{i}", "split": "val" if i == 11 else "train", "segments": [
+                {"kind": "audio", "path": name, "role": "input"}, {"kind": "sep"},
+                {"kind": "text", "text": f"tone {i % 4}"}]}) + "\n")
+    common = [f"{k}: {v}" for k, v in tiny_tokenizers.items()] + ["seq_len: 160"]
+    (root / "captions.yaml").write_text("\n".join([
+        "kind: multimodal", "webdataset:", f"  paths: ['{root / 'captions'}/part-*.tar']", "  val_fraction: 0.1",
+        f"out_dir: {root / 'shards_captions'}"] + common) + "\n")
+    (root / "speech.yaml").write_text("\n".join([
+        "kind: multimodal", f"manifest: {speech / 'manifest.jsonl'}", f"out_dir: {root / 'shards_speech'}"]
+        + common) + "\n")
+    for cfg in ("captions.yaml", "speech.yaml"):
+        r = run_cli("data", "prepare", str(root / cfg), timeout=600)
+        assert r.returncode == 0, r.stderr
+    return root
+
+
+def test_captions_and_speech_prepare_and_train_as_two_sources(byo, text_assets, tmp_path):
+    from ernie5.runconfig import load_config
+    from ernie5.train.trainer import Trainer
+
+    caps = json.loads((byo / "shards_captions" / "meta.json").read_text())
+    assert caps["splits"]["train"]["documents"] > 40 and not caps["skipped"]  # caption + t2i per sample
+    sp = json.loads((byo / "shards_speech" / "meta.json").read_text())
+    assert sp["splits"]["train"]["documents"] == 11 and sp["splits"]["val"]["documents"] == 1
+    _, tok, _ = text_assets
+    sources = ("data.sources=[{name: captions, paths: [%s], format: multimodal, weight: 0.6}, "
+               "{name: speech, paths: [%s], format: multimodal, weight: 0.4}]"
+               % (byo / "shards_captions", byo / "shards_speech"))
+    overrides = tiny_overrides(tmp_path / "run", byo, tok) + [
+        sources, "data.seq_len=160", "train.max_steps=12", "train.grad_accum_steps=1", "optim.warmup_steps=1"]
+    cfg = load_config(None, overrides)
+    Trainer(cfg, quiet=True).train()
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5
+    last = metrics[-1]
+    assert last["tokens_seen/captions"] > 0 and last["tokens_seen/speech"] > 0
