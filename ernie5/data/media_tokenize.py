@@ -17,7 +17,8 @@ from ernie5.errors import UserError
 class SegmentTokenizer:
     """Turns manifest segments into `Segment`s with the three tokenizers."""
 
-    def __init__(self, text_tokenizer: str, vision_tokenizer: str, audio_tokenizer: str, root: Path):
+    def __init__(self, text_tokenizer: str, vision_tokenizer: str, audio_tokenizer: str, root: Path,
+                 buckets: list | None = None):
         from ernie5.modality.media_io import load_asset
         from ernie5.modality.text_tokenizer import TextTokenizer
 
@@ -26,6 +27,7 @@ class SegmentTokenizer:
         self.vision = load_asset(vision_tokenizer)
         self.audio = load_asset(audio_tokenizer)
         self.bits, self.levels = self.vision.cfg.bits, self.audio.cfg.levels
+        self.buckets = self._check_buckets(buckets)
 
     def __call__(self, raw: dict) -> Segment:
         """A raw segment: `{"kind", "role", "text"}`, `{"kind", "role", "path"}` (relative to the root) or
@@ -65,16 +67,50 @@ class SegmentTokenizer:
         return Segment(kind, role, codes=[c.numpy()[0] for c in codes], scale_inputs=[x.numpy()[0] for x in inputs],
                        frame_latent=latent.numpy()[0].transpose(1, 2, 3, 0))
 
-    def fit(self, px_THWC: np.ndarray) -> np.ndarray:
-        """Frames of any size -> the tokenizer's image_size square: resized keeping the aspect ratio to cover it,
-        then the centre cropped (`ernie5.data.buckets.fit_to_bucket`; every frame alike)."""
-        from ernie5.data.buckets import Bucket, fit_to_bucket
+    def _check_buckets(self, sizes):
+        """Resolution buckets ([H, W] pixel sizes) as `Bucket`s; None: only the tokenizer's square. Each side must
+        give an even latent grid (the frame context group merges 2x2 latent cells)."""
+        from ernie5.data.buckets import Bucket
 
+        if not sizes:
+            return None
+        step = 2 << self.vision.cfg.downsample
+        for h, w in sizes:
+            if h % step or w % step:
+                raise UserError(f"buckets: {h}x{w}", f"sides must be multiples of {step} (2 x the vision tokenizer's "
+                                                     f"downsampling {step // 2}): the latent grid must be even")
+        return [Bucket(int(h), int(w)) for h, w in sizes]
+
+    def latent_grids(self) -> list[tuple[int, int]]:
+        """The latent (h, w) grids this tokenizer can produce: each bucket's, or the square."""
+        ds = self.vision.cfg.downsample
+        if self.buckets is None:
+            return [(self.vision.cfg.latent_side,) * 2]
+        return sorted({(b.height >> ds, b.width >> ds) for b in self.buckets})
+
+    def bucket_table(self) -> dict:
+        """meta.json's record of the buckets: pixel size, latent grid and scale schedule (token grids) of each."""
+        from ernie5.modality.bitwise import scale_schedule
+
+        ds, scales = self.vision.cfg.downsample, self.vision.cfg.scales
+        sizes = ([(b.height, b.width) for b in self.buckets] if self.buckets is not None
+                 else [(self.vision.cfg.image_size,) * 2])
+        return {f"{h}x{w}": {"pixels": [h, w], "latent": [h >> ds, w >> ds],
+                             "schedule": [list(g) for g in scale_schedule(scales, h >> ds, w >> ds)]}
+                for h, w in sizes}
+
+    def fit(self, px_THWC: np.ndarray) -> np.ndarray:
+        """Frames of any size -> a resolution bucket (the nearest in aspect ratio, `ernie5.data.buckets`) or, with
+        no buckets, the tokenizer's image_size square: resized keeping the aspect ratio to cover it, then the
+        centre cropped (every frame alike). The bucket shows in the sample's token grid (and its positions)."""
+        from ernie5.data.buckets import Bucket, assign_bucket, fit_to_bucket
+
+        H, W = px_THWC.shape[1:3]
         side = self.vision.cfg.image_size
-        if px_THWC.shape[1:3] == (side, side):
+        target = Bucket(side, side) if self.buckets is None else assign_bucket(H, W, self.buckets)
+        if (H, W) == (target.height, target.width):
             return px_THWC
-        square = Bucket(side, side)
-        return np.clip(np.stack([fit_to_bucket(f, square, "center")[0] for f in px_THWC]), -1.0, 1.0)
+        return np.clip(np.stack([fit_to_bucket(f, target, "center")[0] for f in px_THWC]), -1.0, 1.0)
 
     def understanding_features(self, px: np.ndarray) -> np.ndarray:
         """[T, h, w, Ch + P]: the tokenizer encoder's continuous features (the "CNN" path, Ch channels) and the raw
@@ -100,17 +136,23 @@ class SegmentTokenizer:
         return c.channels, (c.image_size // c.latent_side) ** 2 * c.in_channels
 
 
-def visual_history_maps(vision) -> dict:
-    """The visual inputs as a linear map of the scales' signs, measured by probing the tokenizer. With K scales,
-    "input k" is scale k's input for k = 1..K-1 (`next_scale_inputs`, on scale k's grid) and, for k = K, the frame
-    context group's latent (`quantized_latent`: all K scales on the L x L latent grid, before `space_to_depth`):
-    input_k [cells_k, d] = base_k + sum_{j<k} A_jk @ (signs_j + 1), signs = 2 bits - 1, where base_k is the input
-    with every bit 0 and A_jk [cells_k, s_j^2] half the response to setting one bit of scale j (every channel uses
-    the same spatial map). So flipping bits changes the inputs by sum_j A_jk @ (signs'_j - signs_j).
-    Returns {"A_j_k": ..., "base_k": ...} for 0 <= j < k <= len(scales)."""
+def visual_history_maps(vision, grid: tuple[int, int] | None = None) -> dict:
+    """The visual inputs as a linear map of the scales' signs, measured by probing the tokenizer, for one latent
+    grid (h, w) (a resolution bucket; default the tokenizer's square) and its scale schedule
+    (`bitwise.scale_schedule`). With K scales, "input k" is scale k's input for k = 1..K-1 (`next_scale_inputs`,
+    on scale k's grid) and, for k = K, the frame context group's latent (`quantized_latent`: all K scales on the
+    h x w latent grid, before `space_to_depth`): input_k [cells_k, d] = base_k + sum_{j<k} A_jk @ (signs_j + 1),
+    signs = 2 bits - 1, where base_k is the input with every bit 0 and A_jk [cells_k, cells_j] half the response to
+    setting one bit of scale j (every channel uses the same spatial map). So flipping bits changes the inputs by
+    sum_j A_jk @ (signs'_j - signs_j). Returns {"HxW/A_j_k": ..., "HxW/base_k": ...} (H x W the latent grid) for
+    0 <= j < k <= len(scales)."""
     import paddle
 
+    from ernie5.modality.bitwise import scale_schedule
+
     scales, d = vision.cfg.scales, vision.cfg.bits
+    h, w = grid if grid is not None else (vision.cfg.latent_side,) * 2
+    grids = scale_schedule(scales, h, w)
     K = len(scales)
 
     def inputs(codes):
@@ -120,17 +162,18 @@ def visual_history_maps(vision) -> dict:
             full = vision.quantized_latent(t).numpy()[0, :, 0].transpose(1, 2, 0).reshape(-1, d)
         return scale_in + [full]  # index k - 1 for k = 1..K
 
-    zeros = [np.zeros((s, s, d), np.uint8) for s in scales]
+    zeros = [np.zeros((gh, gw, d), np.uint8) for gh, gw in grids]
     base = inputs(zeros)
-    out = {f"base_{k}": base[k - 1] for k in range(1, K + 1)}
-    for j, s in enumerate(scales):
-        cols = {k: np.zeros((len(base[k - 1]), s * s), np.float32) for k in range(j + 1, K + 1)}
-        for p in range(s * s):
+    key = f"{h}x{w}/"
+    out = {f"{key}base_{k}": base[k - 1] for k in range(1, K + 1)}
+    for j, (gh, gw) in enumerate(grids):
+        cols = {k: np.zeros((len(base[k - 1]), gh * gw), np.float32) for k in range(j + 1, K + 1)}
+        for p in range(gh * gw):
             codes = [z.copy() for z in zeros]
             codes[j].reshape(-1, d)[p, 0] = 1  # flip bit 0 of cell p: all channels share the spatial map
             probe = inputs(codes)
             for k in cols:
                 cols[k][:, p] = (probe[k - 1][:, 0] - base[k - 1][:, 0]) / 2.0
         for k, a in cols.items():
-            out[f"A_{j}_{k}"] = a
+            out[f"{key}A_{j}_{k}"] = a
     return out

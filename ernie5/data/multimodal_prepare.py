@@ -52,6 +52,7 @@ import numpy as np
 from ernie5.config.schema import build, join, require
 from ernie5.config.yaml_io import apply_overrides, load_yaml
 from ernie5.constants import MULTIMODAL_FORMAT
+from ernie5.data.buckets import BucketConfig
 from ernie5.data.media_tokenize import SegmentTokenizer, visual_history_maps
 from ernie5.data.sequence import FIELDS, SPECIALS, UND_PATCHES, Segment, build_document, pack_documents, special_ids
 from ernie5.data.shards import SPLITS, fingerprint_sha256, marker_name, sha256_file
@@ -83,6 +84,7 @@ class MultimodalDataConfig:
     text_corpus: list[str] = field(default_factory=list)  # plain-text files mixed in as text-only documents
     text_documents: int = 0  # how many of them (0: none)
     text_doc_tokens: int = 256  # each cut to at most this many tokens
+    buckets: Optional[BucketConfig] = None  # resolution buckets for pictures / frames (None: the tokenizer's square)
 
     def validate(self, path: str) -> None:
         require(bool(self.manifest) != (self.webdataset is not None), join(path, "manifest"),
@@ -118,7 +120,8 @@ def prepare_multimodal(config_path: str, overrides=(), log: Callable[[str], None
     cfg = load_multimodal_config(config_path, overrides)
     if cfg.manifest and not Path(cfg.manifest).is_file():
         raise UserError(cfg.manifest, "manifest not found (run `ernie5 data fetch --multimodal`)")
-    tok = SegmentTokenizer(cfg.text_tokenizer, cfg.vision_tokenizer, cfg.audio_tokenizer, _media_root(cfg))
+    tok = SegmentTokenizer(cfg.text_tokenizer, cfg.vision_tokenizer, cfg.audio_tokenizer, _media_root(cfg),
+                           _bucket_sizes(cfg))
     plan = _plan(cfg)
     udir = _install_plan(cfg.work_root, plan)
     n = len(plan["units"])
@@ -167,6 +170,10 @@ def _media_root(cfg: MultimodalDataConfig) -> Path:
 
 # ------------------------------------------------------------------------------------------------------------ plan
 
+def _bucket_sizes(cfg: MultimodalDataConfig) -> Optional[list]:
+    return None if cfg.buckets is None else [[int(h), int(w)] for h, w in cfg.buckets.sizes]
+
+
 def _plan(cfg: MultimodalDataConfig) -> dict:
     if cfg.manifest:
         units = [{"kind": "manifest", "path": cfg.manifest}]
@@ -182,6 +189,7 @@ def _plan(cfg: MultimodalDataConfig) -> dict:
         "max_documents": cfg.max_documents if cfg.manifest else 0,
         "webdataset": None if w is None else {"tasks": list(w.active_tasks), "text_field": w.text_field,
                                               "val_fraction": w.val_fraction, "seed": w.seed},
+        "buckets": _bucket_sizes(cfg),
     }
     return {"format": UNITS_FORMAT, "version": UNITS_VERSION, "fingerprint": fingerprint,
             "fingerprint_sha256": fingerprint_sha256(fingerprint), "units": units}
@@ -412,12 +420,12 @@ def _tar_unit(job: dict, tok: SegmentTokenizer, eos: Segment, writer: _UnitWrite
 _TOK: Optional[SegmentTokenizer] = None  # the worker process's tokenizers
 
 
-def _init_worker(text: str, vision: str, audio: str, root: str) -> None:
+def _init_worker(text: str, vision: str, audio: str, root: str, buckets) -> None:
     from ernie5.env import setup
 
     setup()
     global _TOK
-    _TOK = SegmentTokenizer(text, vision, audio, Path(root))
+    _TOK = SegmentTokenizer(text, vision, audio, Path(root), buckets)
 
 
 def _work(job: dict) -> tuple:
@@ -441,7 +449,8 @@ def _run(jobs: list[dict], tok: SegmentTokenizer, cfg: MultimodalDataConfig, wor
 
     pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_worker, initargs=(cfg.text_tokenizer, cfg.vision_tokenizer,
-                                                                  cfg.audio_tokenizer, str(_media_root(cfg))))
+                                                                  cfg.audio_tokenizer, str(_media_root(cfg)),
+                                                                  _bucket_sizes(cfg)))
     try:
         for future in as_completed([pool.submit(_work, job) for job in jobs]):
             marker, err = future.result()
@@ -504,6 +513,7 @@ def _pack(cfg: MultimodalDataConfig, plan: dict, udir: Path, markers: list[dict]
             "manifest": cfg.manifest or None,
             "webdataset": None if cfg.webdataset is None else {**plan["fingerprint"]["webdataset"],
                                                                "shards": [u["path"] for u in plan["units"]]},
+            "buckets": tok.bucket_table(),
             "units": n, "skipped": skipped, "splits": {}, "files": {}}
     stats = {"skipped": len(skipped)}
     if cfg.manifest:
@@ -513,7 +523,10 @@ def _pack(cfg: MultimodalDataConfig, plan: dict, udir: Path, markers: list[dict]
         meta["splits"][split] = s
         stats[f"{split}_rows"], stats[f"{split}_documents"] = s["rows"], s["documents"]
         stats[f"{split}_too_long"] = s["dropped_too_long"]
-    np.savez(tmp / "vis_history.npz", **visual_history_maps(tok.vision))
+    maps = {}
+    for grid in tok.latent_grids():
+        maps.update(visual_history_maps(tok.vision, grid))
+    np.savez(tmp / "vis_history.npz", **maps)
     for f in sorted(list(tmp.glob("*.npy")) + list(tmp.glob("*.npz"))):
         meta["files"][f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))

@@ -56,13 +56,13 @@ def vis_width(bits: int) -> int:
     return 4 * bits
 
 
-def space_to_depth(latent_LLd: np.ndarray) -> np.ndarray:
-    """[L, L, d] -> [L/2, L/2, 4d]: cell (i, j) holds latent cells (2i + a, 2j + b), a, b in {0, 1}, in that order
+def space_to_depth(latent_hwd: np.ndarray) -> np.ndarray:
+    """[h, w, d] -> [h/2, w/2, 4d]: cell (i, j) holds latent cells (2i + a, 2j + b), a, b in {0, 1}, in that order
     (column (2a + b) * d + c is channel c of cell (2i + a, 2j + b))."""
-    L, _, d = latent_LLd.shape
-    if L % 2:
-        raise ValueError(f"the frame context group needs an even latent side, got {L}")
-    return latent_LLd.reshape(L // 2, 2, L // 2, 2, d).transpose(0, 2, 1, 3, 4).reshape(L // 2, L // 2, 4 * d)
+    h, w, d = latent_hwd.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"the frame context group needs an even latent grid, got {h}x{w}")
+    return latent_hwd.reshape(h // 2, 2, w // 2, 2, d).transpose(0, 2, 1, 3, 4).reshape(h // 2, w // 2, 4 * d)
 
 
 def special_ids(text_vocab_size: int) -> dict[str, int]:
@@ -135,32 +135,37 @@ def build_document(segments: list[Segment], text_vocab_size: int, bits: int = 1,
     return _arrays(doc.rows, bits, levels)
 
 
+def _centres(n: int, L: int) -> np.ndarray:
+    """Centres of n cells spread over L latent cells: (i + 0.5) * L / n - 0.5 (a 1-cell grid sits in the middle)."""
+    return (np.arange(n) + 0.5) * L / n - 0.5
+
+
 def _visual(doc: _Doc, seg: Segment, sp: dict) -> None:
     video = seg.kind == "video"
     doc.text(sp["<bov>" if video else "<boi>"], seg.role)
-    T, L = seg.codes[-1].shape[0], seg.codes[-1].shape[1]
-    if seg.frame_latent is None or np.shape(seg.frame_latent)[:3] != (T, L, L):
-        raise ValueError(f"a visual segment needs frame_latent [T={T}, L={L}, L, d], got "
+    T, Lh, Lw = seg.codes[-1].shape[:3]  # the latent grid (a resolution bucket: Lh x Lw)
+    if seg.frame_latent is None or np.shape(seg.frame_latent)[:3] != (T, Lh, Lw):
+        raise ValueError(f"a visual segment needs frame_latent [T={T}, {Lh}, {Lw}, d], got "
                          f"{None if seg.frame_latent is None else np.shape(seg.frame_latent)}")
     start = doc.p
     K = len(seg.codes)
     mod = VIDEO if video else IMAGE
     for f in range(T):
         for k, codes in enumerate(seg.codes):
-            s = codes.shape[1]
-            centre = (np.arange(s) + 0.5) * L / s - 0.5
-            ids = _pack_bits(codes[f])  # [s, s]
-            inp = seg.scale_inputs[k - 1][f] if k > 0 else np.zeros((s, s, codes.shape[-1]), np.float32)
-            for i in range(s):
-                for j in range(s):
-                    doc.add(int(ids[i, j]), mod, (start + f, start + centre[i], start + centre[j]), seg.role,
+            sh, sw = codes.shape[1:3]
+            ch, cw = _centres(sh, Lh), _centres(sw, Lw)
+            ids = _pack_bits(codes[f])  # [sh, sw]
+            inp = seg.scale_inputs[k - 1][f] if k > 0 else np.zeros((sh, sw, codes.shape[-1]), np.float32)
+            for i in range(sh):
+                for j in range(sw):
+                    doc.add(int(ids[i, j]), mod, (start + f, start + ch[i], start + cw[j]), seg.role,
                             vis_in=inp[i, j], scale=k, frame=f, new_group=(i == 0 and j == 0))
         ctx = space_to_depth(np.asarray(seg.frame_latent[f], np.float32))  # the complete frame, 2x2 cells each
-        for i in range(L // 2):
-            for j in range(L // 2):
+        for i in range(Lh // 2):
+            for j in range(Lw // 2):
                 doc.add(0, mod, (start + f, start + 2 * i + 0.5, start + 2 * j + 0.5), CONTEXT, vis_in=ctx[i, j],
                         scale=K, frame=f, new_group=(i == 0 and j == 0))
-    doc.p = start + max(T, L)
+    doc.p = start + max(T, Lh, Lw)
     doc.text(sp["<eov>" if video else "<eoi>"], seg.role)
 
 
@@ -172,31 +177,31 @@ def _understanding(doc: _Doc, seg: Segment, sp: dict) -> None:
     """Continuous understanding tokens: one per 2x2 block of latent cells, of one frame (image, K = 4) or of a
     chunk of 4 frames (video, K = 16)."""
     video = seg.kind == "video"
-    feats = np.asarray(seg.und, np.float32)  # [T, L, L, F]
-    T, L, F = feats.shape[0], feats.shape[1], feats.shape[-1]
-    if L % 2 or feats.shape[2] != L:
-        raise ValueError(f"understanding features need an even square latent grid, got {feats.shape[1:3]}")
-    s = L // 2
-    centre = (np.arange(s) + 0.5) * L / s - 0.5
+    feats = np.asarray(seg.und, np.float32)  # [T, Lh, Lw, F]
+    T, Lh, Lw, F = feats.shape
+    if Lh % 2 or Lw % 2:
+        raise ValueError(f"understanding features need an even latent grid, got {Lh}x{Lw}")
+    sh, sw = Lh // 2, Lw // 2
+    ch, cw = _centres(sh, Lh), _centres(sw, Lw)
     doc.text(sp["<bov>" if video else "<boi>"], seg.role)
     start = doc.p
     if video:
         chunks = -(-T // UND_FRAMES)
         idx = np.minimum(np.arange(chunks * UND_FRAMES), T - 1)  # the last frame repeated to fill the last chunk
-        feats = feats[idx].reshape(chunks, UND_FRAMES, L, L, F)
+        feats = feats[idx].reshape(chunks, UND_FRAMES, Lh, Lw, F)
     else:
         chunks = T
-        feats = feats[:, None]  # [T, 1, L, L, F]
+        feats = feats[:, None]  # [T, 1, Lh, Lw, F]
     for c in range(chunks):
         t = start + (c * UND_FRAMES + (UND_FRAMES - 1) / 2 if video else c)
-        for i in range(s):
-            for j in range(s):
+        for i in range(sh):
+            for j in range(sw):
                 block = feats[c, :, 2 * i:2 * i + 2, 2 * j:2 * j + 2].reshape(-1, F)  # [K, F]: frame, row, column
                 padded = np.zeros((UND_PATCHES, F), np.float32)
                 padded[:len(block)] = block
-                doc.add(0, VIDEO if video else IMAGE, (t, start + centre[i], start + centre[j]), seg.role,
+                doc.add(0, VIDEO if video else IMAGE, (t, start + ch[i], start + cw[j]), seg.role,
                         frame=c * UND_FRAMES if video else c, new_group=(i == 0 and j == 0), und=padded)
-    doc.p = start + max(T, L)
+    doc.p = start + max(T, Lh, Lw)
     doc.text(sp["<eov>" if video else "<eoi>"], seg.role)
 
 

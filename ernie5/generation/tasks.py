@@ -25,6 +25,7 @@ import paddle
 from ernie5.constants import IMAGE
 from ernie5.data.sequence import Segment, build_document, space_to_depth
 from ernie5.generation.stream import Stream, sample_bits, sample_categorical, slice_rows
+from ernie5.modality.bitwise import scale_schedule
 
 
 @dataclass
@@ -44,7 +45,7 @@ class TextOut:
 
 @dataclass
 class ImageOut:
-    codes: list[np.ndarray]  # per scale uint8 [1, T=1, s, s, d]
+    codes: list[np.ndarray]  # per scale uint8 [1, T=1, h_k, w_k, d]
     inputs: list[np.ndarray]  # the vis_in fed per scale [s*s, 4d] (scale 0: zeros; columns d.. zero)
     logits: list[np.ndarray]  # bit logits per scale [s*s, d]
     context: np.ndarray | None = None  # the context group's vis_in [(L/2)^2, 4d], fed after the last scale
@@ -105,37 +106,40 @@ def asr_prompt(model, codes_FL: np.ndarray, vocab: Vocab) -> dict:
 
 @paddle.no_grad()
 def generate_image(model, prompt_ids: list[int], vocab: Vocab, vision, temperature: float = 1.0,
-                   rng: Optional[np.random.Generator] = None, use_cache: bool = True) -> ImageOut:
+                   rng: Optional[np.random.Generator] = None, use_cache: bool = True,
+                   grid: Optional[tuple[int, int]] = None) -> ImageOut:
     """Text -> one image's codes by next-scale prediction. `vision`: the vision tokenizer (its scales and
-    `next_scale_inputs`; the model's `num_scales` / `visual_bits` must match it)."""
+    `next_scale_inputs`; the model's `num_scales` / `visual_bits` must match it). `grid`: the latent (h, w) of a
+    resolution bucket (default the tokenizer's square); the token grids follow `bitwise.scale_schedule`."""
     rng = rng or np.random.default_rng(0)
     scales, d = list(vision.cfg.scales), vision.cfg.bits
     mm = model.cfg.multimodal
     if (mm.num_scales, mm.visual_bits) != (len(scales), d):
         raise ValueError(f"vision tokenizer ({len(scales)} scales, {d} bits) does not match the model "
                          f"({mm.num_scales} scales, {mm.visual_bits} bits)")
-    zeros = [np.zeros((1, 1, s, s, d), np.uint8) for s in scales]
-    L = scales[-1]
+    Lh, Lw = grid if grid is not None else (scales[-1],) * 2
+    grids = scale_schedule(scales, Lh, Lw)
+    zeros = [np.zeros((1, 1, gh, gw, d), np.uint8) for gh, gw in grids]
     # the layout of the whole document with placeholder codes: positions and groups exactly as in training
     tmpl = document(model, [Segment("text", "input", ids=list(prompt_ids)),
                             Segment("image", "target", codes=[z[0] for z in zeros],
-                                    scale_inputs=[np.zeros((1, s, s, d), np.float32) for s in scales[1:]],
-                                    frame_latent=np.zeros((1, L, L, d), np.float32))], vocab)
+                                    scale_inputs=[np.zeros((1, gh, gw, d), np.float32) for gh, gw in grids[1:]],
+                                    frame_latent=np.zeros((1, Lh, Lw, d), np.float32))], vocab)
     is_vis = tmpl["modality"] == IMAGE
     first = int(np.argmax(is_vis))
     stream = Stream(model, use_cache)
     stream.feed(slice_rows(tmpl, slice(0, first)))  # prompt + BOI
     codes = [z.copy() for z in zeros]
     out = ImageOut([], [], [])
-    for k, s in enumerate(scales):
+    for k, (gh, gw) in enumerate(grids):
         sel = np.nonzero(is_vis & (tmpl["scale"] == k))[0]
         rows = slice_rows(tmpl, sel)
         if k > 0:
             nxt = vision.next_scale_inputs([paddle.to_tensor(c) for c in codes])[k - 1]  # depends on scales < k
-            rows["vis_in"][:, :d] = nxt.numpy().reshape(s * s, d)
+            rows["vis_in"][:, :d] = nxt.numpy().reshape(gh * gw, d)
         h = stream.feed(rows)
-        logits = model.io.visual_logits(h).astype("float32").numpy()  # [s*s, d]
-        codes[k] = sample_bits(logits, temperature, rng).reshape(1, 1, s, s, d)
+        logits = model.io.visual_logits(h).astype("float32").numpy()  # [gh*gw, d]
+        codes[k] = sample_bits(logits, temperature, rng).reshape(1, 1, gh, gw, d)
         out.inputs.append(rows["vis_in"].copy())
         out.logits.append(logits)
     ctx = np.nonzero(is_vis & (tmpl["scale"] == len(scales)))[0]  # the frame context group

@@ -41,14 +41,32 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 
-def resize(x_NCHW: paddle.Tensor, side: int) -> paddle.Tensor:
-    """Area-average down / bilinear up to side x side (identity when the size matches)."""
-    h = x_NCHW.shape[-1]
-    if h == side:
+def _hw(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def resize(x_NCHW: paddle.Tensor, size) -> paddle.Tensor:
+    """Area-average down / bilinear up to `size` (side, or (height, width)); identity when the size matches. An
+    axis that shrinks is averaged first, then an axis that grows is interpolated."""
+    H, W = _hw(size)
+    h, w = x_NCHW.shape[-2:]
+    if (h, w) == (H, W):
         return x_NCHW
-    if side < h:
-        return F.adaptive_avg_pool2d(x_NCHW, side)
-    return F.interpolate(x_NCHW, size=[side, side], mode="bilinear", align_corners=False)
+    if H < h or W < w:
+        x_NCHW = F.adaptive_avg_pool2d(x_NCHW, [min(h, H), min(w, W)])
+        h, w = x_NCHW.shape[-2:]
+    if (h, w) == (H, W):
+        return x_NCHW
+    return F.interpolate(x_NCHW, size=[H, W], mode="bilinear", align_corners=False)
+
+
+def scale_schedule(scales: list[int], h: int, w: int) -> list[tuple[int, int]]:
+    """Token grids (h_k, w_k) of each scale for an h x w latent: scale k keeps the fraction scales[k] / scales[-1]
+    of each side (rounded, at least 1); the last is the latent itself. A square latent of side scales[-1] gives
+    the square grids `scales` (a resolution bucket's aspect ratio carries over to every scale)."""
+    top = scales[-1]
+    out = [(max(1, round(s * h / top)), max(1, round(s * w / top))) for s in scales[:-1]]
+    return out + [(h, w)]
 
 
 def bits_to_signs(bits: paddle.Tensor) -> paddle.Tensor:
@@ -99,20 +117,21 @@ class MultiScaleBitQuantizer(nn.Layer):
     def forward(self, f_NDHW: paddle.Tensor):
         """Quantise; returns (straight-through latent, codes per scale, losses dict). In training mode alpha_k is
         updated from this batch before scale k is quantised, so the codes agree with `dequantize` afterwards."""
-        side = f_NDHW.shape[-1]
+        size = tuple(f_NDHW.shape[-2:])
+        grids = scale_schedule(self.scales, *size)
         f_hat = paddle.zeros_like(f_NDHW)
         codes, ent_sample, ent_batch, err = [], [], [], []
         if self.training:
             with paddle.no_grad():
                 paddle.assign(self.stat_updates + 1, output=self.stat_updates)
             m = max(self.momentum, 1.0 / float(self.stat_updates.item()))
-        for k, s in enumerate(self.scales):
+        for k, s in enumerate(grids):
             r_small = resize(f_NDHW - f_hat, s)
             if self.training:
                 self._update_magnitude(k, r_small.detach(), m)
             bits = (r_small > 0).astype("uint8")
             q_small = bits_to_signs(bits) * self.alpha(k)
-            f_hat = f_hat + resize(q_small, side)
+            f_hat = f_hat + resize(q_small, size)
             err.append(F.mse_loss(q_small, r_small.detach()).detach())
             codes.append(bits.transpose([0, 2, 3, 1]))  # [N, s, s, d]
             # entropy term (BSQ): confident bits per token, but every token of the vocabulary used over the batch
@@ -127,31 +146,34 @@ class MultiScaleBitQuantizer(nn.Layer):
         f_st = f_NDHW + (f_hat - f_NDHW).detach()
         return f_st, codes, losses
 
-    def _scale_latent(self, codes_k: paddle.Tensor, k: int, side: int) -> paddle.Tensor:
-        """alpha_k * U_k(S_k): scale k's contribution at side x side, [N, d, side, side]."""
-        return resize(bits_to_signs(codes_k).transpose([0, 3, 1, 2]) * self.alpha(k), side)
+    def _scale_latent(self, codes_k: paddle.Tensor, k: int, size) -> paddle.Tensor:
+        """alpha_k * U_k(S_k): scale k's contribution on the latent grid `size` ((h, w) or side), [N, d, h, w]."""
+        return resize(bits_to_signs(codes_k).transpose([0, 3, 1, 2]) * self.alpha(k), size)
 
-    def dequantize(self, codes: list[paddle.Tensor], side: int, upto: int | None = None) -> paddle.Tensor:
-        """Sum of the first `upto` scales (all by default), upsampled to side x side: [N, d, side, side]."""
+    def dequantize(self, codes: list[paddle.Tensor], size=None, upto: int | None = None) -> paddle.Tensor:
+        """Sum of the first `upto` scales (all by default), upsampled to the latent grid: [N, d, h, w]. `size`:
+        (h, w) or side; default the last scale's grid (the latent)."""
+        size = _hw(size) if size is not None else tuple(codes[-1].shape[1:3])
         upto = len(self.scales) if upto is None else upto
         f_hat = None
         for k in range(upto):
-            q = self._scale_latent(codes[k], k, side)
+            q = self._scale_latent(codes[k], k, size)
             f_hat = q if f_hat is None else f_hat + q
         if f_hat is None:
             n = codes[0].shape[0]
-            return paddle.zeros([n, self.bits, side, side])
+            return paddle.zeros([n, self.bits, *size])
         return f_hat
 
-    def next_scale_inputs(self, codes: list[paddle.Tensor], side: int) -> list[paddle.Tensor]:
+    def next_scale_inputs(self, codes: list[paddle.Tensor], size=None) -> list[paddle.Tensor]:
         """Teacher-forcing inputs for scales 1..K-1: accumulated f_hat of scales < k, resized to scale k's grid
-        (formula in the module docstring). Returns K-1 tensors [N, s_k, s_k, d] (scale 0 has no latent input:
-        the model starts from BOI/SOS)."""
+        (formula in the module docstring). Returns K-1 tensors [N, h_k, w_k, d] (scale 0 has no latent input:
+        the model starts from BOI/SOS). The grids are those of `codes` (any bucket); `size` as in `dequantize`."""
+        size = _hw(size) if size is not None else tuple(codes[-1].shape[1:3])
         out, f_hat = [], None
         for k in range(1, len(self.scales)):
-            q = self._scale_latent(codes[k - 1], k - 1, side)
+            q = self._scale_latent(codes[k - 1], k - 1, size)
             f_hat = q if f_hat is None else f_hat + q
-            out.append(resize(f_hat, self.scales[k]).transpose([0, 2, 3, 1]))
+            out.append(resize(f_hat, tuple(codes[k].shape[1:3])).transpose([0, 2, 3, 1]))
         return out
 
 

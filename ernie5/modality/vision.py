@@ -211,7 +211,7 @@ class VisionTokenizer(nn.Layer):
         """Codes -> latent f_hat [B, bits, T, h, w] (sum of the upsampled scales)."""
         B, T = codes[0].shape[:2]
         flat = [c.reshape([B * T, *c.shape[2:]]) for c in codes]
-        return _unframes(self.quant.dequantize(flat, self.cfg.latent_side), B)
+        return _unframes(self.quant.dequantize(flat), B)
 
     def decode(self, codes: list[paddle.Tensor]) -> paddle.Tensor:
         """Codes -> pixels [B, C, T, H, W]."""
@@ -223,7 +223,7 @@ class VisionTokenizer(nn.Layer):
         (formula in `ernie5.modality.bitwise`)."""
         B, T = codes[0].shape[:2]
         flat = [c.reshape([B * T, *c.shape[2:]]) for c in codes]
-        return [x.reshape([B, T, *x.shape[1:]]) for x in self.quant.next_scale_inputs(flat, self.cfg.latent_side)]
+        return [x.reshape([B, T, *x.shape[1:]]) for x in self.quant.next_scale_inputs(flat)]
 
     def features(self, x_BCTHW: paddle.Tensor) -> paddle.Tensor:
         """Continuous pre-quantisation encoder features for understanding inputs: [B, T, h, w, channels]."""
@@ -249,7 +249,7 @@ class VisionTokenizer(nn.Layer):
         """1 - cosine(projected encoder features, teacher features resized to the latent grid), per position."""
         with paddle.no_grad():
             t = self.teacher(_frames(x_BCTHW))
-            t = F.adaptive_avg_pool2d(t, self.cfg.latent_side)
+            t = F.adaptive_avg_pool2d(t, list(h_BCThw.shape[-2:]))
         s = self.teacher_proj(_frames(h_BCThw))
         return (1 - F.cosine_similarity(s, t.detach(), axis=1)).mean()
 

@@ -53,33 +53,58 @@ def unpack_bits(ids: np.ndarray, d: int) -> np.ndarray:
 def flip_history(rows: dict, maps: dict, scales: list[int], rate: float, rngs: list) -> np.ndarray:
     """vis_in with the visual history corrupted: every bit of a frame's codes flipped with probability `rate`,
     later scales' inputs moved by sum_{j<k} A_jk (signs'_j - signs_j) and the frame context group's latent by
-    the same sum over all K scales (`space_to_depth` of it). Targets are untouched (the caller keeps them).
-    `rngs[b]` draws row b's flips (one generator per row, so a row's corruption depends on that row alone)."""
+    the same sum over all K scales (`space_to_depth` of it). A frame's maps are those of its latent grid (its
+    resolution bucket, read off the finest scale's positions: `maps["HxW/A_j_k"]`). Targets are untouched (the
+    caller keeps them). `rngs[b]` draws row b's flips (one generator per row, so a row's corruption depends on
+    that row alone)."""
     vis = rows["vis_in"].copy()
-    B = vis.shape[0]
+    B, S = vis.shape[:2]
     K = len(scales)
-    L = scales[-1]
-    sizes = [s * s for s in scales] + [(L // 2) ** 2]  # scales 0..K-1, then the context group
-    offs = np.concatenate([[0], np.cumsum(sizes)])
     d = vis.shape[-1] // 4
     for b in range(B):
         rng = rngs[b]
-        for start in np.nonzero(rows["scale"][b] == 0)[0]:  # each frame's block: scales 0..K-1, context, back to back
-            end = start + offs[-1]
-            if end > vis.shape[1] or rows["scale"][b, end - 1] != K:
+        sc, grp = rows["scale"][b], rows["group"][b]
+        first = np.ones(S, bool)
+        first[1:] = grp[1:] != grp[:-1]
+        for start in np.nonzero((sc == 0) & first)[0]:  # each frame's first position (scale 0 may have several)
+            bounds = _frame_block(sc, grp, int(start), K)  # scales 0..K-1, then the context group, back to back
+            if bounds is None:
                 continue
-            bits = unpack_bits(rows["target"][b, start:start + offs[K]], d)  # the true codes [n, d]
+            fine = slice(bounds[K - 1], bounds[K])
+            Lh = len(np.unique(rows["pos"][b, fine, 1]))
+            Lw = (bounds[K] - bounds[K - 1]) // Lh
+            key = f"{Lh}x{Lw}/"
+            if key + "base_1" not in maps:
+                raise ValueError(f"no bit-flip maps for a {Lh}x{Lw} latent grid (the shards' vis_history.npz has "
+                                 f"{sorted({k.split('/')[0] for k in maps})})")
+            bits = unpack_bits(rows["target"][b, start:bounds[K]], d)  # the true codes [n, d]
             signs = bits * 2.0 - 1.0
             flips = rng.random(signs.shape) < rate
             delta = np.where(flips, -2.0 * signs, 0.0)  # signs' - signs
             for k in range(1, K + 1):
-                shift = sum(maps[f"A_{j}_{k}"] @ delta[offs[j]:offs[j + 1]] for j in range(k))
+                shift = sum(maps[f"{key}A_{j}_{k}"] @ delta[bounds[j] - start:bounds[j + 1] - start]
+                            for j in range(k))
                 if k < K:
-                    vis[b, start + offs[k]:start + offs[k + 1], :d] += shift.astype(np.float32)
+                    vis[b, bounds[k]:bounds[k + 1], :d] += shift.astype(np.float32)
                 else:
-                    ctx = space_to_depth(shift.reshape(L, L, d)).reshape(-1, 4 * d)
-                    vis[b, start + offs[K]:end] += ctx.astype(np.float32)
+                    ctx = space_to_depth(shift.reshape(Lh, Lw, d)).reshape(-1, 4 * d)
+                    vis[b, bounds[K]:bounds[K + 1]] += ctx.astype(np.float32)
     return vis
+
+
+def _frame_block(scale_S: np.ndarray, group_S: np.ndarray, start: int, K: int):
+    """[start, end of scale 0, ..., end of scale K-1, end of the context group] of the frame starting at `start`
+    (each scale one group, in order), or None if the row does not hold the whole frame."""
+    bounds, pos, S = [start], start, len(scale_S)
+    for k in range(K + 1):
+        if pos >= S or scale_S[pos] != k:
+            return None
+        end = pos + 1
+        while end < S and group_S[end] == group_S[pos]:
+            end += 1
+        bounds.append(end)
+        pos = end
+    return bounds
 
 
 def make_unified_batch(rows: dict, *, scales: list[int], audio_end: int, specials: dict, mtp_depth: int,

@@ -1,5 +1,5 @@
 """README "Bring your own media", end to end: an image-caption WebDataset (JPEG / PNG of assorted sizes and aspect
-ratios, captions in .txt and .json) and a folder of speech (FLAC and MP3 at 44.1 kHz stereo, listed in a JSONL
+ratios, captions in .txt and .json, fitted to three resolution buckets) and a folder of speech (FLAC and MP3 at 44.1 kHz stereo, listed in a JSONL
 manifest) each go through `ernie5 data prepare`, then train one unified model as two weighted sources; the
 training loss must fall and each source's tokens are counted."""
 
@@ -63,9 +63,10 @@ def byo(tmp_path_factory, tiny_tokenizers, text_assets):  # noqa: F811
             f.write(json.dumps({"id": f"s{i}", "split": "val" if i == 11 else "train", "segments": [
                 {"kind": "audio", "path": name, "role": "input"}, {"kind": "sep"},
                 {"kind": "text", "text": f"tone {i % 4}"}]}) + "\n")
-    common = [f"{k}: {v}" for k, v in tiny_tokenizers.items()] + ["seq_len: 160"]
+    common = [f"{k}: {v}" for k, v in tiny_tokenizers.items()] + ["seq_len: 256"]
     (root / "captions.yaml").write_text("\n".join([
         "kind: multimodal", "webdataset:", f"  paths: ['{root / 'captions'}/part-*.tar']", "  val_fraction: 0.1",
+        "buckets: {sizes: [[16, 16], [16, 24], [24, 16]], multiple: 4}",  # square, landscape and portrait
         f"out_dir: {root / 'shards_captions'}"] + common) + "\n")
     (root / "speech.yaml").write_text("\n".join([
         "kind: multimodal", f"manifest: {speech / 'manifest.jsonl'}", f"out_dir: {root / 'shards_speech'}"]
@@ -82,6 +83,18 @@ def test_captions_and_speech_prepare_and_train_as_two_sources(byo, text_assets, 
 
     caps = json.loads((byo / "shards_captions" / "meta.json").read_text())
     assert caps["splits"]["train"]["documents"] > 40 and not caps["skipped"]  # caption + t2i per sample
+    assert caps["buckets"]["16x24"] == {"pixels": [16, 24], "latent": [8, 12],
+                                        "schedule": [[1, 2], [2, 3], [4, 6], [8, 12]]}
+    # generated pictures landed in all three buckets: finest-scale grids of 8x8, 8x12 and 12x8 latent cells
+    scale = np.load(byo / "shards_captions" / "train.scale.npy")
+    group = np.load(byo / "shards_captions" / "train.group.npy")
+    pos = np.load(byo / "shards_captions" / "train.pos.npy")
+    grids = set()
+    for r in range(len(scale)):
+        for g in np.unique(group[r][scale[r] == 3]):
+            at = (group[r] == g)
+            grids.add((len(np.unique(pos[r][at, 1])), len(np.unique(pos[r][at, 2]))))
+    assert grids == {(8, 8), (8, 12), (12, 8)}
     sp = json.loads((byo / "shards_speech" / "meta.json").read_text())
     assert sp["splits"]["train"]["documents"] == 11 and sp["splits"]["val"]["documents"] == 1
     _, tok, _ = text_assets
@@ -89,7 +102,8 @@ def test_captions_and_speech_prepare_and_train_as_two_sources(byo, text_assets, 
                "{name: speech, paths: [%s], format: multimodal, weight: 0.4}]"
                % (byo / "shards_captions", byo / "shards_speech"))
     overrides = tiny_overrides(tmp_path / "run", byo, tok) + [
-        sources, "data.seq_len=160", "train.max_steps=12", "train.grad_accum_steps=1", "optim.warmup_steps=1"]
+        sources, "data.seq_len=256", "train.max_steps=12", "train.grad_accum_steps=1", "optim.warmup_steps=1",
+        "objective.bit_flip_rate=0.05"]  # the bit flips read each bucket's maps
     cfg = load_config(None, overrides)
     Trainer(cfg, quiet=True).train()
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

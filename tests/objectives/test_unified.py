@@ -135,7 +135,7 @@ def test_scale_wise_mask_sees_own_scale_and_nothing_later():
 class _TinyQuant:
     """A linear stand-in for the vision tokenizer's next_scale_inputs (scales 1, 2): bilinear-free, exact."""
 
-    cfg = type("C", (), {"scales": SCALES, "bits": BITS})
+    cfg = type("C", (), {"scales": SCALES, "bits": BITS, "latent_side": SCALES[-1]})
 
     def next_scale_inputs(self, codes):
         c0 = codes[0].numpy().astype(np.float32) * 2 - 1  # [1, 1, 1, 1, d]
