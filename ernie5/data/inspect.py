@@ -55,8 +55,11 @@ def format_row(r: dict, meta: dict, max_positions: int, header: str = "") -> str
         if m in (1, 2):
             frames = int(r["frame"][start:i].max()) + 1
             K = len(meta["scales"])
-            seen = set(int(s) for s in r["scale"][start:i])
-            extra = (f" frames {frames} scales {sorted(seen - {K})}"
+            sc = r["scale"][start:i]
+            seen = set(int(s) for s in sc)
+            fine = sc == K - 1  # the finest scale's grid is the latent grid: its bucket
+            grid = (f" grid {len(np.unique(p[fine, 1]))}x{len(np.unique(p[fine, 2]))}" if fine.any() else "")
+            extra = (f" frames {frames}{grid} scales {sorted(seen - {K})}"
                      + (" + context group" if K in seen else ""))
             if "und_index" in r and (r["und_index"][start:i] >= 0).all():  # continuous understanding inputs
                 extra = f" frames {frames} understanding: {i - start} merged-patch tokens"
