@@ -27,6 +27,9 @@ ernie5 data fetch --multimodal --out data/raw
 echo "== training the vision tokenizer (bitwise, multi-scale, causal 3D) and the audio codec (RVQ)"
 ernie5 tokenizer train tokenizers/digits_vision_b4.yaml
 ernie5 tokenizer train tokenizers/digits_audio.yaml
+echo "== an RGB vision tokenizer on real photos (crops of the sample pictures shipped with scikit-image / scikit-learn)"
+ernie5 data fetch --photos --out data/raw
+ernie5 tokenizer train tokenizers/photos_rgb.yaml   # held-out PSNR / SSIM per scale count vs baselines
 echo "== tokenising the digits world + text into unified shards"
 ernie5 data prepare configs/data/digits_world.yaml
 echo "== training the unified tiny model (configs/demo_unified.yaml)"
