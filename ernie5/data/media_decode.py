@@ -223,6 +223,37 @@ def _av_frames(f, name: str, max_frames: int | None) -> np.ndarray:
     return np.stack(frames) if frames else np.zeros((0, 1, 1, 3), np.uint8)
 
 
+def read_frames(path: Path, frame_step: int = 1, fmt: str = "rgb24", max_side: int | None = None) -> np.ndarray:
+    """Every `frame_step`-th frame of a video file as uint8: [T, H, W, 3] (`fmt` "rgb24") or [T, H, W] ("gray"),
+    shrunk so the short side is at most `max_side` (None: as stored). UserError naming the file if PyAV is
+    missing or the file is missing, empty of video or undecodable."""
+    try:
+        import av
+    except ImportError:
+        raise UserError("av", "not installed (pip install -e .[demo]); it decodes video files") from None
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(str(path), "video file missing")
+    frames = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise UserError(str(path), "no video stream")
+            for i, frame in enumerate(container.decode(video=0)):
+                if i % frame_step:
+                    continue
+                scale = 1.0 if max_side is None else min(1.0, max_side / min(frame.height, frame.width))
+                w, h = round(frame.width * scale), round(frame.height * scale)
+                frames.append(frame.reformat(width=w, height=h, format=fmt).to_ndarray())
+    except (UserError, MemoryError):
+        raise
+    except Exception as e:
+        raise UserError(str(path), f"corrupt or unreadable video ({_describe(e)})") from None
+    if not frames:
+        raise UserError(str(path), "corrupt video: no frame could be decoded")
+    return np.stack(frames)
+
+
 def _to_channels(frames_THWC: np.ndarray, channels: int) -> np.ndarray:
     x = frames_THWC.astype(np.float32)
     if x.shape[-1] == 3 and channels == 1:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 
+from ernie5.data.media_decode import read_frames
 from ernie5.data.npy import read_npy
 from ernie5.errors import UserError
 
@@ -91,30 +92,7 @@ def _sklearn_photos(names) -> list[tuple[str, str, np.ndarray]]:
 def decode_rgb(path: Path, frame_step: int = 1, max_side: int = VIDEO_MAX_SIDE) -> np.ndarray:
     """Every `frame_step`-th frame of a video as RGB uint8 [T, H, W, 3], shrunk so the short side is at most
     `max_side`; UserError naming the file if it is missing or cannot be decoded."""
-    try:
-        import av
-    except ImportError:
-        raise _missing("av", "the mp4 decoder for the colour video frames") from None
-    if not path.is_file():
-        raise UserError(str(path), "video file missing")
-    frames = []
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise UserError(str(path), "no video stream")
-            for i, frame in enumerate(container.decode(video=0)):
-                if i % frame_step:
-                    continue
-                scale = min(1.0, max_side / min(frame.height, frame.width))
-                w, h = round(frame.width * scale), round(frame.height * scale)
-                frames.append(frame.reformat(width=w, height=h, format="rgb24").to_ndarray())
-    except UserError:
-        raise
-    except (av.FFmpegError, OSError, ValueError, EOFError) as e:
-        raise UserError(str(path), f"corrupt or unreadable video ({type(e).__name__}: {e})") from None
-    if not frames:
-        raise UserError(str(path), "corrupt video: no frame could be decoded")
-    return np.stack(frames)
+    return read_frames(path, frame_step, "rgb24", max_side)
 
 
 def _video_sources(files, frame_step: int) -> list[tuple[str, str, np.ndarray]]:

