@@ -11,4 +11,5 @@ MODALITY_TERMS = ("text", "visual", "audio")
 
 IGNORE = -100  # label of a position with no target (cross-entropy skips it)
 
-MULTIMODAL_FORMAT = "multimodal-2"  # meta.json "format" of multimodal shards (2: frame context groups, vis_in 4d)
+MULTIMODAL_FORMAT = "multimodal-3"  # meta.json "format" of multimodal shards (2: frame context groups, vis_in 4d;
+# 3: 16-slot understanding tokens, resolution buckets, bit-flip maps per latent grid)

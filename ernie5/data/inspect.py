@@ -62,7 +62,9 @@ def format_row(r: dict, meta: dict, max_positions: int, header: str = "") -> str
             extra = (f" frames {frames}{grid} scales {sorted(seen - {K})}"
                      + (" + context group" if K in seen else ""))
             if "und_index" in r and (r["und_index"][start:i] >= 0).all():  # continuous understanding inputs
-                extra = f" frames {frames} understanding: {i - start} merged-patch tokens"
+                chunks = len(np.unique(g))  # one group per image, or per chunk of 4 video frames
+                extra = (f" {chunks} chunk(s) of 4 frames" if m == 2 else " 1 frame") + \
+                    f" understanding: {i - start} merged-patch tokens"
         if m == 0:
             toks = " ".join(_token_name(int(t), 0, meta) for t in r["token"][start:min(i, start + 8)])
             extra = f" tokens [{toks}{' ...' if i - start > 8 else ''}]"

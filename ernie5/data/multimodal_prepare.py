@@ -61,7 +61,7 @@ from ernie5.data.webdataset_source import (WebDatasetConfig, held_out, resolve_s
 from ernie5.errors import UserError
 
 UNITS_FORMAT = "ernie5-multimodal-units"
-UNITS_VERSION = 1
+UNITS_VERSION = 2  # 2: the multimodal-3 row layout
 PACK_ROWS = 256  # rows per pack_documents call while packing
 OPEN_UNITS = 64  # units whose files stay memory-mapped at once while packing (each holds ~14 maps)
 UNIT_ARRAYS = FIELDS + ("und_table",)

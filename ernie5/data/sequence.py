@@ -201,7 +201,7 @@ def _understanding(doc: _Doc, seg: Segment, sp: dict) -> None:
                 padded[:len(block)] = block
                 doc.add(0, VIDEO if video else IMAGE, (t, start + ch[i], start + cw[j]), seg.role,
                         frame=c * UND_FRAMES if video else c, new_group=(i == 0 and j == 0), und=padded)
-    doc.p = start + max(T, Lh, Lw)
+    doc.p = start + max(chunks * UND_FRAMES if video else T, Lh, Lw)  # past the last chunk's t
     doc.text(sp["<eov>" if video else "<eoi>"], seg.role)
 
 
@@ -345,7 +345,9 @@ def frame_until(doc_BS: np.ndarray, group_BS: np.ndarray, frame_BS: np.ndarray, 
     - **windowed temporal attention** (`window` W >= 1): the positions of frame f of a generated video (its scales
       and its context group) are visible up to the last position before frame f + W, so a frame attends to
       itself and the W - 1 frames before it, and whatever follows the video to its last W frames: long videos
-      cost a bounded attention span (and KV cache) per frame. W = 0: every earlier frame stays visible.
+      cost a bounded attention span per frame (a KV cache could drop expired frames; `KVCache` keeps them and
+      masks them). W = 0: every earlier frame stays visible. Training applies it (`make_unified_batch`); the
+      generation tasks produce no video, and `Stream` does not apply a window.
     - **old-frame masking** (training): `hide_B[b]` (bool [frames] per video segment, in order) hides frame f
       from frame f + 2 on (its own and the next frame still see it): later frames must do without it, as when
       older frames leave the window or are dropped.

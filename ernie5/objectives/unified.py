@@ -8,8 +8,8 @@ audio segment predicts END on level 1 (so generation knows when speech stops).
 
 Loss terms (each logged): `loss_text` (NTP), `loss_mtp_k`, `loss_visual` (bit BCE), `loss_audio` (mean CE over
 levels), `loss_aux` (balancing). Rules:
-- **Scale reweighting** toward coarse scales: a visual token of scale k weighs n_k^(-p) (n_k tokens per scale,
-  p = `visual_scale_power`), normalised so the weights average 1 over the batch's visual tokens. p = 0: every
+- **Scale reweighting** toward coarse scales: a visual token of scale k weighs n_k^(-p) (n_k tokens in that
+  scale of that frame, whatever its bucket's grid; p = `visual_scale_power`), normalised so the weights average 1 over the batch's visual tokens. p = 0: every
   token equal (fine scales dominate); p = 1: every scale equal.
 - **Bit-flip corruption**: with `bit_flip_rate` r > 0 each bit of the visual *history* is flipped with
   probability r and the inputs of later scales are recomputed from the flipped bits (exactly, through the
@@ -152,8 +152,11 @@ def make_unified_batch(rows: dict, *, scales: list[int], audio_end: int, special
     d = vis.shape[-1] // 4
     vmask = mask[..., HEAD_VISUAL] & np.isin(modality, (IMAGE, VIDEO))
     out["vis_bits"] = unpack_bits(target, d).astype(np.float32)
-    n_k = np.array([s * s for s in scales], np.float64)
-    w = np.where(vmask, n_k[np.clip(rows["scale"], 0, len(scales) - 1)] ** (-cfg.visual_scale_power), 0.0)
+    n_k = np.ones((B, S))  # tokens of each position's scale: a scale is one group (any bucket's grid)
+    for b in range(B):
+        _, inv, counts = np.unique(rows["group"][b], return_inverse=True, return_counts=True)
+        n_k[b] = counts[inv]
+    w = np.where(vmask, n_k ** (-cfg.visual_scale_power), 0.0)
     out["vis_weight"] = (w / max(w[vmask].mean(), 1e-12) if vmask.any() else w).astype(np.float32)
     # audio depth heads: L codes of the next frame; END on level 1 where an audio segment ends next
     amask = mask[..., HEAD_AUDIO]

@@ -110,13 +110,17 @@ class UnifiedBatches:
                                                        where=f"{src.dir} (source {src.name}, val)", **kw)
         self.weights = {src.name: src.weight for src in sources}
         self.train = BlendedLoader(parts, B, rank, world, notice)
-        maps = Path(first_mm.dir) / "vis_history.npz"
         self.maps = None
-        if cfg.objective.bit_flip_rate > 0:
-            if not maps.is_file():
-                raise UserError(str(maps), "missing (re-run `ernie5 data prepare`): bit-flip corruption needs it")
-            with np.load(maps) as z:
-                self.maps = {k: z[k] for k in z.files}
+        if cfg.objective.bit_flip_rate > 0:  # every multimodal source's maps: each covers its own latent grids
+            self.maps = {}
+            for src in sources:
+                if not src.config.is_multimodal:
+                    continue
+                maps = Path(src.dir) / "vis_history.npz"
+                if not maps.is_file():
+                    raise UserError(str(maps), "missing (re-run `ernie5 data prepare`): bit-flip corruption needs it")
+                with np.load(maps) as z:
+                    self.maps.update({k: z[k] for k in z.files})
 
     def batch(self, loader, train: bool = True) -> dict:
         import paddle

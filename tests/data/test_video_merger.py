@@ -64,3 +64,46 @@ def test_merger_ignores_unused_slots():
     full = m(paddle.to_tensor(feats), paddle.to_tensor([16, 16, 16], dtype="int64")).numpy()
     np.testing.assert_allclose(full, m(paddle.to_tensor(feats)).numpy(), atol=1e-5)
     assert not np.allclose(full, a, atol=1e-3)
+
+
+def test_what_follows_a_video_comes_after_its_last_chunk_in_time():
+    for T, L in ((5, 4), (9, 4), (9, 8), (4, 8)):
+        und = np.zeros((T, L, L, 3), np.float32)
+        d = build_document([Segment("video", "input", und=und), Segment("sep")], V)
+        vid = d["modality"] == VIDEO
+        after = np.nonzero(vid)[0][-1] + 1  # EOV
+        assert d["pos"][after, 0] > d["pos"][vid, 0].max(), (T, L)
+
+
+def test_the_model_gives_video_tokens_16_slots_and_image_tokens_4():
+    """Through `ModalityIO.embed`: changing slots 4..15 of the features moves a video token's input vector and
+    leaves an image token's alone."""
+    from ernie5.model.transformer import build_model
+    from ernie5.objectives.config import ObjectiveConfig
+    from ernie5.objectives.unified import make_unified_batch
+    from tests.objectives.test_unified import BITS, LEVELS, tiny_cfg
+
+    rng = np.random.default_rng(0)
+    docs = [build_document([Segment("image", "input", und=rng.normal(size=(1, 2, 2, 7)).astype(np.float32))], V,
+                           BITS, LEVELS),
+            build_document([Segment("video", "input", und=rng.normal(size=(4, 2, 2, 7)).astype(np.float32))], V,
+                           BITS, LEVELS)]
+    from ernie5.data.sequence import pack_documents
+
+    packed, _ = pack_documents(docs, 12)
+    rows = {k: v for k, v in packed.items() if k != "und_table"}
+    model = build_model(tiny_cfg(), seed=0)
+
+    def embed(table):
+        rows["und_feats"] = table
+        b = make_unified_batch(rows, scales=[1, 2], audio_end=8, specials={"<eoa>": V + 5, "<boa>": V + 4},
+                               mtp_depth=0, cfg=ObjectiveConfig())
+        return model.io.embed(model.embed, {k: paddle.to_tensor(v) for k, v in b.items()}).numpy()[0]
+
+    base = packed["und_table"]
+    bumped = base.copy()
+    bumped[:, 4:] += 1.0
+    change = np.abs(embed(base) - embed(bumped)).max(-1)
+    img, vid = packed["modality"][0] == IMAGE, packed["modality"][0] == VIDEO
+    assert img.sum() == 1 and vid.sum() == 1
+    assert change[img].max() < 1e-6 and change[vid].min() > 1e-4

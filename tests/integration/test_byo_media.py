@@ -98,9 +98,10 @@ def test_captions_and_speech_prepare_and_train_as_two_sources(byo, text_assets, 
     sp = json.loads((byo / "shards_speech" / "meta.json").read_text())
     assert sp["splits"]["train"]["documents"] == 11 and sp["splits"]["val"]["documents"] == 1
     _, tok, _ = text_assets
-    sources = ("data.sources=[{name: captions, paths: [%s], format: multimodal, weight: 0.6}, "
-               "{name: speech, paths: [%s], format: multimodal, weight: 0.4}]"
-               % (byo / "shards_captions", byo / "shards_speech"))
+    # speech first: the bit flips must read every source's maps (the captions' buckets are not the speech's)
+    sources = ("data.sources=[{name: speech, paths: [%s], format: multimodal, weight: 0.4}, "
+               "{name: captions, paths: [%s], format: multimodal, weight: 0.6}]"
+               % (byo / "shards_speech", byo / "shards_captions"))
     overrides = tiny_overrides(tmp_path / "run", byo, tok) + [
         sources, "data.seq_len=256", "train.max_steps=12", "train.grad_accum_steps=1", "optim.warmup_steps=1",
         "objective.bit_flip_rate=0.05"]  # the bit flips read each bucket's maps
