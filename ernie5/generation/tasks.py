@@ -118,6 +118,8 @@ def generate_image(model, prompt_ids: list[int], vocab: Vocab, vision, temperatu
         raise ValueError(f"vision tokenizer ({len(scales)} scales, {d} bits) does not match the model "
                          f"({mm.num_scales} scales, {mm.visual_bits} bits)")
     Lh, Lw = grid if grid is not None else (scales[-1],) * 2
+    if Lh % 2 or Lw % 2 or Lh < 2 or Lw < 2:
+        raise ValueError(f"latent grid {Lh}x{Lw}: both sides must be even (the frame context group merges 2x2 cells)")
     grids = scale_schedule(scales, Lh, Lw)
     zeros = [np.zeros((1, 1, gh, gw, d), np.uint8) for gh, gw in grids]
     # the layout of the whole document with placeholder codes: positions and groups exactly as in training
