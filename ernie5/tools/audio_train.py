@@ -1,5 +1,6 @@
-"""Audio codec training with a held-out report: SNR (silence scores 0 dB) and multi-resolution STFT distance
-vs *silence*; per-level code usage."""
+"""Audio codec training with a held-out report, measured after the data-dependent init and again after gradient
+training: waveform SNR (silence scores 0 dB), multi-resolution STFT distance and log-mel distance, each beside
+what silence scores; per-level code usage. See docs/audio_codec.md."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 import paddle
 
 from ernie5.data.digits_world import load_arrays
-from ernie5.modality.audio import AudioTokenizer, RandomConvTeacher1d, multi_resolution_stft_loss, snr_db
+from ernie5.modality.audio import (AudioTokenizer, RandomConvTeacher1d, mel_distance, multi_resolution_stft_loss,
+                                   snr_db)
 from ernie5.modality.media_io import TokenizerRecipe, load_asset, save_asset
 from ernie5.tools.tokenizer_common import _lr, _split
 
@@ -51,21 +53,23 @@ def _shifted_rows(clips, length: int, hop: int, rng) -> np.ndarray:
 
 
 def _audio_eval(model, clips, cfg) -> dict:
-    """Whole held-out clips (padded to whole frames), one at a time."""
+    """Whole held-out clips (padded to whole frames, scored on the clip's own samples), one at a time."""
     model.eval()
-    snrs, stft, stft0 = [], [], []
+    snrs, stft, stft0, mel, mel0 = [], [], [], [], []
     all_codes = []
     with paddle.no_grad():
         for c in clips:
             n = -(-len(c) // cfg.hop) * cfg.hop
             x = np.zeros((1, n), np.float32)
             x[0, :len(c)] = c
-            xt = paddle.to_tensor(x)
-            codes = model.encode(xt)
-            rec = model.decode(codes)
-            snrs.append(snr_db(rec.numpy()[0, :len(c)], c))
+            codes = model.encode(paddle.to_tensor(x))
+            rec = model.decode(codes)[:, :len(c)]
+            xt, zero = paddle.to_tensor(c[None].astype(np.float32)), paddle.zeros([1, len(c)])
+            snrs.append(snr_db(rec.numpy()[0], c))
             stft.append(float(multi_resolution_stft_loss(rec, xt, cfg.stft_resolutions)))
-            stft0.append(float(multi_resolution_stft_loss(paddle.zeros_like(xt), xt, cfg.stft_resolutions)))
+            stft0.append(float(multi_resolution_stft_loss(zero, xt, cfg.stft_resolutions)))
+            mel.append(float(mel_distance(rec, xt, cfg.sample_rate)))
+            mel0.append(float(mel_distance(zero, xt, cfg.sample_rate)))
             all_codes.append(codes.numpy()[0])
     model.train()
     codes = np.concatenate(all_codes)
@@ -77,7 +81,15 @@ def _audio_eval(model, clips, cfg) -> dict:
                        "perplexity": round(float(np.exp(-(p * np.log(p)).sum())), 1)})
     return {"snr_db": round(float(np.mean(snrs)), 2), "baseline_silence_snr_db": 0.0,
             "stft_distance": round(float(np.mean(stft)), 3),
-            "baseline_silence_stft_distance": round(float(np.mean(stft0)), 3), "code_usage": levels}
+            "baseline_silence_stft_distance": round(float(np.mean(stft0)), 3),
+            "mel_distance": round(float(np.mean(mel)), 4),
+            "baseline_silence_mel_distance": round(float(np.mean(mel0)), 4), "code_usage": levels}
+
+
+def _metrics_line(r: dict) -> str:
+    return (f"SNR {r['snr_db']:.2f} dB (silence 0), STFT distance {r['stft_distance']:.3f} (silence "
+            f"{r['baseline_silence_stft_distance']:.3f}), log-mel distance {r['mel_distance']:.4f} (silence "
+            f"{r['baseline_silence_mel_distance']:.4f})")
 
 
 def _train_audio(recipe: TokenizerRecipe, data: dict, log) -> dict:
@@ -103,10 +115,11 @@ def _train_audio(recipe: TokenizerRecipe, data: dict, log) -> dict:
         log(f"init: linear maps keep {stats['pca_energy']:.3f} of frame energy, k-means on "
             f"{stats['kmeans_frames']} frames ({time.time() - t0:.0f}s)")
     t_eval = time.time()  # what training adds on top of the init, measured outside the training clock
-    init_snr = _audio_eval(model, val_clips, cfg)["snr_db"]
+    at_init = _audio_eval(model, val_clips, cfg)
     t0 += time.time() - t_eval
-    log(f"held-out SNR before gradient training: {init_snr} dB")
-    opt = paddle.optimizer.Adam(learning_rate=tc.lr, parameters=model.parameters())
+    log(f"held-out before gradient training: {_metrics_line(at_init)}")
+    params = model.parameters() if cfg.train_encoder else model.decoder.parameters()  # else no gradient reaches them
+    opt = paddle.optimizer.Adam(learning_rate=tc.lr, parameters=params)
     for step in range(tc.steps):
         x = paddle.to_tensor(_crop_batch(train_clips, tc.batch_size, length, rng, cfg.augment_speed,
                                          cfg.augment_gain))
@@ -119,8 +132,13 @@ def _train_audio(recipe: TokenizerRecipe, data: dict, log) -> dict:
             log(f"step {step:4d} " + " ".join(f"{k} {float(v):.4f}" for k, v in losses.items())
                 + " residual " + "/".join(f"{n:.3f}" for n in norms) + f" ({time.time() - t0:.0f}s)")
     train_seconds = round(time.time() - t0, 1)
-    report = {"heldout_clips": len(val_clips), "engine": data["audio_index"]["engine"],
-              **_audio_eval(model, val_clips, cfg), "snr_db_before_gradient_training": init_snr,
+    trained = _audio_eval(model, val_clips, cfg)
+    log(f"held-out after gradient training:  {_metrics_line(trained)}")
+    keys = ("snr_db", "stft_distance", "mel_distance")
+    report = {"heldout_clips": len(val_clips), "engine": data["audio_index"]["engine"], **trained,
+              "init": {k: at_init[k] for k in keys}, "trained": {k: trained[k] for k in keys},
+              "gain_from_training": {k: round(trained[k] - at_init[k], 4) for k in keys},
+              "snr_db_before_gradient_training": at_init["snr_db"],
               "frame_rate_hz": cfg.frame_rate, "levels": cfg.levels,
               "codebook_size": cfg.codebook_size, "bits_per_second": round(cfg.frame_rate * cfg.levels
                                                                           * math.log2(cfg.codebook_size)),
