@@ -276,7 +276,7 @@ def _cmd_eval(args) -> None:
 def _eval_crossmodal(args) -> None:
     from ernie5.evaluation.crossmodal import evaluate_crossmodal, format_table
 
-    report = evaluate_crossmodal(args.ckpt, args.out, n=args.n or 100, clips=args.clips or 0, world=args.world,
+    report = evaluate_crossmodal(args.ckpt, args.out, n=args.n, clips=args.clips, world=args.world,
                                  progress=not args.json, overrides=args.overrides)
     if args.json:
         print(json.dumps(report, ensure_ascii=False))
@@ -531,8 +531,10 @@ Evaluate a checkpoint (a checkpoint dir, or a run dir for its newest checkpoint)
     ev.add_argument("--batches", type=_count(1), help="loss, elastic: held-out micro-batches (default 16)")
     ev.add_argument("--out", help="elastic: output dir (default <run dir>/eval/<checkpoint>); crossmodal: where "
                                   "crossmodal.json goes (default the checkpoint dir)")
-    ev.add_argument("--n", type=_count(1), help="crossmodal: eval images for captions (default 100)")
-    ev.add_argument("--clips", type=_count(1), help="crossmodal: held-out speech clips (default: all)")
+    ev.add_argument("--n", type=_count(1), help="crossmodal: caption images and text -> image prompts, for quick runs "
+                                            "(default: all 597 held-out images and 500 prompts)")
+    ev.add_argument("--clips", type=_count(1), help="crossmodal: evaluation speech recordings, for quick runs "
+                                                "(default: all 600)")
     ev.add_argument("--world", help="crossmodal: digits world dir (default data/raw/digits_world)")
     ev.add_argument("--json", action="store_true", help="crossmodal: print one JSON object")
     ev.set_defaults(fn=_cmd_eval, check=_check_eval)

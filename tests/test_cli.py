@@ -274,6 +274,6 @@ def test_eval_modes_reach_the_right_evaluation(monkeypatch, capsys):
     assert main(["eval", "r", "--crossmodal", "--n", "7"]) == 0
     assert main(["eval", "r", "--mode", "crossmodal", "--out", "c", "--clips", "2"]) == 0
     assert calls == [("elastic", 16, False, None), ("elastic", 3, True, "e"), ("elastic", 16, True, None),
-                     ("crossmodal", 7, 0, None), ("crossmodal", 100, 2, "c")]
+                     ("crossmodal", 7, None, None), ("crossmodal", None, 2, "c")]
     out = capsys.readouterr().out
     assert "held-out loss 1.5000" in out and "| table |" in out and "scores" in out

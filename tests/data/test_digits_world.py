@@ -14,10 +14,11 @@ from tests.conftest import run_cli
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, text_assets):
     """A small digits world plus tiny trained vision / audio tokenizer assets and a multimodal data config."""
-    from ernie5.data.digits_world import fetch_digits_world
+    from ernie5.data.digits_world import VOICES, fetch_digits_world
 
     root = tmp_path_factory.mktemp("mm")
-    stats = fetch_digits_world(str(root / "world"), num_videos=20, num_images=100)
+    stats = fetch_digits_world(str(root / "world"), num_videos=20, num_images=100, eval_speech=False,
+                               voices=VOICES[:3])
     assert stats["speech_engine"] in ("espeak-ng", "synthetic-tone-code")
     _, tok, _ = text_assets
     assets = {}
@@ -59,8 +60,9 @@ def test_prepare_skips_corrupt_and_missing_media_and_names_the_file(world):
     assert r.returncode == 0, r.stderr
     assert "00002.png: corrupt or unsupported image" in r.stderr and "00001.wav: audio file missing" in r.stderr
     stats = json.loads(r.stdout)
-    # each item appears in two documents (both directions): two for the image, two for the clip
-    assert stats["skipped_documents"] == 4 and stats["train_rows"] > 0 and stats["val_rows"] > 0
+    # each item appears in every document that uses it: three for the image (caption -> image, image -> caption
+    # in English and in Chinese), two for the clip (both directions)
+    assert stats["skipped_documents"] == 5 and stats["train_rows"] > 0 and stats["val_rows"] > 0
     meta = json.loads((root / "shards" / "meta.json").read_text())
     assert meta["specials"]["<boi>"] == meta["text_vocab_size"]
     mod = np.load(root / "shards" / "train.modality.npy")
@@ -70,6 +72,32 @@ def test_prepare_skips_corrupt_and_missing_media_and_names_the_file(world):
     r = run_cli("data", "inspect", str(cfg), "--row", str(row), "--max-positions", "20")
     assert r.returncode == 0, r.stderr
     assert "image" in r.stdout and "groups" in r.stdout and "scales [0, 1, 2, 3]" in r.stdout
+
+
+def test_documents_caption_each_image_in_both_languages_and_never_use_evaluation_media(world):
+    """Every document image is captioned in English and in Chinese (image -> caption), held-out images stay in
+    the val split, the 597 evaluation images and the evaluation-only recordings appear in no document, and no
+    training recording shares a voice / rate / pitch setting with the evaluation recordings."""
+    from ernie5.data.digits_world import EVAL_SPEECH, caption_en, caption_zh, eval_image_indices
+
+    root, _ = world
+    w = root / "world"
+    docs = [json.loads(line) for line in (w / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    labels = np.load(w / "labels.npy")
+    eval_paths = {f"images/{i:05d}.png" for i in eval_image_indices()}
+    und = {}
+    for doc in docs:
+        segs = doc["segments"]
+        if segs[0].get("role") == "input" and segs[0]["kind"] == "image":
+            i = int(segs[0]["path"].split("/")[1][:5])
+            und.setdefault(i, set()).add(segs[-1]["text"])
+            assert (doc["split"] == "val") == (i % 10 == 9)
+        assert not any("eval_audio" in seg.get("path", "") for seg in segs)
+        assert not any(seg.get("path") in eval_paths for seg in segs)
+    assert sorted(und) == list(range(100))
+    assert all(und[i] == {caption_en(int(labels[i])), caption_zh(int(labels[i]))} for i in und)
+    clips = json.loads((w / "audio_index.json").read_text(encoding="utf-8"))["clips"]
+    assert not {(c["voice"], c["rate"], c["pitch"]) for c in clips} & {(v, r, p) for v, r, p, _ in EVAL_SPEECH}
 
 
 def test_read_errors_name_the_file(tmp_path):

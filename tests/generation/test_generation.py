@@ -209,18 +209,20 @@ def test_score_digit():
 
 
 def test_report_table_and_constant_answer_baseline():
-    from ernie5.evaluation.crossmodal import _baselines, format_table
+    from ernie5.evaluation.crossmodal import _baselines, accuracy, format_table
 
     b = _baselines([3, 6, 9, 3])
     assert b["majority"] == 0.5 and b["digit_counts"][3] == 2
     report = {"checkpoint": "ck", "chance": 0.1,
-              "caption": {"accuracy": 0.5, "n": 4, **_baselines([1, 2, 3, 4]),
+              "caption": {**accuracy([True, True, False, False]), **_baselines([1, 2, 3, 4]),
                           "examples": [{"digit": 1, "caption": "a handwritten one"}]},
-              "asr": {"accuracy": 0.25, "n": 4, **b, "examples": [{"said": "three", "heard": "zero"}]},
-              "t2i": {"accuracy": 0.8, "n": 10, "temperature": 1.0, "accuracy_en": 1.0, "accuracy_zh": 0.6,
-                      **_baselines(range(10)), "judge_on_reconstructions": 0.97, "judge_on_real": 1.0}}
+              "asr": {**accuracy([True, False, False, False]), **b,
+                      "examples": [{"said": "three", "heard": "zero"}]},
+              "t2i": {**accuracy([True] * 8 + [False] * 2), "temperature": 1.0, "en": accuracy([True]),
+                      "zh": accuracy([False]), **_baselines(range(10)), "judge_on_reconstructions": 0.97,
+                      "judge_on_real": 1.0}}
     table = format_table(report)
-    assert "| speech -> text | 25.0% | 4 | 10.0% | 50.0% |" in table and "digits 3, 6, 9" in table
+    assert "| speech -> text | 25.0% | 4.6-69.9% | 4 | 10.0% | 50.0% |" in table and "digits 3, 6, 9" in table
 
 
 def test_special_ids_layout():
