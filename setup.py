@@ -7,7 +7,8 @@ setup(
     packages=find_packages(include=["ernie5", "ernie5.*"]),
     package_data={"ernie5.kernels": ["*.cc"]},  # compiled on first use (ernie5/kernels/__init__.py)
     python_requires=">=3.10",
-    install_requires=["numpy", "pyyaml", "sentencepiece", "tqdm", "safetensors", "matplotlib", "pyarrow", "zstandard"],
+    install_requires=["numpy", "scipy", "pyyaml", "sentencepiece", "tqdm", "safetensors", "matplotlib", "pyarrow",
+                      "zstandard"],  # scipy: Student's t for the sweep report's intervals (ernie5/sweep/stats.py)
     extras_require={
         "cpu": ["paddlepaddle==3.3.1"],
         "gpu": ["paddlepaddle-gpu"],

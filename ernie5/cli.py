@@ -309,6 +309,17 @@ def _cmd_viz(args) -> None:
     print(format_report(json.loads(paths[-1].read_text())), end="")
 
 
+def _cmd_sweep(args) -> None:
+    from ernie5.sweep.driver import run_sweep
+
+    run_sweep(args.sweep, out=args.out, overrides=args.overrides, parallel=args.parallel)
+
+
+def _cmd_compare(args) -> None:
+    from ernie5.sweep.report import LadderOptions, compare
+
+    print(compare(args.runs, args.out, ladder=LadderOptions() if args.ladder else None))
+
 
 # -- the parser: every verb says what it takes and shows examples ---------------------------------------------
 def _help(text: str, examples: list[str]) -> dict:
@@ -588,6 +599,40 @@ prints the report.
     vr.add_argument("--last", type=_count(1),
                     help="only the newest N routing records (default: all; loss curves show the whole run)")
     vr.set_defaults(fn=_cmd_viz)
+
+    sw = sub.add_parser("sweep", help="run the variants x seeds of a sweep file, then write the comparison report",
+                        **_help("""
+Run a sweep file (kind: sweep; docs/sweeps.md): a base run config, named variants (or a grid) of key.path=value
+overrides, seeds and a budget (steps or tokens). Every run's config is validated before the first one starts;
+each run is `ernie5 train` in its own process into OUT/VARIANT/seedSEED. Running the same command again skips
+finished runs and resumes interrupted ones from their newest checkpoint. Overrides after the file apply to every
+run (train.max_steps=20 for a quick pass). At the end OUT/report.md and its plots are written (`ernie5 compare`).
+""", ["ernie5 sweep configs/sweeps/routing.yaml",
+      "ernie5 sweep configs/sweeps/routing.yaml --out runs/sweeps/routing_quick train.max_steps=20",
+      "ernie5 sweep configs/sweeps/balancing.yaml --parallel 2",
+      "ernie5 sweep configs/sweeps/ladder.yaml"]))
+    sw.add_argument("sweep", help="sweep file (kind: sweep)")
+    sw.add_argument("overrides", nargs="*", help="key.path=value overrides applied to every run")
+    sw.add_argument("--out", help="output directory (default: the sweep file's `out:`, else runs/sweeps/NAME)")
+    sw.add_argument("--parallel", type=_count(1), default=1,
+                    help="runs at a time, each pinned to its share of the cores (default 1)")
+    sw.set_defaults(fn=_cmd_sweep)
+
+    cp = sub.add_parser("compare", help="compare runs: markdown report with statistics over seeds, curves, routing",
+                        **_help("""
+Compare run directories (or a sweep's output directory, for its finished runs): OUT/report.md with the final
+train and held-out losses per source and per term (mean +- std over seeds), the difference from the first
+variant (Welch's t-test over seeds), tokens/s, total / active parameters (planner), the routing summary of MoE
+runs side by side, loss curves (PNG); with --ladder, a power-law fit of loss against training compute.
+Runs of one variant are grouped by the variant name the sweep recorded (else the run dir's name).
+""", ["ernie5 compare runs/sweeps/routing --out runs/sweeps/routing",
+      "ernie5 compare runs/sweeps/ladder --out runs/sweeps/ladder",
+      "ernie5 compare runs/ablations/routing_agnostic runs/ablations/routing_isolated --out runs/cmp"]))
+    cp.add_argument("runs", nargs="+", help="run directories and / or sweep output directories")
+    cp.add_argument("--out", required=True, help="output directory for report.md, report.json and the PNGs")
+    cp.add_argument("--ladder", action="store_true",
+                    help="fit loss against compute (the runs, in order, are the sizes of a scaling ladder)")
+    cp.set_defaults(fn=_cmd_compare)
     return p
 
 

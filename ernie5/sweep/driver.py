@@ -1,0 +1,53 @@
+"""`ernie5 sweep`: load the sweep file, validate every run's config, run them, then write the comparison report.
+
+OUT/sweep.json records what `ernie5 compare OUT` needs to redo the report: the sweep's name, its variants, the
+run directories in order and the ladder settings.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from ernie5.errors import TrainingError
+from ernie5.sweep.report import SWEEP_FILE, compare
+from ernie5.sweep.runner import TRAIN_CMD, Outcome, Runner, run_state
+from ernie5.sweep.spec import load_sweep
+
+
+@dataclass
+class SweepResult:
+    outcomes: list[Outcome]
+    report: Optional[Path]
+    out: Path
+
+
+def run_sweep(path: str, out: Optional[str] = None, overrides: list[str] = (), parallel: int = 1,
+              log: Callable[[str], None] = print, train_cmd=TRAIN_CMD) -> SweepResult:
+    """Validate, run (skipping finished runs, resuming interrupted ones), report. A failed run does not stop the
+    others; the report covers the finished runs and a TrainingError names the failures afterwards."""
+    sweep = load_sweep(path)
+    runs = sweep.expand(list(overrides), out)
+    out_dir = Path(out or sweep.out)
+    for r in runs:  # refuse foreign or mismatched run dirs before writing anything
+        run_state(r)
+    log(f"sweep {sweep.name}: {len(sweep.variants)} variant(s) x {len(sweep.seeds)} seed(s) = {len(runs)} run(s), "
+        f"{runs[0].max_steps} steps each" if len({r.max_steps for r in runs}) == 1 else
+        f"sweep {sweep.name}: {len(runs)} run(s), {min(r.max_steps for r in runs)}-"
+        f"{max(r.max_steps for r in runs)} steps")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {**sweep.as_dict(), "overrides": list(overrides), "runs": [r.run_dir for r in runs]}
+    (out_dir / SWEEP_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    outcomes = Runner(runs, parallel=parallel, train_cmd=train_cmd, log=log).run()
+    finished = [o for o in outcomes if o.status in ("done", "skipped")]
+    report = compare([str(out_dir)], out_dir) if finished else None
+    if report is not None:
+        log(f"report: {report}")
+    bad = [o for o in outcomes if o.status not in ("done", "skipped")]
+    if bad:
+        first = bad[0]
+        raise TrainingError(f"{len(bad)} of {len(outcomes)} runs did not finish; first: {first.spec.label} "
+                            f"({first.status}: {first.message})")
+    return SweepResult(outcomes, report, out_dir)

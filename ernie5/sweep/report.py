@@ -1,0 +1,274 @@
+"""`ernie5 compare`: run directories -> DIR/report.md (+ report.json and PNG plots).
+
+The report is deterministic: the same run directories give the same report.md byte for byte (variants in the
+order given, seeds sorted, fixed number formats, no timestamps; the statistics involve no randomness).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ernie5.errors import UserError
+from ernie5.sweep.collect import TAIL, Group, RunResult, group_runs, read_run, size_with
+from ernie5.sweep.curves import plot_curves, plot_ladder
+from ernie5.sweep.ladder import fit_power_law, next_compute_by_ratio
+from ernie5.sweep.runner import read_marker
+from ernie5.sweep.stats import mean_std, welch
+
+SWEEP_FILE = "sweep.json"  # written by `ernie5 sweep` into its output dir
+
+
+@dataclass
+class LadderOptions:
+    """Fit loss against compute; `next` = overrides on the last rung for the size to predict (None: one more
+    step of the ladder's ratio)."""
+
+    next: Optional[list[str]] = None
+
+
+# ---- which runs -------------------------------------------------------------------------------------------
+def resolve_targets(targets: list[str]) -> tuple[list[str], Optional[LadderOptions], list[str], str]:
+    """Run dirs (in order), ladder options, notes, and a title from RUN / SWEEP_DIR arguments. A sweep dir (with
+    sweep.json) stands for its finished runs in the sweep's order; its ladder settings apply."""
+    runs, notes, ladder, title = [], [], None, "runs"
+    for t in targets:
+        p = Path(t)
+        if (p / SWEEP_FILE).is_file():
+            info = json.loads((p / SWEEP_FILE).read_text(encoding="utf-8"))
+            title = f"sweep `{info['name']}` ({info['sweep_file']})"
+            if info.get("ladder") is not None:
+                ladder = LadderOptions(next=info["ladder"].get("next") or None)
+            for run_dir in info["runs"]:
+                marker = read_marker(run_dir)
+                if marker is not None and marker.get("status") == "done":
+                    runs.append(run_dir)
+                else:
+                    status = "missing" if marker is None else marker.get("status")
+                    notes.append(f"left out {run_dir}: not finished ({status})")
+        elif (p / "metrics.jsonl").is_file():
+            runs.append(str(p))
+        else:
+            raise UserError(t, "neither a run directory (metrics.jsonl) nor a sweep directory (sweep.json)")
+    if not runs:
+        raise UserError(" ".join(targets), "no finished runs to compare")
+    return runs, ladder, notes, title
+
+
+# ---- formatting -------------------------------------------------------------------------------------------
+def _ms(values: list[float], digits: int = 4) -> str:
+    if not values:
+        return "-"
+    m, s = mean_std(values)
+    return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e6:.3f}M" if n >= 1e5 else f"{int(n):,}"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _metric_keys(groups: list[Group], section: str) -> list[str]:
+    keys = sorted({k for g in groups for r in g.runs for k in getattr(r, section)})
+    if section == "train":  # the total first, then the terms
+        keys = [k for k in keys if k == "loss"] + [k for k in keys if k != "loss"]
+    else:
+        keys = [k for k in keys if k == "val_loss"] + [k for k in keys if k != "val_loss"]
+    return keys
+
+
+def _label(section: str, key: str) -> str:
+    if section == "heldout":
+        return "held-out loss" if key == "val_loss" else f"held-out {key.split('/', 1)[1]}"
+    return "train loss" if key == "loss" else f"train {key[len('loss_'):]}"
+
+
+# ---- sections ---------------------------------------------------------------------------------------------
+def _main_table(groups: list[Group]) -> list[str]:
+    base = groups[0]
+    head = ["variant", "seeds", "train loss", "held-out loss", f"Δ held-out vs {base.variant} [95% CI] (Welch)",
+            "tokens/s (median)", "params total / active"]
+    rows = []
+    for g in groups:
+        delta = "baseline"
+        if g is not base:
+            a, b = base.values("heldout", "val_loss"), g.values("heldout", "val_loss")
+            delta = welch(a, b).text() if a and b else "n/a (no held-out loss)"
+        tps = [r.tokens_per_s for r in g.runs if r.tokens_per_s is not None]
+        r0 = g.runs[0]
+        rows.append([g.variant, ", ".join(str(r.seed) for r in g.runs), _ms(g.values("train", "loss")),
+                     _ms(g.values("heldout", "val_loss")), delta, _ms(tps, 0) if tps else "-",
+                     f"{_count(r0.total_params)} / {_count(r0.active_params)}"])
+    return _table(head, rows)
+
+
+def _detail_table(groups: list[Group]) -> list[str]:
+    cols = [("heldout", k) for k in _metric_keys(groups, "heldout")] + \
+           [("train", k) for k in _metric_keys(groups, "train")]
+    rows = [[g.variant] + [_ms(g.values(s, k)) for s, k in cols] for g in groups]
+    return _table(["variant"] + [_label(s, k) for s, k in cols], rows)
+
+
+def _differences(groups: list[Group]) -> list[str]:
+    base = groups[0]
+    rows = []
+    for g in groups[1:]:
+        for section in ("heldout", "train"):
+            for key in _metric_keys(groups, section):
+                a, b = base.values(section, key), g.values(section, key)
+                if a and b:
+                    rows.append([g.variant, _label(section, key), welch(a, b).text()])
+    if not rows:
+        return []
+    return [f"Every metric against the baseline `{base.variant}`: difference of seed means (variant - baseline), "
+            "95% Welch interval and two-sided p.", ""] + _table(["variant", "metric", "Δ [95% CI] p"], rows)
+
+
+def _routing_table(groups: list[Group]) -> list[str]:
+    with_routing = [g for g in groups if all(r.routing for r in g.runs)]
+    if not with_routing:
+        return []
+    mods = []
+    for g in with_routing:
+        for r in g.runs:
+            mods += [m for m in r.routing["modalities"] if m not in mods]
+    pairs = [(a, b) for i, a in enumerate(mods) for b in mods[i + 1:]]
+    head = ["variant"] + [f"entropy {m}" for m in mods] + [f"max/mean {m}" for m in mods] + \
+           [f"IoU {a}/{b}" for a, b in pairs]
+    rows = []
+    for g in with_routing:
+        row = [g.variant]
+        for field in ("mean_entropy", "mean_max_over_mean"):
+            for m in mods:
+                vals = [r.routing["per_modality"][m][field] for r in g.runs if m in r.routing["per_modality"]]
+                row.append(_ms([v for v in vals if v is not None], 3))
+        for a, b in pairs:
+            vals = []
+            for r in g.runs:
+                names = r.routing["iou"]["names"]
+                if a in names and b in names:
+                    v = r.routing["iou"]["matrix"][names.index(a)][names.index(b)]
+                    if v is not None:
+                        vals.append(v)
+            row.append(_ms(vals, 3))
+        rows.append(row)
+    frac = with_routing[0].runs[0].routing["top_frac"]
+    return ["Expert load over the whole run (`ernie5.analysis.routing`): normalised load entropy (1 = balanced) and "
+            f"max / mean load per modality, averaged over MoE layers; IoU of the top-{frac:.0%} expert sets between "
+            "two modalities (0 = disjoint), averaged over layers; mean ± std over seeds. A run without per-modality "
+            "loads shows one `all` column.", ""] + _table(head, rows)
+
+
+def _ladder_section(groups: list[Group], opts: LadderOptions, out: Path) -> tuple[list[str], dict]:
+    key = "val_loss" if all(g.values("heldout", "val_loss") for g in groups) else "loss"
+    section = "heldout" if key == "val_loss" else "train"
+    names = [g.variant for g in groups]
+    computes = []
+    for g in groups:
+        cs = sorted({r.compute for r in g.runs})
+        if len(cs) != 1:
+            raise UserError(g.variant, f"seeds of one ladder rung differ in compute {cs}")
+        computes.append(cs[0])
+    losses = [mean_std(g.values(section, key))[0] for g in groups]
+    if len(groups) < 2 or len(set(computes)) < 2:
+        return [f"A ladder fit needs at least 2 sizes with different compute, got {len(groups)}."], {}
+    fit = fit_power_law(computes, losses)
+    last = groups[-1].runs[-1]
+    if opts.next:
+        fpt, tokens, total, active = size_with(last.run_dir, opts.next)
+        c_next = fpt * tokens
+        how = (f"`ladder.next` ({', '.join(opts.next)}) on top of `{last.variant}`: {_count(total)} total / "
+               f"{_count(active)} active params, {fpt:.4g} FLOPs/token x {tokens:,} tokens")
+    else:
+        c_next = next_compute_by_ratio(computes)
+        how = "one more step of the ladder's last compute ratio (C_last² / C_previous)"
+    pred, interval = fit.predict(c_next), fit.predict_interval(c_next)
+    rows = [[g.variant, _count(g.runs[0].total_params), _count(g.runs[0].active_params),
+             f"{g.runs[0].flops_per_token:.4g}", f"{g.runs[0].tokens:,}", f"{c:.4g}", _ms(g.values(section, key))]
+            for g, c in zip(groups, computes)]
+    lines = [f"Loss: final {_label(section, key)} (mean over seeds). Compute C: planner training FLOPs per token x "
+             "tokens trained. Fit: least squares of log L on log C (`ernie5.sweep.ladder`).", ""]
+    lines += _table(["rung", "params total", "params active", "FLOPs/token", "tokens", "compute C (FLOPs)",
+                     _label(section, key)], rows)
+    if fit.b_lo is not None:
+        b_text = (f"**b = {fit.b:.4f}**, 95% interval [{fit.b_lo:.4f}, {fit.b_hi:.4f}] (t with {fit.n - 2} degree"
+                  f"{'s' if fit.n != 3 else ''} of freedom, SE {fit.se_b:.4f})")
+    else:
+        b_text = f"**b = {fit.b:.4f}** (2 points: an exact fit, no interval)"
+    pred_text = f"{pred:.4f}" + (f" (95% prediction interval [{interval[0]:.4f}, {interval[1]:.4f}])"
+                                 if interval else "")
+    lines += ["", f"Fit: L(C) = {fit.a:.4g} · C^(-b), {b_text}, R² = {fit.r2:.4f}.", "",
+              f"Next size up: {how}; C = {c_next:.4g} FLOPs -> predicted {_label(section, key)} {pred_text}.", "",
+              "![ladder](ladder_fit.png)"]
+    plot_ladder(names, computes, losses, fit, (c_next, pred, interval), out / "ladder_fit.png")
+    summary = {"loss_key": key, "a": fit.a, "b": fit.b, "b_interval": [fit.b_lo, fit.b_hi], "r2": fit.r2,
+               "compute": computes, "loss": losses, "next_compute": c_next, "next_loss": pred,
+               "next_interval": list(interval) if interval else None}
+    return lines, summary
+
+
+def _runs_table(results: list[RunResult]) -> list[str]:
+    rows = []
+    for r in results:
+        steps = f"{r.last_step}" + ("" if r.last_step == r.max_steps else f" of {r.max_steps} (unfinished)")
+        val = r.heldout.get("val_loss")
+        rows.append([r.variant, str(r.seed), f"`{r.run_dir}`", steps, f"{r.train.get('loss', math.nan):.4f}",
+                     "-" if val is None else f"{val:.4f}",
+                     "-" if r.tokens_per_s is None else f"{r.tokens_per_s:.0f}",
+                     "-" if r.wall_s is None else f"{r.wall_s:.0f}"])
+    return _table(["variant", "seed", "run dir", "steps", "train loss", "held-out loss", "tokens/s", "wall s"], rows)
+
+
+# ---- the report -------------------------------------------------------------------------------------------
+def compare(targets: list[str], out, ladder: Optional[LadderOptions] = None, tail: int = TAIL) -> Path:
+    """Write OUT/report.md, OUT/report.json and the PNGs for RUN / SWEEP_DIR `targets`; returns report.md."""
+    run_dirs, sweep_ladder, notes, title = resolve_targets(list(targets))
+    ladder = ladder or sweep_ladder
+    results = [read_run(d, tail) for d in run_dirs]
+    groups = group_runs(results)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Comparison of {title}", "",
+             f"{len(groups)} variant(s), {len(results)} run(s); the baseline is the first variant, "
+             f"`{groups[0].variant}`. Values are mean ± sample std over seeds.", ""]
+    lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+    lines += ["## Final losses", ""] + _main_table(groups) + [""]
+    lines += ["## Per source and per term", "",
+              "Held-out loss per data source, and train loss per logged term (for unified runs `text`, `visual`, "
+              "`audio` are the per-modality losses). The trainer does not log held-out loss per modality, so there "
+              "is no held-out per-modality column.", ""] + _detail_table(groups) + [""]
+    diff = _differences(groups)
+    if diff:
+        lines += ["## Differences from the baseline", ""] + diff + [""]
+    routing = _routing_table(groups)
+    if routing:
+        lines += ["## Routing", ""] + routing + [""]
+    summary: dict = {"variants": [g.variant for g in groups]}
+    if ladder is not None:
+        ladder_lines, summary["ladder"] = _ladder_section(groups, ladder, out)
+        lines += ["## Scaling ladder", ""] + ladder_lines + [""]
+    lines += ["## Curves", ""]
+    for key, name, what in (("loss", "loss_curves.png", "train loss"), ("val_loss", "heldout_curves.png",
+                                                                        "held-out loss")):
+        if plot_curves(groups, key, what, out / name):
+            lines += [f"![{what}]({name})", ""]
+    lines += ["## Runs", ""] + _runs_table(results) + [""]
+    lines += ["## Definitions", "",
+              f"- final train loss (and each term): mean of the last {tail} logged values; final held-out loss: the "
+              "last held-out evaluation (the same held-out batches every time).",
+              "- Δ: mean(variant) - mean(baseline) over seeds with Welch's t-test (95% interval from t with "
+              "Welch-Satterthwaite degrees of freedom, two-sided p); `n/a` with fewer than 2 seeds on a side.",
+              "- tokens/s: median over logged steps; parameters from the planner (active: one text token).", ""]
+    summary["runs"] = [{"variant": r.variant, "seed": r.seed, "run_dir": r.run_dir, "train": r.train,
+                        "heldout": r.heldout, "tokens_per_s": r.tokens_per_s, "total_params": r.total_params,
+                        "active_params": r.active_params, "compute": r.compute} for r in results]
+    (out / "report.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    path = out / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

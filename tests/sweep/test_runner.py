@@ -1,0 +1,105 @@
+"""The runner's decisions, with a stand-in trainer (tests/sweep/fake_train.py) so no model is built: finished runs
+are skipped, a crashed run does not stop the others and resumes from its checkpoint next time, run dirs made by
+something else or with other arguments are refused, and --parallel pins each run to its share of the cores."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from ernie5.errors import UserError
+from ernie5.sweep.runner import MARKER, Runner, core_shares, reached_budget, read_marker, run_state
+from ernie5.sweep.spec import RunSpec
+
+FAKE = (sys.executable, str(Path(__file__).with_name("fake_train.py")))
+
+
+def specs(root: Path, names=("a", "b"), steps: int = 4) -> list[RunSpec]:
+    return [RunSpec(n, 1, "base.yaml", [f"train.max_steps={steps}"], str(root / n / "seed1"), steps) for n in names]
+
+
+def starts(run: RunSpec) -> list[int]:
+    return [int(x) for x in (Path(run.run_dir) / "starts.txt").read_text().split()]
+
+
+def test_runs_then_skips_finished(tmp_path):
+    runs = specs(tmp_path)
+    lines = []
+    out = Runner(runs, train_cmd=FAKE, log=lines.append).run()
+    assert [o.status for o in out] == ["done", "done"]
+    for r in runs:
+        assert reached_budget(r.run_dir, 4) and read_marker(r.run_dir)["status"] == "done"
+        assert "done: step 4" in (Path(r.run_dir) / "train.log").read_text()
+    assert any(ln.startswith("[1/2] start a seed 1 (new)") for ln in lines)
+    again = Runner(runs, train_cmd=FAKE, log=lines.append).run()
+    assert [o.status for o in again] == ["skipped", "skipped"]
+    assert starts(runs[0]) == [0] and starts(runs[1]) == [0]  # nothing was launched again
+
+
+def test_crashed_run_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    runs = specs(tmp_path, ("a", "b", "c"))
+    monkeypatch.setenv("FAKE_DIE_AT", "3")  # every run dies at the start of step 3 (after checkpoint 2)
+    first = Runner(runs[:2], train_cmd=FAKE, log=lambda s: None).run()
+    assert [o.status for o in first] == ["failed", "failed"]  # the first failure did not stop the second run
+    assert "exit 3: error: training: injected crash at step 3" in first[0].message
+    assert read_marker(runs[0].run_dir)["status"] == "failed"
+    assert run_state(runs[0]) == "resume"
+    monkeypatch.delenv("FAKE_DIE_AT")
+    lines = []
+    second = Runner(runs, train_cmd=FAKE, log=lines.append).run()
+    assert [o.status for o in second] == ["done", "done", "done"]
+    assert starts(runs[0]) == [0, 2] and starts(runs[2]) == [0]
+    assert any("start a seed 1 (resume from step_00000002)" in ln for ln in lines)
+    steps = [json.loads(ln)["step"] for ln in (Path(runs[0].run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    marker = read_marker(runs[0].run_dir)
+    assert marker["attempts"] == 2 and marker["status"] == "done"
+
+
+def test_done_marker_without_final_checkpoint_is_not_finished(tmp_path):
+    run = specs(tmp_path, ("a",))[0]
+    Runner([run], train_cmd=FAKE, log=lambda s: None).run()
+    (Path(run.run_dir) / "checkpoints" / "step_00000004" / "manifest.json").unlink()
+    assert run_state(run) == "resume"
+
+
+def test_refuses_foreign_and_mismatched_run_dirs(tmp_path):
+    run = specs(tmp_path, ("a",))[0]
+    Path(run.run_dir).mkdir(parents=True)
+    (Path(run.run_dir) / "metrics.jsonl").write_text("")
+    with pytest.raises(UserError, match=f"has no {MARKER}"):
+        Runner([run], train_cmd=FAKE, log=lambda s: None).run()
+    run2 = specs(tmp_path / "x", ("a",))[0]
+    Runner([run2], train_cmd=FAKE, log=lambda s: None).run()
+    longer = RunSpec("a", 1, "base.yaml", ["train.max_steps=6"], run2.run_dir, 6)
+    with pytest.raises(UserError, match="other arguments.*now with train.max_steps=6.*not with train.max_steps=4"):
+        run_state(longer)
+
+
+def test_core_shares():
+    assert core_shares(1) == [None]
+    assert core_shares(2, [0, 1, 2, 3]) == [[0, 1], [2, 3]]
+    assert core_shares(3, [4, 5, 6, 7]) == [[4], [5], [6, 7]]
+    with pytest.raises(UserError, match="--parallel"):
+        core_shares(3, [0, 1])
+
+
+def test_parallel_runs_are_pinned(tmp_path):
+    """Two at a time, each child sees its own core and OMP_NUM_THREADS=1 (the stand-in prints them)."""
+    import os
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs 2 cores")
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os, runpy, sys\nprint('affinity', sorted(os.sched_getaffinity(0)), "
+                     "'omp', os.environ.get('OMP_NUM_THREADS'), flush=True)\n"
+                     f"sys.argv = sys.argv[1:]\nrunpy.run_path({str(FAKE[1])!r}, run_name='__main__')\n")
+    runs = specs(tmp_path, ("a", "b", "c"))
+    out = Runner(runs, parallel=2, train_cmd=(sys.executable, str(probe), "x"), log=lambda s: None,
+                 cores=cores[:2]).run()
+    assert [o.status for o in out] == ["done"] * 3
+    seen = {(Path(r.run_dir) / "train.log").read_text().split("affinity ")[1].split(" omp")[0] for r in runs}
+    assert seen <= {f"[{cores[0]}]", f"[{cores[1]}]"}
+    assert all("omp 1" in (Path(r.run_dir) / "train.log").read_text() for r in runs)
