@@ -47,9 +47,11 @@ class BucketConfig:
     sizes: list[list[int]] = field(default_factory=lambda: [[32, 32], [32, 48], [48, 32], [32, 64], [64, 32],
                                                             [48, 64], [64, 48]])
     multiple: int = 16
+    crop: str = "center"  # "center", or "random": an offset seeded by the sample's name (the same on every run)
 
     def validate(self, path: str) -> None:
         require(self.multiple >= 1, join(path, "multiple"), "must be >= 1")
+        require(self.crop in ("center", "random"), join(path, "crop"), f"{self.crop!r}: expected center or random")
         require(bool(self.sizes), join(path, "sizes"), "needs at least one [H, W] bucket")
         for i, hw in enumerate(self.sizes):
             where = join(path, f"sizes[{i}]")

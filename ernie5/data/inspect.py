@@ -21,8 +21,43 @@ def inspect_target(target: str, row: int = 0, split: str = "train", max_position
     meta, a = open_multimodal_split(shard, split)
     if row >= a["token"].shape[0]:
         raise UserError("--row", f"{row} out of range: {split} has {a['token'].shape[0]} rows")
-    return format_row({k: np.asarray(v[row]) for k, v in a.items()}, meta, max_positions,
+    text = format_row({k: np.asarray(v[row]) for k, v in a.items()}, meta, max_positions,
                       header=f"{shard} {split} row {row}")
+    return text + format_samples(row_samples(shard, split, row))
+
+
+def row_samples(shard: str, split: str, row: int) -> list[dict]:
+    """The `{split}.samples.jsonl` records of one row's documents (empty for shards without the file)."""
+    import json
+
+    path = Path(shard) / f"{split}.samples.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:  # in row order: stop after the row
+            rec = json.loads(line)
+            if rec["row"] > row:
+                break
+            if rec["row"] == row:
+                out.append(rec)
+    return out
+
+
+def format_samples(records: list[dict]) -> str:
+    """Where each document of a row came from and how its pictures were fitted to their buckets."""
+    if not records:
+        return ""
+    lines = ["  documents:"]
+    for r in records:
+        lines.append(f"  [{r['offset']:4d}:{r['offset'] + r['length']:4d}) {r['source']}")
+        for m in r["media"]:
+            sh, sw = m["source_size"]
+            lines.append(f"      segment {m['segment']} {m['kind']} ({m['role']}) {sh}x{sw} -> bucket {m['bucket']} "
+                         f"({m['mode']} crop {tuple(m['crop_box'])} of {m['resized_size'][0]}x"
+                         f"{m['resized_size'][1]}), latent {m['latent'][0]}x{m['latent'][1]}, scales "
+                         + " ".join(f"{h}x{w}" for h, w in m["schedule"]))
+    return "\n".join(lines) + "\n"
 
 
 def _token_name(tok: int, modality: int, meta: dict) -> str:

@@ -5,6 +5,7 @@ scales' sign bits to the visual inputs (training corrupts the visual history thr
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ class SegmentTokenizer:
     """Turns manifest segments into `Segment`s with the three tokenizers."""
 
     def __init__(self, text_tokenizer: str, vision_tokenizer: str, audio_tokenizer: str, root: Path,
-                 buckets: list | None = None):
+                 buckets: list | None = None, crop: str = "center"):
         from ernie5.modality.media_io import load_asset
         from ernie5.modality.text_tokenizer import TextTokenizer
 
@@ -28,6 +29,7 @@ class SegmentTokenizer:
         self.audio = load_asset(audio_tokenizer)
         self.bits, self.levels = self.vision.cfg.bits, self.audio.cfg.levels
         self.buckets = self._check_buckets(buckets)
+        self.crop = crop
 
     def __call__(self, raw: dict) -> Segment:
         """A raw segment: `{"kind", "role", "text"}`, `{"kind", "role", "path"}` (relative to the root) or
@@ -56,16 +58,16 @@ class SegmentTokenizer:
             return Segment("audio", role, audio_codes=codes.numpy()[0])
         c = self.vision.cfg
         px = decode_image(src, name, c.in_channels)[None] if kind == "image" else decode_video(src, name, c.in_channels)
-        px = self.fit(px)
+        px, meta = self.fit(px, str(raw.get("path") or Path(name).name))  # seed: independent of where data lives
         if role == "input":
-            return Segment(kind, role, und=self.understanding_features(px))
+            return Segment(kind, role, und=self.understanding_features(px), meta=meta)
         x = paddle.to_tensor(px.transpose(3, 0, 1, 2)[None])  # [1, C, T, H, W]
         with paddle.no_grad():
             codes = self.vision.encode(x)
             inputs = self.vision.next_scale_inputs(codes)
             latent = self.vision.quantized_latent(codes)  # [1, d, T, L, L]: every scale of every frame
         return Segment(kind, role, codes=[c.numpy()[0] for c in codes], scale_inputs=[x.numpy()[0] for x in inputs],
-                       frame_latent=latent.numpy()[0].transpose(1, 2, 3, 0))
+                       frame_latent=latent.numpy()[0].transpose(1, 2, 3, 0), meta=meta)
 
     def _check_buckets(self, sizes):
         """Resolution buckets ([H, W] pixel sizes) as `Bucket`s; None: only the tokenizer's square. Each side must
@@ -99,18 +101,28 @@ class SegmentTokenizer:
                              "schedule": [list(g) for g in scale_schedule(scales, h >> ds, w >> ds)]}
                 for h, w in sizes}
 
-    def fit(self, px_THWC: np.ndarray) -> np.ndarray:
-        """Frames of any size -> a resolution bucket (the nearest in aspect ratio, `ernie5.data.buckets`) or, with
-        no buckets, the tokenizer's image_size square: resized keeping the aspect ratio to cover it, then the
-        centre cropped (every frame alike). The bucket shows in the sample's token grid (and its positions)."""
+    def fit(self, px_THWC: np.ndarray, name: str = "") -> tuple[np.ndarray, dict]:
+        """Frames of any size -> (frames fitted to a resolution bucket, the sample's record). The bucket is the
+        nearest in aspect ratio (`ernie5.data.buckets`) or, with no buckets, the tokenizer's image_size square; the
+        frames are resized keeping the aspect ratio to cover it, then cropped (every frame alike) in the middle or,
+        with crop "random", at an offset seeded by `name` (the file or tar member: the same crop on every run and
+        in every worker). The record (`fit_to_bucket`'s: bucket, source size, crop box) adds the bucket's latent
+        grid and scale schedule; prepared shards keep it per document (`{split}.samples.jsonl`)."""
         from ernie5.data.buckets import Bucket, assign_bucket, fit_to_bucket
+        from ernie5.modality.bitwise import scale_schedule
 
         H, W = px_THWC.shape[1:3]
         side = self.vision.cfg.image_size
         target = Bucket(side, side) if self.buckets is None else assign_bucket(H, W, self.buckets)
+        seed = zlib.crc32(name.encode("utf-8"))
+        fitted = [fit_to_bucket(f, target, self.crop, seed) for f in px_THWC]
+        ds = self.vision.cfg.downsample
+        h, w = target.height >> ds, target.width >> ds
+        record = {**fitted[0][1], "frames": len(px_THWC), "latent": [h, w],
+                  "schedule": [list(g) for g in scale_schedule(self.vision.cfg.scales, h, w)]}
         if (H, W) == (target.height, target.width):
-            return px_THWC
-        return np.clip(np.stack([fit_to_bucket(f, target, "center")[0] for f in px_THWC]), -1.0, 1.0)
+            return px_THWC, record
+        return np.clip(np.stack([f for f, _ in fitted]), -1.0, 1.0), record
 
     def understanding_features(self, px: np.ndarray) -> np.ndarray:
         """[T, h, w, Ch + P]: the tokenizer encoder's continuous features (the "CNN" path, Ch channels) and the raw

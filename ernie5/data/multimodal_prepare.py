@@ -14,7 +14,8 @@ Work units: the manifest is one unit, each tar shard is one. `workers` spawned p
 tokenizers once) tokenise whole units and stream each document to the unit's files as soon as it is built, so
 memory holds one sample's raw media and one document at a time. Per unit, `WORK/units-<fp>/` gets
 `NNNNNN.{field}.npy` (the unit's documents concatenated: every field of `sequence.FIELDS` and `und_table`),
-`NNNNNN.docs.npy` (int64 [D, 3]: positions, understanding-table rows, 1 if val) and, last, `NNNNNN.done.json`
+`NNNNNN.docs.npy` (int64 [D, 3]: positions, understanding-table rows, 1 if val), `NNNNNN.samples.jsonl` (per
+document: where it came from and how each picture / video was fitted) and, last, `NNNNNN.done.json`
 (the unit's input signature, document counts, skipped lines, sizes and sha256 of its files). WORK is
 `work_dir`, by default `OUT_DIR.work`; `<fp>` is the start of the sha256 of the fingerprint (tokenizer file
 hashes, shard format, the settings that change a unit's documents), and `plan.json` holds the plan. A unit is
@@ -30,7 +31,10 @@ atomically. The result depends only on the inputs: byte-identical for any worker
 Shard: `DIR/{split}.{field}.npy` (fields of `sequence.FIELDS` + `doc`, each [rows, seq_len, ...]; plus
 `{split}.und_table.npy` [M, K, F]), `DIR/vis_history.npz` (the linear map from earlier scales' sign bits to the
 visual inputs, see `visual_history_maps`: training uses it to corrupt the visual history by bit flips) and
-`DIR/meta.json` (sizes, sha256, tokenizer identities, special-token ids, feature sizes, skipped documents).
+`DIR/{split}.samples.jsonl` (one line per packed document, in row order: `row`, `offset` and `length` in the row,
+`source` (manifest:line, shard:key#task, or text), and `media`: per picture / video its bucket, source size, crop
+box, latent grid and scale schedule) and `DIR/meta.json` (sizes, sha256, tokenizer identities, special-token ids,
+feature sizes, the bucket table, skipped documents).
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ from ernie5.data.webdataset_source import (WebDatasetConfig, held_out, resolve_s
 from ernie5.errors import UserError
 
 UNITS_FORMAT = "ernie5-multimodal-units"
-UNITS_VERSION = 2  # 2: the multimodal-3 row layout
+UNITS_VERSION = 3  # 2: the multimodal-3 row layout; 3: per-document samples.jsonl
 PACK_ROWS = 256  # rows per pack_documents call while packing
 OPEN_UNITS = 64  # units whose files stay memory-mapped at once while packing (each holds ~14 maps)
 UNIT_ARRAYS = FIELDS + ("und_table",)
@@ -121,7 +125,7 @@ def prepare_multimodal(config_path: str, overrides=(), log: Callable[[str], None
     if cfg.manifest and not Path(cfg.manifest).is_file():
         raise UserError(cfg.manifest, "manifest not found (run `ernie5 data fetch --multimodal`)")
     tok = SegmentTokenizer(cfg.text_tokenizer, cfg.vision_tokenizer, cfg.audio_tokenizer, _media_root(cfg),
-                           _bucket_sizes(cfg))
+                           _bucket_sizes(cfg), _crop(cfg))
     plan = _plan(cfg)
     udir = _install_plan(cfg.work_root, plan)
     n = len(plan["units"])
@@ -174,6 +178,10 @@ def _bucket_sizes(cfg: MultimodalDataConfig) -> Optional[list]:
     return None if cfg.buckets is None else [[int(h), int(w)] for h, w in cfg.buckets.sizes]
 
 
+def _crop(cfg: MultimodalDataConfig) -> str:
+    return "center" if cfg.buckets is None else cfg.buckets.crop
+
+
 def _plan(cfg: MultimodalDataConfig) -> dict:
     if cfg.manifest:
         units = [{"kind": "manifest", "path": cfg.manifest}]
@@ -189,7 +197,7 @@ def _plan(cfg: MultimodalDataConfig) -> dict:
         "max_documents": cfg.max_documents if cfg.manifest else 0,
         "webdataset": None if w is None else {"tasks": list(w.active_tasks), "text_field": w.text_field,
                                               "val_fraction": w.val_fraction, "seed": w.seed},
-        "buckets": _bucket_sizes(cfg),
+        "buckets": _bucket_sizes(cfg), "crop": _crop(cfg),
     }
     return {"format": UNITS_FORMAT, "version": UNITS_VERSION, "fingerprint": fingerprint,
             "fingerprint_sha256": fingerprint_sha256(fingerprint), "units": units}
@@ -303,8 +311,10 @@ class _UnitWriter:
                     for k in templates}
         self.rows = {k: 0 for k in templates}
         self.docs: list[tuple[int, int, int]] = []  # (positions, und rows, is val)
+        self.samples = tempfile.NamedTemporaryFile(dir=out, prefix=f".{index:06d}.samples.", suffix=".tmp")
 
-    def add(self, doc: dict, val: bool) -> None:
+    def add(self, doc: dict, val: bool, source: str, segments: list[Segment]) -> None:
+        """Append one document; `source` names where it came from, `segments` its pieces (their fit records)."""
         und = doc.get("und_table")
         for k, (dtype, trail) in self.templates.items():
             if k == "und_table" and und is None:
@@ -315,6 +325,9 @@ class _UnitWriter:
             self.raw[k].write(arr.tobytes())
             self.rows[k] += arr.shape[0]
         self.docs.append((len(doc["token"]), 0 if und is None else len(und), int(val)))
+        record = {"source": source, "media": [{"segment": i, "kind": s.kind, "role": s.role, **s.meta}
+                                              for i, s in enumerate(segments) if s.meta is not None]}
+        self.samples.write(_jsonl(record))
 
     def documents(self) -> dict:
         val = sum(d[2] for d in self.docs)
@@ -341,7 +354,17 @@ class _UnitWriter:
         buf = _npy_bytes(np.array(self.docs, np.int64).reshape(-1, 3))
         _atomic_write(self.out / name, buf)
         files[name] = {"bytes": len(buf), "sha256": sha256_file(self.out / name)}
+        self.samples.flush()
+        self.samples.seek(0)
+        name = f"{self.index:06d}.samples.jsonl"
+        _atomic_write(self.out / name, self.samples.read())
+        self.samples.close()
+        files[name] = {"bytes": (self.out / name).stat().st_size, "sha256": sha256_file(self.out / name)}
         return files
+
+
+def _jsonl(record: dict) -> bytes:
+    return (json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -393,7 +416,7 @@ def _manifest_unit(job: dict, tok: SegmentTokenizer, eos: Segment, writer: _Unit
             except (ValueError, KeyError, TypeError) as e:
                 skipped.append(f"{manifest}:{lineno}: malformed record ({type(e).__name__}: {e})")
                 continue
-            writer.add(_document(segs, tok), rec.get("split") == "val")
+            writer.add(_document(segs, tok), rec.get("split") == "val", f"{manifest}:{lineno}", segs)
     return records
 
 
@@ -405,27 +428,27 @@ def _tar_unit(job: dict, tok: SegmentTokenizer, eos: Segment, writer: _UnitWrite
         records += 1
         key = sample["__key__"]
         try:
-            docs = [_document([tok(s) for s in segs] + [eos], tok) for _, segs in sample_documents(sample, shard, wcfg)]
+            docs = [(task, [tok(s) for s in segs] + [eos]) for task, segs in sample_documents(sample, shard, wcfg)]
         except UserError as e:
             prefix = f"{shard}:{key}"
             skipped.append(f"{e.where}: {e.reason}" if e.where.startswith(prefix) else
                            f"{prefix}: {e.where}: {e.reason}")
             continue
         val = held_out(key, wcfg)
-        for d in docs:
-            writer.add(d, val)
+        for task, segs in docs:
+            writer.add(_document(segs, tok), val, f"{shard}:{key}#{task}", segs)
     return records
 
 
 _TOK: Optional[SegmentTokenizer] = None  # the worker process's tokenizers
 
 
-def _init_worker(text: str, vision: str, audio: str, root: str, buckets) -> None:
+def _init_worker(text: str, vision: str, audio: str, root: str, buckets, crop: str) -> None:
     from ernie5.env import setup
 
     setup()
     global _TOK
-    _TOK = SegmentTokenizer(text, vision, audio, Path(root), buckets)
+    _TOK = SegmentTokenizer(text, vision, audio, Path(root), buckets, crop)
 
 
 def _work(job: dict) -> tuple:
@@ -450,7 +473,7 @@ def _run(jobs: list[dict], tok: SegmentTokenizer, cfg: MultimodalDataConfig, wor
     pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_worker, initargs=(cfg.text_tokenizer, cfg.vision_tokenizer,
                                                                   cfg.audio_tokenizer, str(_media_root(cfg)),
-                                                                  _bucket_sizes(cfg)))
+                                                                  _bucket_sizes(cfg), _crop(cfg)))
     try:
         for future in as_completed([pool.submit(_work, job) for job in jobs]):
             marker, err = future.result()
@@ -475,6 +498,7 @@ class _UnitDocs:
         self.lengths, self.und_rows, self.val = table[:, 0], table[:, 1], table[:, 2].astype(bool)
         self.starts = np.cumsum(self.lengths) - self.lengths
         self.und_starts = np.cumsum(self.und_rows) - self.und_rows
+        self.samples = (udir / f"{index:06d}.samples.jsonl").read_bytes().splitlines()  # one JSON line a document
 
     def open(self) -> dict:
         return {k: np.load(self.udir / f"{self.index:06d}.{k}.npy", mmap_mode="r") for k in UNIT_ARRAYS}
@@ -513,7 +537,7 @@ def _pack(cfg: MultimodalDataConfig, plan: dict, udir: Path, markers: list[dict]
             "manifest": cfg.manifest or None,
             "webdataset": None if cfg.webdataset is None else {**plan["fingerprint"]["webdataset"],
                                                                "shards": [u["path"] for u in plan["units"]]},
-            "buckets": tok.bucket_table(),
+            "buckets": tok.bucket_table(), "crop": tok.crop,
             "units": n, "skipped": skipped, "splits": {}, "files": {}}
     stats = {"skipped": len(skipped)}
     if cfg.manifest:
@@ -527,7 +551,7 @@ def _pack(cfg: MultimodalDataConfig, plan: dict, udir: Path, markers: list[dict]
     for grid in tok.latent_grids():
         maps.update(visual_history_maps(tok.vision, grid))
     np.savez(tmp / "vis_history.npz", **maps)
-    for f in sorted(list(tmp.glob("*.npy")) + list(tmp.glob("*.npz"))):
+    for f in sorted(list(tmp.glob("*.npy")) + list(tmp.glob("*.npz")) + list(tmp.glob("*.jsonl"))):
         meta["files"][f.name] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
     _swap_in(tmp, out, tag)
@@ -591,6 +615,15 @@ def _pack_split(seq_len: int, split: str, units: list[_UnitDocs], text_docs: lis
         return units[u].doc(cache[u], int(local[e]))
 
     kept_rows = row_of[kept]
+    with open(tmp / f"{split}.samples.jsonl", "wb") as f:  # where each document landed, and what it is
+        offset, last = 0, -1
+        for p in kept:
+            e, row = int(order[p]), int(row_of[p])
+            offset = 0 if row != last else offset
+            u = int(src[e])
+            record = {"source": "text", "media": []} if u < 0 else json.loads(units[u].samples[int(local[e])])
+            f.write(_jsonl({"row": row, "offset": offset, "length": int(lengths[e]), **record}))
+            offset, last = offset + int(lengths[e]), row
     m0 = 0
     for r0 in range(0, total_rows, PACK_ROWS):
         r1 = min(r0 + PACK_ROWS, total_rows)
@@ -669,7 +702,7 @@ def open_multimodal_split(shard_dir: str, split: str) -> tuple[dict, dict]:
     meta = read_multimodal_meta(shard_dir)
     arrays = {}
     for name, want in meta["files"].items():
-        if not name.startswith(split + "."):
+        if not name.startswith(split + ".") or not name.endswith(".npy"):
             continue
         path = root / name
         if not path.is_file() or path.stat().st_size != want["bytes"]:

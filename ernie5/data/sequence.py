@@ -84,6 +84,7 @@ class Segment:
     frame_latent: np.ndarray | None = None
     audio_codes: np.ndarray | None = None
     und: np.ndarray | None = None  # understanding features [T, h, w, F] (used when role == "input")
+    meta: dict | None = None  # image / video: how the picture was fitted (bucket, crop box, scale schedule)
 
 
 class _Doc:

@@ -72,6 +72,9 @@ def test_prepare_skips_corrupt_and_missing_media_and_names_the_file(world):
     r = run_cli("data", "inspect", str(cfg), "--row", str(row), "--max-positions", "20")
     assert r.returncode == 0, r.stderr
     assert "image" in r.stdout and "groups" in r.stdout and "scales [0, 1, 2, 3]" in r.stdout
+    # the row's documents, each with its manifest line, and each picture with its bucket (here the square)
+    assert "documents:" in r.stdout and "samples.jsonl:" in r.stdout
+    assert "-> bucket 16x16 (center crop (0, 0, 16, 16) of 16x16), latent 8x8, scales 1x1 2x2 4x4 8x8" in r.stdout
 
 
 def test_documents_caption_each_image_in_both_languages_and_never_use_evaluation_media(world):

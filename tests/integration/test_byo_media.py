@@ -112,3 +112,67 @@ def test_captions_and_speech_prepare_and_train_as_two_sources(byo, text_assets, 
     assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5
     last = metrics[-1]
     assert last["tokens_seen/captions"] > 0 and last["tokens_seen/speech"] > 0
+
+
+def _nearest_bucket(h, w, buckets):
+    """Written out independently of ernie5.data.buckets: nearest aspect ratio in log ratio, then nearest area."""
+    import math
+
+    return min(buckets, key=lambda b: (round(abs(math.log(w / h) - math.log(b[1] / b[0])), 9),
+                                       abs(math.log(h * w) - math.log(b[0] * b[1]))))
+
+
+def test_every_picture_records_its_bucket_crop_and_schedule(byo):
+    """{split}.samples.jsonl: one line per packed document, in row order, naming its tar member and, per picture,
+    the bucket (the nearest aspect ratio of the picture's own size), a centred crop box, the latent grid and scale
+    schedule; the grid is the one the row's tokens actually use at that offset."""
+    sizes = [(40, 24), (24, 40), (30, 30), (64, 36), (17, 50)]
+    buckets = [(16, 16), (16, 24), (24, 16)]
+    shard = byo / "shards_captions"
+    meta = json.loads((shard / "meta.json").read_text())
+    assert meta["crop"] == "center" and "train.samples.jsonl" in meta["files"]
+    scale, pos = np.load(shard / "train.scale.npy"), np.load(shard / "train.pos.npy")
+    records = [json.loads(x) for x in (shard / "train.samples.jsonl").read_text().splitlines()]
+    assert len(records) == meta["splits"]["train"]["documents"]
+    assert [(r["row"], r["offset"]) for r in records] == sorted((r["row"], r["offset"]) for r in records)
+    seen_targets = 0
+    for r in records:
+        key = int(r["source"].rsplit(":", 1)[1].split("#")[0])
+        assert r["source"].startswith(str(byo / "captions" / "part-000.tar")) and len(r["media"]) == 1
+        m = r["media"][0]
+        h, w = sizes[key % len(sizes)]
+        bh, bw = _nearest_bucket(h, w, buckets)
+        assert m["source_size"] == [h, w] and m["bucket"] == f"{bh}x{bw}"
+        rh, rw = m["resized_size"]
+        assert min(rh / bh, rw / bw) >= 1 and abs(rh / rw - h / w) < 1 / min(rh, rw) + 1e-9  # covers, aspect kept
+        top, left = (rh - bh) // 2, (rw - bw) // 2
+        assert m["crop_box"] == [top, left, top + bh, left + bw] and m["mode"] == "center"
+        assert m["latent"] == meta["buckets"][m["bucket"]]["latent"]
+        assert m["schedule"] == meta["buckets"][m["bucket"]]["schedule"]
+        if m["role"] == "target":  # generated: the finest scale's tokens in this document span the latent grid
+            seen_targets += 1
+            sl = slice(r["offset"], r["offset"] + r["length"])
+            fine = scale[r["row"], sl] == 3
+            grid = [len(np.unique(pos[r["row"], sl][fine, 1])), len(np.unique(pos[r["row"], sl][fine, 2]))]
+            assert grid == m["latent"], (r, grid)
+    assert seen_targets > 10
+
+
+def test_random_crop_is_seeded_by_the_sample_name(tiny_tokenizers, tmp_path):  # noqa: F811
+    """crop: random draws the offset from the file's name: the same name gives the same box (any run, any worker),
+    names differ in boxes, every box lies inside the resized picture."""
+    from ernie5.data.media_tokenize import SegmentTokenizer
+
+    tok = SegmentTokenizer(tiny_tokenizers["text_tokenizer"], tiny_tokenizers["vision_tokenizer"],
+                           tiny_tokenizers["audio_tokenizer"], tmp_path, [[16, 16], [16, 32]], "random")
+    px = np.random.default_rng(0).uniform(-1, 1, (1, 40, 90, 1)).astype(np.float32)
+    boxes = {}
+    for name in [f"img{i}.png" for i in range(8)]:
+        out, rec = tok.fit(px, name)
+        again, rec2 = tok.fit(px, name)
+        assert rec == rec2 and np.array_equal(out, again) and out.shape == (1, 16, 32, 1)
+        top, left, bottom, right = rec["crop_box"]
+        assert rec["bucket"] == "16x32" and rec["mode"] == "random"
+        assert 0 <= top and bottom <= rec["resized_size"][0] and 0 <= left and right <= rec["resized_size"][1]
+        boxes[name] = (top, left)
+    assert len(set(boxes.values())) > 1
