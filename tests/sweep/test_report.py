@@ -1,0 +1,143 @@
+"""`ernie5 compare` on fabricated run directories: the statistics match a hand computation, routing is shown side
+by side, and the same runs give the same report."""
+
+import json
+import math
+
+import pytest
+from scipy import stats
+
+from ernie5.analysis.routing import normalised_entropy
+from ernie5.errors import UserError
+from ernie5.sweep.collect import final_heldout, final_train, read_run
+from ernie5.sweep.report import compare
+from ernie5.sweep.stats import mean_std, welch
+from tests.conftest import run_cli
+from tests.sweep.helpers import fabricate_run
+
+
+def records(losses, val, tps=(100.0, 300.0, 200.0, 250.0)):
+    """Steps 1..4; held-out evaluations at steps 2 (a decoy) and 4 (the final one), per source too."""
+    out = []
+    for i, (loss, t) in enumerate(zip(losses, tps), 1):
+        r = {"step": i, "loss": loss, "loss_text": loss / 2, "tokens_per_s": t}
+        if i in (2, 4):
+            v = val if i == 4 else 99.0
+            r.update({"val_loss": v, "val_loss/src_a": v - 0.5, "val_loss/src_b": v + 0.5})
+        out.append(r)
+    return out
+
+
+ROUTING = [{"step": 4, "load": [[10, 1, 1, 10]],
+            "load_by_modality": {"text": [[10, 1, 0, 0]], "image": [[0, 0, 1, 10]]}}]
+
+
+@pytest.fixture
+def runs(tmp_path):
+    dirs = [
+        fabricate_run(tmp_path / "base" / "seed1", "base", 1, records([5.0, 4.0, 3.0, 2.0], 2.0), routing=ROUTING),
+        fabricate_run(tmp_path / "base" / "seed2", "base", 2, records([5.0, 4.2, 3.2, 2.2], 2.2), routing=ROUTING),
+        fabricate_run(tmp_path / "alt" / "seed3", "alt", 3, records([5.0, 4.0, 3.0, 2.5], 2.0), routing=ROUTING),
+        fabricate_run(tmp_path / "alt" / "seed1", "alt", 1, records([5.0, 4.0, 3.0, 2.0], 1.8), routing=ROUTING),
+        fabricate_run(tmp_path / "alt" / "seed2", "alt", 2, records([5.0, 4.0, 3.0, 2.0], 1.9), routing=ROUTING),
+    ]
+    return [str(d) for d in dirs]
+
+
+def test_final_values():
+    recs = records([5.0, 4.0, 3.0, 2.0], 2.0)
+    assert final_train(recs) == {"loss": 3.0, "loss_text": 1.5}  # mean of the last 3 logged values
+    assert final_train(recs, tail=1) == {"loss": 2.0, "loss_text": 1.0}
+    assert final_heldout(recs) == {"val_loss": 2.0, "val_loss/src_a": 1.5, "val_loss/src_b": 2.5}
+    assert final_heldout([{"step": 1, "loss": 3.0}]) == {}
+
+
+def test_welch_against_hand_computation():
+    a, b = [2.0, 2.2], [1.8, 1.9, 2.0]
+    # by hand: means 2.1 and 1.9; variances 0.02 and 0.01; se^2 = 0.02/2 + 0.01/3
+    va, vb = 0.01, 0.01 / 3
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / 1 + vb ** 2 / 2)
+    assert df == pytest.approx(1.6842105, rel=1e-6)
+    w = welch(a, b)
+    assert w.diff == pytest.approx(-0.2) and w.df == pytest.approx(df) and w.t == pytest.approx(-0.2 / se)
+    q = stats.t.ppf(0.975, df)
+    assert (w.lo, w.hi) == (pytest.approx(-0.2 - q * se), pytest.approx(-0.2 + q * se))
+    assert w.p == pytest.approx(2 * stats.t.sf(0.2 / se, df))
+    ref = stats.ttest_ind(b, a, equal_var=False)  # scipy's own Welch test agrees
+    assert w.t == pytest.approx(ref.statistic) and w.p == pytest.approx(ref.pvalue)
+    assert mean_std([2.0, 2.2]) == (pytest.approx(2.1), pytest.approx(math.sqrt(0.02)))
+    assert welch([1.0], [2.0, 3.0]).text() == "+1.5000 (n/a: 1 seed)"
+    assert welch([1.0, 1.0], [2.0, 2.0]).na == "no spread between seeds"
+
+
+def test_report_numbers(tmp_path, runs):
+    path = compare(runs, tmp_path / "cmp")
+    text = path.read_text()
+    # baseline held-out [2.0, 2.2]; alt [1.8, 1.9, 2.0] (seeds sorted 1, 2, 3)
+    w = welch([2.0, 2.2], [1.8, 1.9, 2.0])
+    se = math.sqrt(0.01 + 0.01 / 3)
+    assert w.text() == f"-0.2000 [{-0.2 - stats.t.ppf(0.975, w.df) * se:+.4f}, " \
+                       f"{-0.2 + stats.t.ppf(0.975, w.df) * se:+.4f}] p={w.p:.3f}"
+    base_row = next(ln for ln in text.splitlines() if ln.startswith("| base | 1, 2 |"))
+    alt_row = next(ln for ln in text.splitlines() if ln.startswith("| alt | 1, 2, 3 |"))
+    # train: base [mean(4,3,2), mean(4.2,3.2,2.2)] = [3.0, 3.2]; alt [3.0, 3.0, mean(4,3,2.5) = 3.1667]
+    assert f"| {3.1:.4f} ± {math.sqrt(0.02):.4f} | {2.1:.4f} ± {math.sqrt(0.02):.4f} | baseline |" in base_row
+    alt_train = mean_std([3.0, 3.0, 9.5 / 3])
+    assert f"| {alt_train[0]:.4f} ± {alt_train[1]:.4f} | 1.9000 ± 0.1000 | {w.text()} |" in alt_row
+    assert "| 225 ± 0 |" in alt_row  # median tokens/s of each run is 225
+    # per source: src_a = val - 0.5
+    assert "| alt | 1.9000 ± 0.1000 | 1.4000 ± 0.1000 | 2.4000 ± 0.1000 |" in text
+    assert "| alt | held-out src_a | " + welch([1.5, 1.7], [1.3, 1.4, 1.5]).text() + " |" in text
+    # routing: text on expert 0, image on expert 3 -> disjoint top sets
+    ent_text = normalised_entropy([[10, 1, 0, 0]])[0]
+    assert f"| base | {ent_text:.3f} ± 0.000 |" in text and "IoU text/image" in text
+    assert text.count(" 0.000 ± 0.000 |") >= 2  # IoU 0 in both variants' rows
+    summary = json.loads((tmp_path / "cmp" / "report.json").read_text())
+    assert summary["variants"] == ["base", "alt"]
+    assert [(r["variant"], r["seed"]) for r in summary["runs"]] == [("base", 1), ("base", 2), ("alt", 3), ("alt", 1),
+                                                                  ("alt", 2)]  # the order given
+    assert (tmp_path / "cmp" / "loss_curves.png").is_file() and (tmp_path / "cmp" / "heldout_curves.png").is_file()
+
+
+def test_report_is_deterministic(tmp_path, runs):
+    a = compare(runs, tmp_path / "a").read_text()
+    b = compare(runs, tmp_path / "b").read_text()
+    assert a == b
+    assert (tmp_path / "a" / "report.json").read_text() == (tmp_path / "b" / "report.json").read_text()
+
+
+def test_sweep_dir_leaves_out_unfinished_runs(tmp_path, runs):
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    unfinished = fabricate_run(tmp_path / "alt" / "seed9", "alt", 9, records([5.0, 4.0, 3.0, 2.0], 1.0))
+    marker = json.loads((unfinished / "sweep_run.json").read_text())
+    (unfinished / "sweep_run.json").write_text(json.dumps({**marker, "status": "failed"}))
+    (sweep_dir / "sweep.json").write_text(json.dumps({"name": "t", "sweep_file": "t.yaml", "ladder": None,
+                                                      "runs": runs + [str(unfinished)]}))
+    text = compare([str(sweep_dir)], sweep_dir).read_text()
+    assert f"left out {unfinished}: not finished (failed)" in text and "| alt | 1, 2, 3 |" in text
+
+
+def test_run_reads_planner_sizes(tmp_path, runs):
+    r = read_run(runs[0])
+    from ernie5.plan import count_parameters, flops_per_token
+    from ernie5.sweep.collect import read_config
+
+    cfg = read_config(tmp_path / "base" / "seed1")
+    assert r.total_params == count_parameters(cfg.model).total_params
+    assert r.compute == flops_per_token(cfg.model, 32) * 3 * 2 * 32  # 3 steps x 2 rows x 32 tokens
+
+
+def test_compare_cli(tmp_path, runs):
+    r = run_cli("compare", *runs[:2], "--out", str(tmp_path / "c"), timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == str(tmp_path / "c" / "report.md"), r.stderr
+    bad = run_cli("compare", str(tmp_path), "--out", str(tmp_path / "d"), timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"error: {tmp_path}: neither a run directory (metrics.jsonl) nor a sweep directory (sweep.json)"]
+
+
+def test_duplicate_seed_is_refused(tmp_path, runs):
+    dup = fabricate_run(tmp_path / "again", "base", 1, records([5.0, 4.0, 3.0, 2.0], 2.0))
+    with pytest.raises(UserError, match="same seed"):
+        compare(runs + [str(dup)], tmp_path / "x")
