@@ -277,3 +277,24 @@ def test_teacher_hook_distils_level_one(speech):
         opt.clear_grad()
         first = float(losses["teacher"]) if first is None else first
     assert float(losses["teacher"]) < 0.8 * first, (first, float(losses["teacher"]))
+
+
+def test_training_crops_come_from_a_stream_of_whole_clips():
+    """Crops longer than the clips hold speech end to end (no zero padding): the stream is the clips, each once,
+    in a random order, and every crop is a contiguous piece of it."""
+    from ernie5.tools.audio_train import _crop_batch, _speech_stream
+
+    rng = np.random.default_rng(0)
+    clips = [rng.uniform(0.1, 1.0, int(n)).astype(np.float32) for n in rng.integers(800, 1600, 40)]  # no zeros
+    stream = _speech_stream(clips, rng, 20000)
+    assert len(stream) >= 20000 and len(stream) - 20000 < 1600
+    used = sorted(len(c) for c in clips if any(np.array_equal(c, stream[a:a + len(c)])
+                                               for a in range(0, len(stream) - len(c) + 1)))
+    assert sum(used) == len(stream)  # made of whole clips
+    crops = _crop_batch([stream], 8, 4000, rng)
+    assert (crops != 0).all()
+    for c in crops:
+        a = int(np.nonzero(stream == c[0])[0][0])
+        assert np.array_equal(stream[a:a + 4000], c)
+    padded = _crop_batch(clips, 8, 4000, rng)  # single clips, as before: mostly zero padding
+    assert (padded == 0).mean() > 0.5
