@@ -17,7 +17,7 @@ from ernie5.sweep.collect import TAIL, Group, RunResult, group_runs, read_run, s
 from ernie5.sweep.curves import plot_curves, plot_ladder
 from ernie5.sweep.ladder import fit_power_law, next_compute_by_ratio
 from ernie5.sweep.runner import read_marker
-from ernie5.sweep.stats import mean_std, welch
+from ernie5.sweep.stats import fmt, mean_std, welch
 
 SWEEP_FILE = "sweep.json"  # written by `ernie5 sweep` into its output dir
 
@@ -63,7 +63,7 @@ def _ms(values: list[float], digits: int = 4) -> str:
     if not values:
         return "-"
     m, s = mean_std(values)
-    return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
+    return fmt(m, digits) if s is None else f"{fmt(m, digits)} ± {fmt(s, digits)}"
 
 
 def _count(n: float) -> str:

@@ -17,6 +17,15 @@ from typing import Optional
 from scipy import stats as _scipy_stats
 
 
+def fmt(x: float, digits: int = 4, sign: bool = False) -> str:
+    """Fixed-point with `digits` decimals; values too small to show that way (an auxiliary loss of 1e-5) in
+    scientific notation instead of as 0.0000."""
+    plus = "+" if sign else ""
+    if digits > 0 and x != 0 and abs(x) < 0.5 * 10 ** -digits:
+        return f"{x:{plus}.{max(digits - 2, 1)}e}"
+    return f"{x:{plus}.{digits}f}"
+
+
 def mean_std(values: list[float]) -> tuple[float, Optional[float]]:
     """(mean, sample std with n - 1); std is None for one value."""
     n = len(values)
@@ -41,10 +50,10 @@ class Welch:
     na: str = ""  # reason the test is not available ("1 seed", "no spread")
 
     def text(self, digits: int = 4) -> str:
-        d = f"{self.diff:+.{digits}f}"
+        d = fmt(self.diff, digits, sign=True)
         if self.na:
             return f"{d} (n/a: {self.na})"
-        return f"{d} [{self.lo:+.{digits}f}, {self.hi:+.{digits}f}] p={self.p:.3f}"
+        return f"{d} [{fmt(self.lo, digits, True)}, {fmt(self.hi, digits, True)}] p={self.p:.3f}"
 
 
 def welch(a: list[float], b: list[float], level: float = 0.95) -> Welch:

@@ -2,19 +2,21 @@
 
 It keeps the trainer's run-directory contract: resumes from the newest `checkpoints/step_XXXXXXXX/manifest.json`,
 logs one metrics.jsonl record per step (dropping records past the checkpoint it resumed from), checkpoints every
-step and exits 0 at `train.max_steps`. FAKE_DIE_AT=N makes it exit 3 at the start of step N (a crash).
+step and exits 0 at `train.max_steps`. FAKE_DIE_AT=N makes it exit 3 at the start of step N (a crash); FAKE_STEP_S makes each step take that long.
 Each invocation appends the step it started from to `starts.txt`.
 """
 
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 overrides = dict(a.split("=", 1) for a in sys.argv[2:])
 out = Path(overrides["run.output_dir"])
 max_steps = int(overrides.get("train.max_steps", 3))
 die_at = int(os.environ.get("FAKE_DIE_AT", "0"))
+step_s = float(os.environ.get("FAKE_STEP_S", "0"))
 out.mkdir(parents=True, exist_ok=True)
 ckpts = out / "checkpoints"
 done = sorted(p for p in ckpts.glob("step_*") if (p / "manifest.json").is_file()) if ckpts.is_dir() else []
@@ -29,6 +31,7 @@ for step in range(start + 1, max_steps + 1):
     if step == die_at:
         print(f"error: training: injected crash at step {step}", flush=True)
         sys.exit(3)
+    time.sleep(step_s)
     with open(metrics, "a") as f:
         f.write(json.dumps({"step": step, "loss": 10.0 - step, "tokens_per_s": 100.0}) + "\n")
     d = ckpts / f"step_{step:08d}"

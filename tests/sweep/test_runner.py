@@ -103,3 +103,30 @@ def test_parallel_runs_are_pinned(tmp_path):
     seen = {(Path(r.run_dir) / "train.log").read_text().split("affinity ")[1].split(" omp")[0] for r in runs}
     assert seen <= {f"[{cores[0]}]", f"[{cores[1]}]"}
     assert all("omp 1" in (Path(r.run_dir) / "train.log").read_text() for r in runs)
+
+
+def test_ctrl_c_stops_the_children_and_marks_them_interrupted(tmp_path, monkeypatch):
+    """A Ctrl-C (SIGINT to the sweep) sends each running child one SIGTERM, marks it interrupted and is raised
+    again; the next invocation resumes it."""
+    import os
+    import signal
+    import threading
+    import time
+
+    runs = specs(tmp_path, ("a", "b"), steps=50)
+    monkeypatch.setenv("FAKE_STEP_S", "0.1")
+
+    def interrupt():
+        ckpt = Path(runs[0].run_dir) / "checkpoints" / "step_00000002" / "manifest.json"
+        while not ckpt.is_file():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        Runner(runs, train_cmd=FAKE, log=lambda s: None).run()
+    assert read_marker(runs[0].run_dir)["status"] == "interrupted"
+    assert not Path(runs[1].run_dir).exists()  # never started
+    monkeypatch.setenv("FAKE_STEP_S", "0")
+    out = Runner(runs, train_cmd=FAKE, log=lambda s: None).run()
+    assert [o.status for o in out] == ["done", "done"] and starts(runs[0])[0] == 0 and starts(runs[0])[1] >= 2

@@ -114,3 +114,14 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
     assert r.stderr.strip().splitlines() == [
         f"error: {path}: variant b: optim.lrr: unknown key (did you mean 'lr'?)"]
     assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
+
+
+def test_repo_sweep_files_expand():
+    """Every sweep file in configs/sweeps parses and every run's config validates (no data is read)."""
+    from tests.conftest import REPO
+
+    files = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
+    assert {f.stem for f in files} >= {"routing", "elastic", "data_mixture", "balancing", "ladder"}
+    for f in files:
+        runs = load_sweep(str(f.relative_to(REPO))).expand([])
+        assert len(runs) >= 2, f
