@@ -8,7 +8,8 @@ ladder a power-law fit of loss against compute).
 - `stats.py`   mean / std over seeds and Welch's t-test against the first variant
 - `ladder.py`  the power-law fit of loss against training compute
 - `curves.py`  PNG plots (matplotlib, Agg)
-- `report.py`  the markdown report (`compare`)
+- `report.py`  the markdown report (`ernie5 compare`)
+- `driver.py`  `ernie5 sweep`: validate, run, report
 
 Nothing else in ernie5 imports this package except the CLI.
 """

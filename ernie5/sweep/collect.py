@@ -132,6 +132,9 @@ class Group:
         """One value per seed of `section` ("train" / "heldout") metric `key` (seeds missing it are left out)."""
         return [getattr(r, section)[key] for r in self.runs if key in getattr(r, section)]
 
+    def by_seed(self, section: str, key: str) -> dict[int, float]:
+        return {r.seed: getattr(r, section)[key] for r in self.runs if key in getattr(r, section)}
+
 
 def group_runs(results: list[RunResult]) -> list[Group]:
     """Runs grouped by variant in the order the variants first appear, seeds sorted within a variant."""

@@ -67,6 +67,11 @@ def plot_ladder(names: list[str], compute: list[float], loss: list[float], fit, 
         c, v, interval = next_point
         yerr = None if interval is None else [[v - interval[0]], [interval[1] - v]]
         ax.errorbar([c], [v], yerr=yerr, fmt="s", color="C3", capsize=3, label="predicted next size")
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())  # a narrow log range labels every minor tick otherwise
+    for fmt in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        fmt(FormatStrFormatter("%.2f"))
     ax.set_xlabel("training compute C (FLOPs, planner)")
     ax.set_ylabel("final loss")
     ax.grid(alpha=0.3, which="both")

@@ -17,7 +17,7 @@ from ernie5.sweep.collect import TAIL, Group, RunResult, group_runs, read_run, s
 from ernie5.sweep.curves import plot_curves, plot_ladder
 from ernie5.sweep.ladder import fit_power_law, next_compute_by_ratio
 from ernie5.sweep.runner import read_marker
-from ernie5.sweep.stats import fmt, mean_std, welch
+from ernie5.sweep.stats import fmt, mean_std, paired, welch
 
 SWEEP_FILE = "sweep.json"  # written by `ernie5 sweep` into its output dir
 
@@ -79,7 +79,10 @@ def _metric_keys(groups: list[Group], section: str) -> list[str]:
     if section == "train":  # the total first, then the terms
         keys = [k for k in keys if k == "loss"] + [k for k in keys if k != "loss"]
     else:
-        keys = [k for k in keys if k == "val_loss"] + [k for k in keys if k != "val_loss"]
+        sources = [k for k in keys if k != "val_loss"]
+        if len(sources) == 1:  # one source: the overall held-out loss is that source's
+            sources = []
+        keys = [k for k in keys if k == "val_loss"] + sources
     return keys
 
 
@@ -123,11 +126,15 @@ def _differences(groups: list[Group]) -> list[str]:
             for key in _metric_keys(groups, section):
                 a, b = base.values(section, key), g.values(section, key)
                 if a and b:
-                    rows.append([g.variant, _label(section, key), welch(a, b).text()])
+                    rows.append([g.variant, _label(section, key), welch(a, b).text(),
+                                 paired(base.by_seed(section, key), g.by_seed(section, key)).text()])
     if not rows:
         return []
-    return [f"Every metric against the baseline `{base.variant}`: difference of seed means (variant - baseline), "
-            "95% Welch interval and two-sided p.", ""] + _table(["variant", "metric", "Δ [95% CI] p"], rows)
+    return [f"Every metric against the baseline `{base.variant}`: difference of seed means (variant - baseline) "
+            "with Welch's 95% interval and two-sided p, and the paired test over the seeds both ran (the mean of "
+            "the per-seed differences; t with n - 1 degrees of freedom). A seed fixes the initialisation and the "
+            "data order, so the paired test removes the noise both variants share.", ""] + \
+        _table(["variant", "metric", "Δ Welch [95% CI] p", "Δ paired by seed [95% CI] p"], rows)
 
 
 def _routing_table(groups: list[Group]) -> list[str]:
@@ -240,9 +247,9 @@ def compare(targets: list[str], out, ladder: Optional[LadderOptions] = None, tai
     lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     lines += ["## Final losses", ""] + _main_table(groups) + [""]
     lines += ["## Per source and per term", "",
-              "Held-out loss per data source, and train loss per logged term (for unified runs `text`, `visual`, "
-              "`audio` are the per-modality losses). The trainer does not log held-out loss per modality, so there "
-              "is no held-out per-modality column.", ""] + _detail_table(groups) + [""]
+              "Held-out loss per data source (with one source it is the overall held-out loss), and train loss per "
+              "logged term (for unified runs `text`, `visual`, `audio` are the per-modality losses). The trainer "
+              "does not log held-out loss per modality, so there is no held-out per-modality column.", ""] + _detail_table(groups) + [""]
     diff = _differences(groups)
     if diff:
         lines += ["## Differences from the baseline", ""] + diff + [""]

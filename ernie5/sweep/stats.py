@@ -1,4 +1,5 @@
-"""Statistics over seeds: mean +- sample standard deviation, and Welch's t-test of a variant against the baseline.
+"""Statistics over seeds: mean +- sample standard deviation, Welch's t-test of a variant against the baseline, and
+a paired t-test over the seeds both ran.
 
 Welch's test (unequal variances) compares the two seed means: difference d = mean_b - mean_a, standard error
 se = sqrt(s_a^2 / n_a + s_b^2 / n_b), t = d / se, degrees of freedom by Welch-Satterthwaite
@@ -72,6 +73,26 @@ def welch(a: list[float], b: list[float], level: float = 0.95) -> Welch:
     q = t_quantile(level, df)
     p = float(2 * _scipy_stats.t.sf(abs(t), df))
     return Welch(diff, diff - q * se, diff + q * se, p, df, t)
+
+
+def paired(a: dict, b: dict, level: float = 0.95) -> Welch:
+    """Paired t-test over the seeds both sides ran ({seed: value}): the mean of b[s] - a[s], its 95% interval
+    (t with n - 1 degrees of freedom) and two-sided p. Same seed means the same initialisation and data order, so
+    the seed-to-seed noise the two variants share cancels."""
+    seeds = sorted(set(a) & set(b))
+    d = [b[s] - a[s] for s in seeds]
+    if not d:
+        return Welch(math.nan, na="no common seed")
+    m, s = mean_std(d)
+    if s is None:
+        return Welch(m, na="1 common seed")
+    if s == 0:
+        return Welch(m, na="no spread between seeds")
+    n = len(d)
+    se = s / math.sqrt(n)
+    q = t_quantile(level, n - 1)
+    t = m / se
+    return Welch(m, m - q * se, m + q * se, float(2 * _scipy_stats.t.sf(abs(t), n - 1)), float(n - 1), t)
 
 
 def t_quantile(level: float, df: float) -> float:

@@ -141,3 +141,20 @@ def test_duplicate_seed_is_refused(tmp_path, runs):
     dup = fabricate_run(tmp_path / "again", "base", 1, records([5.0, 4.0, 3.0, 2.0], 2.0))
     with pytest.raises(UserError, match="same seed"):
         compare(runs + [str(dup)], tmp_path / "x")
+
+
+def test_paired_against_hand_computation(tmp_path, runs):
+    from ernie5.sweep.stats import paired
+
+    # per-seed differences alt - base on held-out: seed 1: 1.8 - 2.0 = -0.2, seed 2: 1.9 - 2.2 = -0.3 (seed 3: no pair)
+    w = paired({1: 2.0, 2: 2.2}, {1: 1.8, 2: 1.9, 3: 2.0})
+    d_mean, d_sd = -0.25, math.sqrt(((0.05) ** 2 * 2) / 1)
+    se = d_sd / math.sqrt(2)
+    q = stats.t.ppf(0.975, 1)
+    assert w.diff == pytest.approx(d_mean) and w.df == 1
+    assert (w.lo, w.hi) == (pytest.approx(d_mean - q * se), pytest.approx(d_mean + q * se))
+    ref = stats.ttest_rel([1.8, 1.9], [2.0, 2.2])
+    assert w.t == pytest.approx(ref.statistic) and w.p == pytest.approx(ref.pvalue)
+    assert paired({1: 1.0}, {2: 1.0}).na == "no common seed" and paired({1: 1.0}, {1: 2.0}).na == "1 common seed"
+    text = compare(runs, tmp_path / "cmp").read_text()
+    assert f"| alt | held-out loss | {welch([2.0, 2.2], [1.8, 1.9, 2.0]).text()} | {w.text()} |" in text
