@@ -1,12 +1,13 @@
 """`ernie5 sweep`: load the sweep file, validate every run's config, run them, then write the comparison report.
 
 OUT/sweep.json records what `ernie5 compare OUT` needs to redo the report: the sweep's name, its variants, the
-run directories in order and the ladder settings.
+run directories in order (relative to OUT) and the ladder settings.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -38,7 +39,9 @@ def run_sweep(path: str, out: Optional[str] = None, overrides: list[str] = (), p
         f"sweep {sweep.name}: {len(runs)} run(s), {min(r.max_steps for r in runs)}-"
         f"{max(r.max_steps for r in runs)} steps")
     out_dir.mkdir(parents=True, exist_ok=True)
-    record = {**sweep.as_dict(), "overrides": list(overrides), "runs": [r.run_dir for r in runs]}
+    # run dirs relative to OUT, so that `ernie5 compare OUT` works from any directory
+    record = {**sweep.as_dict(), "overrides": list(overrides),
+              "runs": [os.path.relpath(r.run_dir, out_dir) for r in runs]}
     (out_dir / SWEEP_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     outcomes = Runner(runs, parallel=parallel, train_cmd=train_cmd, log=log).run()
     finished = [o for o in outcomes if o.status in ("done", "skipped")]

@@ -42,7 +42,8 @@ def resolve_targets(targets: list[str]) -> tuple[list[str], Optional[LadderOptio
             title = f"sweep `{info['name']}` ({info['sweep_file']})"
             if info.get("ladder") is not None:
                 ladder = LadderOptions(next=info["ladder"].get("next") or None)
-            for run_dir in info["runs"]:
+            for rel in info["runs"]:
+                run_dir = str(p / rel)
                 marker = read_marker(run_dir)
                 if marker is not None and marker.get("status") == "done":
                     runs.append(run_dir)
@@ -249,7 +250,8 @@ def compare(targets: list[str], out, ladder: Optional[LadderOptions] = None, tai
     lines += ["## Per source and per term", "",
               "Held-out loss per data source (with one source it is the overall held-out loss), and train loss per "
               "logged term (for unified runs `text`, `visual`, `audio` are the per-modality losses). The trainer "
-              "does not log held-out loss per modality, so there is no held-out per-modality column.", ""] + _detail_table(groups) + [""]
+              "does not log held-out loss per modality, so there is no held-out per-modality column.", ""]
+    lines += _detail_table(groups) + [""]
     diff = _differences(groups)
     if diff:
         lines += ["## Differences from the baseline", ""] + diff + [""]

@@ -283,6 +283,7 @@ def _parse(path: str, raw: dict) -> Sweep:
         _check_keys(lad, LADDER_KEYS, "ladder")
         ladder = Ladder(next=_overrides(lad.get("next"), "ladder.next"))
         if len(variants) < 3:
-            raise ConfigError("variants", f"a ladder needs at least 3 sizes to fit with an interval, got {len(variants)}")
+            raise ConfigError("variants", f"a ladder needs at least 3 sizes to fit with an interval, got "
+                                          f"{len(variants)}")
     return Sweep(path=str(path), name=name, config=str(cfg_path), out=out, seeds=seeds, budget=budget,
                  overrides=_overrides(raw.get("overrides"), "overrides"), variants=variants, ladder=ladder)

@@ -2,7 +2,8 @@
 
 It keeps the trainer's run-directory contract: resumes from the newest `checkpoints/step_XXXXXXXX/manifest.json`,
 logs one metrics.jsonl record per step (dropping records past the checkpoint it resumed from), checkpoints every
-step and exits 0 at `train.max_steps`. FAKE_DIE_AT=N makes it exit 3 at the start of step N (a crash); FAKE_STEP_S makes each step take that long.
+step and exits 0 at `train.max_steps`. FAKE_DIE_AT=N makes it exit 3 at the start of step N (a crash);
+FAKE_STEP_S makes each step take that long.
 Each invocation appends the step it started from to `starts.txt`.
 """
 
