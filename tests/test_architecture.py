@@ -32,6 +32,7 @@ LAYERS = [
     ("generation", ["ernie5.generation"]),
     ("evaluation", ["ernie5.evaluation"]),
     ("tools", ["ernie5.analysis", "ernie5.tools", "ernie5.bench"]),
+    ("sweep", ["ernie5.sweep"]),
     ("cli", ["ernie5.cli", "ernie5.__main__"]),
     ("api", ["ernie5"]),
 ]

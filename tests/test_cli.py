@@ -143,7 +143,7 @@ def test_run_config_accepts_kind_run_only(tmp_path):
 
 def test_repo_config_files_say_what_they_are():
     for path in sorted((REPO / "configs").rglob("*.yaml")):
-        expected = "multimodal" if path.parent.name == "data" else "run"
+        expected = {"data": "multimodal", "sweeps": "sweep"}.get(path.parent.name, "run")
         assert config_kind(path) == expected, path
         if expected == "run":
             assert "\nkind: run\n" in "\n" + path.read_text(), f"{path}: no explicit `kind: run`"
@@ -183,7 +183,7 @@ def test_unknown_kind_is_one_line(tmp_path, capsys):
     path = write(tmp_path / "f.yaml", "kind: multimodel\n")
     assert main(["data", "prepare", path]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: {path}: kind: 'multimodel' is not one of 'run', 'multimodal', 'vision', 'audio' " \
+    assert err == f"error: {path}: kind: 'multimodel' is not one of 'run', 'multimodal', 'vision', 'audio', 'sweep' " \
                   "(no `kind:` means a run config)\n"
 
 

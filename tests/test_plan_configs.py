@@ -17,8 +17,9 @@ from ernie5.plan.lazy import check_buildable, component_of
 MODALITIES = ("text", "visual", "visual_understanding", "audio")
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-# run configs (configs/data holds data-preparation configs, not runs)
-RUN_CONFIGS = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml") if p.parent.name != "data")
+# run configs (configs/data holds data-preparation configs, configs/sweeps sweep files, not runs)
+RUN_CONFIGS = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")
+                     if p.parent.name not in ("data", "sweeps"))
 UNIFIED = {"demo_unified.yaml", "ablations/routing_agnostic.yaml", "ablations/routing_isolated.yaml"}
 # what `resolve_multimodal` reads from the digits-world shards' meta.json (text vocabulary 8000 + 7 specials,
 # 4-bit visual tokens over 4 scales, 8 RVQ levels of 1024 codes, 32 CNN channels and 2x2 pixels per patch)

@@ -79,6 +79,7 @@ CONFIG_KINDS = {
     "multimodal": "a multimodal data config",
     "vision": "a tokenizer recipe",
     "audio": "a tokenizer recipe",
+    "sweep": "a sweep file",
 }
 
 

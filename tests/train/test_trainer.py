@@ -34,6 +34,25 @@ def test_tiny_run_loss_falls_and_writes_run_dir(tiny_cfg):
     assert len(open(f"{out}/routing.jsonl").readlines()) == 30
 
 
+def test_mfu_peak_is_probed_again_when_a_step_beats_it(tiny_cfg, monkeypatch):
+    """A peak probed under a busy neighbour (here: absurdly low) is measured again once a step runs faster than it,
+    at most every 50 steps, and the higher rate is kept."""
+    import ernie5.train.trainer as trainer_mod
+
+    tr = Trainer(tiny_cfg("train.max_steps=1"), quiet=True)
+    probes = iter([5.0, 2.0])
+    monkeypatch.setattr(trainer_mod, "measure_gemm_gflops", lambda: next(probes))
+    tr.peak_gflops = 1e-3
+    tr.step = 10
+    assert tr._mfu(0.5) == 0.5 / 1e-3  # too soon after the start (step 0): no new probe
+    tr.step = 60
+    assert tr._mfu(0.5) == 0.1 and tr.peak_gflops == 5.0
+    tr.step = 200
+    assert tr._mfu(1.0) == 0.2  # slower than the peak: nothing probed
+    tr.step, tr.peak_gflops = 300, 1.0
+    assert tr._mfu(1.5) == 0.75 and tr.peak_gflops == 2.0
+
+
 def test_resume_reproduces_uninterrupted_losses_exactly(tiny_cfg, tmp_path):
     straight = tiny_cfg("train.max_steps=8", f"run.output_dir={tmp_path / 'a'}", "checkpoint.interval=4")
     Trainer(straight, quiet=True).train()
