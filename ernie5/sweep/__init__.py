@@ -3,12 +3,13 @@
 ladder a power-law fit of loss against compute).
 
 - `spec.py`    the sweep file, its expansion into runs (variants x seeds, the budget) and up-front validation
-- `runner.py`  running the expanded runs through `ernie5 train` (skip finished, resume interrupted, --parallel N)
+- `runner.py`  running the expanded runs through `ernie5 train`, then their `evaluate:` list through
+               `ernie5 eval` (skip finished, resume interrupted, --parallel N)
 - `collect.py` what one run directory says: final losses, curves, tokens/s, planner sizes, routing summary
 - `stats.py`   mean / std over seeds and Welch's t-test against the first variant
 - `ladder.py`  the power-law fit of loss against training compute
 - `curves.py`  PNG plots (matplotlib, Agg)
-- `report.py`  the markdown report (`ernie5 compare`)
+- `report.py`  the markdown report (`ernie5 compare`), with the elastic sub-model table when runs have one
 - `driver.py`  `ernie5 sweep`: validate, run, report
 
 Nothing else in ernie5 imports this package except the CLI.

@@ -13,10 +13,13 @@ Definitions (the report repeats them):
   (`ernie5.plan`), for the run's resolved `config.yaml`; training compute = FLOPs per token x tokens trained
   (max_steps x tokens per step).
 - routing (MoE runs): `ernie5.analysis.routing.modality_report` over the whole routing.jsonl.
+- elastic sub-models: the rows of `eval/step_<max_steps>/elastic_eval.json`, the elastic evaluation of the final
+  checkpoint (`ernie5 eval RUN --mode elastic` writes it there, and so does a sweep with `evaluate:`).
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +34,7 @@ from ernie5.errors import UserError
 from ernie5.plan import count_parameters, flops_per_token
 from ernie5.runconfig import config_from_dict
 from ernie5.sweep.runner import read_marker
-from ernie5.sweep.spec import tokens_per_step
+from ernie5.sweep.spec import Evaluation, tokens_per_step
 
 TAIL = 3  # logged records averaged for a final train value
 
@@ -55,6 +58,7 @@ class RunResult:
     wall_s: Optional[float] = None  # from the sweep's marker, when the sweep ran it
     routing: Optional[dict] = None  # modality_report of the whole run (MoE runs)
     last_step: int = 0
+    elastic: Optional[dict] = None  # {"batches": N, "rows": [...]} of the final checkpoint's elastic_eval.json
 
     @property
     def compute(self) -> float:
@@ -83,6 +87,21 @@ def final_heldout(records: list[dict]) -> dict[str, float]:
         if _number(r.get("val_loss")):
             return {k: float(v) for k, v in sorted(r.items()) if k.startswith("val_loss") and _number(v)}
     return {}
+
+
+def read_elastic_eval(run_dir, max_steps: int) -> Optional[dict]:
+    """{"batches": held-out micro-batches, "rows": [{"submodel", "loss", "active_params", ...}, ...]} from the
+    final checkpoint's elastic_eval.json, or None when the run has none."""
+    path = Evaluation("elastic").output(run_dir, max_steps)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        rows = [{"submodel": str(r["submodel"]), "loss": float(r["loss"]), "active_params": int(r["active_params"]),
+                 "total_params": int(r["total_params"])} for r in data["rows"]]
+        return {"batches": data.get("batches"), "rows": rows}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(str(path), f"unreadable elastic evaluation ({type(e).__name__}: {e})") from None
 
 
 def read_config(run_dir: Path):
@@ -118,7 +137,8 @@ def read_run(run_dir, tail: int = TAIL) -> RunResult:
         total_params=pc.total_params, active_params=pc.active_params,
         flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
         tokens=cfg.train.max_steps * tokens_per_step(cfg),
-        wall_s=marker.get("wall_s"), routing=routing, last_step=int(records[-1]["step"]))
+        wall_s=marker.get("wall_s"), routing=routing, last_step=int(records[-1]["step"]),
+        elastic=read_elastic_eval(run_dir, cfg.train.max_steps))
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """`ernie5 sweep`: load the sweep file, validate every run's config, run them, then write the comparison report.
 
 OUT/sweep.json records what `ernie5 compare OUT` needs to redo the report: the sweep's name, its variants, the
-run directories in order (relative to OUT) and the ladder settings.
+run directories in order (relative to OUT), the ladder settings and the evaluations.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 from ernie5.errors import TrainingError
 from ernie5.sweep.report import SWEEP_FILE, compare
-from ernie5.sweep.runner import TRAIN_CMD, Outcome, Runner, run_state
+from ernie5.sweep.runner import EVAL_CMD, TRAIN_CMD, Outcome, Runner, run_state
 from ernie5.sweep.spec import load_sweep
 
 
@@ -26,9 +26,10 @@ class SweepResult:
 
 
 def run_sweep(path: str, out: Optional[str] = None, overrides: list[str] = (), parallel: int = 1,
-              log: Callable[[str], None] = print, train_cmd=TRAIN_CMD) -> SweepResult:
-    """Validate, run (skipping finished runs, resuming interrupted ones), report. A failed run does not stop the
-    others; the report covers the finished runs and a TrainingError names the failures afterwards."""
+              log: Callable[[str], None] = print, train_cmd=TRAIN_CMD, eval_cmd=EVAL_CMD) -> SweepResult:
+    """Validate, run (skipping finished runs, resuming interrupted ones; then each run's evaluations), report. A
+    failed run does not stop the others; the report covers the finished runs and a TrainingError names the
+    failures afterwards."""
     sweep = load_sweep(path)
     runs = sweep.expand(list(overrides), out)
     out_dir = Path(out or sweep.out)
@@ -38,12 +39,14 @@ def run_sweep(path: str, out: Optional[str] = None, overrides: list[str] = (), p
         f"{runs[0].max_steps} steps each" if len({r.max_steps for r in runs}) == 1 else
         f"sweep {sweep.name}: {len(runs)} run(s), {min(r.max_steps for r in runs)}-"
         f"{max(r.max_steps for r in runs)} steps")
+    if sweep.evaluate:
+        log("then each run: " + ", ".join(f"eval --mode {ev.mode} --batches {ev.batches}" for ev in sweep.evaluate))
     out_dir.mkdir(parents=True, exist_ok=True)
     # run dirs relative to OUT, so that `ernie5 compare OUT` works from any directory
     record = {**sweep.as_dict(), "overrides": list(overrides),
               "runs": [os.path.relpath(r.run_dir, out_dir) for r in runs]}
     (out_dir / SWEEP_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    outcomes = Runner(runs, parallel=parallel, train_cmd=train_cmd, log=log).run()
+    outcomes = Runner(runs, parallel=parallel, train_cmd=train_cmd, log=log, eval_cmd=eval_cmd).run()
     finished = [o for o in outcomes if o.status in ("done", "skipped")]
     report = compare([str(out_dir)], out_dir) if finished else None
     if report is not None:

@@ -173,6 +173,66 @@ def _routing_table(groups: list[Group]) -> list[str]:
             "loads shows one `all` column.", ""] + _table(head, rows)
 
 
+def _elastic_section(groups: list[Group]) -> tuple[list[str], dict]:
+    """One row per sub-model (grid order) of the runs' final-checkpoint elastic evaluations: per variant the
+    held-out loss over seeds, per other variant its difference from the baseline (Welch and paired)."""
+    evaluated = [g for g in groups if any(r.elastic for r in g.runs)]
+    if not evaluated:
+        return [], {}
+    names: list[str] = []  # the grid's order, sub-models first seen in later variants appended
+    for g in evaluated:
+        for r in g.runs:
+            for row in (r.elastic or {}).get("rows", []):
+                if row["submodel"] not in names:
+                    names.append(row["submodel"])
+
+    def by_seed(g: Group, name: str) -> dict[int, float]:
+        return {r.seed: row["loss"] for r in g.runs if r.elastic for row in r.elastic["rows"]
+                if row["submodel"] == name}
+
+    def active(name: str) -> str:
+        counts = []
+        for g in evaluated:
+            for r in g.runs:
+                counts += [row["active_params"] for row in (r.elastic or {}).get("rows", [])
+                           if row["submodel"] == name and row["active_params"] not in counts]
+        return " / ".join(_count(c) for c in counts)
+
+    base = groups[0]
+    others = [g for g in evaluated if g is not base]
+    head = ["sub-model", "active params"] + [f"{g.variant}" for g in evaluated]
+    for g in others:
+        head += [f"Δ {g.variant} vs {base.variant} (Welch) [95% CI] p", f"Δ {g.variant} (paired by seed) [95% CI] p"]
+    rows, table = [], {}
+    for name in names:
+        row = [f"`{name}`", active(name)]
+        for g in evaluated:  # variant -> sub-model -> seed -> loss
+            table.setdefault(g.variant, {})[name] = {str(s): v for s, v in sorted(by_seed(g, name).items())}
+        row += [_ms([v for _, v in sorted(by_seed(g, name).items())]) for g in evaluated]
+        a = by_seed(base, name)
+        for g in others:
+            b = by_seed(g, name)
+            if a and b:
+                row += [welch([a[s] for s in sorted(a)], [b[s] for s in sorted(b)]).text(), paired(a, b).text()]
+            else:
+                row += ["n/a (no evaluation on one side)"] * 2
+        rows.append(row)
+    batches = sorted({r.elastic.get("batches") for g in evaluated for r in g.runs if r.elastic},
+                     key=lambda x: (x is None, x))
+    over = " / ".join("?" if b is None else str(b) for b in batches)
+    lines = [f"Held-out loss of each sub-model of the final checkpoint (`ernie5 eval CKPT --mode elastic`, "
+             f"`eval/step_<max_steps>/elastic_eval.json`; every sub-model on the same {over} held-out "
+             "micro-batches), mean ± std over seeds, in the grid's order (full model, depth cuts, expert subsets, "
+             "smaller top-k, the smallest combined cut)."
+             + (f" Δ: variant - `{base.variant}` on the same sub-model, Welch's 95% interval and two-sided p, and the "
+                "paired test over the seeds both ran." if others else "")
+             + " Active parameters: one text token, counted on the sub-model's own config.", ""]
+    missing = [f"{r.variant} seed {r.seed}" for g in groups for r in g.runs if not r.elastic]
+    if missing:
+        lines += [f"Without an elastic evaluation (left out here): {', '.join(missing)}.", ""]
+    return lines + _table(head, rows), {"submodels": names, "loss": table}
+
+
 def _ladder_section(groups: list[Group], opts: LadderOptions, out: Path) -> tuple[list[str], dict]:
     key = "val_loss" if all(g.values("heldout", "val_loss") for g in groups) else "loss"
     section = "heldout" if key == "val_loss" else "train"
@@ -259,6 +319,10 @@ def compare(targets: list[str], out, ladder: Optional[LadderOptions] = None, tai
     if routing:
         lines += ["## Routing", ""] + routing + [""]
     summary: dict = {"variants": [g.variant for g in groups]}
+    elastic, elastic_summary = _elastic_section(groups)
+    if elastic:
+        lines += ["## Elastic sub-models", ""] + elastic + [""]
+        summary["elastic"] = elastic_summary
     if ladder is not None:
         ladder_lines, summary["ladder"] = _ladder_section(groups, ladder, out)
         lines += ["## Scaling ladder", ""] + ladder_lines + [""]
@@ -276,7 +340,10 @@ def compare(targets: list[str], out, ladder: Optional[LadderOptions] = None, tai
               "- tokens/s: median over logged steps; parameters from the planner (active: one text token).", ""]
     summary["runs"] = [{"variant": r.variant, "seed": r.seed, "run_dir": r.run_dir, "train": r.train,
                         "heldout": r.heldout, "tokens_per_s": r.tokens_per_s, "total_params": r.total_params,
-                        "active_params": r.active_params, "compute": r.compute} for r in results]
+                        "active_params": r.active_params, "compute": r.compute,
+                        "elastic": None if r.elastic is None else {row["submodel"]: row["loss"]
+                                                                   for row in r.elastic["rows"]}}
+                       for r in results]
     (out / "report.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -9,11 +9,21 @@ Each child gets its own session, so a Ctrl-C reaches only the sweep, which sends
 the trainer checkpoints and exits, and the next `ernie5 sweep` resumes it.
 
 A run directory holds `sweep_run.json`, written by the sweep: the run's variant, seed, `ernie5 train` arguments,
-step budget, status (`running`, `done`, `failed`, `interrupted`), attempts and wall time. A run counts as
-finished when that file says `done`, its arguments are the ones the sweep asks for now, `metrics.jsonl` logged
-step `max_steps` (the trainer always logs the last step) and the checkpoint `checkpoints/step_<max_steps>`
-exists (the trainer always saves the last step). The sweep writes `done` only after the child exited 0 and both
-were checked. A directory made with other arguments is refused rather than silently mixed.
+step budget, status (`running`, `done`, `failed`, `interrupted`), `trained`, attempts, wall time and, for a sweep
+with `evaluate:`, one record per evaluation under `evaluations`. Training is finished when that file says
+`trained` (written only after the child exited 0 and both of these were checked), its arguments are the ones the
+sweep asks for now, `metrics.jsonl` logged step `max_steps` (the trainer always logs the last step) and the
+checkpoint `checkpoints/step_<max_steps>` exists (the trainer always saves the last step). A directory made with
+other arguments is refused rather than silently mixed.
+
+Evaluations (`evaluate:` in the sweep file) run after training, in the same slot, each as
+`python -m ernie5 eval RUN/checkpoints/step_<max_steps> --mode M --batches N --out RUN/eval/step_<max_steps>`
+with its output appended to RUN/eval.log. An evaluation is done when its record in `sweep_run.json` says `done`
+with the eval arguments asked for now, and its output file (`RUN/eval/step_<max_steps>/<mode>_eval.json`) exists
+and is not older than the final checkpoint's manifest. Starting training again clears the records (a new final
+checkpoint needs new evaluations). A run is finished (`status: done`, skipped next time) only when its training
+and every evaluation are; a failed evaluation marks the run failed, and the next `ernie5 sweep` runs only the
+evaluations that are not done, not the training.
 
 `--parallel N` runs N at a time, each pinned (sched_setaffinity in the child before exec) to its own 1/N of the
 cores this process may use, with OMP_NUM_THREADS set to that share.
@@ -30,14 +40,16 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import IO, Callable, Optional
 
 from ernie5.errors import UserError
-from ernie5.sweep.spec import RunSpec
+from ernie5.sweep.spec import Evaluation, RunSpec
 
 MARKER = "sweep_run.json"
 TRAIN_LOG = "train.log"
+EVAL_LOG = "eval.log"
 TRAIN_CMD = (sys.executable, "-m", "ernie5", "train")
+EVAL_CMD = (sys.executable, "-m", "ernie5", "eval")
 
 
 @dataclass
@@ -89,15 +101,37 @@ def newest_checkpoint(run_dir) -> Optional[str]:
     return names[-1] if names else None
 
 
+def final_manifest(run_dir, max_steps: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{max_steps:08d}" / "manifest.json"
+
+
 def reached_budget(run_dir, max_steps: int) -> bool:
     """metrics.jsonl logged step `max_steps` and its checkpoint is complete."""
-    final = Path(run_dir) / "checkpoints" / f"step_{max_steps:08d}" / "manifest.json"
-    return last_logged_step(run_dir) == max_steps and final.is_file()
+    return last_logged_step(run_dir) == max_steps and final_manifest(run_dir, max_steps).is_file()
+
+
+def is_trained(spec: RunSpec, marker: dict) -> bool:
+    """Training finished (see the module docstring). A marker from before `trained` existed says `done`."""
+    return bool(marker.get("trained", marker.get("status") == "done")) and reached_budget(spec.run_dir,
+                                                                                          spec.max_steps)
+
+
+def evaluation_done(spec: RunSpec, ev: Evaluation, marker: dict) -> bool:
+    """The marker records `ev` done with today's arguments and its output is not older than the final checkpoint."""
+    rec = (marker.get("evaluations") or {}).get(ev.mode) or {}
+    if rec.get("status") != "done" or rec.get("args") != spec.eval_args(ev):
+        return False
+    out, manifest = ev.output(spec.run_dir, spec.max_steps), final_manifest(spec.run_dir, spec.max_steps)
+    return out.is_file() and manifest.is_file() and out.stat().st_mtime_ns >= manifest.stat().st_mtime_ns
+
+
+def pending_evaluations(spec: RunSpec, marker: dict) -> list[Evaluation]:
+    return [ev for ev in spec.evaluate if not evaluation_done(spec, ev, marker)]
 
 
 def run_state(spec: RunSpec) -> str:
-    """`done` (finished, skip it), `resume` (checkpoints to resume from) or `new`; UserError for a run dir this
-    sweep did not make or made with other arguments."""
+    """`done` (finished, skip it), `evaluate` (trained; evaluations to run), `resume` (checkpoints to resume from)
+    or `new`; UserError for a run dir this sweep did not make or made with other arguments."""
     run_dir = Path(spec.run_dir)
     marker = read_marker(run_dir)
     if marker is None:
@@ -111,8 +145,9 @@ def run_state(spec: RunSpec) -> str:
                                                                             if a not in new]) or "another order"
         raise UserError(str(run_dir), f"was run with other arguments ({diff}); use another --out, or remove the "
                                       "run dir to run it again")
-    if marker.get("status") == "done" and reached_budget(run_dir, spec.max_steps):
-        return "done"
+    if is_trained(spec, marker):
+        done = marker.get("status") == "done" and not pending_evaluations(spec, marker)
+        return "done" if done else "evaluate"
     return "resume" if newest_checkpoint(run_dir) else "new"
 
 
@@ -137,21 +172,37 @@ def _fmt_s(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
 
 
+@dataclass
+class _Child:
+    """A running child process: run `index`'s training (evaluation None) or one of its evaluations."""
+
+    index: int
+    proc: subprocess.Popen
+    t0: float
+    log: IO
+    evaluation: Optional[Evaluation]
+    cores: Optional[list[int]]
+
+
 class Runner:
-    """Runs RunSpecs in order, `parallel` at a time; `train_cmd` is the command before the train arguments
-    (tests swap in a stand-in trainer); `log` receives the progress lines."""
+    """Runs RunSpecs in order, `parallel` at a time: each run's training, then its evaluations, in one slot.
+    `train_cmd` / `eval_cmd` are the commands before the train / eval arguments (tests swap in stand-ins); `log`
+    receives the progress lines."""
 
     def __init__(self, runs: list[RunSpec], parallel: int = 1, train_cmd=TRAIN_CMD,
-                 log: Callable[[str], None] = print, cores: Optional[list[int]] = None):
+                 log: Callable[[str], None] = print, cores: Optional[list[int]] = None, eval_cmd=EVAL_CMD):
         self.runs = runs
         self.slots = core_shares(parallel, cores)
         self.train_cmd = list(train_cmd)
+        self.eval_cmd = list(eval_cmd)
         self.log = log
         self.t0 = time.perf_counter()
+        self.wall: dict[int, float] = {}  # run index -> this invocation's wall time over its children
+        self.evaluated: dict[int, set[str]] = {}  # run index -> modes evaluated in this invocation
 
     def run(self) -> list[Outcome]:
         """Run every unfinished run; returns one Outcome per run, in the runs' order. A Ctrl-C stops the running
-        children (they checkpoint), marks them interrupted and is raised again."""
+        children (a trainer checkpoints), marks them interrupted and is raised again."""
         states = [run_state(r) for r in self.runs]  # every refusal before anything starts
         n = len(self.runs)
         outcomes: dict[int, Outcome] = {}
@@ -162,33 +213,50 @@ class Runner:
                 self.log(f"[{i + 1}/{n}] skip {spec.label}: finished ({spec.run_dir})")
             else:
                 pending.append((i, state))
-        active: dict[int, tuple] = {}  # slot -> (index, Popen, start time, log file)
+        active: dict[int, _Child] = {}
         stop = False
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # a SIGTERM to the sweep stops it like Ctrl-C
         try:
             while pending or active:
                 for slot in range(len(self.slots)):
-                    if slot not in active and pending and not stop:
+                    while slot not in active and pending and not stop:
                         i, state = pending.popleft()
-                        active[slot] = self._start(i, state, self.slots[slot])
+                        nxt = self._next(i, state, self.slots[slot])
+                        if isinstance(nxt, Outcome):  # nothing left to launch
+                            outcomes[i] = nxt
+                        else:
+                            active[slot] = nxt
                 time.sleep(0.1)
-                for slot, (i, proc, t0, fh) in list(active.items()):
-                    if proc.poll() is None:
+                for slot, child in list(active.items()):
+                    if child.proc.poll() is None:
                         continue
                     del active[slot]
-                    fh.close()
-                    outcomes[i] = self._finish(i, proc.returncode, time.perf_counter() - t0)
-                    stop = stop or outcomes[i].status == "interrupted"
+                    child.log.close()
+                    outcome = self._end(child, child.proc.returncode)
+                    if outcome is None:  # that step succeeded: the run's next one in the same slot
+                        outcome = self._next(child.index, "evaluate", child.cores)
+                    if isinstance(outcome, Outcome):
+                        outcomes[child.index] = outcome
+                        stop = stop or outcome.status == "interrupted"
+                    else:
+                        active[slot] = outcome
                 if stop and not active:
                     break
         except KeyboardInterrupt:
-            for slot, (i, proc, t0, fh) in active.items():
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)  # the trainer saves a checkpoint and exits
-            for slot, (i, proc, t0, fh) in active.items():
-                proc.wait()
-                fh.close()
-                self._finish(i, proc.returncode, time.perf_counter() - t0, interrupted=True)
+            for child in active.values():
+                if child.proc.poll() is None:
+                    child.proc.send_signal(signal.SIGTERM)  # the trainer saves a checkpoint and exits
+            for child in active.values():
+                child.proc.wait()
+                child.log.close()
+                if self._end(child, child.proc.returncode, interrupted=True) is None:  # that step had finished
+                    spec = self.runs[child.index]
+                    marker = read_marker(spec.run_dir) or {}
+                    if pending_evaluations(spec, marker):
+                        marker["status"] = "interrupted"
+                        write_marker(spec.run_dir, marker)
+                    else:
+                        self._next(child.index, "evaluate", None)  # marks it done
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -196,57 +264,136 @@ class Runner:
             outcomes[i] = Outcome(self.runs[i], "interrupted", message="not started")
         return [outcomes[i] for i in range(n)]
 
-    def _start(self, i: int, state: str, cores: Optional[list[int]]):
+    # ---- one run's steps ---------------------------------------------------------------------------------
+    def _next(self, i: int, state: str, cores: Optional[list[int]]):
+        """Start run i's next step (training unless `state` is `evaluate`, else its first pending evaluation); an
+        Outcome `done` when none is left."""
+        spec = self.runs[i]
+        if state in ("new", "resume"):
+            return self._start_train(i, state, cores)
+        marker = read_marker(spec.run_dir) or {}
+        # an evaluation that succeeded in this invocation is not run again (its output could still look older
+        # than a checkpoint whose mtime is in the future)
+        todo = [ev for ev in pending_evaluations(spec, marker) if ev.mode not in self.evaluated.get(i, ())]
+        if todo:
+            return self._start_eval(i, todo[0], marker, cores)
+        marker["status"] = "done"
+        write_marker(spec.run_dir, marker)
+        wall = self.wall.get(i, 0.0)
+        evals = f" + {len(spec.evaluate)} evaluation(s)" if spec.evaluate else ""
+        self.log(f"[{i + 1}/{len(self.runs)}] done {spec.label}{evals} in {_fmt_s(wall)} "
+                 f"(sweep {_fmt_s(time.perf_counter() - self.t0)})")
+        return Outcome(spec, "done", wall, 0)
+
+    def _popen(self, cmd: list[str], log_path: Path, header: str, cores: Optional[list[int]]):
+        env = dict(os.environ)
+        if cores is not None:
+            env["OMP_NUM_THREADS"] = str(len(cores))
+        preexec = None if cores is None else (lambda: os.sched_setaffinity(0, cores))
+        fh = open(log_path, "a", encoding="utf-8")
+        fh.write(header + "\n")
+        fh.flush()
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                preexec_fn=preexec, start_new_session=True)
+        return proc, fh
+
+    def _start_train(self, i: int, state: str, cores: Optional[list[int]]) -> _Child:
         spec = self.runs[i]
         run_dir = Path(spec.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         marker = read_marker(run_dir) or {}
         attempts = int(marker.get("attempts", 0)) + 1
+        # a new training invalidates earlier evaluations (they were of another final checkpoint)
         write_marker(run_dir, {"variant": spec.variant, "seed": spec.seed, "train_args": spec.train_args(),
-                               "max_steps": spec.max_steps, "status": "running", "attempts": attempts,
-                               "wall_s": float(marker.get("wall_s", 0.0))})
-        env = dict(os.environ)
-        preexec = None
-        if cores is not None:
-            env["OMP_NUM_THREADS"] = str(len(cores))
-
-            def preexec():
-                os.sched_setaffinity(0, cores)
+                               "max_steps": spec.max_steps, "status": "running", "trained": False,
+                               "attempts": attempts, "wall_s": float(marker.get("wall_s", 0.0)),
+                               "evaluations": {}})
         cmd = self.train_cmd + spec.train_args()
-        fh = open(run_dir / TRAIN_LOG, "a", encoding="utf-8")
-        fh.write(f"== attempt {attempts}: {' '.join(cmd[len(self.train_cmd) - 1:])}\n")
-        fh.flush()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                preexec_fn=preexec, start_new_session=True)
+        proc, fh = self._popen(cmd, run_dir / TRAIN_LOG, f"== attempt {attempts}: "
+                                                         f"{' '.join(cmd[len(self.train_cmd) - 1:])}", cores)
         how = f"resume from {newest_checkpoint(run_dir)}" if state == "resume" else "new"
         pin = f", cores {','.join(map(str, cores))}" if cores is not None else ""
         self.log(f"[{i + 1}/{len(self.runs)}] start {spec.label} ({how}{pin}) -> {spec.run_dir}")
-        return i, proc, time.perf_counter(), fh
+        return _Child(i, proc, time.perf_counter(), fh, None, cores)
 
-    def _finish(self, i: int, rc: int, wall: float, interrupted: bool = False) -> Outcome:
+    def _start_eval(self, i: int, ev: Evaluation, marker: dict, cores: Optional[list[int]]) -> _Child:
+        spec = self.runs[i]
+        records = marker.setdefault("evaluations", {})
+        attempts = int((records.get(ev.mode) or {}).get("attempts", 0)) + 1
+        records[ev.mode] = {"args": spec.eval_args(ev), "status": "running", "attempts": attempts,
+                            "output": str(ev.output(spec.run_dir, spec.max_steps).relative_to(spec.run_dir))}
+        marker["status"] = "running"
+        marker["trained"] = True  # explicit from here on (a marker from before the key existed said `done`)
+        write_marker(spec.run_dir, marker)
+        cmd = self.eval_cmd + spec.eval_args(ev)
+        proc, fh = self._popen(cmd, Path(spec.run_dir) / EVAL_LOG,
+                               f"== {ev.mode} attempt {attempts}: {' '.join(cmd[len(self.eval_cmd) - 1:])}", cores)
+        pin = f", cores {','.join(map(str, cores))}" if cores is not None else ""
+        self.log(f"[{i + 1}/{len(self.runs)}] evaluate {spec.label} ({ev.mode}, {ev.batches} batches{pin}) -> "
+                 f"{Path(spec.run_dir) / EVAL_LOG}")
+        return _Child(i, proc, time.perf_counter(), fh, ev, cores)
+
+    def _end(self, child: _Child, rc: int, interrupted: bool = False) -> Optional[Outcome]:
+        """Record a child's end in the marker: None when it succeeded, else the run's Outcome."""
+        wall = time.perf_counter() - child.t0
+        self.wall[child.index] = self.wall.get(child.index, 0.0) + wall
+        if child.evaluation is None:
+            return self._end_train(child.index, rc, wall, interrupted)
+        return self._end_eval(child.index, child.evaluation, rc, wall, interrupted)
+
+    def _end_train(self, i: int, rc: int, wall: float, interrupted: bool) -> Optional[Outcome]:
         spec = self.runs[i]
         marker = read_marker(spec.run_dir) or {}
         marker["wall_s"] = round(float(marker.get("wall_s", 0.0)) + wall, 3)
         marker["returncode"] = rc
-        finished = rc == 0 and reached_budget(spec.run_dir, spec.max_steps)
-        if finished:
-            status, msg = "done", ""
-        elif rc == 0 or interrupted or rc in (130, -signal.SIGTERM, -signal.SIGINT):
+        if rc == 0 and reached_budget(spec.run_dir, spec.max_steps):
+            marker["trained"] = True
+            write_marker(spec.run_dir, marker)
+            if spec.evaluate:
+                self.log(f"[{i + 1}/{len(self.runs)}] trained {spec.label} in {_fmt_s(wall)}")
+            return None
+        if rc == 0 or interrupted or rc in (130, -signal.SIGTERM, -signal.SIGINT):
             status = "interrupted"
             msg = f"stopped at step {last_logged_step(spec.run_dir)}; run `ernie5 sweep` again to resume"
         else:
             status = "failed"
-            msg = f"exit {rc}: {self._last_line(spec)}"
+            msg = f"exit {rc}: {_last_line(Path(spec.run_dir) / TRAIN_LOG)}"
+        return self._stopped(i, marker, status, msg, rc)
+
+    def _end_eval(self, i: int, ev: Evaluation, rc: int, wall: float, interrupted: bool) -> Optional[Outcome]:
+        spec = self.runs[i]
+        marker = read_marker(spec.run_dir) or {}
+        rec = marker.setdefault("evaluations", {}).setdefault(ev.mode, {})
+        rec["wall_s"] = round(float(rec.get("wall_s", 0.0)) + wall, 3)
+        rec["returncode"] = rc
+        out = ev.output(spec.run_dir, spec.max_steps)
+        if rc == 0 and out.is_file():
+            rec["status"] = "done"
+            write_marker(spec.run_dir, marker)
+            self.evaluated.setdefault(i, set()).add(ev.mode)
+            self.log(f"[{i + 1}/{len(self.runs)}] evaluated {spec.label} ({ev.mode}) in {_fmt_s(wall)}")
+            return None
+        if interrupted or rc in (130, -signal.SIGTERM, -signal.SIGINT):
+            status, msg = "interrupted", f"{ev.mode} evaluation stopped; run `ernie5 sweep` again to evaluate"
+        elif rc == 0:
+            status, msg = "failed", f"{ev.mode} evaluation exited 0 but wrote no {out}"
+        else:
+            status = "failed"
+            msg = f"{ev.mode} evaluation exit {rc}: {_last_line(Path(spec.run_dir) / EVAL_LOG)}"
+        rec["status"] = status
+        return self._stopped(i, marker, status, msg, rc)
+
+    def _stopped(self, i: int, marker: dict, status: str, msg: str, rc: int) -> Outcome:
+        spec = self.runs[i]
         marker["status"] = status
         write_marker(spec.run_dir, marker)
-        total = _fmt_s(time.perf_counter() - self.t0)
-        what = {"done": "done", "failed": "FAILED", "interrupted": "interrupted"}[status]
-        self.log(f"[{i + 1}/{len(self.runs)}] {what} {spec.label} in {_fmt_s(wall)} (sweep {total})"
-                 + (f": {msg}" if msg else ""))
+        wall = self.wall.get(i, 0.0)
+        what = {"failed": "FAILED", "interrupted": "interrupted"}[status]
+        self.log(f"[{i + 1}/{len(self.runs)}] {what} {spec.label} in {_fmt_s(wall)} "
+                 f"(sweep {_fmt_s(time.perf_counter() - self.t0)}): {msg}")
         return Outcome(spec, status, wall, rc, msg)
 
-    @staticmethod
-    def _last_line(spec: RunSpec) -> str:
-        lines = [ln for ln in (Path(spec.run_dir) / TRAIN_LOG).read_text(errors="replace").splitlines()
-                 if ln.strip()]
-        return (lines[-1][:200] if lines else "no output") + f" (see {Path(spec.run_dir) / TRAIN_LOG})"
+
+def _last_line(log: Path) -> str:
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.is_file() else []
+    return (lines[-1][:200] if lines else "no output") + f" (see {log})"

@@ -15,6 +15,8 @@ A sweep file (`kind: sweep`, read like any config: `base:` includes work) names 
     # grid: {model.moe.top_k: [1, 2], optim.lr: [1.0e-3, 3.0e-3]}
     ladder:                                       # optional: the variants are model sizes, smallest first
       next: {model.hidden_size: 192}              # overrides on top of the last rung: the size to predict
+    evaluate:                                     # optional: evaluations of each run's final checkpoint
+      - {mode: elastic, batches: 64}              # `ernie5 eval CKPT --mode elastic --batches 64`
 
 Each run's overrides are applied to the base config in this order: `overrides`, the variant's, `run.seed`,
 the budget's `train.max_steps`, the command line's, and `run.output_dir` (OUT/VARIANT/seedSEED). So a command
@@ -25,6 +27,11 @@ Budget in tokens: steps = ceil(tokens / tokens per step), tokens per step = trai
 train.grad_accum_steps x data.seq_len (x parallel.data when set): the global batch of one optimizer step, counted
 per variant (a variant that changes the batch gets its own step count). Padding counts as tokens, as in the
 trainer's `tokens_per_s`.
+
+`evaluate:` lists evaluations each run gets once its training finished (the runner runs them; `Evaluation`).
+Modes: `elastic` (the sub-model grid's held-out loss; `batches` held-out micro-batches, default 16). They are
+checked up front for every run: the grid must exist for the run's config (the elastic space builds and has a
+sub-model besides the full one) and the run must train on prepared data (the evaluation reads its held-out split).
 """
 
 from __future__ import annotations
@@ -42,11 +49,15 @@ import yaml
 
 from ernie5.config.schema import build, join, require
 from ernie5.config.yaml_io import load_yaml
+from ernie5.elastic.space import ElasticSpace
 from ernie5.errors import ConfigError, UserError
 from ernie5.runconfig import RunConfig, load_config
 
-TOP_KEYS = ("kind", "name", "config", "out", "seeds", "budget", "overrides", "variants", "grid", "ladder")
+TOP_KEYS = ("kind", "name", "config", "out", "seeds", "budget", "overrides", "variants", "grid", "ladder",
+            "evaluate")
 LADDER_KEYS = ("next",)
+EVAL_MODES = ("elastic",)  # `evaluate:` modes (ernie5 eval --mode ...)
+EVAL_KEYS = ("mode", "batches")
 OWNED_KEYS = ("run.seed", "run.output_dir")  # set per run by the sweep
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._,+-]*$")  # a variant name is a directory name
 
@@ -79,6 +90,28 @@ def tokens_per_step(cfg: RunConfig) -> int:
     return t.micro_batch_size * t.grad_accum_steps * cfg.data.seq_len * (cfg.parallel.data or 1)
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """One post-training evaluation: `ernie5 eval CKPT --mode MODE --batches N --out DIR` on the final checkpoint."""
+
+    mode: str
+    batches: int = 16
+
+    def output_dir(self, run_dir, max_steps: int) -> Path:
+        """Where it writes: RUN/eval/step_<max_steps> (`ernie5 eval`'s own default for a run's checkpoint)."""
+        return Path(run_dir) / "eval" / f"step_{max_steps:08d}"
+
+    def output(self, run_dir, max_steps: int) -> Path:
+        """The file whose presence says the evaluation wrote its result."""
+        return self.output_dir(run_dir, max_steps) / f"{self.mode}_eval.json"
+
+    def args(self, run_dir, max_steps: int) -> list[str]:
+        """Arguments after `ernie5 eval`: the final checkpoint, the mode, its options and the output dir."""
+        ckpt = Path(run_dir) / "checkpoints" / f"step_{max_steps:08d}"
+        return [str(ckpt), "--mode", self.mode, "--batches", str(self.batches),
+                "--out", str(self.output_dir(run_dir, max_steps))]
+
+
 @dataclass
 class RunSpec:
     """One run of a sweep: a variant at a seed, its full override list and its run directory."""
@@ -89,6 +122,7 @@ class RunSpec:
     overrides: list[str]  # everything but run.output_dir, in the order applied
     run_dir: str
     max_steps: int
+    evaluate: tuple[Evaluation, ...] = ()  # after training, in order
 
     @property
     def label(self) -> str:
@@ -97,6 +131,10 @@ class RunSpec:
     def train_args(self) -> list[str]:
         """Arguments after `ernie5 train`: the config file and every override, output dir last."""
         return [self.config, *self.overrides, f"run.output_dir={self.run_dir}"]
+
+    def eval_args(self, ev: Evaluation) -> list[str]:
+        """Arguments after `ernie5 eval` for evaluation `ev` of this run's final checkpoint."""
+        return ev.args(self.run_dir, self.max_steps)
 
 
 @dataclass
@@ -119,6 +157,7 @@ class Sweep:
     overrides: list[str]
     variants: dict[str, list[str]]  # name -> overrides, in order
     ladder: Optional[Ladder] = None
+    evaluate: tuple[Evaluation, ...] = ()
 
     def expand(self, cli_overrides: list[str] = (), out: Optional[str] = None) -> list[RunSpec]:
         """Every run (variants in order, then seeds), each config loaded and validated now: the first problem
@@ -139,8 +178,10 @@ class Sweep:
                 cfg = self._load(name, full)
                 if seed is None:
                     seed = cfg.run.seed
+                for i, ev in enumerate(self.evaluate):
+                    _check_evaluation(ev, cfg, f"{self.path}: evaluate[{i}]", name)
                 runs.append(RunSpec(name, seed, self.config, full, str(root / name / f"seed{seed}"),
-                                    cfg.train.max_steps))
+                                    cfg.train.max_steps, self.evaluate))
         seen: dict[str, str] = {}
         for r in runs:
             if r.run_dir in seen:
@@ -158,7 +199,25 @@ class Sweep:
         """What `sweep.json` records for `ernie5 compare`."""
         return {"name": self.name, "sweep_file": self.path, "config": self.config,
                 "variants": list(self.variants),
-                "ladder": None if self.ladder is None else {"next": self.ladder.next}}
+                "ladder": None if self.ladder is None else {"next": self.ladder.next},
+                "evaluate": [{"mode": ev.mode, "batches": ev.batches} for ev in self.evaluate]}
+
+
+def _check_evaluation(ev: Evaluation, cfg: RunConfig, where: str, variant: str) -> None:
+    """What `ernie5 eval --mode elastic` needs from a run's config, checked before anything runs: the sub-model
+    grid (the elastic space of `elastic:` for this model, also for a variant that trains with elastic.enabled
+    false) with more than the full model, and prepared text data to take held-out batches from."""
+    if ev.mode == "elastic":
+        if cfg.data.synthetic:
+            raise UserError(where, f"variant {variant}: elastic evaluation reads the held-out split of prepared "
+                                   "data; data.synthetic is true")
+        try:
+            grid = ElasticSpace(cfg.elastic, cfg.model, cfg.parallel.expert).grid()
+        except UserError as e:
+            raise UserError(where, f"variant {variant}: no sub-model grid: {e.where}: {e.reason}") from None
+        if len(grid) < 2:
+            raise UserError(where, f"variant {variant}: the sub-model grid is the full model only (set p_full < 1 "
+                                   "in elastic.depth, elastic.width or elastic.sparsity)")
 
 
 # ---- reading the file -------------------------------------------------------------------------------------
@@ -236,6 +295,28 @@ def _variants(raw: Any, path: str) -> dict[str, list[str]]:
             for name, ov in raw.items()}
 
 
+def _evaluations(raw: Any, path: str) -> tuple[Evaluation, ...]:
+    """[{mode: elastic, batches: 64}, ...] -> Evaluations (each mode at most once: they share an output dir)."""
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(path, f"expected a non-empty list like [{{mode: elastic, batches: 64}}], got {raw!r}")
+    out: list[Evaluation] = []
+    for i, item in enumerate(raw):
+        at = f"{path}[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(at, f"expected a mapping {{mode: ..., batches: ...}}, got {item!r}")
+        _check_keys(item, EVAL_KEYS, at)
+        mode = item.get("mode")
+        if mode not in EVAL_MODES:
+            raise ConfigError(join(at, "mode"), f"{mode!r} is not an evaluation mode (known: {', '.join(EVAL_MODES)})")
+        batches = item.get("batches", Evaluation.batches)
+        if not isinstance(batches, int) or isinstance(batches, bool) or batches < 1:
+            raise ConfigError(join(at, "batches"), f"{batches!r} must be an integer >= 1")
+        if any(ev.mode == mode for ev in out):
+            raise ConfigError(at, f"mode {mode} is listed twice (each mode runs once per run)")
+        out.append(Evaluation(mode, batches))
+    return tuple(out)
+
+
 def load_sweep(path: str) -> Sweep:
     """Parse and check a sweep file (not the variants' configs: `Sweep.expand` does that). Problems raise
     UserError naming the file and the key."""
@@ -285,5 +366,7 @@ def _parse(path: str, raw: dict) -> Sweep:
         if len(variants) < 3:
             raise ConfigError("variants", f"a ladder needs at least 3 sizes to fit with an interval, got "
                                           f"{len(variants)}")
+    evaluate = _evaluations(raw["evaluate"], "evaluate") if raw.get("evaluate") is not None else ()
     return Sweep(path=str(path), name=name, config=str(cfg_path), out=out, seeds=seeds, budget=budget,
-                 overrides=_overrides(raw.get("overrides"), "overrides"), variants=variants, ladder=ladder)
+                 overrides=_overrides(raw.get("overrides"), "overrides"), variants=variants, ladder=ladder,
+                 evaluate=evaluate)

@@ -43,3 +43,16 @@ def fabricate_run(run_dir: Path, variant: str, seed: int, records: list[dict], e
     (run_dir / "sweep_run.json").write_text(json.dumps({"variant": variant, "seed": seed, "status": "done",
                                                         "wall_s": 1.0}))
     return run_dir
+
+
+def write_elastic_eval(run_dir: Path, losses: dict, active: dict, batches: int = 64, max_steps: int = 3) -> Path:
+    """The final checkpoint's elastic_eval.json as `ernie5 eval --mode elastic` writes it (the fields the report
+    reads): one row per sub-model, in the order of `losses`."""
+    out = Path(run_dir) / "eval" / f"step_{max_steps:08d}"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [{"submodel": name, "kind": "full" if name == "full" else "cut", "loss": loss,
+             "active_params": active[name], "total_params": max(active.values()) * 2} for name, loss in losses.items()]
+    path = out / "elastic_eval.json"
+    path.write_text(json.dumps({"checkpoint": str(Path(run_dir) / "checkpoints" / f"step_{max_steps:08d}"),
+                                "batches": batches, "rows": rows}, indent=1))
+    return path

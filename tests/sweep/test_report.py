@@ -13,7 +13,7 @@ from ernie5.sweep.collect import final_heldout, final_train, read_run
 from ernie5.sweep.report import compare
 from ernie5.sweep.stats import mean_std, welch
 from tests.conftest import run_cli
-from tests.sweep.helpers import fabricate_run
+from tests.sweep.helpers import fabricate_run, write_elastic_eval
 
 
 def records(losses, val, tps=(100.0, 300.0, 200.0, 250.0)):
@@ -158,3 +158,61 @@ def test_paired_against_hand_computation(tmp_path, runs):
     assert paired({1: 1.0}, {2: 1.0}).na == "no common seed" and paired({1: 1.0}, {1: 2.0}).na == "1 common seed"
     text = compare(runs, tmp_path / "cmp").read_text()
     assert f"| alt | held-out loss | {welch([2.0, 2.2], [1.8, 1.9, 2.0]).text()} | {w.text()} |" in text
+
+
+# held-out loss per sub-model: variant -> seed -> [full, depth=2, top_k=1] (the grid's order, not alphabetical)
+ELASTIC = {"non_elastic": {1234: [5.00, 5.60, 5.30], 4321: [5.20, 5.90, 5.40]},
+           "elastic": {1234: [5.10, 5.20, 5.25], 4321: [5.20, 5.40, 5.47]}}
+SUBS = ["full", "depth=2", "top_k=1"]
+ACTIVE = {"full": 30000, "depth=2": 24000, "top_k=1": 27000}
+
+
+def test_elastic_submodels_table(tmp_path):
+    """2 variants x 2 seeds x 3 sub-models: every cell against a hand computation."""
+    dirs = []
+    for variant, seeds in ELASTIC.items():
+        for seed, losses in seeds.items():
+            d = fabricate_run(tmp_path / variant / f"seed{seed}", variant, seed, records([5.0, 4.0, 3.0, 2.0], 2.0))
+            write_elastic_eval(d, dict(zip(SUBS, losses)), ACTIVE, batches=64)
+            dirs.append(str(d))
+    text = compare(dirs, tmp_path / "cmp").read_text()
+    assert "## Elastic sub-models" in text and "same 64 held-out micro-batches" in text
+    section = text.split("## Elastic sub-models")[1].split("\n## ")[0]
+    table = [ln for ln in section.splitlines() if ln.startswith("|")]
+    assert table[0] == ("| sub-model | active params | non_elastic | elastic | Δ elastic vs non_elastic (Welch) "
+                        "[95% CI] p | Δ elastic (paired by seed) [95% CI] p |")
+    assert [ln.split(" | ")[0] for ln in table[2:]] == ["| `full`", "| `depth=2`", "| `top_k=1`"]
+
+    def welch_text(a, b):  # by hand: d = mean b - mean a, se^2 = s_a^2/2 + s_b^2/2, Welch-Satterthwaite df
+        va, vb = stats.tvar(a) / 2, stats.tvar(b) / 2
+        d, se = sum(b) / 2 - sum(a) / 2, math.sqrt(va + vb)
+        df = (va + vb) ** 2 / (va ** 2 + vb ** 2)
+        q, p = stats.t.ppf(0.975, df), 2 * stats.t.sf(abs(d) / se, df)
+        return f"{d:+.4f} [{d - q * se:+.4f}, {d + q * se:+.4f}] p={p:.3f}"
+
+    # full: non_elastic 5.10 ± sqrt(0.02), elastic 5.15 ± sqrt(0.005); per-seed differences +0.10, 0.00:
+    # mean +0.05, sd sqrt(0.005), se 0.05, t = 1 with 1 df: p = 0.5, interval 0.05 ± 12.7062 x 0.05
+    assert table[2] == (f"| `full` | 30,000 | 5.1000 ± 0.1414 | 5.1500 ± 0.0707 | "
+                        f"{welch_text([5.0, 5.2], [5.1, 5.2])} | +0.0500 [-0.5853, +0.6853] p=0.500 |")
+    # depth=2: 5.75 ± sqrt(0.045), 5.30 ± sqrt(0.02); differences -0.40, -0.50: mean -0.45, se 0.05, t = -9
+    p9 = 2 * stats.t.sf(9, 1)
+    assert table[3] == (f"| `depth=2` | 24,000 | 5.7500 ± 0.2121 | 5.3000 ± 0.1414 | "
+                        f"{welch_text([5.6, 5.9], [5.2, 5.4])} | -0.4500 [-1.0853, +0.1853] p={p9:.3f} |")
+    # top_k=1: 5.35 ± sqrt(0.005), 5.36 ± sqrt(0.0242); differences -0.05, +0.07: mean +0.01, sd sqrt(0.0072),
+    # se 0.06, t = 1/6
+    p6 = 2 * stats.t.sf(1 / 6, 1)
+    assert table[4] == (f"| `top_k=1` | 27,000 | 5.3500 ± 0.0707 | 5.3600 ± 0.1556 | "
+                        f"{welch_text([5.3, 5.4], [5.25, 5.47])} | +0.0100 [-0.7524, +0.7724] p={p6:.3f} |")
+    s = json.loads((tmp_path / "cmp" / "report.json").read_text())
+    assert s["elastic"]["submodels"] == SUBS
+    assert s["elastic"]["loss"]["elastic"]["depth=2"] == {"1234": 5.2, "4321": 5.4}
+    assert compare(dirs, tmp_path / "cmp2").read_text() == text  # deterministic
+
+
+def test_elastic_section_only_with_evaluations(tmp_path, runs):
+    assert "Elastic sub-models" not in compare(runs, tmp_path / "cmp").read_text()
+    write_elastic_eval(runs[0], {"full": 5.0, "depth=2": 5.5}, {"full": 10, "depth=2": 8})
+    text = compare(runs, tmp_path / "cmp").read_text()
+    section = text.split("## Elastic sub-models")[1].split("\n## ")[0]
+    assert "Without an elastic evaluation (left out here): base seed 2, alt seed 1, alt seed 2, alt seed 3." in section
+    assert "| `full` | 10 | 5.0000 |" in section  # the baseline's one seed; no variant to compare with

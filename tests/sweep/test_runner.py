@@ -3,6 +3,7 @@ are skipped, a crashed run does not stop the others and resumes from its checkpo
 something else or with other arguments are refused, and --parallel pins each run to its share of the cores."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from ernie5.errors import UserError
 from ernie5.sweep.runner import MARKER, Runner, core_shares, reached_budget, read_marker, run_state
-from ernie5.sweep.spec import RunSpec
+from ernie5.sweep.spec import Evaluation, RunSpec
 
 FAKE = (sys.executable, str(Path(__file__).with_name("fake_train.py")))
 
@@ -130,3 +131,126 @@ def test_ctrl_c_stops_the_children_and_marks_them_interrupted(tmp_path, monkeypa
     monkeypatch.setenv("FAKE_STEP_S", "0")
     out = Runner(runs, train_cmd=FAKE, log=lambda s: None).run()
     assert [o.status for o in out] == ["done", "done"] and starts(runs[0])[0] == 0 and starts(runs[0])[1] >= 2
+
+
+# ---- evaluations after training (stand-in evaluator: tests/sweep/fake_eval.py) ---------------------------
+FAKE_EVAL = (sys.executable, str(Path(__file__).with_name("fake_eval.py")))
+
+
+def evals(run: RunSpec) -> list[str]:
+    path = Path(run.run_dir) / "evals.txt"
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def with_eval(runs: list[RunSpec], batches: int = 7) -> list[RunSpec]:
+    return [RunSpec(r.variant, r.seed, r.config, r.overrides, r.run_dir, r.max_steps,
+                    (Evaluation("elastic", batches),)) for r in runs]
+
+
+def test_evaluation_runs_after_training(tmp_path):
+    runs = with_eval(specs(tmp_path))
+    lines = []
+    out = Runner(runs, train_cmd=FAKE, eval_cmd=FAKE_EVAL, log=lines.append).run()
+    assert [o.status for o in out] == ["done", "done"]
+    a = [ln for ln in lines if "a seed 1" in ln]
+    assert [ln.split()[1] for ln in a] == ["start", "trained", "evaluate", "evaluated", "done"]
+    for r in runs:
+        assert evals(r) == ["elastic 7"] and starts(r) == [0]
+        marker = read_marker(r.run_dir)
+        rec = marker["evaluations"]["elastic"]
+        assert marker["status"] == "done" and marker["trained"] is True
+        assert rec["status"] == "done" and rec["output"] == "eval/step_00000004/elastic_eval.json"
+        assert rec["args"] == [str(Path(r.run_dir) / "checkpoints" / "step_00000004"), "--mode", "elastic",
+                               "--batches", "7", "--out", str(Path(r.run_dir) / "eval" / "step_00000004")]
+        assert "== elastic attempt 1:" in (Path(r.run_dir) / "eval.log").read_text()
+        assert "elastic" not in (Path(r.run_dir) / "train.log").read_text()
+    again = Runner(runs, train_cmd=FAKE, eval_cmd=FAKE_EVAL, log=lambda s: None).run()
+    assert [o.status for o in again] == ["skipped", "skipped"] and evals(runs[0]) == ["elastic 7"]
+
+
+def test_trained_run_gets_only_its_missing_evaluation(tmp_path):
+    """A run trained without `evaluate:` (or whose evaluation is gone, stale or asked with other batches) gets
+    its evaluation on the next invocation, not another training."""
+    plain = specs(tmp_path, ("a",))
+    Runner(plain, train_cmd=FAKE, eval_cmd=FAKE_EVAL, log=lambda s: None).run()
+    run = with_eval(plain)[0]
+    assert run_state(plain[0]) == "done" and run_state(run) == "evaluate"
+    lines = []
+    assert Runner([run], train_cmd=FAKE, eval_cmd=FAKE_EVAL, log=lines.append).run()[0].status == "done"
+    assert not any(" start " in ln for ln in lines) and starts(run) == [0] and evals(run) == ["elastic 7"]
+    assert run_state(run) == "done"
+
+    output = Path(run.run_dir) / "eval" / "step_00000004" / "elastic_eval.json"
+    output.unlink()  # the output is gone
+    assert run_state(run) == "evaluate"
+    Runner([run], train_cmd=FAKE, eval_cmd=FAKE_EVAL, log=lambda s: None).run()
+    manifest = Path(run.run_dir) / "checkpoints" / "step_00000004" / "manifest.json"
+    t = output.stat().st_mtime_ns
+    os.utime(manifest, ns=(t + 1000, t + 1000))  # the checkpoint is newer than the evaluation
+    assert run_state(run) == "evaluate"
+    Runner([run], train_cmd=FAKE, eval_cmd=FAKE_EVAL, log=lambda s: None).run()
+    assert run_state(run) == "done" and run_state(with_eval(plain, batches=9)[0]) == "evaluate"
+    Runner(with_eval(plain, batches=9), train_cmd=FAKE, eval_cmd=FAKE_EVAL, log=lambda s: None).run()
+    assert starts(run) == [0] and evals(run) == ["elastic 7"] * 3 + ["elastic 9"]
+
+
+def test_failed_evaluation_fails_the_run(tmp_path, monkeypatch):
+    runs = with_eval(specs(tmp_path))
+    # the first run was trained by a sweep from before evaluations: its marker says done, without `trained`
+    Runner(specs(tmp_path, ("a",)), train_cmd=FAKE, log=lambda s: None).run()
+    marker = read_marker(runs[0].run_dir)
+    del marker["trained"], marker["evaluations"]
+    (Path(runs[0].run_dir) / MARKER).write_text(json.dumps(marker))
+    assert run_state(runs[0]) == "evaluate"
+    monkeypatch.setenv("FAKE_EVAL_FAIL", "1")
+    out = Runner(runs, train_cmd=FAKE, eval_cmd=FAKE_EVAL, log=lambda s: None).run()
+    assert [o.status for o in out] == ["failed", "failed"]  # the first failure did not stop the second run
+    assert out[0].message.startswith("elastic evaluation exit 2: error: injected evaluation failure (see ")
+    marker = read_marker(runs[0].run_dir)
+    assert marker["status"] == "failed" and marker["trained"] is True
+    assert marker["evaluations"]["elastic"]["status"] == "failed" and run_state(runs[0]) == "evaluate"
+    monkeypatch.delenv("FAKE_EVAL_FAIL")
+    again = Runner(runs, train_cmd=FAKE, eval_cmd=FAKE_EVAL, log=lambda s: None).run()
+    assert [o.status for o in again] == ["done", "done"]
+    assert starts(runs[0]) == [0] and evals(runs[0]) == ["elastic 7", "elastic 7"]
+    assert read_marker(runs[0].run_dir)["evaluations"]["elastic"]["attempts"] == 2
+
+
+def test_training_again_evaluates_again(tmp_path):
+    """A lost final checkpoint means training resumes, and the new final checkpoint is evaluated anew."""
+    run = with_eval(specs(tmp_path, ("a",)))[0]
+    Runner([run], train_cmd=FAKE, eval_cmd=FAKE_EVAL, log=lambda s: None).run()
+    import shutil
+
+    shutil.rmtree(Path(run.run_dir) / "checkpoints" / "step_00000004")
+    assert run_state(run) == "resume"
+    assert Runner([run], train_cmd=FAKE, eval_cmd=FAKE_EVAL, log=lambda s: None).run()[0].status == "done"
+    assert starts(run) == [0, 3] and evals(run) == ["elastic 7", "elastic 7"]
+
+
+def test_ctrl_c_during_an_evaluation(tmp_path, monkeypatch):
+    """A Ctrl-C while a run is being evaluated stops the evaluator and marks the run interrupted; the next
+    invocation runs only the evaluation."""
+    import signal
+    import threading
+    import time
+
+    run = with_eval(specs(tmp_path, ("a",)))[0]
+    monkeypatch.setenv("FAKE_EVAL_S", "30")
+
+    def interrupt():
+        while not evals(run):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        Runner([run], train_cmd=FAKE, eval_cmd=FAKE_EVAL, log=lambda s: None).run()
+    assert time.perf_counter() - t0 < 20  # the evaluator was stopped, not waited for
+    marker = read_marker(run.run_dir)
+    assert marker["status"] == "interrupted" and marker["trained"] is True
+    assert marker["evaluations"]["elastic"]["status"] == "interrupted" and run_state(run) == "evaluate"
+    monkeypatch.setenv("FAKE_EVAL_S", "0")
+    assert Runner([run], train_cmd=FAKE, eval_cmd=FAKE_EVAL, log=lambda s: None).run()[0].status == "done"
+    assert starts(run) == [0] and len(evals(run)) == 2

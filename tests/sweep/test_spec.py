@@ -4,7 +4,7 @@ naming the sweep file, the variant and the key."""
 import pytest
 
 from ernie5.errors import UserError
-from ernie5.sweep.spec import format_value, load_sweep
+from ernie5.sweep.spec import Evaluation, format_value, load_sweep
 from tests.conftest import run_cli
 from tests.sweep.helpers import write_base, write_sweep
 
@@ -125,3 +125,83 @@ def test_repo_sweep_files_expand():
     for f in files:
         runs = load_sweep(str(f.relative_to(REPO))).expand([])
         assert len(runs) >= 2, f
+        if f.stem == "elastic":  # the README's elastic table comes from these evaluations
+            assert all(r.evaluate == (Evaluation("elastic", 64),) for r in runs)
+
+
+# ---- evaluate: --------------------------------------------------------------------------------------------
+PREPARED = ["data.synthetic=false"]  # the elastic evaluation reads a prepared held-out split (not read here)
+
+
+def test_evaluate_expands_into_every_run(tmp_path):
+    write_base(tmp_path, PREPARED + ["model.num_layers=3"])
+    s = load_sweep(str(write_sweep(tmp_path, """
+kind: sweep
+config: base.yaml
+seeds: [1, 2]
+evaluate:
+  - {mode: elastic, batches: 64}
+variants:
+  non_elastic: {elastic.enabled: false}
+  elastic: {elastic.enabled: true}
+""")))
+    assert s.evaluate == (Evaluation("elastic", 64),) and s.as_dict()["evaluate"] == [{"mode": "elastic",
+                                                                                      "batches": 64}]
+    runs = s.expand([], out=str(tmp_path / "out"))
+    assert all(r.evaluate == (Evaluation("elastic", 64),) for r in runs) and len(runs) == 4
+    r = runs[0]
+    assert r.eval_args(r.evaluate[0]) == [
+        f"{r.run_dir}/checkpoints/step_00000003", "--mode", "elastic", "--batches", "64",
+        "--out", f"{r.run_dir}/eval/step_00000003"]
+    default = load_sweep(str(write_sweep(tmp_path, "kind: sweep\nconfig: base.yaml\nevaluate: [{mode: elastic}]\n"
+                                                   "variants: {a: {}}\n", "d.yaml")))
+    assert default.evaluate == (Evaluation("elastic", 16),)  # ernie5 eval's default
+
+
+@pytest.mark.parametrize("evaluate, where, reason", [
+    ("{mode: elastic}", "evaluate", "expected a non-empty list"),
+    ("[]", "evaluate", "expected a non-empty list"),
+    ("[elastic]", "evaluate[0]", "expected a mapping"),
+    ("[{mode: elastc}]", "evaluate[0].mode", "'elastc' is not an evaluation mode (known: elastic)"),
+    ("[{batches: 4}]", "evaluate[0].mode", "None is not an evaluation mode"),
+    ("[{mode: elastic, batches: 0}]", "evaluate[0].batches", "0 must be an integer >= 1"),
+    ("[{mode: elastic, batches: many}]", "evaluate[0].batches", "'many' must be an integer >= 1"),
+    ("[{mode: elastic, batches: true}]", "evaluate[0].batches", "True must be an integer >= 1"),
+    ("[{mode: elastic, batch: 4}]", "evaluate[0].batch", "did you mean 'batches'"),
+    ("[{mode: elastic}, {mode: elastic, batches: 2}]", "evaluate[1]", "listed twice"),
+])
+def test_bad_evaluate_names_the_key(tmp_path, evaluate, where, reason):
+    write_base(tmp_path, PREPARED)
+    path = write_sweep(tmp_path, f"kind: sweep\nconfig: base.yaml\nevaluate: {evaluate}\nvariants: {{a: {{}}}}\n")
+    with pytest.raises(UserError) as e:
+        load_sweep(str(path))
+    assert e.value.where == f"{path}: {where}"
+    assert reason in e.value.reason
+
+
+@pytest.mark.parametrize("base, variant, reason", [
+    (PREPARED, "{data.synthetic: true}",
+     "variant v: elastic evaluation reads the held-out split of prepared data; data.synthetic is true"),
+    # the non-elastic baseline is not checked by training (elastic off) but its grid must still exist
+    (PREPARED, "{elastic.enabled: false, model.moe.top_k: 1}",
+     "variant v: no sub-model grid: elastic.sparsity.p_full: model.moe.top_k 1 leaves no smaller k; set 1.0"),
+    (PREPARED, "{elastic.depth.p_full: 1.0, elastic.width.p_full: 1.0, elastic.sparsity.p_full: 1.0}",
+     "variant v: the sub-model grid is the full model only"),
+])
+def test_evaluate_needs_a_grid_and_prepared_data(tmp_path, base, variant, reason):
+    write_base(tmp_path, base + ["model.num_layers=3"])
+    path = write_sweep(tmp_path, f"kind: sweep\nconfig: base.yaml\nevaluate: [{{mode: elastic}}]\n"
+                                 f"variants:\n  ok: {{}}\n  v: {variant}\n")
+    s = load_sweep(str(path))
+    with pytest.raises(UserError) as e:
+        s.expand([])
+    assert e.value.where == f"{path}: evaluate[0]" and reason in e.value.reason, e.value.reason
+
+
+def test_bad_evaluate_cli_is_one_line_exit_2(tmp_path):
+    write_base(tmp_path, PREPARED)
+    path = write_sweep(tmp_path, "kind: sweep\nconfig: base.yaml\nevaluate: [{mode: elastic, batches: 0}]\n"
+                                 "variants: {a: {}}\n")
+    r = run_cli("sweep", str(path), "--out", str(tmp_path / "out"), timeout=120)
+    assert r.returncode == 2 and not (tmp_path / "out").exists()
+    assert r.stderr.strip().splitlines() == [f"error: {path}: evaluate[0].batches: 0 must be an integer >= 1"]
