@@ -34,24 +34,24 @@ ernie5 data fetch --multimodal --out data/raw
 say "training the vision tokenizer, the RGB photo tokenizer and the audio codec in two lanes (runs/demo_tokenizers/)"
 LOGS=runs/demo_tokenizers
 mkdir -p "$LOGS"
-CORES=$(nproc)
+CORES=$(python -c "import os; print(len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1)")
 export LANE_THREADS=$(( CORES > 1 ? CORES / 2 : 1 ))
+trap 'trap - INT TERM; kill 0' INT TERM   # Ctrl-C stops both lanes too (background jobs ignore SIGINT)
 ( export OMP_NUM_THREADS=$LANE_THREADS
   ernie5 tokenizer train tokenizers/digits_vision_b4.yaml
   ernie5 data fetch --photos --out data/raw
   ernie5 tokenizer train tokenizers/photos_rgb.yaml ) > "$LOGS/vision.log" 2>&1 &
-LANE1=$!
 ( export OMP_NUM_THREADS=$LANE_THREADS
   ernie5 tokenizer train tokenizers/digits_audio.yaml ) > "$LOGS/audio.log" 2>&1 &
-LANE2=$!
-for lane in "$LANE1:vision" "$LANE2:audio"; do
-  if ! wait "${lane%%:*}"; then
-    tail -n 20 "$LOGS/${lane#*:}.log" >&2
-    echo "error: the ${lane#*:} tokenizer lane failed (log: $LOGS/${lane#*:}.log)" >&2
-    exit 1
+for _ in 1 2; do  # the first lane to fail stops the demo at once (and the other lane with it)
+  if ! wait -n; then
+    for name in vision audio; do tail -n 5 "$LOGS/$name.log" >&2; done
+    echo "error: a tokenizer lane failed (logs: $LOGS/vision.log, $LOGS/audio.log)" >&2
+    kill 0
   fi
 done
-grep -v '^step ' "$LOGS/vision.log" "$LOGS/audio.log" | sed "s|^$LOGS/||"   # the reports, without step lines
+trap - INT TERM
+{ grep -v '^step ' "$LOGS/vision.log" "$LOGS/audio.log" || true; } | sed "s|^$LOGS/||"   # the reports
 say "tokenising the digits world + text into unified shards"
 ernie5 data prepare configs/data/digits_world.yaml
 say "training the unified tiny model (configs/demo_unified.yaml)"

@@ -30,6 +30,7 @@ class SegmentTokenizer:
         self.bits, self.levels = self.vision.cfg.bits, self.audio.cfg.levels
         self.buckets = self._check_buckets(buckets)
         self.crop = crop
+        self._bucket_table = self.bucket_table()
 
     def __call__(self, raw: dict) -> Segment:
         """A raw segment: `{"kind", "role", "text"}`, `{"kind", "role", "path"}` (relative to the root) or
@@ -109,18 +110,16 @@ class SegmentTokenizer:
         in every worker). The record (`fit_to_bucket`'s: bucket, source size, crop box) adds the bucket's latent
         grid and scale schedule; prepared shards keep it per document (`{split}.samples.jsonl`)."""
         from ernie5.data.buckets import Bucket, assign_bucket, fit_to_bucket
-        from ernie5.modality.bitwise import scale_schedule
 
         H, W = px_THWC.shape[1:3]
         side = self.vision.cfg.image_size
         target = Bucket(side, side) if self.buckets is None else assign_bucket(H, W, self.buckets)
         seed = zlib.crc32(name.encode("utf-8"))
-        fitted = [fit_to_bucket(f, target, self.crop, seed) for f in px_THWC]
-        ds = self.vision.cfg.downsample
-        h, w = target.height >> ds, target.width >> ds
-        record = {**fitted[0][1], "frames": len(px_THWC), "latent": [h, w],
-                  "schedule": [list(g) for g in scale_schedule(self.vision.cfg.scales, h, w)]}
-        if (H, W) == (target.height, target.width):
+        same = (H, W) == (target.height, target.width)  # already the bucket's size: nothing to resize or crop
+        fitted = [fit_to_bucket(f, target, self.crop, seed) for f in (px_THWC[:1] if same else px_THWC)]
+        grid = self._bucket_table[target.name]
+        record = {**fitted[0][1], "frames": len(px_THWC), "latent": grid["latent"], "schedule": grid["schedule"]}
+        if same:
             return px_THWC, record
         return np.clip(np.stack([f for f, _ in fitted]), -1.0, 1.0), record
 

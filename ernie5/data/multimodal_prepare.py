@@ -498,7 +498,15 @@ class _UnitDocs:
         self.lengths, self.und_rows, self.val = table[:, 0], table[:, 1], table[:, 2].astype(bool)
         self.starts = np.cumsum(self.lengths) - self.lengths
         self.und_starts = np.cumsum(self.und_rows) - self.und_rows
-        self.samples = (udir / f"{index:06d}.samples.jsonl").read_bytes().splitlines()  # one JSON line a document
+        self.samples_path = udir / f"{index:06d}.samples.jsonl"  # one JSON line a document; memory keeps offsets
+        with open(self.samples_path, "rb") as f:
+            self.sample_starts = np.cumsum([0] + [len(line) for line in f])
+
+    def sample(self, j: int) -> dict:
+        """Document j's record (source, fitted media) from the unit's samples.jsonl."""
+        with open(self.samples_path, "rb") as f:
+            f.seek(int(self.sample_starts[j]))
+            return json.loads(f.readline())
 
     def open(self) -> dict:
         return {k: np.load(self.udir / f"{self.index:06d}.{k}.npy", mmap_mode="r") for k in UNIT_ARRAYS}
@@ -621,7 +629,7 @@ def _pack_split(seq_len: int, split: str, units: list[_UnitDocs], text_docs: lis
             e, row = int(order[p]), int(row_of[p])
             offset = 0 if row != last else offset
             u = int(src[e])
-            record = {"source": "text", "media": []} if u < 0 else json.loads(units[u].samples[int(local[e])])
+            record = {"source": "text", "media": []} if u < 0 else units[u].sample(int(local[e]))
             f.write(_jsonl({"row": row, "offset": offset, "length": int(lengths[e]), **record}))
             offset, last = offset + int(lengths[e]), row
     m0 = 0

@@ -140,8 +140,10 @@ class Trainer:
     def _mfu(self, achieved_gflops: float) -> float:
         """achieved / peak. A step faster than the peak means the peak was probed while a neighbour shared the
         cores: probe again (at most every 50 steps) and keep the highest rate seen, so the denominator recovers
-        once the host is quiet; the MFU is relative to the fastest GEMM rate measured during the run."""
-        if achieved_gflops > self.peak_gflops and self.step - self._peak_probed_at >= 50:
+        once the host is quiet; the MFU is relative to the fastest GEMM rate measured during the run. Only in
+        one process: ranks deciding apart would stall each other's collectives."""
+        if (achieved_gflops > self.peak_gflops and self.step - self._peak_probed_at >= 50
+                and not self.topo.distributed):
             self._peak_probed_at = self.step
             self._peak_gflops = max(self._peak_gflops, measure_gemm_gflops())
         return achieved_gflops / self.peak_gflops

@@ -132,9 +132,16 @@ def test_every_picture_records_its_bucket_crop_and_schedule(byo):
     meta = json.loads((shard / "meta.json").read_text())
     assert meta["crop"] == "center" and "train.samples.jsonl" in meta["files"]
     scale, pos = np.load(shard / "train.scale.npy"), np.load(shard / "train.pos.npy")
+    doc, modality = np.load(shard / "train.doc.npy"), np.load(shard / "train.modality.npy")
     records = [json.loads(x) for x in (shard / "train.samples.jsonl").read_text().splitlines()]
     assert len(records) == meta["splits"]["train"]["documents"]
-    assert [(r["row"], r["offset"]) for r in records] == sorted((r["row"], r["offset"]) for r in records)
+    for row in range(len(doc)):  # each row's records tile its real positions, one packed document each
+        mine = [r for r in records if r["row"] == row]
+        ends = np.cumsum([r["length"] for r in mine])
+        assert [r["offset"] for r in mine] == [0, *ends[:-1]] and ends[-1] == int((modality[row] >= 0).sum())
+        for r in mine:
+            ids = doc[row, r["offset"]:r["offset"] + r["length"]]
+            assert (ids == ids[0]).all() and (r["offset"] == 0 or doc[row, r["offset"] - 1] != ids[0])
     seen_targets = 0
     for r in records:
         key = int(r["source"].rsplit(":", 1)[1].split("#")[0])

@@ -233,11 +233,17 @@ def test_decoder_only_training_keeps_the_quantiser(speech):
         _tiny(train_encoder=False, teacher_weight=1.0)
 
 
-def test_training_report_has_init_and_trained_metrics(speech, tmp_path):
+def test_training_report_has_init_and_trained_metrics(speech, tmp_path, monkeypatch):
     import json
 
+    import ernie5.tools.audio_train as audio_train
     from ernie5.modality.media_io import TokenizerRecipe
     from ernie5.tools.audio_train import _train_audio
+
+    crops_from = []  # what each training step cropped from: one stream of whole clips, not the single clips
+    real_crop = audio_train._crop_batch
+    monkeypatch.setattr(audio_train, "_crop_batch", lambda clips, *a, **k: crops_from.append(clips) or
+                        real_crop(clips, *a, **k))
 
     clips = [speech[i % len(speech)] * (0.6 + 0.04 * i) for i in range(10)]  # clip 9 is held out
     width = max(len(c) for c in clips)
@@ -255,6 +261,8 @@ def test_training_report_has_init_and_trained_metrics(speech, tmp_path):
     assert any("before gradient training" in x and "log-mel" in x for x in lines)
     assert any("after gradient training" in x for x in lines)
     assert json.loads((tmp_path / "a.json").read_text())["report"]["init"] == report["init"]
+    longest = max(len(c) for c in clips[:9])
+    assert len(crops_from) == 2 and all(len(x) == 1 and len(x[0]) > longest for x in crops_from)
 
 
 def test_teacher_hook_distils_level_one(speech):
