@@ -51,19 +51,27 @@ class PatchMerger(nn.Layer):
         self.out_norm = RMSNorm(hidden, 1e-6)  # merged tokens enter the residual stream at a controlled scale
 
     def forward(self, feats_NKF: paddle.Tensor, valid_N: paddle.Tensor | None = None) -> paddle.Tensor:
+        """`valid_N` None: every slot is in use. Otherwise the tokens are merged in groups of equal slot counts,
+        each group over its own slots only (an image token over 2 x 4 vectors, not 2 x 16 of which 24 would be
+        masked): the same result as masking the unused slots, at a quarter of the cost for images."""
+        if valid_N is None:
+            return self._merge(feats_NKF)
+        counts = sorted(set(valid_N.numpy().tolist()))
+        if len(counts) == 1:
+            return self._merge(feats_NKF[:, :counts[0]])
+        groups = [paddle.nonzero(valid_N == k).flatten() for k in counts]
+        merged = paddle.concat([self._merge(paddle.gather(feats_NKF[:, :k], idx)) for k, idx in zip(counts, groups)])
+        return paddle.gather(merged, paddle.argsort(paddle.concat(groups)))  # back to the tokens' order
+
+    def _merge(self, feats_NKF: paddle.Tensor) -> paddle.Tensor:
+        """Every one of the K slots in use (K <= the merger's 16: the first K slot embeddings of each path)."""
+        K, P = feats_NKF.shape[1], self.slot.shape[0] // 2
         cnn = self.cnn_proj(feats_NKF[:, :, :self.cnn_dim])
         pix = self.pix_proj(feats_NKF[:, :, self.cnn_dim:])
-        x = paddle.concat([cnn, pix], axis=1) + self.slot  # [N, 2K, H]
-        if valid_N is None:
-            x = x + self.attn(self.norm(x))
-            return self.out_norm(self.out(x.mean(1)))
-        K = feats_NKF.shape[1]
-        used_NK = (paddle.arange(K, dtype="int64").unsqueeze(0) < valid_N.unsqueeze(1)).astype("float32")
-        used = paddle.concat([used_NK, used_NK], axis=1)  # [N, 2K]: the CNN and the pixel path alike
-        bias = ((used - 1.0) * 1e9).unsqueeze(1).unsqueeze(1)  # [N, 1, 1, 2K]: unused slots are never attended
-        x = x + self.attn(self.norm(x), attn_mask=bias)
-        pooled = (x * used.unsqueeze(-1)).sum(1) / used.sum(1, keepdim=True)
-        return self.out_norm(self.out(pooled))
+        slot = self.slot if K == P else paddle.concat([self.slot[:K], self.slot[P:P + K]])
+        x = paddle.concat([cnn, pix], axis=1) + slot  # [N, 2K, H]
+        x = x + self.attn(self.norm(x))
+        return self.out_norm(self.out(x.mean(1)))
 
 
 class ModalityIO(nn.Layer):

@@ -66,6 +66,25 @@ def test_merger_ignores_unused_slots():
     assert not np.allclose(full, a, atol=1e-3)
 
 
+def test_mixed_image_and_video_tokens_merge_in_groups_in_their_own_order():
+    """Image and video tokens interleaved: each token's merged vector equals merging it alone (its 4 or 16 slots),
+    in the tokens' order, and gradients reach every token's features."""
+    paddle.seed(0)
+    m = PatchMerger(cnn_dim=3, pix_dim=2, patches=16, hidden=8, heads=2, std=0.5)
+    m.eval()
+    feats = paddle.to_tensor(np.random.default_rng(2).normal(size=(5, 16, 5)).astype(np.float32))
+    feats.stop_gradient = False
+    counts = [4, 16, 4, 16, 4]
+    out = m(feats, paddle.to_tensor(counts, dtype="int64"))
+    for i, k in enumerate(counts):
+        alone = m(feats[i:i + 1], paddle.to_tensor([k], dtype="int64")).numpy()
+        np.testing.assert_allclose(out.numpy()[i:i + 1], alone, atol=1e-5)
+    out.sum().backward()
+    g = np.abs(feats.grad.numpy()).sum(-1)  # [5, 16]: image tokens get gradient on slots 0..3 only
+    for i, k in enumerate(counts):
+        assert (g[i, :k] > 0).all() and (g[i, k:] == 0).all(), (i, k)
+
+
 def test_what_follows_a_video_comes_after_its_last_chunk_in_time():
     for T, L in ((5, 4), (9, 4), (9, 8), (4, 8)):
         und = np.zeros((T, L, L, 3), np.float32)
