@@ -61,6 +61,11 @@ class RunResult:
     elastic: Optional[dict] = None  # {"batches": N, "rows": [...]} of the final checkpoint's elastic_eval.json
 
     @property
+    def finished(self) -> bool:
+        """metrics.jsonl reached the config's train.max_steps (the trainer always logs the last step)."""
+        return self.last_step >= self.max_steps
+
+    @property
     def compute(self) -> float:
         """Training FLOPs of the whole run (planner FLOPs per token x tokens trained)."""
         return self.flops_per_token * self.tokens

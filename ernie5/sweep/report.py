@@ -2,6 +2,10 @@
 
 The report is deterministic: the same run directories give the same report.md byte for byte (variants in the
 order given, seeds sorted, fixed number formats, no timestamps; the statistics involve no randomness).
+
+Only finished runs enter the statistics, the same way for a sweep dir and for plain run dirs: a sweep dir's runs
+whose marker does not say done are left out (a note names them), and a run whose metrics.jsonl has not reached its
+config's `train.max_steps` is left out too (a note, and the runs table lists it as unfinished).
 """
 
 from __future__ import annotations
@@ -30,19 +34,39 @@ class LadderOptions:
     next: Optional[list[str]] = None
 
 
+def _read_sweep_info(path: Path) -> tuple[str, list[str], Optional[list[str]], Optional[list[str]]]:
+    """(title, run dirs relative to the sweep dir, ladder `next` or None without a ladder, declared variants) from
+    a sweep's sweep.json; UserError naming the file when it is unreadable or not what `ernie5 sweep` writes."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        title = f"sweep `{info['name']}` ({info['sweep_file']})"
+        runs = info["runs"]
+        if not isinstance(runs, list) or not all(isinstance(r, str) for r in runs):
+            raise TypeError(f"`runs` is {runs!r}, expected a list of run dirs")
+        ladder = info.get("ladder")
+        nxt = None if ladder is None else [str(x) for x in (ladder.get("next") or [])]
+        variants = info.get("variants")
+        variants = None if variants is None else [str(v) for v in variants]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(str(path), f"unreadable ({type(e).__name__}: {e}); run `ernie5 sweep` again to rewrite "
+                                   "it") from None
+    return title, runs, nxt, variants
+
+
 # ---- which runs -------------------------------------------------------------------------------------------
-def resolve_targets(targets: list[str]) -> tuple[list[str], Optional[LadderOptions], list[str], str]:
-    """Run dirs (in order), ladder options, notes, and a title from RUN / SWEEP_DIR arguments. A sweep dir (with
-    sweep.json) stands for its finished runs in the sweep's order; its ladder settings apply."""
-    runs, notes, ladder, title = [], [], None, "runs"
+def resolve_targets(targets: list[str]) -> tuple[list[str], Optional[LadderOptions], list[str], str, list[str]]:
+    """Run dirs (in order), ladder options, notes, a title and the variants the sweeps declared from RUN /
+    SWEEP_DIR arguments. A sweep dir (with sweep.json) stands for its finished runs in the sweep's order; its ladder
+    settings apply."""
+    runs, notes, ladder, title, declared = [], [], None, "runs", []
     for t in targets:
         p = Path(t)
         if (p / SWEEP_FILE).is_file():
-            info = json.loads((p / SWEEP_FILE).read_text(encoding="utf-8"))
-            title = f"sweep `{info['name']}` ({info['sweep_file']})"
-            if info.get("ladder") is not None:
-                ladder = LadderOptions(next=info["ladder"].get("next") or None)
-            for rel in info["runs"]:
+            title, rels, nxt, variants = _read_sweep_info(p / SWEEP_FILE)
+            if nxt is not None:
+                ladder = LadderOptions(next=nxt or None)
+            declared += [v for v in variants or [] if v not in declared]
+            for rel in rels:
                 run_dir = str(p / rel)
                 marker = read_marker(run_dir)
                 if marker is not None and marker.get("status") == "done":
@@ -56,7 +80,7 @@ def resolve_targets(targets: list[str]) -> tuple[list[str], Optional[LadderOptio
             raise UserError(t, "neither a run directory (metrics.jsonl) nor a sweep directory (sweep.json)")
     if not runs:
         raise UserError(" ".join(targets), "no finished runs to compare")
-    return runs, ladder, notes, title
+    return runs, ladder, notes, title, declared
 
 
 # ---- formatting -------------------------------------------------------------------------------------------
@@ -233,7 +257,10 @@ def _elastic_section(groups: list[Group]) -> tuple[list[str], dict]:
     return lines + _table(head, rows), {"submodels": names, "loss": table}
 
 
-def _ladder_section(groups: list[Group], opts: LadderOptions, out: Path) -> tuple[list[str], dict]:
+def _ladder_section(groups: list[Group], opts: LadderOptions, out: Path,
+                    missing: list[str] = ()) -> tuple[list[str], dict]:
+    """The fit over the rungs with finished runs; the next-size prediction only when every rung (`missing`: the
+    rungs without a finished run) is there, since `next` builds on the last rung and the ratio on the last two."""
     key = "val_loss" if all(g.values("heldout", "val_loss") for g in groups) else "loss"
     section = "heldout" if key == "val_loss" else "train"
     names = [g.variant for g in groups]
@@ -248,7 +275,11 @@ def _ladder_section(groups: list[Group], opts: LadderOptions, out: Path) -> tupl
         return [f"A ladder fit needs at least 2 sizes with different compute, got {len(groups)}."], {}
     fit = fit_power_law(computes, losses)
     last = groups[-1].runs[-1]
-    if opts.next:
+    c_next = pred = interval = None
+    how = ""
+    if missing:  # no prediction (see the docstring)
+        pass
+    elif opts.next:
         fpt, tokens, total, active = size_with(last.run_dir, opts.next)
         c_next = fpt * tokens
         how = (f"`ladder.next` ({', '.join(opts.next)}) on top of `{last.variant}`: {_count(total)} total / "
@@ -256,7 +287,8 @@ def _ladder_section(groups: list[Group], opts: LadderOptions, out: Path) -> tupl
     else:
         c_next = next_compute_by_ratio(computes)
         how = "one more step of the ladder's last compute ratio (C_last² / C_previous)"
-    pred, interval = fit.predict(c_next), fit.predict_interval(c_next)
+    if c_next is not None:
+        pred, interval = fit.predict(c_next), fit.predict_interval(c_next)
     rows = [[g.variant, _count(g.runs[0].total_params), _count(g.runs[0].active_params),
              f"{g.runs[0].flops_per_token:.4g}", f"{g.runs[0].tokens:,}", f"{c:.4g}", _ms(g.values(section, key))]
             for g, c in zip(groups, computes)]
@@ -269,22 +301,26 @@ def _ladder_section(groups: list[Group], opts: LadderOptions, out: Path) -> tupl
                   f"{'s' if fit.n != 3 else ''} of freedom, SE {fit.se_b:.4f})")
     else:
         b_text = f"**b = {fit.b:.4f}** (2 points: an exact fit, no interval)"
-    pred_text = f"{pred:.4f}" + (f" (95% prediction interval [{interval[0]:.4f}, {interval[1]:.4f}])"
-                                 if interval else "")
-    lines += ["", f"Fit: L(C) = {fit.a:.4g} · C^(-b), {b_text}, R² = {fit.r2:.4f}.", "",
-              f"Next size up: {how}; C = {c_next:.4g} FLOPs -> predicted {_label(section, key)} {pred_text}.", "",
+    if missing:
+        next_text = (f"Next size up: no prediction: rung(s) {', '.join(f'`{v}`' for v in missing)} have no finished "
+                     "run (the prediction builds on the last rungs; finish them and compare again).")
+    else:
+        pred_text = f"{pred:.4f}" + (f" (95% prediction interval [{interval[0]:.4f}, {interval[1]:.4f}])"
+                                     if interval else "")
+        next_text = f"Next size up: {how}; C = {c_next:.4g} FLOPs -> predicted {_label(section, key)} {pred_text}."
+    lines += ["", f"Fit: L(C) = {fit.a:.4g} · C^(-b), {b_text}, R² = {fit.r2:.4f}.", "", next_text, "",
               "![ladder](ladder_fit.png)"]
-    plot_ladder(names, computes, losses, fit, (c_next, pred, interval), out / "ladder_fit.png")
+    plot_ladder(names, computes, losses, fit, None if missing else (c_next, pred, interval), out / "ladder_fit.png")
     summary = {"loss_key": key, "a": fit.a, "b": fit.b, "b_interval": [fit.b_lo, fit.b_hi], "r2": fit.r2,
                "compute": computes, "loss": losses, "next_compute": c_next, "next_loss": pred,
-               "next_interval": list(interval) if interval else None}
+               "next_interval": list(interval) if interval else None, "missing_rungs": list(missing)}
     return lines, summary
 
 
 def _runs_table(results: list[RunResult]) -> list[str]:
     rows = []
     for r in results:
-        steps = f"{r.last_step}" + ("" if r.last_step == r.max_steps else f" of {r.max_steps} (unfinished)")
+        steps = f"{r.last_step}" + ("" if r.finished else f" of {r.max_steps} (unfinished, left out)")
         val = r.heldout.get("val_loss")
         rows.append([r.variant, str(r.seed), f"`{r.run_dir}`", steps, f"{r.train.get('loss', math.nan):.4f}",
                      "-" if val is None else f"{val:.4f}",
@@ -296,14 +332,21 @@ def _runs_table(results: list[RunResult]) -> list[str]:
 # ---- the report -------------------------------------------------------------------------------------------
 def compare(targets: list[str], out, ladder: Optional[LadderOptions] = None, tail: int = TAIL) -> Path:
     """Write OUT/report.md, OUT/report.json and the PNGs for RUN / SWEEP_DIR `targets`; returns report.md."""
-    run_dirs, sweep_ladder, notes, title = resolve_targets(list(targets))
-    ladder = ladder or sweep_ladder
+    run_dirs, sweep_ladder, notes, title, declared = resolve_targets(list(targets))
+    if sweep_ladder is not None and (ladder is None or not ladder.next):
+        ladder = sweep_ladder  # `--ladder` alone: the sweep's own settings (its `ladder.next`)
     results = [read_run(d, tail) for d in run_dirs]
-    groups = group_runs(results)
+    for r in results:
+        if not r.finished:
+            notes.append(f"left out {r.run_dir}: not finished (step {r.last_step} of {r.max_steps})")
+    finished = [r for r in results if r.finished]
+    if not finished:
+        raise UserError(" ".join(targets), "no finished runs to compare")
+    groups = group_runs(finished)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Comparison of {title}", "",
-             f"{len(groups)} variant(s), {len(results)} run(s); the baseline is the first variant, "
+             f"{len(groups)} variant(s), {len(finished)} run(s); the baseline is the first variant, "
              f"`{groups[0].variant}`. Values are mean ± sample std over seeds.", ""]
     lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     lines += ["## Final losses", ""] + _main_table(groups) + [""]
@@ -324,7 +367,9 @@ def compare(targets: list[str], out, ladder: Optional[LadderOptions] = None, tai
         lines += ["## Elastic sub-models", ""] + elastic + [""]
         summary["elastic"] = elastic_summary
     if ladder is not None:
-        ladder_lines, summary["ladder"] = _ladder_section(groups, ladder, out)
+        rungs = declared + [r.variant for r in results if r.variant not in declared]
+        have = {g.variant for g in groups}
+        ladder_lines, summary["ladder"] = _ladder_section(groups, ladder, out, [v for v in rungs if v not in have])
         lines += ["## Scaling ladder", ""] + ladder_lines + [""]
     lines += ["## Curves", ""]
     for key, name, what in (("loss", "loss_curves.png", "train loss"), ("val_loss", "heldout_curves.png",
@@ -343,7 +388,7 @@ def compare(targets: list[str], out, ladder: Optional[LadderOptions] = None, tai
                         "active_params": r.active_params, "compute": r.compute,
                         "elastic": None if r.elastic is None else {row["submodel"]: row["loss"]
                                                                    for row in r.elastic["rows"]}}
-                       for r in results]
+                       for r in finished]
     (out / "report.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")

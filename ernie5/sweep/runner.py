@@ -25,12 +25,18 @@ checkpoint needs new evaluations). A run is finished (`status: done`, skipped ne
 and every evaluation are; a failed evaluation marks the run failed, and the next `ernie5 sweep` runs only the
 evaluations that are not done, not the training.
 
+The paths in the stored arguments (the config file, `run.output_dir`, the evaluation's checkpoint and `--out`)
+are compared after resolving them, so the same sweep run again from another directory, or with an absolute instead
+of a relative path, is recognised; a marker from before the sweep stored absolute paths is resolved against the
+current directory. One sweep at a time per output dir: `sweep_lock` holds an exclusive flock on OUT/.sweep.lock.
+
 `--parallel N` runs N at a time, each pinned (sched_setaffinity in the child before exec) to its own 1/N of the
 cores this process may use, with OMP_NUM_THREADS set to that share.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -38,14 +44,17 @@ import subprocess
 import sys
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, Optional
 
 from ernie5.errors import UserError
 from ernie5.sweep.spec import Evaluation, RunSpec
+from ernie5.train.checkpoint import MANIFEST, list_checkpoints, step_dir_name
 
 MARKER = "sweep_run.json"
+LOCK_FILE = ".sweep.lock"
 TRAIN_LOG = "train.log"
 EVAL_LOG = "eval.log"
 TRAIN_CMD = (sys.executable, "-m", "ernie5", "train")
@@ -83,6 +92,8 @@ def write_marker(run_dir, record: dict) -> None:
 
 def last_logged_step(run_dir) -> Optional[int]:
     """The step of the last complete line of metrics.jsonl (None: nothing logged)."""
+    # not analysis.routing.read_metrics: that refuses a corrupt line before the last, which here would stop the whole
+    # sweep (or a run's bookkeeping) over one run's log; a run whose log is damaged just does not look finished
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return None
@@ -96,13 +107,37 @@ def last_logged_step(run_dir) -> Optional[int]:
 
 
 def newest_checkpoint(run_dir) -> Optional[str]:
-    root = Path(run_dir) / "checkpoints"
-    names = sorted(p.name for p in root.glob("step_*") if (p / "manifest.json").is_file()) if root.is_dir() else []
-    return names[-1] if names else None
+    found = list_checkpoints(Path(run_dir) / "checkpoints")
+    return found[-1].name if found else None
 
 
 def final_manifest(run_dir, max_steps: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step_{max_steps:08d}" / "manifest.json"
+    return Path(run_dir) / "checkpoints" / step_dir_name(max_steps) / MANIFEST
+
+
+def _resolved(path: str) -> str:
+    return str(Path(path).resolve())
+
+
+def same_train_args(old, new: list[str]) -> bool:
+    """`ernie5 train` arguments equal once the config path and run.output_dir are resolved."""
+    return isinstance(old, list) and _norm_train(old) == _norm_train(new)
+
+
+def _norm_train(args: list) -> list:
+    out = [_resolved(a) if i == 0 and isinstance(a, str) else a for i, a in enumerate(args)]
+    for i, a in enumerate(out):
+        if isinstance(a, str) and a.startswith("run.output_dir="):
+            out[i] = "run.output_dir=" + _resolved(a.partition("=")[2])
+    return out
+
+
+def same_eval_args(old, new: list[str]) -> bool:
+    """`ernie5 eval` arguments equal once the checkpoint path and the `--out` dir are resolved."""
+    def norm(args: list) -> list:
+        return [_resolved(a) if isinstance(a, str) and (i == 0 or args[i - 1] == "--out") else a
+                for i, a in enumerate(args)]
+    return isinstance(old, list) and norm(old) == norm(new)
 
 
 def reached_budget(run_dir, max_steps: int) -> bool:
@@ -119,7 +154,7 @@ def is_trained(spec: RunSpec, marker: dict) -> bool:
 def evaluation_done(spec: RunSpec, ev: Evaluation, marker: dict) -> bool:
     """The marker records `ev` done with today's arguments and its output is not older than the final checkpoint."""
     rec = (marker.get("evaluations") or {}).get(ev.mode) or {}
-    if rec.get("status") != "done" or rec.get("args") != spec.eval_args(ev):
+    if rec.get("status") != "done" or not same_eval_args(rec.get("args"), spec.eval_args(ev)):
         return False
     out, manifest = ev.output(spec.run_dir, spec.max_steps), final_manifest(spec.run_dir, spec.max_steps)
     return out.is_file() and manifest.is_file() and out.stat().st_mtime_ns >= manifest.stat().st_mtime_ns
@@ -139,8 +174,9 @@ def run_state(spec: RunSpec) -> str:
             raise UserError(str(run_dir), f"exists but has no {MARKER} (not made by ernie5 sweep); use another "
                                           "--out or move it away")
         return "new"
-    if marker.get("train_args") != spec.train_args():
-        old, new = marker.get("train_args") or [], spec.train_args()
+    if not same_train_args(marker.get("train_args"), spec.train_args()):
+        stored = marker.get("train_args")
+        old, new = _norm_train(stored if isinstance(stored, list) else []), _norm_train(spec.train_args())
         diff = "; ".join([f"now with {a}" for a in new if a not in old] + [f"not with {a}" for a in old
                                                                             if a not in new]) or "another order"
         raise UserError(str(run_dir), f"was run with other arguments ({diff}); use another --out, or remove the "
@@ -149,6 +185,30 @@ def run_state(spec: RunSpec) -> str:
         done = marker.get("status") == "done" and not pending_evaluations(spec, marker)
         return "done" if done else "evaluate"
     return "resume" if newest_checkpoint(run_dir) else "new"
+
+
+@contextmanager
+def sweep_lock(out_dir):
+    """Hold an exclusive lock on OUT/.sweep.lock (made with OUT) for the block: a second sweep on the same output
+    dir would train into the same run dirs, so it is refused (UserError) instead of waiting. The kernel drops the
+    lock when this process ends, however it ends; children do not inherit it (Popen closes other fds)."""
+    out_dir = Path(out_dir)
+    path = out_dir / LOCK_FILE
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a", encoding="utf-8")
+    except OSError as e:
+        raise UserError(str(path), f"cannot create the sweep's lock file ({e.strerror or e})") from None
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise UserError(str(out_dir), f"another ernie5 sweep is running on this output dir (it holds {path}); wait "
+                                      "for it to end or use another --out") from None
+    try:
+        yield path
+    finally:
+        fh.close()  # releases the lock
 
 
 # ---- running ----------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ A sweep file (`kind: sweep`, read like any config: `base:` includes work) names 
       - {mode: elastic, batches: 64}              # `ernie5 eval CKPT --mode elastic --batches 64`
 
 Each run's overrides are applied to the base config in this order: `overrides`, the variant's, `run.seed`,
-the budget's `train.max_steps`, the command line's, and `run.output_dir` (OUT/VARIANT/seedSEED). So a command
+the budget's `train.max_steps`, the command line's, and `run.output_dir` (OUT/VARIANT/seedSEED; OUT and the config
+file as absolute paths, so the arguments do not depend on the directory the sweep runs from). So a command
 line `train.max_steps=20` beats the budget; `run.seed` and `run.output_dir` belong to the sweep and may not be
 overridden.
 
@@ -40,6 +41,7 @@ import difflib
 import itertools
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +54,7 @@ from ernie5.config.yaml_io import load_yaml
 from ernie5.elastic.space import ElasticSpace
 from ernie5.errors import ConfigError, UserError
 from ernie5.runconfig import RunConfig, load_config
+from ernie5.train.checkpoint import step_dir_name
 
 TOP_KEYS = ("kind", "name", "config", "out", "seeds", "budget", "overrides", "variants", "grid", "ladder",
             "evaluate")
@@ -99,7 +102,7 @@ class Evaluation:
 
     def output_dir(self, run_dir, max_steps: int) -> Path:
         """Where it writes: RUN/eval/step_<max_steps> (`ernie5 eval`'s own default for a run's checkpoint)."""
-        return Path(run_dir) / "eval" / f"step_{max_steps:08d}"
+        return Path(run_dir) / "eval" / step_dir_name(max_steps)
 
     def output(self, run_dir, max_steps: int) -> Path:
         """The file whose presence says the evaluation wrote its result."""
@@ -107,7 +110,7 @@ class Evaluation:
 
     def args(self, run_dir, max_steps: int) -> list[str]:
         """Arguments after `ernie5 eval`: the final checkpoint, the mode, its options and the output dir."""
-        ckpt = Path(run_dir) / "checkpoints" / f"step_{max_steps:08d}"
+        ckpt = Path(run_dir) / "checkpoints" / step_dir_name(max_steps)
         return [str(ckpt), "--mode", self.mode, "--batches", str(self.batches),
                 "--out", str(self.output_dir(run_dir, max_steps))]
 
@@ -166,7 +169,10 @@ class Sweep:
             key = item.partition("=")[0]
             if key in OWNED_KEYS:
                 raise UserError(f"{self.path}: {key}", "is set per run by the sweep (use `seeds:` or --out)")
-        root = Path(out or self.out)
+        # absolute paths in every run's arguments (and so in its marker): the same sweep run again from another
+        # directory, or with --out given another way, has the same arguments
+        root = Path(os.path.abspath(out or self.out))
+        config = os.path.abspath(self.config)
         runs = []
         for name, variant_overrides in self.variants.items():
             for seed in self.seeds:
@@ -180,7 +186,7 @@ class Sweep:
                     seed = cfg.run.seed
                 for i, ev in enumerate(self.evaluate):
                     _check_evaluation(ev, cfg, f"{self.path}: evaluate[{i}]", name)
-                runs.append(RunSpec(name, seed, self.config, full, str(root / name / f"seed{seed}"),
+                runs.append(RunSpec(name, seed, config, full, str(root / name / f"seed{seed}"),
                                     cfg.train.max_steps, self.evaluate))
         seen: dict[str, str] = {}
         for r in runs:
@@ -252,12 +258,17 @@ def _overrides(raw: Any, path: str) -> list[str]:
         raise ConfigError(path, f"expected a mapping {{key.path: value}}, got {type(raw).__name__} {raw!r}")
     out = []
     for key, value in raw.items():
-        if not isinstance(key, str) or not key or "=" in key:
-            raise ConfigError(path, f"bad key {key!r} (expected a dotted config path)")
-        if key in OWNED_KEYS:
-            raise ConfigError(join(path, key), "is set per run by the sweep (use `seeds:` or `out:`)")
-        out.append(f"{key}={format_value(value)}")
+        out.append(f"{_check_override_key(key, path)}={format_value(value)}")
     return out
+
+
+def _check_override_key(key: Any, path: str) -> str:
+    """A key of `overrides:`, a variant, `ladder.next` or `grid:`: a dotted config path the sweep does not own."""
+    if not isinstance(key, str) or not key or "=" in key:
+        raise ConfigError(path, f"bad key {key!r} (expected a dotted config path)")
+    if key in OWNED_KEYS:
+        raise ConfigError(join(path, key), "is set per run by the sweep (use `seeds:` or `out:`)")
+    return key
 
 
 def _check_name(name: Any, path: str) -> str:
@@ -272,10 +283,9 @@ def _grid(raw: Any, path: str) -> dict[str, list[str]]:
         raise ConfigError(path, "expected a mapping {key.path: [values, ...]} with at least one key")
     keys = list(raw)
     for key in keys:
+        _check_override_key(key, path)
         if not isinstance(raw[key], list) or not raw[key]:
-            raise ConfigError(join(path, str(key)), f"expected a non-empty list of values, got {raw[key]!r}")
-        if key in OWNED_KEYS:
-            raise ConfigError(join(path, key), "is set per run by the sweep (use `seeds:` or `out:`)")
+            raise ConfigError(join(path, key), f"expected a non-empty list of values, got {raw[key]!r}")
     leaves = [k.rsplit(".", 1)[-1] for k in keys]
     labels = leaves if len(set(leaves)) == len(leaves) else keys  # full paths when two leaves clash
     variants: dict[str, list[str]] = {}

@@ -32,10 +32,13 @@ def write_sweep(dir_: Path, text: str, name: str = "s.yaml") -> Path:
 
 def fabricate_run(run_dir: Path, variant: str, seed: int, records: list[dict], extra: list[str] = (),
                   routing: list[dict] = ()) -> Path:
-    """A finished run dir as `ernie5 sweep` leaves it: resolved config.yaml, metrics.jsonl (the given records),
-    optional routing.jsonl, and the sweep's marker saying done."""
+    """A finished run dir as `ernie5 sweep` leaves it: resolved config.yaml (train.max_steps = the last logged step
+    unless `extra` sets it), metrics.jsonl (the given records), optional routing.jsonl, and the sweep's marker
+    saying done."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(None, TINY + list(extra) + [f"run.output_dir={run_dir}", f"run.seed={seed}"])
+    steps = [] if any(e.startswith("train.max_steps=") for e in extra) else \
+        [f"train.max_steps={max(r['step'] for r in records)}"]
+    cfg = load_config(None, TINY + steps + list(extra) + [f"run.output_dir={run_dir}", f"run.seed={seed}"])
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if routing:

@@ -17,7 +17,8 @@ from tests.sweep.helpers import fabricate_run, write_elastic_eval
 
 
 def records(losses, val, tps=(100.0, 300.0, 200.0, 250.0)):
-    """Steps 1..4; held-out evaluations at steps 2 (a decoy) and 4 (the final one), per source too."""
+    """Steps 1..4 (fabricate_run makes train.max_steps 4: finished runs); held-out evaluations at steps 2 (a decoy)
+    and 4 (the final one), per source too."""
     out = []
     for i, (loss, t) in enumerate(zip(losses, tps), 1):
         r = {"step": i, "loss": loss, "loss_text": loss / 2, "tokens_per_s": t}
@@ -98,6 +99,14 @@ def test_report_numbers(tmp_path, runs):
     assert [(r["variant"], r["seed"]) for r in summary["runs"]] == [("base", 1), ("base", 2), ("alt", 3), ("alt", 1),
                                                                   ("alt", 2)]  # the order given
     assert (tmp_path / "cmp" / "loss_curves.png").is_file() and (tmp_path / "cmp" / "heldout_curves.png").is_file()
+    # the runs table: every run finished its 4 steps; last train loss, final held-out loss, median tokens/s, wall s
+    table = [ln for ln in text.split("## Runs")[1].split("\n## ")[0].splitlines() if ln.startswith("|")]
+    assert table[0] == "| variant | seed | run dir | steps | train loss | held-out loss | tokens/s | wall s |"
+    rows = [("base", 1, runs[0], 3.0, 2.0), ("base", 2, runs[1], 3.2, 2.2), ("alt", 3, runs[2], 9.5 / 3, 2.0),
+            ("alt", 1, runs[3], 3.0, 1.8), ("alt", 2, runs[4], 3.0, 1.9)]
+    assert table[2:] == [f"| {v} | {seed} | `{d}` | 4 | {last:.4f} | {val:.4f} | 225 | 1 |"
+                         for v, seed, d, last, val in rows]
+    assert "unfinished" not in text
 
 
 def test_report_is_deterministic(tmp_path, runs):
@@ -119,6 +128,45 @@ def test_sweep_dir_leaves_out_unfinished_runs(tmp_path, runs):
     assert f"left out {unfinished}: not finished (failed)" in text and "| alt | 1, 2, 3 |" in text
 
 
+def test_plain_run_dirs_leave_out_unfinished_runs(tmp_path, runs):
+    """An unfinished run given as a plain run dir is left out of the statistics, as a sweep dir leaves it out: a
+    note says so and the runs table lists it as unfinished."""
+    unfinished = fabricate_run(tmp_path / "alt" / "seed9", "alt", 9, records([5.0, 0.0], 0.1),
+                               extra=["train.max_steps=4"])  # stopped after step 2 of 4
+    text = compare(runs + [str(unfinished)], tmp_path / "cmp").read_text()
+    assert compare(runs, tmp_path / "ref").read_text().split("## Final losses")[1].split("## Curves")[0] == \
+        text.split("## Final losses")[1].split("## Curves")[0]  # the same statistics as without it
+    assert f"- left out {unfinished}: not finished (step 2 of 4)" in text
+    assert f"| alt | 9 | `{unfinished}` | 2 of 4 (unfinished, left out) | 2.5000 | 99.0000 |" in text
+    assert "2 variant(s), 5 run(s)" in text
+    summary = json.loads((tmp_path / "cmp" / "report.json").read_text())
+    assert [r["seed"] for r in summary["runs"]] == [1, 2, 3, 1, 2]
+    with pytest.raises(UserError, match="no finished runs to compare"):
+        compare([str(unfinished)], tmp_path / "none")
+
+
+@pytest.mark.parametrize("body, reason", [
+    ('{"name": "t", "sweep_file": "t.yaml", "runs": ["a/seed1"', "JSONDecodeError"),  # truncated
+    ('{"name": "t", "runs": []}', "KeyError: 'sweep_file'"),
+    ('{"name": "t", "sweep_file": "t.yaml", "runs": "a/seed1"}', "TypeError"),
+    ('{"name": "t", "sweep_file": "t.yaml", "runs": [1, 2]}', "TypeError"),
+    ('["not", "a", "mapping"]', "TypeError"),
+    ('{"name": "t", "sweep_file": "t.yaml", "runs": [], "ladder": [1]}', "AttributeError"),
+])
+def test_bad_sweep_json_is_a_user_error(tmp_path, body, reason):
+    (tmp_path / "sweep.json").write_text(body)
+    with pytest.raises(UserError) as e:
+        compare([str(tmp_path)], tmp_path / "cmp")
+    assert e.value.where == str(tmp_path / "sweep.json") and e.value.reason.startswith(f"unreadable ({reason}")
+
+
+def test_bad_sweep_json_cli_is_one_line_exit_2(tmp_path):
+    (tmp_path / "sweep.json").write_text('{"name": "t", "sweep_')
+    r = run_cli("compare", str(tmp_path), "--out", str(tmp_path / "c"), timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"error: {tmp_path / 'sweep.json'}: unreadable (JSONDecodeError")
+
+
 def test_run_reads_planner_sizes(tmp_path, runs):
     r = read_run(runs[0])
     from ernie5.plan import count_parameters, flops_per_token
@@ -126,7 +174,7 @@ def test_run_reads_planner_sizes(tmp_path, runs):
 
     cfg = read_config(tmp_path / "base" / "seed1")
     assert r.total_params == count_parameters(cfg.model).total_params
-    assert r.compute == flops_per_token(cfg.model, 32) * 3 * 2 * 32  # 3 steps x 2 rows x 32 tokens
+    assert r.compute == flops_per_token(cfg.model, 32) * 4 * 2 * 32  # 4 steps x 2 rows x 32 tokens
 
 
 def test_compare_cli(tmp_path, runs):
@@ -173,7 +221,7 @@ def test_elastic_submodels_table(tmp_path):
     for variant, seeds in ELASTIC.items():
         for seed, losses in seeds.items():
             d = fabricate_run(tmp_path / variant / f"seed{seed}", variant, seed, records([5.0, 4.0, 3.0, 2.0], 2.0))
-            write_elastic_eval(d, dict(zip(SUBS, losses)), ACTIVE, batches=64)
+            write_elastic_eval(d, dict(zip(SUBS, losses)), ACTIVE, batches=64, max_steps=4)
             dirs.append(str(d))
     text = compare(dirs, tmp_path / "cmp").read_text()
     assert "## Elastic sub-models" in text and "same 64 held-out micro-batches" in text
@@ -211,7 +259,7 @@ def test_elastic_submodels_table(tmp_path):
 
 def test_elastic_section_only_with_evaluations(tmp_path, runs):
     assert "Elastic sub-models" not in compare(runs, tmp_path / "cmp").read_text()
-    write_elastic_eval(runs[0], {"full": 5.0, "depth=2": 5.5}, {"full": 10, "depth=2": 8})
+    write_elastic_eval(runs[0], {"full": 5.0, "depth=2": 5.5}, {"full": 10, "depth=2": 8}, max_steps=4)
     text = compare(runs, tmp_path / "cmp").read_text()
     section = text.split("## Elastic sub-models")[1].split("\n## ")[0]
     assert "Without an elastic evaluation (left out here): base seed 2, alt seed 1, alt seed 2, alt seed 3." in section

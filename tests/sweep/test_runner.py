@@ -78,6 +78,42 @@ def test_refuses_foreign_and_mismatched_run_dirs(tmp_path):
         run_state(longer)
 
 
+def test_same_sweep_from_another_cwd_or_absolute_paths_resumes(tmp_path, monkeypatch):
+    """The same sweep expanded from another directory, or with absolute instead of relative paths, has the same
+    run arguments (runs and their evaluations are recognised, not refused); a marker written with relative paths
+    (before the sweep stored absolute ones) still reads from the directory it was written in."""
+    from ernie5.sweep.spec import load_sweep
+    from tests.sweep.helpers import write_base, write_sweep
+
+    write_base(tmp_path)
+    write_sweep(tmp_path, "kind: sweep\nconfig: base.yaml\nvariants: {a: {}}\n")
+    (tmp_path / "sub").mkdir()
+
+    def expand(sweep_path: str, out: str) -> RunSpec:
+        r = load_sweep(sweep_path).expand([], out)[0]
+        return RunSpec(r.variant, r.seed, r.config, r.overrides, r.run_dir, r.max_steps,
+                       (Evaluation("elastic", 7),))  # fake_eval.py takes any batches
+
+    monkeypatch.chdir(tmp_path)
+    first = expand("s.yaml", "out")
+    assert Runner([first], train_cmd=FAKE, eval_cmd=FAKE_EVAL, log=lambda s: None).run()[0].status == "done"
+    assert run_state(expand(str(tmp_path / "s.yaml"), str(tmp_path / "out"))) == "done"
+    monkeypatch.chdir(tmp_path / "sub")
+    assert run_state(expand("../s.yaml", "../out")) == "done"
+    assert run_state(expand(str(tmp_path / "s.yaml"), "../out")) == "done"
+    with pytest.raises(UserError, match="other arguments.*now with .*other.yaml"):  # another file is still refused
+        run_state(RunSpec("a", first.seed, str(tmp_path / "other.yaml"), first.overrides, first.run_dir,
+                          first.max_steps))
+
+    # an old marker: relative paths, read from the directory it was written in
+    monkeypatch.chdir(tmp_path)
+    old = RunSpec("b", 1, "base.yaml", ["train.max_steps=4"], "old/b/seed1", 4, (Evaluation("elastic", 7),))
+    Runner([old], train_cmd=FAKE, eval_cmd=FAKE_EVAL, log=lambda s: None).run()
+    assert read_marker(old.run_dir)["train_args"][0] == "base.yaml"
+    assert run_state(RunSpec("b", 1, str(tmp_path / "base.yaml"), ["train.max_steps=4"],
+                             str(tmp_path / "old/b/seed1"), 4, (Evaluation("elastic", 7),))) == "done"
+
+
 def test_core_shares():
     assert core_shares(1) == [None]
     assert core_shares(2, [0, 1, 2, 3]) == [[0, 1], [2, 3]]
@@ -102,7 +138,7 @@ def test_parallel_runs_are_pinned(tmp_path):
                  cores=cores[:2]).run()
     assert [o.status for o in out] == ["done"] * 3
     seen = {(Path(r.run_dir) / "train.log").read_text().split("affinity ")[1].split(" omp")[0] for r in runs}
-    assert seen <= {f"[{cores[0]}]", f"[{cores[1]}]"}
+    assert seen == {f"[{cores[0]}]", f"[{cores[1]}]"}  # each slot its own core, both slots used
     assert all("omp 1" in (Path(r.run_dir) / "train.log").read_text() for r in runs)
 
 

@@ -74,6 +74,11 @@ def test_format_value_round_trips():
     ("kind: sweep\nconfig: base.yaml\nbudget: {step: 1}\nvariants: {a: {}}", "budget.step", "unknown key"),
     ("kind: sweep\nconfig: base.yaml\ngrid: {model.moe.top_k: 2}", "grid.model.moe.top_k", "non-empty list"),
     ("kind: sweep\nconfig: base.yaml\nladder: {}\nvariants: {a: {}, b: {}}", "variants", "at least 3"),
+    # grid keys get the same check as override keys: a string, not empty, no `=`
+    ("kind: sweep\nconfig: base.yaml\ngrid: {1: [1, 2]}", "grid", "bad key 1 (expected a dotted config path)"),
+    ("kind: sweep\nconfig: base.yaml\ngrid: {'': [1, 2]}", "grid", "bad key ''"),
+    ("kind: sweep\nconfig: base.yaml\ngrid: {'optim.lr=1': [1, 2]}", "grid", "bad key 'optim.lr=1'"),
+    ("kind: sweep\nconfig: base.yaml\ngrid: {run.seed: [1, 2]}", "grid.run.seed", "set per run"),
 ])
 def test_bad_sweep_file_names_the_key(tmp_path, body, where, reason):
     write_base(tmp_path)
