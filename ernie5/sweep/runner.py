@@ -275,7 +275,9 @@ class Runner:
                 pending.append((i, state))
         active: dict[int, _Child] = {}
         stop = False
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # a SIGTERM to the sweep stops it like Ctrl-C
+        # SIGTERM and SIGINT both stop the sweep as Ctrl-C does, also when it was started with SIGINT ignored
+        # (a background job inherits SIG_IGN, and Python then never raises KeyboardInterrupt)
+        previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             while pending or active:
                 for slot in range(len(self.slots)):
@@ -319,7 +321,8 @@ class Runner:
                         self._next(child.index, "evaluate", None)  # marks it done
             raise
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         for i, state in pending:  # not started: an earlier run was interrupted
             outcomes[i] = Outcome(self.runs[i], "interrupted", message="not started")
         return [outcomes[i] for i in range(n)]
