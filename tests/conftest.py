@@ -15,6 +15,19 @@ from ernie5.runconfig import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Modules whose tests start several ranks through `paddle.distributed.launch`. Under pytest-xdist
+# (`scripts/test.sh` runs `-n N --dist loadgroup`) they all go to one worker, one test at a time: the launcher's
+# ports are fixed per job, and two multi-rank jobs at once would also put 4-8 processes on the cores.
+RANKS_MODULES = ("tests/data/test_digits_world.py", "tests/parallel/test_distributed.py",
+                 "tests/parallel/test_pipeline_parallel.py", "tests/parallel/test_tensor_parallel.py",
+                 "tests/test_gpu_check.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.split("::")[0] in RANKS_MODULES:
+            item.add_marker(pytest.mark.xdist_group("ranks"))
+
 
 def tiny_overrides(tmp: Path, data_dir: Path, tok: Path) -> list[str]:
     """A ~0.3M-parameter MoE with MTP on the session shards: fast enough for many tests."""

@@ -10,7 +10,8 @@ A document (manifest line) or sample whose media is missing or corrupt is skippe
 meta.json's `skipped`); the rest is prepared. Every document ends with the text tokenizer's EOS. Optionally
 `text_corpus` files (one document per line) add `text_documents` text-only documents, cut to `text_doc_tokens`.
 
-Work units: the manifest is one unit, each tar shard is one. `workers` spawned processes (each loads the three
+Work units: the manifest is cut into units of `manifest_unit_lines` consecutive lines (0: the whole manifest is
+one unit), each tar shard is one unit. `workers` spawned processes (each loads the three
 tokenizers once) tokenise whole units and stream each document to the unit's files as soon as it is built, so
 memory holds one sample's raw media and one document at a time. Per unit, `WORK/units-<fp>/` gets
 `NNNNNN.{field}.npy` (the unit's documents concatenated: every field of `sequence.FIELDS` and `und_table`),
@@ -20,13 +21,14 @@ document: where it came from and how each picture / video was fitted) and, last,
 `work_dir`, by default `OUT_DIR.work`; `<fp>` is the start of the sha256 of the fingerprint (tokenizer file
 hashes, shard format, the settings that change a unit's documents), and `plan.json` holds the plan. A unit is
 done when its marker matches the fingerprint and its input signature (size and mtime of the tar shard; of the
-manifest and of every media file it names), so running the command again redoes only missing or changed units.
+manifest, its line range and every media file those lines name), so running the command again redoes only missing or changed units.
 `partition=(I, N)` prepares the units with index % N == I.
 
 Packing: once every unit is done (in whichever run finishes the last one), the documents of each split (units
 in order, then the text documents) are shuffled with a fixed seed, packed greedily into rows (`pack_documents`,
 PACK_ROWS rows per call, the unit arrays memory-mapped) and written to a fresh directory that replaces `out_dir`
-atomically. The result depends only on the inputs: byte-identical for any workers and partitions.
+atomically. The result depends only on the inputs: byte-identical for any workers and partitions, and but for
+meta.json's unit count for any `manifest_unit_lines` (documents keep their manifest order whatever the units).
 
 Shard: `DIR/{split}.{field}.npy` (fields of `sequence.FIELDS` + `doc`, each [rows, seq_len, ...]; plus
 `{split}.und_table.npy` [M, K, F]), `DIR/vis_history.npz` (the linear map from earlier scales' sign bits to the
@@ -65,7 +67,7 @@ from ernie5.data.webdataset_source import (WebDatasetConfig, held_out, resolve_s
 from ernie5.errors import UserError
 
 UNITS_FORMAT = "ernie5-multimodal-units"
-UNITS_VERSION = 3  # 2: the multimodal-3 row layout; 3: per-document samples.jsonl
+UNITS_VERSION = 4  # 2: the multimodal-3 row layout; 3: per-document samples.jsonl; 4: manifest line-range units
 PACK_ROWS = 256  # rows per pack_documents call while packing
 OPEN_UNITS = 64  # units whose files stay memory-mapped at once while packing (each holds ~14 maps)
 UNIT_ARRAYS = FIELDS + ("und_table",)
@@ -85,6 +87,7 @@ class MultimodalDataConfig:
     audio_tokenizer: str = "tokenizers/digits_audio.safetensors"
     seq_len: int = 512
     max_documents: int = 0  # manifest: read only its first N lines (0: all)
+    manifest_unit_lines: int = 1000  # manifest lines per work unit (what `--workers` spread); 0: one unit
     text_corpus: list[str] = field(default_factory=list)  # plain-text files mixed in as text-only documents
     text_documents: int = 0  # how many of them (0: none)
     text_doc_tokens: int = 256  # each cut to at most this many tokens
@@ -95,6 +98,7 @@ class MultimodalDataConfig:
                 "name exactly one input: `manifest` (a JSONL manifest) or `webdataset` (tar shards)")
         require(self.seq_len >= 8, join(path, "seq_len"), "must be >= 8")
         require(self.max_documents >= 0, join(path, "max_documents"), "must be >= 0")
+        require(self.manifest_unit_lines >= 0, join(path, "manifest_unit_lines"), "must be >= 0 (0: one unit)")
         require(self.text_documents >= 0, join(path, "text_documents"), "must be >= 0")
         require(not self.text_documents or 8 <= self.text_doc_tokens < self.seq_len, join(path, "text_doc_tokens"),
                 f"{self.text_doc_tokens} must be in [8, seq_len)")
@@ -184,7 +188,7 @@ def _crop(cfg: MultimodalDataConfig) -> str:
 
 def _plan(cfg: MultimodalDataConfig) -> dict:
     if cfg.manifest:
-        units = [{"kind": "manifest", "path": cfg.manifest}]
+        units = _manifest_units(cfg)
     else:
         units = [{"kind": "tar", "path": p} for p in resolve_shards(cfg.webdataset, "webdataset")]
     w = cfg.webdataset
@@ -201,6 +205,29 @@ def _plan(cfg: MultimodalDataConfig) -> dict:
     }
     return {"format": UNITS_FORMAT, "version": UNITS_VERSION, "fingerprint": fingerprint,
             "fingerprint_sha256": fingerprint_sha256(fingerprint), "units": units}
+
+
+def _manifest_units(cfg: MultimodalDataConfig) -> list[dict]:
+    """The manifest's work units: `lines` [first, last] (1-based, inclusive) of consecutive line ranges of
+    `manifest_unit_lines` lines (at least one unit, so an empty manifest still packs)."""
+    with open(cfg.manifest, encoding="utf-8", errors="replace") as f:  # lines as `_manifest_lines` reads them
+        n = sum(1 for _ in f)
+    if cfg.max_documents:
+        n = min(n, cfg.max_documents)
+    step = cfg.manifest_unit_lines or max(n, 1)
+    return [{"kind": "manifest", "path": cfg.manifest, "lines": [a + 1, min(a + step, n)]}
+            for a in range(0, max(n, 1), step)]
+
+
+def _manifest_lines(unit: dict, errors: str = "strict") -> Iterator[tuple[int, str]]:
+    """(line number, line) of a manifest unit's range (`errors`: how undecodable UTF-8 is read)."""
+    first, last = unit["lines"]
+    with open(unit["path"], encoding="utf-8", errors=errors) as f:
+        for lineno, line in enumerate(f, 1):
+            if lineno > last:
+                break
+            if lineno >= first:
+                yield lineno, line
 
 
 def _sha(path: str) -> Optional[str]:
@@ -250,8 +277,9 @@ def _stat(path: Path) -> list:
 
 
 def _signature(unit: dict, cfg: MultimodalDataConfig) -> dict:
-    """What a unit's documents depend on besides the plan: its file's size and mtime and, for the manifest, those
-    of every media file it names (a fixed or replaced image makes the unit be prepared again)."""
+    """What a unit's documents depend on besides the plan: its file's size and mtime and, for a manifest unit, its
+    line range and the size and mtime of every media file those lines name (a fixed or replaced image makes the
+    unit be prepared again)."""
     path = Path(unit["path"])
     sig = {"path": unit["path"], "stat": _stat(path)}
     if unit["kind"] == "manifest":
@@ -259,17 +287,15 @@ def _signature(unit: dict, cfg: MultimodalDataConfig) -> dict:
 
         h = hashlib.sha256()
         root = path.parent
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
-                if cfg.max_documents and lineno > cfg.max_documents:
-                    break
-                try:
-                    segments = json.loads(line)["segments"]
-                    names = [s["path"] for s in segments if isinstance(s, dict) and isinstance(s.get("path"), str)]
-                except (ValueError, KeyError, TypeError):
-                    continue
-                for name in names:
-                    h.update(json.dumps([name, _stat(root / name)]).encode())
+        for _, line in _manifest_lines(unit, errors="replace"):
+            try:
+                segments = json.loads(line)["segments"]
+                names = [s["path"] for s in segments if isinstance(s, dict) and isinstance(s.get("path"), str)]
+            except (ValueError, KeyError, TypeError):
+                continue
+            for name in names:
+                h.update(json.dumps([name, _stat(root / name)]).encode())
+        sig["lines"] = list(unit["lines"])
         sig["media_sha256"] = h.hexdigest()
     return sig
 
@@ -402,21 +428,18 @@ def _document(segs: list[Segment], tok: SegmentTokenizer) -> dict:
 def _manifest_unit(job: dict, tok: SegmentTokenizer, eos: Segment, writer: _UnitWriter, skipped: list) -> int:
     manifest = Path(job["unit"]["path"])
     records = 0
-    with open(manifest, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if job["max_documents"] and lineno > job["max_documents"]:
-                break
-            records += 1
-            try:
-                rec = json.loads(line)
-                segs = [tok(s) for s in rec["segments"]] + [eos]
-            except UserError as e:
-                skipped.append(f"{manifest}:{lineno}: {e.where}: {e.reason}")
-                continue
-            except (ValueError, KeyError, TypeError) as e:
-                skipped.append(f"{manifest}:{lineno}: malformed record ({type(e).__name__}: {e})")
-                continue
-            writer.add(_document(segs, tok), rec.get("split") == "val", f"{manifest}:{lineno}", segs)
+    for lineno, line in _manifest_lines(job["unit"]):
+        records += 1
+        try:
+            rec = json.loads(line)
+            segs = [tok(s) for s in rec["segments"]] + [eos]
+        except UserError as e:
+            skipped.append(f"{manifest}:{lineno}: {e.where}: {e.reason}")
+            continue
+        except (ValueError, KeyError, TypeError) as e:
+            skipped.append(f"{manifest}:{lineno}: malformed record ({type(e).__name__}: {e})")
+            continue
+        writer.add(_document(segs, tok), rec.get("split") == "val", f"{manifest}:{lineno}", segs)
     return records
 
 

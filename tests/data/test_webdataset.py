@@ -326,3 +326,65 @@ def test_config_errors_are_one_line(shards, tiny_tokenizers, tmp_path):
     assert e.value.where == "webdataset.paths[0]" and "matches no file" in e.value.reason
     r = run_cli("data", "prepare", str(cfg), "webdataset=null")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "exactly one input" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------- JSONL manifest units
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    """Seven manifest lines (captions, speech, one missing picture on line 4) over PNG / WAV files."""
+    root = tmp_path_factory.mktemp("manifest")
+    media = root / "media"
+    media.mkdir()
+    lines = []
+    for i in range(7):
+        if i % 3 == 2:
+            (media / f"a{i}.wav").write_bytes(_wav(i))
+            segs = [{"kind": "audio", "path": f"media/a{i}.wav", "role": "input"},
+                    {"kind": "text", "text": f"tone {i}", "role": "target"}]
+        else:
+            if i != 3:
+                (media / f"p{i}.png").write_bytes(_image(i))
+            segs = [{"kind": "image", "path": f"media/p{i}.png", "role": "input"},
+                    {"kind": "text", "text": f"square {i}", "role": "target"}]
+        lines.append(json.dumps({"id": str(i), "split": "val" if i == 5 else "train", "segments": segs}))
+    (root / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _manifest_config(root, tokenizers, name, unit_lines):
+    cfg = root / f"{name}.yaml"
+    tok = "".join(f"{k}: {v}\n" for k, v in tokenizers.items())
+    cfg.write_text(f"kind: multimodal\nmanifest: {root / 'samples.jsonl'}\nout_dir: {root / name}\n{tok}"
+                   f"seq_len: 512\nmanifest_unit_lines: {unit_lines}\n")
+    return cfg
+
+
+def test_manifest_line_units_give_the_shards_of_one_unit(manifest, tiny_tokenizers):
+    """A manifest cut into 3-line units (7 lines: units 1-3, 4-6, 7), prepared by one worker and by two, packs
+    the same rows as the whole manifest as one unit; the missing picture is named by its manifest line; a
+    changed media file redoes only the unit whose lines name it."""
+    from ernie5.data.multimodal_prepare import prepare_multimodal
+
+    whole = prepare_multimodal(str(_manifest_config(manifest, tiny_tokenizers, "whole", 0)), log=lambda line: None)
+    assert whole["units"] == 1 and whole["packed"]
+    lines = []
+    cut = prepare_multimodal(str(_manifest_config(manifest, tiny_tokenizers, "cut", 3)), log=lines.append)
+    assert (cut["units"], cut["units_done"]) == (3, 3) and cut["packed"]
+    units = [ln.split(":")[0] for ln in lines if ln.startswith("unit ")]
+    assert units == [f"unit {i}/3 {manifest / 'samples.jsonl'}" for i in (1, 2, 3)]
+    assert [ln for ln in lines if ln.startswith("skipped ")] == [
+        ln for ln in lines if ln.startswith(f"skipped {manifest / 'samples.jsonl'}:4: ")]
+    assert len([ln for ln in lines if ln.startswith("skipped ")]) == 1
+    two = prepare_multimodal(str(_manifest_config(manifest, tiny_tokenizers, "two", 3)), log=lambda line: None,
+                             workers=2)
+    assert two["units_done"] == 3
+    assert _files(manifest / "cut") == _files(manifest / "two")
+    whole_files, cut_files = _files(manifest / "whole"), _files(manifest / "cut")
+    metas = [json.loads(f.pop("meta.json")) for f in (whole_files, cut_files)]
+    assert whole_files == cut_files  # every shard file but meta.json, which records the unit count
+    assert (metas[0].pop("units"), metas[1].pop("units")) == (1, 3) and metas[0] == metas[1]
+    assert (whole["train_documents"], whole["val_documents"]) == (5, 1)  # line 4 skipped, line 6 held out
+    (manifest / "media" / "a5.wav").write_bytes(_wav(50))  # named on line 6: the second unit
+    again = prepare_multimodal(str(_manifest_config(manifest, tiny_tokenizers, "cut", 3)), log=lambda line: None)
+    assert (again["units_done"], again["units_skipped"]) == (1, 2)

@@ -3,13 +3,15 @@ are re-seeded; encode / decode shapes and bounded look-ahead; the mel filterbank
 paddle.audio; training improves held-out audio over the data init; decoder-only training; the training report;
 teacher hook."""
 
+import itertools
+
 import numpy as np
 import paddle
 import pytest
 
 from ernie5.modality.audio import (STFT, AudioTokenizer, AudioTokenizerConfig, RandomConvTeacher1d, hz_to_mel,
                                    mel_distance, mel_filterbank, mel_to_hz, multi_resolution_stft_loss, snr_db)
-from ernie5.modality.rvq import ResidualVQ
+from ernie5.modality.rvq import ResidualVQ, beam_search
 
 
 def _tiny(**kw) -> AudioTokenizerConfig:
@@ -80,6 +82,29 @@ def test_rvq_residual_decreases_with_each_level():
     assert err[4] <= err[1] + 1e-4
     fitted.eval()
     assert np.array_equal(fitted.encode(z, 1).numpy(), fitted(z)[1].numpy())  # greedy encode = forward codes
+
+
+def test_beam_search_wide_enough_is_exhaustive_and_narrow_is_greedy():
+    """A beam as wide as every code sequence (K^L) finds the best sum of codewords, checked against trying all
+    of them; a beam of 1 is greedy residual search, written here level by level."""
+    rng = np.random.default_rng(0)
+    cb_LKD = rng.normal(size=(3, 4, 2)).astype(np.float32)
+    z_ND = rng.normal(size=(64, 2)).astype(np.float32)
+    every = np.array(list(itertools.product(range(4), repeat=3)))  # [64 sequences, 3]
+    recon = sum(cb_LKD[l][every[:, l]] for l in range(3))
+    best_err = ((z_ND[:, None] - recon[None]) ** 2).sum(-1).min(1)
+    codes = beam_search(z_ND, cb_LKD, beam=64)
+    got_err = ((z_ND - sum(cb_LKD[l][codes[:, l]] for l in range(3))) ** 2).sum(-1)
+    np.testing.assert_allclose(got_err, best_err, atol=1e-5)  # float32 sums of O(1) numbers
+    r, greedy = z_ND.copy(), []
+    for l in range(3):
+        greedy.append(((r[:, None] - cb_LKD[l][None]) ** 2).sum(-1).argmin(1))
+        r = r - cb_LKD[l][greedy[-1]]
+    assert np.array_equal(beam_search(z_ND, cb_LKD, beam=1), np.stack(greedy, 1))
+    rvq = ResidualVQ(2, 3, 4)
+    rvq.codebooks.set_value(paddle.to_tensor(cb_LKD))
+    assert np.array_equal(rvq.encode(paddle.to_tensor(z_ND), 64).numpy(), codes)
+    assert tuple(rvq.encode(paddle.to_tensor(z_ND[:0]), 8).shape) == (0, 3)
 
 
 def test_dead_codes_are_reseeded_from_batch_vectors():
