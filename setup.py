@@ -17,7 +17,7 @@ setup(
         "viz": ["visualdl"],
         # torch pinned: 2.13.0 resolves to the local CPU build (an unpinned torch pulls GBs of CUDA wheels);
         # transformers 5.23 has Ernie4_5_MoeForCausalLM (tests/export check logits against it)
-        "test": ["pytest", "pytest-xdist", "snownlp", "scikit-learn", "espeakng-loader", "Pillow", "scikit-video", "av",
+        "test": ["pytest", "pytest-xdist>=3.6", "snownlp", "scikit-learn", "espeakng-loader", "Pillow", "scikit-video", "av",
                  "soundfile", "soxr", "webdataset", "scikit-image",
                  "torch==2.13.0", "transformers==5.23.0"],
     },

@@ -432,7 +432,7 @@ Tokenise into training shards. {_takes("data prepare")}
 Train the tokenizers first (`ernie5 tokenizer train`). A run config's text sources (`data.sources`, or
 `tokenizer.corpus`) are cut into work units (64 MiB byte ranges, compressed files, Parquet row groups) that
 --workers processes tokenise in parallel; a multimodal config's units are its manifest's line ranges
-(`manifest_unit_lines`, default 1000) or its tar shards. --partition I/N does only the units with index % N == I,
+(`manifest_unit_lines`, default 10000) or its tar shards. --partition I/N does only the units with index % N == I,
 so N machines sharing the filesystem split the job (the result is the same bytes for any workers and partitions).
 Running the same command again skips finished units (docs/data.md).
 """, ["ernie5 data prepare configs/tiny_text.yaml",

@@ -7,11 +7,13 @@ if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv"
   "$PY" -m venv .venv
 fi
-STAMP=.venv/.ernie5-installed
+# the caller's extras: demo.sh needs cpu,demo; test.sh adds test (pytest, and torch + transformers as references)
+EXTRAS="${ERNIE5_EXTRAS:-cpu,test,demo}"
+STAMP=".venv/.ernie5-installed-${EXTRAS//,/-}"
 if [ ! -f "$STAMP" ] || [ setup.py -nt "$STAMP" ]; then
-  echo "== installing ernie5 and its dependencies into .venv"
+  echo "== installing ernie5 and its dependencies ($EXTRAS) into .venv"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[cpu,test,demo]"
+  .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
   touch "$STAMP"
 fi
 export PATH="$ROOT/.venv/bin:$PATH"

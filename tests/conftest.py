@@ -25,7 +25,7 @@ RANKS_MODULES = ("tests/data/test_digits_world.py", "tests/parallel/test_distrib
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.nodeid.split("::")[0] in RANKS_MODULES:
+        if item.path.resolve().relative_to(REPO).as_posix() in RANKS_MODULES:
             item.add_marker(pytest.mark.xdist_group("ranks"))
 
 

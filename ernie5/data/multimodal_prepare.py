@@ -20,8 +20,8 @@ document: where it came from and how each picture / video was fitted) and, last,
 (the unit's input signature, document counts, skipped lines, sizes and sha256 of its files). WORK is
 `work_dir`, by default `OUT_DIR.work`; `<fp>` is the start of the sha256 of the fingerprint (tokenizer file
 hashes, shard format, the settings that change a unit's documents), and `plan.json` holds the plan. A unit is
-done when its marker matches the fingerprint and its input signature (size and mtime of the tar shard; of the
-manifest, its line range and every media file those lines name), so running the command again redoes only missing or changed units.
+done when its marker matches the fingerprint and its input signature (size and mtime of a tar shard; a manifest
+unit's line range, the hash of its lines and the size and mtime of every media file they name), so running the command again redoes only missing or changed units.
 `partition=(I, N)` prepares the units with index % N == I.
 
 Packing: once every unit is done (in whichever run finishes the last one), the documents of each split (units
@@ -87,7 +87,7 @@ class MultimodalDataConfig:
     audio_tokenizer: str = "tokenizers/digits_audio.safetensors"
     seq_len: int = 512
     max_documents: int = 0  # manifest: read only its first N lines (0: all)
-    manifest_unit_lines: int = 1000  # manifest lines per work unit (what `--workers` spread); 0: one unit
+    manifest_unit_lines: int = 10000  # manifest lines per work unit (what `--workers` spread); 0: one unit
     text_corpus: list[str] = field(default_factory=list)  # plain-text files mixed in as text-only documents
     text_documents: int = 0  # how many of them (0: none)
     text_doc_tokens: int = 256  # each cut to at most this many tokens
@@ -149,7 +149,7 @@ def prepare_multimodal(config_path: str, overrides=(), log: Callable[[str], None
             stats["units_skipped"] += 1
             continue
         jobs.append({"index": i, "unit": unit, "signature": signatures[i], "units_dir": str(udir),
-                     "fingerprint_sha256": plan["fingerprint_sha256"], "max_documents": cfg.max_documents,
+                     "fingerprint_sha256": plan["fingerprint_sha256"],
                      "webdataset": dataclasses.asdict(cfg.webdataset) if cfg.webdataset else None})
     for marker in _run(jobs, tok, cfg, workers):
         markers[marker["unit"]] = marker
@@ -208,26 +208,31 @@ def _plan(cfg: MultimodalDataConfig) -> dict:
 
 
 def _manifest_units(cfg: MultimodalDataConfig) -> list[dict]:
-    """The manifest's work units: `lines` [first, last] (1-based, inclusive) of consecutive line ranges of
-    `manifest_unit_lines` lines (at least one unit, so an empty manifest still packs)."""
-    with open(cfg.manifest, encoding="utf-8", errors="replace") as f:  # lines as `_manifest_lines` reads them
-        n = sum(1 for _ in f)
-    if cfg.max_documents:
-        n = min(n, cfg.max_documents)
-    step = cfg.manifest_unit_lines or max(n, 1)
-    return [{"kind": "manifest", "path": cfg.manifest, "lines": [a + 1, min(a + step, n)]}
-            for a in range(0, max(n, 1), step)]
-
-
-def _manifest_lines(unit: dict, errors: str = "strict") -> Iterator[tuple[int, str]]:
-    """(line number, line) of a manifest unit's range (`errors`: how undecodable UTF-8 is read)."""
-    first, last = unit["lines"]
-    with open(unit["path"], encoding="utf-8", errors=errors) as f:
-        for lineno, line in enumerate(f, 1):
-            if lineno > last:
+    """The manifest's work units, from one pass over it: runs of `manifest_unit_lines` lines, each with `lines`
+    [first, last] (1-based, inclusive) and the byte `offset` of its first line, so a unit seeks to its lines
+    instead of reading the file from the top. Lines end at b"\n". At least one unit, so an empty manifest still
+    packs."""
+    n, starts = 0, []
+    with open(cfg.manifest, "rb") as f:
+        while not cfg.max_documents or n < cfg.max_documents:
+            offset = f.tell()
+            if not f.readline():
                 break
-            if lineno >= first:
-                yield lineno, line
+            if n % (cfg.manifest_unit_lines or 1 << 62) == 0:
+                starts.append(offset)
+            n += 1
+    step = cfg.manifest_unit_lines or max(n, 1)
+    return [{"kind": "manifest", "path": cfg.manifest, "lines": [i * step + 1, min((i + 1) * step, n)],
+             "offset": off} for i, off in enumerate(starts or [0])]
+
+
+def _manifest_lines(unit: dict) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of a manifest unit's lines."""
+    first, last = unit["lines"]
+    with open(unit["path"], "rb") as f:
+        f.seek(unit["offset"])
+        for lineno in range(first, last + 1):
+            yield lineno, f.readline()
 
 
 def _sha(path: str) -> Optional[str]:
@@ -277,27 +282,26 @@ def _stat(path: Path) -> list:
 
 
 def _signature(unit: dict, cfg: MultimodalDataConfig) -> dict:
-    """What a unit's documents depend on besides the plan: its file's size and mtime and, for a manifest unit, its
-    line range and the size and mtime of every media file those lines name (a fixed or replaced image makes the
-    unit be prepared again)."""
-    path = Path(unit["path"])
-    sig = {"path": unit["path"], "stat": _stat(path)}
-    if unit["kind"] == "manifest":
-        import hashlib
+    """What a unit's documents depend on besides the plan. A tar shard: its size and mtime. A manifest unit: its
+    line range, the sha256 of its lines and the size and mtime of every media file they name (editing other
+    lines of the manifest, or appending to it, leaves the unit done; a fixed or replaced image redoes it)."""
+    import hashlib
 
-        h = hashlib.sha256()
-        root = path.parent
-        for _, line in _manifest_lines(unit, errors="replace"):
-            try:
-                segments = json.loads(line)["segments"]
-                names = [s["path"] for s in segments if isinstance(s, dict) and isinstance(s.get("path"), str)]
-            except (ValueError, KeyError, TypeError):
-                continue
-            for name in names:
-                h.update(json.dumps([name, _stat(root / name)]).encode())
-        sig["lines"] = list(unit["lines"])
-        sig["media_sha256"] = h.hexdigest()
-    return sig
+    if unit["kind"] != "manifest":
+        return {"path": unit["path"], "stat": _stat(Path(unit["path"]))}
+    lines_h, media_h = hashlib.sha256(), hashlib.sha256()
+    root = Path(unit["path"]).parent
+    for _, raw in _manifest_lines(unit):
+        lines_h.update(raw)
+        try:
+            segments = json.loads(raw)["segments"]
+            names = [s["path"] for s in segments if isinstance(s, dict) and isinstance(s.get("path"), str)]
+        except (ValueError, KeyError, TypeError):
+            continue
+        for name in names:
+            media_h.update(json.dumps([name, _stat(root / name)]).encode())
+    return {"path": unit["path"], "lines": list(unit["lines"]), "lines_sha256": lines_h.hexdigest(),
+            "media_sha256": media_h.hexdigest()}
 
 
 def _unit_done(udir: Path, plan: dict, index: int, signature: dict) -> Optional[dict]:
@@ -428,10 +432,10 @@ def _document(segs: list[Segment], tok: SegmentTokenizer) -> dict:
 def _manifest_unit(job: dict, tok: SegmentTokenizer, eos: Segment, writer: _UnitWriter, skipped: list) -> int:
     manifest = Path(job["unit"]["path"])
     records = 0
-    for lineno, line in _manifest_lines(job["unit"]):
+    for lineno, raw in _manifest_lines(job["unit"]):
         records += 1
         try:
-            rec = json.loads(line)
+            rec = json.loads(raw.decode("utf-8"))
             segs = [tok(s) for s in rec["segments"]] + [eos]
         except UserError as e:
             skipped.append(f"{manifest}:{lineno}: {e.where}: {e.reason}")

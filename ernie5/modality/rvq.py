@@ -140,7 +140,8 @@ class ResidualVQ(nn.Layer):
 
 def beam_search(z_ND: np.ndarray, codebooks_LKD: np.ndarray, beam: int) -> np.ndarray:
     """Residual codes [N, L] by beam search: at every level each vector keeps the `beam` partial code sequences
-    (paths) whose sum of codewords lies nearest to it; the final pick is the path of least squared error."""
+    (paths) whose sum of codewords lies nearest to it; the final pick is the path of least squared error. Ties
+    go to the lower (path, code) index, so the codes do not depend on the CPU's sort kernels."""
     N, D = z_ND.shape
     L, K, _ = codebooks_LKD.shape
     rows = np.arange(N)[:, None]
@@ -150,16 +151,28 @@ def beam_search(z_ND: np.ndarray, codebooks_LKD: np.ndarray, beam: int) -> np.nd
         cb_KD = codebooks_LKD[level]
         r_NPD = z_ND[:, None, :] - q_NPD
         d_NPK = (r_NPD * r_NPD).sum(-1, keepdims=True) - 2.0 * (r_NPD @ cb_KD.T) + (cb_KD * cb_KD).sum(1)
-        flat = d_NPK.reshape(N, -1)
-        width = min(beam, flat.shape[1])
-        best = np.argpartition(flat, width - 1, axis=1)[:, :width] if width < flat.shape[1] else \
-            np.broadcast_to(np.arange(width), (N, width))
-        best = np.take_along_axis(best, np.argsort(np.take_along_axis(flat, best, 1), axis=1, kind="stable"), 1)
+        best = _smallest(d_NPK.reshape(N, d_NPK.shape[1] * K), beam)  # [N, width] of the P x K candidates
         path, code = best // K, best % K
         q_NPD = q_NPD[rows, path] + cb_KD[code]
         codes_NPl = np.concatenate([codes_NPl[rows, path], code[..., None]], axis=2)
     err_NP = ((z_ND[:, None, :] - q_NPD) ** 2).sum(-1)
     return codes_NPl[np.arange(N), err_NP.argmin(1)]
+
+
+def _smallest(x_NM: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of the k smallest values of each row, ordered by (value, index): the lower index wins a tie,
+    also at the k-th place. A linear-time partition per row; a full stable sort only for rows tied there."""
+    N, M = x_NM.shape
+    if k >= M:
+        sel = np.broadcast_to(np.arange(M), (N, M)).copy()
+    else:
+        sel = np.argpartition(x_NM, k - 1, axis=1)[:, :k]
+        kth = np.take_along_axis(x_NM, sel, 1).max(1, keepdims=True)
+        tied = (x_NM <= kth).sum(1) > k  # more candidates than places: which ones `argpartition` kept is arbitrary
+        if tied.any():
+            sel[tied] = np.argsort(x_NM[tied], axis=1, kind="stable")[:, :k]
+    order = np.lexsort((sel, np.take_along_axis(x_NM, sel, 1)), axis=1)
+    return np.take_along_axis(sel, order, 1)
 
 
 def _rms(x: paddle.Tensor) -> float:

@@ -363,7 +363,7 @@ def _manifest_config(root, tokenizers, name, unit_lines):
 def test_manifest_line_units_give_the_shards_of_one_unit(manifest, tiny_tokenizers):
     """A manifest cut into 3-line units (7 lines: units 1-3, 4-6, 7), prepared by one worker and by two, packs
     the same rows as the whole manifest as one unit; the missing picture is named by its manifest line; a
-    changed media file redoes only the unit whose lines name it."""
+    changed media file, or a line appended to the manifest, redoes only the unit whose lines they are."""
     from ernie5.data.multimodal_prepare import prepare_multimodal
 
     whole = prepare_multimodal(str(_manifest_config(manifest, tiny_tokenizers, "whole", 0)), log=lambda line: None)
@@ -388,3 +388,12 @@ def test_manifest_line_units_give_the_shards_of_one_unit(manifest, tiny_tokenize
     (manifest / "media" / "a5.wav").write_bytes(_wav(50))  # named on line 6: the second unit
     again = prepare_multimodal(str(_manifest_config(manifest, tiny_tokenizers, "cut", 3)), log=lambda line: None)
     assert (again["units_done"], again["units_skipped"]) == (1, 2)
+    # an appended line (not UTF-8) joins the last unit (lines 7-8): only that unit is redone, and the line is
+    # skipped with one line naming it
+    with open(manifest / "samples.jsonl", "ab") as f:
+        f.write(b'{"id": "8", "segments": [{"kind": "text", "text": "caf\xe9"}]}\n')
+    lines = []
+    grown = prepare_multimodal(str(_manifest_config(manifest, tiny_tokenizers, "cut", 3)), log=lines.append)
+    assert (grown["units"], grown["units_done"], grown["units_skipped"]) == (3, 1, 2)
+    bad = [ln for ln in lines if ln.startswith(f"skipped {manifest / 'samples.jsonl'}:8: ")]
+    assert len(bad) == 1 and "UnicodeDecodeError" in bad[0] and grown["skipped"] == 2

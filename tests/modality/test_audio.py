@@ -107,6 +107,32 @@ def test_beam_search_wide_enough_is_exhaustive_and_narrow_is_greedy():
     assert tuple(rvq.encode(paddle.to_tensor(z_ND[:0]), 8).shape) == (0, 3)
 
 
+def _reference_beam(z_D, cb_LKD, beam):
+    """Beam search for one vector in plain Python: paths ordered by (squared error, previous path's place, code),
+    the first of the least final error wins."""
+    paths = [((), np.zeros_like(z_D))]
+    for cb_KD in cb_LKD:
+        cand = []
+        for p, (codes, q) in enumerate(paths):
+            for c in range(len(cb_KD)):
+                cand.append((float(((z_D - q - cb_KD[c]) ** 2).sum()), p, c))
+        cand.sort()
+        paths = [(paths[p][0] + (c,), paths[p][1] + cb_KD[c]) for _, p, c in cand[:beam]]
+    errs = [float(((z_D - q) ** 2).sum()) for _, q in paths]
+    return paths[errs.index(min(errs))][0]
+
+
+def test_beam_search_equals_a_plain_reference_with_ties():
+    """Integer codebooks and inputs: every distance is an exact small integer in float32, so many candidates tie;
+    codes must equal the plain-Python reference, ties to the lower index, for beams 2-8."""
+    rng = np.random.default_rng(1)
+    cb_LKD = rng.integers(-2, 3, size=(3, 6, 2)).astype(np.float32)
+    z_ND = rng.integers(-4, 5, size=(40, 2)).astype(np.float32)
+    for beam in (2, 3, 5, 8):
+        want = np.array([_reference_beam(z, cb_LKD, beam) for z in z_ND])
+        assert np.array_equal(beam_search(z_ND, cb_LKD, beam), want), beam
+
+
 def test_dead_codes_are_reseeded_from_batch_vectors():
     paddle.seed(0)
     rvq = ResidualVQ(dim=4, levels=1, codebook_size=16, decay=0.5, dead_threshold=0.5)
