@@ -12,6 +12,7 @@ Checks, each printed as `CHECK <name> <max error>` and asserted:
 - `model_state()` on rank 0 holds every global tensor whole.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -166,3 +167,9 @@ if topo.is_main:
         assert k in state and list(state[k].shape) == list(v.shape), f"model_state lacks {k} whole"
     print("CHECK model_state 0", flush=True)
 print("TP_CHECK_DONE", flush=True)
+# Every rank is done before any tears down, and none runs the interpreter's teardown of Paddle's gloo groups: once,
+# under pytest-xdist load, a rank died there (launcher exit 245) after both ranks had printed TP_CHECK_DONE.
+topo.barrier()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
