@@ -21,7 +21,8 @@ document: where it came from and how each picture / video was fitted) and, last,
 `work_dir`, by default `OUT_DIR.work`; `<fp>` is the start of the sha256 of the fingerprint (tokenizer file
 hashes, shard format, the settings that change a unit's documents), and `plan.json` holds the plan. A unit is
 done when its marker matches the fingerprint and its input signature (size and mtime of a tar shard; a manifest
-unit's line range, the hash of its lines and the size and mtime of every media file they name), so running the command again redoes only missing or changed units.
+unit's line range, the hash of its lines and the size and mtime of every media file they name), so running the
+command again redoes only missing or changed units.
 `partition=(I, N)` prepares the units with index % N == I.
 
 Packing: once every unit is done (in whichever run finishes the last one), the documents of each split (units
@@ -133,7 +134,7 @@ def prepare_multimodal(config_path: str, overrides=(), log: Callable[[str], None
     plan = _plan(cfg)
     udir = _install_plan(cfg.work_root, plan)
     n = len(plan["units"])
-    signatures = [_signature(u, cfg) for u in plan["units"]]
+    signatures = [_signature(u) for u in plan["units"]]
     markers: dict[int, dict] = {}
     jobs = []
     stats = {"units": n, "units_done": 0, "units_skipped": 0, "units_other_partitions": 0}
@@ -212,16 +213,17 @@ def _manifest_units(cfg: MultimodalDataConfig) -> list[dict]:
     [first, last] (1-based, inclusive) and the byte `offset` of its first line, so a unit seeks to its lines
     instead of reading the file from the top. Lines end at b"\n". At least one unit, so an empty manifest still
     packs."""
+    per = cfg.manifest_unit_lines
     n, starts = 0, []
     with open(cfg.manifest, "rb") as f:
         while not cfg.max_documents or n < cfg.max_documents:
             offset = f.tell()
             if not f.readline():
                 break
-            if n % (cfg.manifest_unit_lines or 1 << 62) == 0:
+            if n == 0 or (per and n % per == 0):
                 starts.append(offset)
             n += 1
-    step = cfg.manifest_unit_lines or max(n, 1)
+    step = per or max(n, 1)
     return [{"kind": "manifest", "path": cfg.manifest, "lines": [i * step + 1, min((i + 1) * step, n)],
              "offset": off} for i, off in enumerate(starts or [0])]
 
@@ -281,7 +283,7 @@ def _stat(path: Path) -> list:
         return [-1, -1]
 
 
-def _signature(unit: dict, cfg: MultimodalDataConfig) -> dict:
+def _signature(unit: dict) -> dict:
     """What a unit's documents depend on besides the plan. A tar shard: its size and mtime. A manifest unit: its
     line range, the sha256 of its lines and the size and mtime of every media file they name (editing other
     lines of the manifest, or appending to it, leaves the unit done; a fixed or replaced image redoes it)."""
