@@ -104,6 +104,8 @@ def _detached(x):
     if isinstance(x, paddle.Tensor):
         d = x.detach()
         d.stop_gradient = x.stop_gradient
+        if getattr(x, "key_spans", None) is not None:  # an attention mask's tiles (`ernie5.model.attention`)
+            d.key_spans = x.key_spans
         return d
     if isinstance(x, (list, tuple)):
         return type(x)(_detached(v) for v in x)

@@ -38,6 +38,7 @@ ernie5 data fetch --multimodal --no-text --out data/raw
 # Each job logs to runs/demo_lanes/; the results (text summary, tokenizer reports) are printed after both lanes.
 say "two lanes (logs in $LOGS/): [1] vision tokenizer, RGB photo tokenizer; [2] tiny text MoE ($CFG), audio codec"
 mkdir -p "$LOGS"
+rm -f "$LOGS"/{vision,text,audio}.log   # a failing lane must not show an earlier run's log
 CORES=$(python -c "import os; print(len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1)")
 export LANE_THREADS=$(( CORES > 1 ? CORES / 2 : 1 ))
 trap 'trap - INT TERM; kill 0' INT TERM   # Ctrl-C stops both lanes too (background jobs ignore SIGINT)

@@ -73,8 +73,15 @@ def document_causal_mask(segment_ids_BS: paddle.Tensor) -> paddle.Tensor:
     return group_mask(segment_ids_BS)
 
 
+def key_spans_of(mask_B1SK) -> Optional[tuple]:
+    """The `key_spans` a host-built mask carries (`_mask_on_host`), else None. Callers that hand the mask through
+    Paddle's recompute read them first and pass them on as a plain argument: recompute copies its tensor
+    arguments, and the copies carry no attributes."""
+    return getattr(mask_B1SK, "key_spans", None)
+
+
 def gqa_attention(q_BSND: paddle.Tensor, k_BSKD: paddle.Tensor, v_BSKD: paddle.Tensor,
-                  mask_B1SS: paddle.Tensor) -> paddle.Tensor:
+                  mask_B1SS: paddle.Tensor, key_spans: Optional[tuple] = None) -> paddle.Tensor:
     """softmax(q k^T / sqrt(D) + mask) v for N query heads sharing K kv heads (query head n reads kv head
     n // (N / K)), heads merged: [B, S, N * D].
 
@@ -83,11 +90,14 @@ def gqa_attention(q_BSND: paddle.Tensor, k_BSKD: paddle.Tensor, v_BSKD: paddle.T
     0.24 ms at B=4, N=4, S=256). Here each kv head's G = N / K query heads are stacked into one [G*S, D]
     operand (one batched GEMM per kv head, no copies of k or v) and the mask is tiled to all heads first.
 
-    A mask that carries `key_spans` (`_mask_on_host`) is computed tile by tile: each tile of queries against
-    only the keys some query of it may attend (same result; on packed digits-world rows ~55% of the scores).
+    With `key_spans` (`mask.key_spans`; default: the ones the mask carries) it is computed tile by tile: each
+    tile of queries against only the keys some query of it may attend (same result; on packed digits-world
+    rows ~55% of the scores). Spans that do not fit these shapes are ignored (the whole square is computed).
     """
-    spans = getattr(mask_B1SS, "key_spans", None)
-    if spans is not None:  # (spans were computed for this mask's own [S, Sk])
+    spans = key_spans if key_spans is not None else key_spans_of(mask_B1SS)
+    S, Sk = q_BSND.shape[1], k_BSKD.shape[1]
+    if spans is not None and list(mask_B1SS.shape[-2:]) == [S, Sk] and spans[-1][1] == S \
+            and max(k1 for *_, k1 in spans) <= Sk:
         return paddle.concat([_gqa_dense(q_BSND[:, q0:q1], k_BSKD[:, k0:k1], v_BSKD[:, k0:k1],
                                          mask_B1SS[:, :, q0:q1, k0:k1]) for q0, q1, k0, k1 in spans], axis=1)
     return _gqa_dense(q_BSND, k_BSKD, v_BSKD, mask_B1SS)
@@ -191,14 +201,14 @@ class Attention(nn.Layer):
         v = self.v_proj(x_BSH).reshape([B, S, self.num_kv_heads, self.head_dim])
         return q, k, v  # GQA: scaled_dot_product_attention shares each kv head over its query-head group
 
-    def core(self, q_BSND, k_BSND, v_BSND, mask_B1SS):
+    def core(self, q_BSND, k_BSND, v_BSND, mask_B1SS, key_spans: Optional[tuple] = None):
         """softmax(q k^T / sqrt(d) + mask) v, heads merged: [B, S, N * D]. Accelerators take Paddle's fused
         scaled_dot_product_attention (flash attention on GPUs; not run here), CPUs `gqa_attention`."""
         B, S = q_BSND.shape[:2]
         if not q_BSND.place.is_cpu_place():
             out = F.scaled_dot_product_attention(q_BSND, k_BSND, v_BSND, attn_mask=mask_B1SS)
             return out.reshape([B, S, self.num_heads * self.head_dim])
-        return gqa_attention(q_BSND, k_BSND, v_BSND, mask_B1SS)
+        return gqa_attention(q_BSND, k_BSND, v_BSND, mask_B1SS, key_spans)
 
     def forward(self, x_BSH, cos, sin, mask_B1SS):
         return self.out(self.core(*self.qkv(x_BSH, cos, sin), mask_B1SS))

@@ -12,7 +12,7 @@ import paddle
 import paddle.nn as nn
 
 from ernie5.comm.regions import TPGroup, gather_seq_replicated, reduce_from, scatter_seq
-from ernie5.model.attention import Attention, KVCache, group_mask
+from ernie5.model.attention import Attention, KVCache, group_mask, key_spans_of
 from ernie5.model.config import ModelConfig
 from ernie5.model.layers import Linear, RMSNorm, checkpointed, linear
 from ernie5.model.moe import ExpertPlacement, MoELayer
@@ -58,22 +58,24 @@ class Block(nn.Layer):
     def _norm_qkv(self, x_BSH, cos, sin):
         return self.probe.run("attention", "qkv", self.attn.qkv, self.input_norm(x_BSH), cos, sin)
 
-    def _core(self, q, k, v, mask):
-        return self.probe.run("attention", "core", self.attn.core, q, k, v, mask)
+    def _core(self, q, k, v, mask, spans=None):
+        return self.probe.run("attention", "core", self.attn.core, q, k, v, mask, spans)
 
-    def _attention(self, x_BSH, cos, sin, mask, kv=None):
+    def _attention(self, x_BSH, cos, sin, mask, kv=None, spans=None):
+        """`spans`: the mask's key spans (`attention.key_spans_of`), read before recompute copies the mask."""
+        spans = spans if spans is not None else key_spans_of(mask)
         if kv is not None:  # incremental decoding: new positions' keys / values join the cached ones
             q, k, v = self._norm_qkv(x_BSH, cos, sin)
-            return self.attn.out(self._core(q, *kv(k, v), mask))
+            return self.attn.out(self._core(q, *kv(k, v), mask, spans))
         replay = self.training
         q, k, v = (checkpointed(self._norm_qkv, x_BSH, cos, sin) if replay and "norm_qkv" in self.selective
                    else self._norm_qkv(x_BSH, cos, sin))
-        o = (checkpointed(self._core, q, k, v, mask) if replay and "attention" in self.selective
-             else self._core(q, k, v, mask))
+        o = (checkpointed(self._core, q, k, v, mask, spans) if replay and "attention" in self.selective
+             else self._core(q, k, v, mask, spans))
         return self.attn.out(o)
 
-    def _forward(self, x_BSH, cos, sin, mask, submodel=None, modality_BS=None, kv=None):
-        x_BSH = x_BSH + self._attention(x_BSH, cos, sin, mask, kv)
+    def _forward(self, x_BSH, cos, sin, mask, submodel=None, modality_BS=None, kv=None, spans=None):
+        x_BSH = x_BSH + self._attention(x_BSH, cos, sin, mask, kv, spans)
         h = self.post_attn_norm(x_BSH)
         if self.is_moe:
             y, aux = self.mlp(h, submodel, modality_BS)
@@ -87,9 +89,10 @@ class Block(nn.Layer):
         if kv is not None or not (self.full_recompute and self.training):
             return self._forward(x_BSH, cos, sin, mask, submodel, modality_BS, kv)
         has_aux = self.is_moe and self.mlp.has_aux
+        spans = key_spans_of(mask)  # the recomputed copy of the mask will not carry them
 
         def run(x, c, s, m):  # recompute wants tensor outputs only
-            y, aux = self._forward(x, c, s, m, submodel, modality_BS)
+            y, aux = self._forward(x, c, s, m, submodel, modality_BS, spans=spans)
             return (y, aux) if has_aux else y
 
         out = checkpointed(run, x_BSH, cos, sin, mask)

@@ -186,10 +186,44 @@ def test_gqa_attention_over_key_spans_equals_the_whole_square(cpu_path):
     bare = paddle.to_tensor(mask.numpy())  # same values, no spans
     assert getattr(bare, "key_spans", None) is None
     q, k, v = _leaf(B, S, N, D, seed=13), _leaf(B, S, K, D, seed=14), _leaf(B, S, K, D, seed=15)
-    got, whole = gqa_attention(q, k, v, mask), gqa_attention(q, k, v, bare)
+    import ernie5.model.attention as A
+
+    seen, real = [], A._gqa_dense
+    with pytest.MonkeyPatch.context() as mp:  # the tiles really run: one call per span, with its shapes
+        mp.setattr(A, "_gqa_dense", lambda q_, k_, v_, m_: seen.append((q_.shape[1], k_.shape[1])) or real(q_, k_, v_, m_))
+        got = gqa_attention(q, k, v, mask)
+    assert seen == [(q1 - q0, k1 - k0) for q0, q1, k0, k1 in mask.key_spans]
+    whole = gqa_attention(q, k, v, bare)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bare).reshape([B, S, N * D])
     # fp32 softmax over the same nonzero terms in another grouping: ~1e-7 relative
     np.testing.assert_allclose(got.numpy(), whole.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
     for a, b in zip(_grads(got, [q, k, v]), _grads(whole, [q, k, v])):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_key_spans_of_a_prefill_after_cached_keys():
+    """Incremental decoding: 300 new queries against 40 cached + 300 new keys ([B, 1, 300, 340]); the spans
+    index the concatenated keys and the tiled result equals the whole square."""
+    from ernie5.model.attention import KVCache, QUERY_TILE
+
+    B, N, K, D = 2, 4, 2, 8
+    cache = KVCache(1)
+    cache.extend(paddle.to_tensor(np.zeros((B, 40), np.int64)))
+    segs = np.repeat(np.array([[0] * 100 + [1] * 200]), B, axis=0)  # the first 100 new positions continue doc 0
+    mask = cache.extend(paddle.to_tensor(segs))
+    assert mask.shape == [B, 1, 300, 340] and mask.key_spans[0][1] == QUERY_TILE
+    assert mask.key_spans[0][2] == 0 and mask.key_spans[1][2] == 140  # tile 2 starts in doc 1 (key 40 + 100)
+    q, k, v = _leaf(B, 300, N, D, seed=16), _leaf(B, 340, K, D, seed=17), _leaf(B, 340, K, D, seed=18)
+    np.testing.assert_allclose(gqa_attention(q, k, v, mask).numpy(),
+                               gqa_attention(q, k, v, paddle.to_tensor(mask.numpy())).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_spans_that_do_not_fit_are_ignored():
+    """A mask whose spans do not match the call's shapes (stale, or reused) is computed whole."""
+    B, S, N, K, D = 1, 300, 2, 1, 4
+    mask = document_causal_mask(paddle.to_tensor(np.zeros((B, S), np.int64)))
+    q, k, v = _leaf(B, S, N, D, seed=20), _leaf(B, S, K, D, seed=21), _leaf(B, S, K, D, seed=22)
+    ref = gqa_attention(q, k, v, paddle.to_tensor(mask.numpy())).numpy()
+    bad = ((0, 100, 0, 100), (100, S, 0, S + 50))  # a key span past the keys
+    np.testing.assert_allclose(gqa_attention(q, k, v, mask, bad).numpy(), ref, rtol=1e-5, atol=1e-6)

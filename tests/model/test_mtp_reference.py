@@ -193,3 +193,41 @@ def test_mtp_on_picked_positions_has_the_whole_blocks_gradients():
     for k in grads[0]:  # one fp32 computation in two association orders: relative to the gradient's scale
         scale = np.abs(grads[0][k]).max() + 1e-12
         np.testing.assert_allclose(grads[1][k] / scale, grads[0][k] / scale, atol=1e-5, err_msg=k)
+
+
+def test_mtp_loss_with_targets_equals_the_whole_block_path_at_depth_three():
+    """`mtp_loss(..., targets=)` (depths 1-2 whole, then picked rows; the last depth's queries only at its
+    targets) against `mtp_loss` without targets picking the same rows afterwards: the same losses and
+    gradients, with one row that has no last-depth target."""
+    from ernie5.objectives.mtp import mtp_loss
+
+    cfg = ModelConfig(vocab_size=37, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
+                      rope_theta=10000.0, mtp=MTPConfig(depth=3))
+    model = build_model(cfg, seed=3)
+    rng = np.random.default_rng(9)
+    B, S = 3, 10
+    tokens = rng.integers(0, 37, (B, S + 1))
+    seg = np.zeros((B, S + 1), np.int64)
+    t = to_tensor_batch(make_text_batch(tokens, seg, 3))
+    picked = {1: [0, 3, 12, 25], 2: [1, 2, 15], 3: [4, 5, 6, 27]}  # depth 3: row 1 (positions 10-19) has none
+    w = {k: paddle.to_tensor(rng.standard_normal((len(v), 32)).astype(np.float32)) for k, v in picked.items()}
+    results = []
+    for with_targets in (False, True):
+        out = model.backbone(t["input_ids"], t["positions"], t["segment_ids"])
+        emb = model.embed(t["input_ids"])
+        next_embeds = lambda k: paddle.concat([emb[:, k:], paddle.zeros_like(emb[:, :k])], axis=1)  # noqa: E731
+        idx = {k: paddle.to_tensor(np.array(v, np.int64)) for k, v in picked.items()}
+        if with_targets:
+            loss = mtp_loss(model, out, next_embeds, lambda k, h: (h * w[k]).sum(), 1.0, {}, lambda k: idx[k])
+        else:
+            loss = mtp_loss(model, out, next_embeds,
+                            lambda k, h: (paddle.gather(h.reshape([B * S, -1]), idx[k]) * w[k]).sum(), 1.0, {})
+        loss.backward()
+        results.append((float(loss), {n: p.grad.numpy().copy() for n, p in model.named_parameters()
+                                      if p.grad is not None}))
+        model.clear_gradients()
+    (l0, g0), (l1, g1) = results
+    assert abs(l1 - l0) <= 1e-5 * abs(l0) and g0.keys() == g1.keys()
+    for k in g0:  # one fp32 computation in two association orders
+        scale = np.abs(g0[k]).max() + 1e-12
+        np.testing.assert_allclose(g1[k] / scale, g0[k] / scale, atol=1e-5, err_msg=k)

@@ -62,3 +62,22 @@ def test_recompute_layers_out_of_range_is_a_config_error():
 
     with pytest.raises(UserError, match="recompute.layers"):
         load_config(None, BASE + ["recompute.mode=full", "recompute.layers=[7]"])
+
+
+@pytest.mark.parametrize("mode", [["recompute.mode=full"], ["recompute.mode=selective", "recompute.modules=[attention]"]])
+def test_recompute_keeps_the_attention_tiles(monkeypatch, mode):
+    """Recompute copies the mask (the copy carries no `key_spans`); the blocks read the spans first and pass
+    them on, so attention still runs tile by tile in the first pass and in the replay."""
+    import ernie5.model.attention as A
+
+    seen = []
+    real = A._gqa_dense
+    monkeypatch.setattr(A, "_gqa_dense", lambda q, k, v, m: seen.append(q.shape[1]) or real(q, k, v, m))
+    cfg = load_config(None, BASE + mode)
+    model = build_model(cfg.model, seed=0, recompute=cfg.recompute)
+    model.train()
+    S = 2 * A.QUERY_TILE + 9
+    tokens, seg = np.random.default_rng(1).integers(0, 61, (1, S + 1)), np.array([[0] * 100 + [1] * (S + 1 - 100)])
+    text_loss(model, to_tensor_batch(make_text_batch(tokens, seg, 1)), 0.3).total.backward()
+    # 4 blocks (3 layers + MTP) x 3 tiles, then each recomputed block's replay again
+    assert len(seen) >= 4 * 3 and set(seen) == {A.QUERY_TILE, S - 2 * A.QUERY_TILE}
