@@ -84,7 +84,6 @@ class CausalConv3d(nn.Layer):
         return add_channel_bias(F.conv3d(x_BCTHW, c.weight, stride=c._stride, padding=c._padding), c.bias)
 
 
-
 class ResBlock(nn.Layer):
     """x + conv(silu(conv(silu(x)))); no normalisation (batch statistics over time would break causality)."""
 

@@ -28,7 +28,8 @@ def _mask_on_host(*ids) -> paddle.Tensor:
     """`mask.allowed` in NumPy for CPU tensors (see `ernie5.model.mask` for why), as an additive CPU tensor.
     Operands (q_doc, q_group, k_doc, k_group[, k_until]) may already be NumPy arrays. With at least two query
     tiles the tensor carries `key_spans` (`mask.key_spans`), which `gqa_attention` reads to skip keys no query
-    of a tile may see; a tensor derived from it (a slice, a recomputed copy) has none and is computed whole."""
+    of a tile may see; a tensor derived from it (a slice, a copy) has none and is computed whole, so the blocks
+    read the spans before recompute copies the mask (`key_spans_of`)."""
     host: dict[int, np.ndarray] = {}  # one copy per distinct tensor (a row attending to itself passes each twice)
     arrays = []
     for t in ids:
